@@ -1,0 +1,141 @@
+"""The OCI image model: config, history, manifest, and the identities derived from them.
+
+Images change only by building a new config and manifest from a parent;
+blobs are never rewritten. The image ID is the digest of the config JSON, and
+the JSON is serialised canonically (sorted keys, no spaces) so the same
+content always gives the same ID.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: chain(L1) = diff_id(L1); chain(1..n) = sha256(chain(1..n-1) + " " + diff_id(n))."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else digest_of(f"{out[-1]} {d}".encode()))
+    return out
+
+
+def now_rfc3339() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def host_architecture() -> str:
+    m = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
+            "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(m, m)
+
+
+@dataclass(frozen=True)
+class LayerDesc:
+    """One layer as an image references it."""
+    diff_id: str
+    digest: str
+    size: int
+    media_type: str = MEDIA_LAYER_GZIP
+
+    def descriptor(self) -> dict:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclass
+class Image:
+    """An image in the store (or being built): config + manifest + where they live."""
+    config: dict
+    layers: list[LayerDesc]
+    id: str = ""                      # config digest
+    digest: str = ""                  # manifest digest
+    manifest: dict = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def runtime(self) -> dict:
+        return self.config.get("config") or {}
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+
+    @property
+    def chain_id(self) -> str | None:
+        ids = chain_ids(self.diff_ids)
+        return ids[-1] if ids else None
+
+    @property
+    def created(self) -> str:
+        return self.config.get("created", "")
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.config.get("history", []))
+
+
+def empty_config() -> dict:
+    """The config of `FROM scratch`: nothing but the platform and a default PATH (as BuildKit)."""
+    return {
+        "architecture": host_architecture(),
+        "os": "linux",
+        "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [],
+    }
+
+
+def serialise(config: dict, layers: list[LayerDesc]) -> tuple[bytes, bytes]:
+    """Config and manifest bytes for an image (canonical, so IDs are stable)."""
+    config_bytes = canonical_json(config)
+    return config_bytes, manifest_bytes(config_bytes, layers)
+
+
+def manifest_bytes(config_bytes: bytes, layers: list[LayerDesc]) -> bytes:
+    """The OCI manifest of a config (as stored, byte for byte) and its layers."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": digest_of(config_bytes),
+                   "size": len(config_bytes)},
+        "layers": [layer.descriptor() for layer in layers],
+    }
+    return canonical_json(manifest)
+
+
+def env_list_to_dict(env: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in env or []:
+        k, _, v = item.partition("=")
+        out[k] = v
+    return out
+
+
+def env_dict_to_list(env: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def short_id(image_id: str) -> str:
+    return image_id.split(":", 1)[-1][:12]

@@ -1,0 +1,101 @@
+"""Extracted layers, ready to be overlay lower dirs: `layers/<chain-id>/diff`.
+
+A layer is identified by its chain ID (its own diff_id and all below it), so
+the same tar at two positions in two stacks is two directories, as in Docker's
+overlay2. Each layer has a short random id with a symlink `l/<id>` to its
+diff dir: a mount option string names lower dirs as `l/<id>` relative to the
+store root, so that dozens of layers fit in the kernel's one-page limit.
+
+Layers are installed by renaming a complete staging directory into place,
+so a crash never leaves a half-installed layer under `layers/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+
+from ..errors import StoreError
+
+
+def short_id() -> str:
+    return base64.b32encode(secrets.token_bytes(10)).decode()[:12]
+
+
+class LayerStore:
+    def __init__(self, root: str):
+        self.root = root
+        self.dir = os.path.join(root, "layers")
+        self.links = os.path.join(root, "l")
+
+    def path(self, chain_id: str) -> str:
+        return os.path.join(self.dir, chain_id.split(":", 1)[1])
+
+    def diff_dir(self, chain_id: str) -> str:
+        return os.path.join(self.path(chain_id), "diff")
+
+    def has(self, chain_id: str) -> bool:
+        return os.path.isfile(os.path.join(self.path(chain_id), "layer.json"))
+
+    def meta(self, chain_id: str) -> dict:
+        try:
+            with open(os.path.join(self.path(chain_id), "layer.json"), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise StoreError(f"layer {chain_id} is not in the store") from None
+
+    def link(self, chain_id: str) -> str:
+        """`l/<short>` for this layer, relative to the store root."""
+        with open(os.path.join(self.path(chain_id), "link"), encoding="ascii") as f:
+            return "l/" + f.read().strip()
+
+    def install(self, chain_id: str, diff_source: str, meta: dict, staging_root: str) -> bool:
+        """Move `diff_source` (a directory) into the store as this layer's diff.
+
+        Returns False if another process installed the same layer first (the
+        source is then removed: the layer is content-addressed, theirs is ours).
+        """
+        if self.has(chain_id):
+            shutil.rmtree(diff_source, ignore_errors=True)
+            return False
+        staging = os.path.join(staging_root, "layer-" + chain_id[7:19] + "-" + secrets.token_hex(4))
+        os.mkdir(staging)
+        os.rename(diff_source, os.path.join(staging, "diff"))
+        short = short_id()
+        with open(os.path.join(staging, "link"), "w", encoding="ascii") as f:
+            f.write(short)
+        with open(os.path.join(staging, "layer.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.links, exist_ok=True)
+        target = os.path.join("..", "layers", chain_id[7:], "diff")
+        link_path = os.path.join(self.links, short)
+        os.symlink(target, link_path)
+        try:
+            os.rename(staging, self.path(chain_id))
+        except OSError:
+            # Another process won the race (the target exists and is not empty).
+            os.unlink(link_path)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.has(chain_id):
+                return False
+            raise
+        return True
+
+    def remove(self, chain_id: str) -> None:
+        path = self.path(chain_id)
+        try:
+            with open(os.path.join(path, "link"), encoding="ascii") as f:
+                os.unlink(os.path.join(self.links, f.read().strip()))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+
+    def list(self) -> list[str]:
+        try:
+            return ["sha256:" + n for n in os.listdir(self.dir)]
+        except FileNotFoundError:
+            return []
