@@ -1,0 +1,113 @@
+"""Storing layers: a step's upper dir, or a tar from an archive, becomes a layer of the store.
+
+Both directions are one streaming pass. A committed upper dir is hashed and
+compressed while it is archived, and then renamed (not copied) into
+`layers/<chain-id>/diff`: it already is an overlay-ready diff dir. An
+ingested tar is hashed (both digests), stored as a blob and extracted into a
+staging dir at the same time; the digests are checked before the layer is
+installed, so a corrupt or tampered layer never enters the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ..errors import LayerError
+from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
+from . import compress, diff, extract
+
+
+def chain_of(parent_chain: str | None, diff_id: str) -> str:
+    return diff_id if parent_chain is None else digest_of(f"{parent_chain} {diff_id}".encode())
+
+
+def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "") -> LayerDesc | None:
+    """Archive `upper` into a blob and move it into the layer store; None if it holds no change."""
+    with store.blobs.writer() as blob:
+        sink = compress.LayerSink(blob)
+        stats = diff.write_tar(upper, sink)
+        if stats.empty:
+            return None
+        sink.close()
+        digest = blob.commit()
+        size = blob.size
+    chain = chain_of(parent_chain, sink.diff_id)
+    store.layers.install(chain, upper, _meta(sink.diff_id, digest, size, MEDIA_LAYER_GZIP,
+                                             stats.content_bytes, parent_chain, created_by),
+                         store.tmp)
+    return LayerDesc(sink.diff_id, digest, size, MEDIA_LAYER_GZIP)
+
+
+def _meta(diff_id, digest, size, media_type, content_size, parent, created_by=""):
+    return {"diff_id": diff_id, "digest": digest, "size": size, "media_type": media_type,
+            "content_size": content_size, "parent": parent, "created_by": created_by}
+
+
+class _TeeReader:
+    """Reads from `raw`, handing every byte read to `sinks` on the way."""
+
+    def __init__(self, raw, sinks):
+        self.raw = raw
+        self.sinks = sinks
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        for s in self.sinks:
+            s(data)
+        return data
+
+    def readable(self):
+        return True
+
+    def drain(self):
+        while self.read(1 << 20):
+            pass
+
+
+def ingest(store, raw, parent_chain: str | None, *, what: str,
+           expected_diff_id: str | None = None, expected_digest: str | None = None) -> LayerDesc:
+    """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`."""
+    import io
+    buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
+    head = buffered.peek(4)[:4]
+    compressed = compress.is_compressed(head)
+    diff_hash = hashlib.sha256()
+    with store.blobs.writer() as blob:
+        sink = None
+        if compressed:
+            media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) else MEDIA_LAYER_GZIP
+            outer = _TeeReader(buffered, [blob.write])
+            plain = _TeeReader(compress.open_decompressed(outer, head), [diff_hash.update])
+        else:
+            media_type = MEDIA_LAYER_GZIP
+            sink = compress.LayerSink(blob)
+            plain = _TeeReader(buffered, [diff_hash.update, sink.write])
+        with store.tmpdir("ingest") as staging:
+            diff_dir = os.path.join(staging, "diff")
+            os.mkdir(diff_dir, 0o755)
+            try:
+                content = extract.extract(plain, diff_dir, what=what)
+                plain.drain()
+                if compressed:
+                    outer.drain()
+            except (OSError, EOFError, ValueError) as e:
+                raise LayerError(f"{what}: cannot read the layer ({e})") from None
+            if sink is not None:
+                sink.close()
+            diff_id = "sha256:" + diff_hash.hexdigest()
+            if expected_diff_id and diff_id != expected_diff_id:
+                raise LayerError(f"{what}: content does not match its diff_id: expected "
+                                 f"{expected_diff_id}, got {diff_id}",
+                                 hint="the archive or registry copy is corrupt or was tampered with")
+            if expected_digest and compressed and blob.digest != expected_digest:
+                raise LayerError(f"{what}: blob does not match its digest: expected "
+                                 f"{expected_digest}, got {blob.digest}",
+                                 hint="the archive or registry copy is corrupt or was tampered with")
+            digest = blob.commit()
+            size = blob.size
+            chain = chain_of(parent_chain, diff_id)
+            store.layers.install(chain, diff_dir,
+                                 _meta(diff_id, digest, size, media_type, content, parent_chain),
+                                 store.tmp)
+    return LayerDesc(diff_id, digest, size, media_type)

@@ -1,0 +1,140 @@
+"""An overlay upper dir -> the deterministic tar of one layer.
+
+With the overlay mounted `redirect_dir=off,metacopy=off`, the upper dir is a
+complete description of what a step changed: new and modified entries as
+themselves, deletions as whiteout devices, replaced directories as opaque
+directories. This walk turns it into OCI layer tar entries: sorted by name
+(each directory before its contents), hard links inside the layer as link
+entries, xattrs such as `security.capability` as PAX records, whiteouts and
+opaque markers in OCI form. Times are whole seconds, owners numeric, and
+there are no user names, so the same tree always gives the same bytes.
+
+The walk also strips overlayfs's own bookkeeping xattrs from the dir, since
+the same directory is about to become a lower dir of later mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from . import tarformat, whiteout
+
+_READ = 1 << 20
+
+
+@dataclass
+class DiffStats:
+    entries: int = 0
+    content_bytes: int = 0     # the sum of regular file sizes: what `history` shows
+
+    @property
+    def empty(self) -> bool:
+        return self.entries == 0
+
+
+def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
+              exclude: frozenset[str] = frozenset()) -> DiffStats:
+    """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
+
+    `exclude` names relative paths that are left out (with their contents).
+    """
+    stats = DiffStats()
+    links: dict[tuple[int, int], str] = {}
+    _walk(root, "", sink, stats, links, strip_overlay_xattrs, exclude)
+    if stats.entries:
+        sink.write(tarformat.END_OF_ARCHIVE)
+    return stats
+
+
+def _xattrs(path: str, strip: bool) -> tuple[list[str], dict[str, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return [], {}
+    keep: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith(whiteout.OVERLAY_XATTR_PREFIXES):
+            if strip and name not in whiteout.OPAQUE_XATTRS and name not in whiteout.WHITEOUT_XATTRS:
+                try:
+                    os.removexattr(path, name, follow_symlinks=False)
+                except OSError:
+                    pass
+            continue
+        try:
+            keep[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+    return names, keep
+
+
+def _walk(root: str, rel: str, sink, stats: DiffStats, links: dict, strip: bool,
+          exclude: frozenset[str]) -> None:
+    directory = os.path.join(root, rel) if rel else root
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = f"{rel}/{entry.name}" if rel else entry.name
+        if name in exclude:
+            continue
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode
+        names, xattrs = _xattrs(entry.path, strip)
+        if whiteout.is_whiteout(st, names):
+            parent, _, base = name.rpartition("/")
+            wh = f"{parent}/{whiteout.PREFIX}{base}" if parent else whiteout.PREFIX + base
+            sink.write(tarformat.header(wh, typeflag=tarformat.REGULAR, mode=0o600, uid=st.st_uid,
+                                        gid=st.st_gid, mtime=int(st.st_mtime)))
+            stats.entries += 1
+            continue
+        common = dict(mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
+                      mtime=int(st.st_mtime), xattrs=xattrs)
+        stats.entries += 1
+        if stat.S_ISDIR(mode):
+            sink.write(tarformat.header(name + "/", typeflag=tarformat.DIRECTORY, **common))
+            if whiteout.is_opaque(entry.path, names):
+                # Docker's form: the marker inherits the dir's mode and owner, no time.
+                sink.write(tarformat.header(f"{name}/{whiteout.OPAQUE}", typeflag=tarformat.REGULAR,
+                                            mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
+                                            gid=st.st_gid))
+            _walk(root, name, sink, stats, links, strip, exclude)
+        elif stat.S_ISREG(mode):
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = links.get(key)
+                if first is not None:
+                    sink.write(tarformat.header(name, typeflag=tarformat.HARDLINK, linkname=first,
+                                                **common))
+                    continue
+                links[key] = name
+            _write_file(entry.path, name, st, common, sink)
+            stats.content_bytes += st.st_size
+        elif stat.S_ISLNK(mode):
+            sink.write(tarformat.header(name, typeflag=tarformat.SYMLINK,
+                                        linkname=os.readlink(entry.path), **common))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            sink.write(tarformat.header(
+                name, typeflag=tarformat.CHARDEV if stat.S_ISCHR(mode) else tarformat.BLOCKDEV,
+                devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), **common))
+        elif stat.S_ISFIFO(mode):
+            sink.write(tarformat.header(name, typeflag=tarformat.FIFO, **common))
+        else:
+            stats.entries -= 1   # sockets are not part of an image, as in Docker
+
+
+def _write_file(path: str, name: str, st: os.stat_result, common: dict, sink) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = st.st_size
+        sink.write(tarformat.header(name, typeflag=tarformat.REGULAR, size=size, **common))
+        left = size
+        while left > 0:
+            chunk = os.read(fd, min(_READ, left))
+            if not chunk:
+                raise OSError(f"{name} shrank while it was being archived")
+            sink.write(chunk)
+            left -= len(chunk)
+        sink.write(tarformat.pad(size))
+    finally:
+        os.close(fd)

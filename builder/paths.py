@@ -1,0 +1,77 @@
+"""Resolving paths inside a root directory without ever leaving it.
+
+An image's filesystem and a build context are full of symlinks that mean
+something only inside them (`/etc/resolv.conf -> /run/...`, `lib -> usr/lib`,
+`../../etc`). Handing such a path to the host's kernel would resolve it
+against the host's root. `resolve_in_root` walks the path one component at a
+time, follows symlinks as if `root` were `/`, and returns a host path whose
+every existing component is a real directory under `root`, so that a caller
+may then use it while nothing else is changing the tree (before a RUN's
+command starts, or inside a context nobody writes to during the build).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+
+MAX_SYMLINKS = 40
+
+
+def clean(path: str) -> str:
+    """`path` as a clean relative path inside a root ('' for the root itself); `..` stops at the root."""
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/".join(parts)
+
+
+def escapes(path: str) -> bool:
+    """True if the relative or absolute name `path` climbs above its root with `..` (lexically)."""
+    norm = posixpath.normpath("/" + path.lstrip("/")) if path.startswith("/") else posixpath.normpath(path)
+    return norm == ".." or norm.startswith("../")
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """The host path of `path` inside `root`, with symlinks followed as if `root` were `/`.
+
+    Components that do not exist are appended as they are; the result never
+    lies outside `root`.
+    """
+    remaining = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while remaining:
+        part = remaining.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            continue
+        except NotADirectoryError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            remaining = [p for p in target.split("/") if p not in ("", ".")] + remaining
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved) if resolved else root
