@@ -1,0 +1,461 @@
+"""Running a step inside a snapshot: namespaces, mounts, the image's user, and nothing of the host.
+
+Three processes per RUN, all forked (no helper binary):
+
+    pybuild ── A: own mount (+pid, uts, ipc[, net]) namespace; mounts the overlay
+                  └─ B: PID 1 of the new pid namespace: /proc, /dev, /sys,
+                        /etc/{hosts,resolv.conf,hostname}; pivot_root; reaps zombies
+                        └─ C: the image's user and groups, env, workdir; exec the command
+
+Every mount is made in A's private mount namespace, so the host's mount
+table never sees one, and the kernel drops them all when the namespace's
+last process exits. A and B die with their parent (PR_SET_PDEATHSIG), and
+when B, the pid namespace's init, dies the kernel kills everything left in
+it, so even `kill -9` of pybuild leaves no process and no mount behind.
+
+Mount points a RUN needs but the image lacks (a `FROM scratch` image has no
+/proc) are created in a small "init" dir stacked above the image's layers,
+as Docker's init layer is, so they never land in the step's upper dir. Mount
+targets are resolved inside the image root (`paths.resolve_in_root`), so an
+image's `/etc/resolv.conf -> /run/...` cannot point a mount at the host.
+
+File steps (COPY, WORKDIR's mkdir) use `run_in_root`: a forked child mounts
+the snapshot and chroots into it, so paths in the image resolve inside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import linux, paths, users
+from .errors import BuildError
+from .snapshot.overlay import Snapshot
+
+HOSTNAME = "pybuild"
+_DIRS = ("proc", "dev", "sys")
+_FILES = ("etc/hosts", "etc/resolv.conf", "etc/hostname")
+_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+            ("urandom", 1, 9), ("tty", 5, 0))
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2)
+
+
+class SetupError(Exception):
+    """A failure inside the sandbox before the command ran; reported to the parent."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class RunSpec:
+    argv: list[str]
+    env: list[str]
+    user: str = ""
+    workdir: str = "/"
+    network: str = "host"            # host | none
+    hostname: str = HOSTNAME
+    interactive: bool = False        # inherit pybuild's stdin/stdout/stderr (pybuild run)
+    extra_hosts: list[str] = field(default_factory=list)
+
+
+# ---- the parent's side ----------------------------------------------------------
+
+def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes], None] | None = None) -> int:
+    """Run `spec` in `snap`; returns the command's exit status (128+N if killed by signal N).
+
+    `scratch` is a temp dir for the init dir and the files bind-mounted over
+    /etc; raises SetupError when the sandbox could not start the command.
+    """
+    binds = _write_etc_files(scratch, spec)
+    out_r = out_w = None
+    if not spec.interactive:
+        out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _child(err_w, lambda: _sandbox_a(snap, spec, scratch, binds, out_w, err_w))
+    os.close(err_w)
+    if out_w is not None:
+        os.close(out_w)
+    return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive)
+
+
+def run_in_root(snap: Snapshot, func: Callable[[], None]) -> None:
+    """Mount `snap`, chroot into it in a child process and call `func` there.
+
+    `func` runs as root with the image's files as its `/`; it must not import
+    anything (the host's Python library is not visible in the chroot).
+    """
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        def body():
+            linux.unshare(linux.CLONE_NEWNS)
+            linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            snap.mount()
+            os.chroot(snap.merged)
+            os.chdir("/")
+            func()
+        _child(err_w, body)
+    os.close(err_w)
+    status = _supervise(pid, err_r, None, None, forward=False)
+    if status != 0:
+        raise SetupError(f"file operation failed with status {status}")
+
+
+def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool) -> int:
+    """Pump output, wait for the child, turn its report into an exception or a status."""
+    old_handlers = {}
+    if forward:
+        def relay(signum, _frame):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        for sig in _FORWARDED:
+            old_handlers[sig] = signal.signal(sig, relay)
+    try:
+        if out_r is not None:
+            _pump(out_r, on_output)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        # Ctrl-C, SIGTERM turned into an exception, or a failing output callback:
+        # take the whole sandbox down (B and C follow A through PDEATHSIG).
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _reap(pid)
+        raise
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        if out_r is not None:
+            os.close(out_r)
+        report = _read_all(err_r)
+        os.close(err_r)
+    if report:
+        data = json.loads(report.decode("utf-8", "replace"))
+        raise SetupError(data["error"], data.get("hint"))
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
+        128 + os.WTERMSIG(status)
+
+
+def _reap(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        except KeyboardInterrupt:
+            continue
+
+
+def _pump(fd: int, on_output) -> None:
+    pending = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        if b"\n" in pending:
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                on_output(line)
+    if pending:
+        on_output(pending)
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 65536):
+        out += chunk
+    return out
+
+
+def _write_etc_files(scratch: str, spec: RunSpec) -> dict[str, str]:
+    etc = os.path.join(scratch, "etc")
+    os.makedirs(etc, exist_ok=True)
+    hosts = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+             f"127.0.1.1\t{spec.hostname}\n" + "".join(h + "\n" for h in spec.extra_hosts))
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            resolv = f.read() if spec.network == "host" else ""
+    except OSError:
+        resolv = ""
+    files = {"etc/hosts": hosts, "etc/resolv.conf": resolv, "etc/hostname": spec.hostname + "\n"}
+    out = {}
+    for rel, text in files.items():
+        path = os.path.join(scratch, rel.replace("/", "-"))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        out[rel] = path
+    return out
+
+
+# ---- inside the sandbox ----------------------------------------------------------
+
+def _child(err_w: int, body: Callable[[], None]) -> None:
+    """The first thing a forked child runs: never returns, reports failures on `err_w`."""
+    code = 0
+    try:
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        parent = os.getppid()
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        body()
+    except SetupError as e:
+        _report(err_w, str(e), e.hint)
+        code = 125
+    except users.UnknownUser as e:
+        _report(err_w, str(e), "add the user to the image's /etc/passwd (and /etc/group), "
+                               "or use a numeric uid:gid")
+        code = 125
+    except BuildError as e:
+        _report(err_w, e.reason, e.hint)
+        code = 125
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _report(err_w, f"{e.strerror or e}{':' + where if where else ''}")
+        code = 125
+    except BaseException as e:   # a bug: say where, the parent shows it with --debug
+        _report(err_w, f"internal error in the sandbox: {e!r}",
+                "".join(traceback.format_exception(e))[-2000:])
+        code = 125
+    os._exit(code)
+
+
+def _report(err_w: int, message: str, hint: str | None = None) -> None:
+    try:
+        os.write(err_w, json.dumps({"error": message, "hint": hint}).encode())
+    except OSError:
+        pass
+
+
+def _forward_to(pid_holder: list[int]):
+    def relay(signum, _frame):
+        if pid_holder:
+            try:
+                os.kill(pid_holder[0], signum)
+            except ProcessLookupError:
+                pass
+    for sig in _FORWARDED:
+        signal.signal(sig, relay)
+
+
+def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str], out_w,
+               err_w: int) -> None:
+    if not spec.interactive:
+        # Keep the terminal's Ctrl-C away from the sandbox: pybuild decides what a
+        # build does on SIGINT (it kills the sandbox and cleans up).
+        os.setpgid(0, 0)
+    flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+    if spec.network == "none":
+        flags |= linux.CLONE_NEWNET
+    os.chdir(snap.store_root)
+    linux.unshare(flags)
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    snap.mount()
+    missing = _missing_mount_points(snap.merged)
+    if missing:
+        init = os.path.join(scratch, "init")
+        _make_init_dir(snap.merged, init, missing)
+        snap.unmount()
+        snap.extra_lowers = [init]
+        snap.mount()
+    targets = {rel: paths.resolve_in_root(snap.merged, rel) for rel in _DIRS + _FILES}
+    holder: list[int] = []
+    _forward_to(holder)
+    pid = os.fork()
+    if pid == 0:
+        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, out_w, err_w))
+    holder.append(pid)
+    if out_w is not None:
+        os.close(out_w)
+    status = _wait_for(pid)
+    os._exit(status)
+
+
+def _wait_for(pid: int) -> int:
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
+def _missing_mount_points(merged: str) -> list[tuple[str, bool]]:
+    missing = []
+    for rel in _DIRS + _FILES:
+        host = paths.resolve_in_root(merged, rel)
+        try:
+            st = os.lstat(host)
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append((os.path.relpath(host, merged), rel in _DIRS))
+            continue
+        want_dir = rel in _DIRS
+        if want_dir != stat.S_ISDIR(st.st_mode):
+            raise SetupError(f"/{rel} in the image is not a {'directory' if want_dir else 'file'}; "
+                             "it cannot be a mount point")
+    return missing
+
+
+def _make_init_dir(merged: str, init: str, missing: list[tuple[str, bool]]) -> None:
+    """Create the missing mount points in `init`, parents with the image's own metadata."""
+    os.mkdir(init, 0o755)
+    for rel, is_dir in missing:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            sub = "/".join(parts[:i])
+            dst = os.path.join(init, sub)
+            if os.path.isdir(dst):
+                continue
+            try:
+                st = os.lstat(os.path.join(merged, sub))
+            except FileNotFoundError:
+                os.mkdir(dst, 0o755)
+                continue
+            os.mkdir(dst)
+            os.chown(dst, st.st_uid, st.st_gid)
+            os.chmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        path = os.path.join(init, rel)
+        if is_dir:
+            os.mkdir(path, 0o755)
+        else:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: dict[str, str],
+               out_w, err_w: int) -> None:
+    import socket
+    socket.sethostname(spec.hostname)
+    _mount_pseudo_filesystems(targets)
+    for rel, src in binds.items():
+        linux.mount(src, targets[rel], None, linux.MS_BIND)
+    if spec.network == "none":
+        linux.loopback_up()
+    os.chdir(snap.merged)
+    try:
+        linux.pivot_root(".", ".")
+        linux.umount(".", linux.MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        os.chroot(".")     # e.g. the host's root is an initramfs, which cannot be pivoted
+    os.chdir("/")
+    holder: list[int] = []
+    _forward_to(holder)
+    pid = os.fork()
+    if pid == 0:
+        _child(err_w, lambda: _sandbox_c(spec, out_w))
+    holder.append(pid)
+    if out_w is not None:
+        os.close(out_w)
+    # PID 1: reap every orphan until the command itself exits.
+    while True:
+        try:
+            child, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(0)
+        if child == pid:
+            os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
+    nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("proc", t["proc"], "proc", nosuid_nodev_noexec)
+    dev = t["dev"]
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
+    for name, major, minor in _DEVICES:
+        path = os.path.join(dev, name)
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(path, 0o666)
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(os.path.join(dev, name), 0o755)
+    linux.mount("devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid_nodev_noexec,
+                "mode=1777,size=65536k")
+    try:
+        linux.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid_nodev_noexec)
+    except OSError:
+        pass
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("core", "/proc/kcore")):
+        os.symlink(target, os.path.join(dev, name))
+    try:
+        linux.mount("sysfs", t["sys"], "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY)
+    except OSError:
+        pass   # some hosts refuse sysfs in a child namespace; a build rarely needs it
+
+
+def _sandbox_c(spec: RunSpec, out_w) -> None:
+    if out_w is not None:
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.close(null)
+        os.close(out_w)
+    who = users.exec_user(spec.user, "/")
+    env = dict(e.split("=", 1) if "=" in e else (e, "") for e in spec.env)
+    env.setdefault("HOME", who.home)
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("HOSTNAME", spec.hostname)
+    try:
+        os.makedirs(spec.workdir or "/", 0o755, exist_ok=True)
+    except OSError:
+        pass
+    os.setgroups(list(who.groups))
+    os.setgid(who.gid)
+    os.setuid(who.uid)
+    try:
+        os.chdir(spec.workdir or "/")
+    except OSError as e:
+        raise SetupError(f"cannot enter the working directory {spec.workdir}: {e.strerror}") from None
+    for sig in range(1, signal.NSIG):
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    argv = spec.argv
+    if not argv:
+        raise SetupError("no command to run")
+    try:
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        raise SetupError(f"exec: {argv[0]!r}: executable file not found in $PATH "
+                         f"({env.get('PATH', '')})") from None
+    except PermissionError:
+        raise SetupError(f"exec: {argv[0]!r}: permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ENOEXEC:
+            raise SetupError(f"exec: {argv[0]!r}: exec format error (not a program for this "
+                             "machine, or a script without #!)") from None
+        raise
+

@@ -1,0 +1,1 @@
+"""Storage drivers: how one step's root filesystem is put together from layers."""

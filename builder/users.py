@@ -1,0 +1,109 @@
+"""Users and groups as the image knows them: its /etc/passwd and /etc/group, never the host's.
+
+The rules are Docker's (runc's `GetExecUser`): `USER name` takes the user's
+primary group and every group of /etc/group that lists the name; `USER
+name:group` gets that group only; a numeric uid that the image does not list
+runs with gid 0 and HOME=/. `COPY --chown` differs in one way, also as in
+Docker: a user given alone sets the group to the user's primary group, or to
+the same number when the user is numeric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExecUser:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+def _read(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _number(s: str) -> int | None:
+    return int(s) if s.isdigit() else None
+
+
+def _find_user(passwd, spec: str):
+    uid = _number(spec)
+    for f in passwd:
+        if len(f) < 7:
+            continue
+        if (uid is None and f[0] == spec) or (uid is not None and _number(f[2]) == uid):
+            return f
+    return None
+
+
+def _find_group(groups, spec: str):
+    gid = _number(spec)
+    for f in groups:
+        if len(f) < 3:
+            continue
+        if (gid is None and f[0] == spec) or (gid is not None and _number(f[2]) == gid):
+            return f
+    return None
+
+
+def exec_user(spec: str, root: str = "/") -> ExecUser:
+    """Who `USER spec` runs as, read from the passwd and group files under `root`."""
+    passwd = _read(root.rstrip("/") + "/etc/passwd")
+    groups = _read(root.rstrip("/") + "/etc/group")
+    user_spec, _, group_spec = (spec or "0").partition(":")
+    entry = _find_user(passwd, user_spec)
+    if entry is None:
+        if _number(user_spec) is None:
+            raise UnknownUser(f"unable to find user {user_spec}: no matching entries in passwd file")
+        uid, gid, home, name = int(user_spec), 0, "/", None
+    else:
+        uid, gid, home, name = int(entry[2]), int(entry[3] or 0), entry[5] or "/", entry[0]
+    if group_spec:
+        g = _find_group(groups, group_spec)
+        if g is None:
+            if _number(group_spec) is None:
+                raise UnknownUser(f"unable to find group {group_spec}: no matching entries in group file")
+            gid = int(group_spec)
+        else:
+            gid = int(g[2])
+        return ExecUser(uid, gid, (gid,), home)
+    extra = []
+    if name is not None:
+        for g in groups:
+            if len(g) >= 4 and name in g[3].split(",") and _number(g[2]) is not None:
+                extra.append(int(g[2]))
+    return ExecUser(uid, gid, tuple(dict.fromkeys([gid] + extra)), home)
+
+
+def chown_ids(spec: str, root: str = "/") -> tuple[int, int]:
+    """(uid, gid) of `COPY --chown=spec`."""
+    passwd = _read(root.rstrip("/") + "/etc/passwd")
+    user_spec, sep, group_spec = spec.partition(":")
+    entry = _find_user(passwd, user_spec)
+    if entry is None:
+        if _number(user_spec) is None:
+            raise UnknownUser(f"unable to find user {user_spec}: no matching entries in passwd file")
+        uid, gid = int(user_spec), int(user_spec)
+    else:
+        uid, gid = int(entry[2]), int(entry[3] or 0)
+    if sep and group_spec:
+        g = _find_group(_read(root.rstrip("/") + "/etc/group"), group_spec)
+        if g is None:
+            if _number(group_spec) is None:
+                raise UnknownUser(f"unable to find group {group_spec}: no matching entries in group file")
+            gid = int(group_spec)
+        else:
+            gid = int(g[2])
+    return uid, gid
