@@ -1,0 +1,6 @@
+"""`python -m builder` runs the pybuild command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

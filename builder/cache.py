@@ -1,0 +1,114 @@
+"""The step cache: typed keys, hashed canonically, and a persistent index in the store.
+
+A step's key is made of what decides its result:
+
+* `parent`: the ID of the image state before the step (the digest of its
+  config: layers, history and runtime settings such as Env, User, WorkingDir,
+  Shell). So a changed ENV, a moved base tag or any step that re-ran before
+  (new history time) changes every key after it, as in Docker;
+* `instruction`: the step after variable expansion, in a canonical form
+  (whitespace inside a RUN command counts, as in Docker);
+* `build_args`: the ARG values in scope, which are in a RUN's environment but
+  not in the image config;
+* `sources`: the content digests of COPY sources (never their mtimes).
+
+An entry is what the step added: its history entry, the runtime config
+after it, and its layer (or none). Entries are small JSON files written by
+atomic rename, so concurrent builds on one store can share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .image import LayerDesc, canonical_json, chain_ids, digest_of
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepKey:
+    parent: str
+    instruction: dict
+    build_args: tuple[tuple[str, str], ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def digest(self) -> str:
+        return digest_of(canonical_json({
+            "v": CACHE_VERSION, "parent": self.parent, "instruction": self.instruction,
+            "build_args": [list(a) for a in self.build_args], "sources": list(self.sources)}))
+
+
+@dataclass
+class StepResult:
+    history: dict
+    runtime: dict                          # the image's "config" block after the step
+    layer: LayerDesc | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"history": self.history, "runtime": self.runtime,
+                "layer": None if self.layer is None else self.layer.__dict__, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepResult":
+        layer = data.get("layer")
+        return cls(data["history"], data["runtime"], LayerDesc(**layer) if layer else None,
+                   data.get("extra") or {})
+
+
+class StepCache:
+    def __init__(self, store):
+        self.store = store
+        self.dir = os.path.join(store.cache_dir, "steps")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, key[7:] + ".json")
+
+    def get(self, key: str, parent_diff_ids: list[str]) -> StepResult | None:
+        """The cached result of a step, if its layer is still in the store."""
+        try:
+            with open(self._path(key), encoding="utf-8") as f:
+                result = StepResult.from_json(json.load(f))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        if result.layer is not None:
+            chain = chain_ids(parent_diff_ids + [result.layer.diff_id])[-1]
+            if not self.store.layers.has(chain) or not self.store.blobs.has(result.layer.digest):
+                return None
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key))      # last use, for prune
+        return result
+
+    def put(self, key: str, result: StepResult) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.store.tmp, prefix="cache-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, sort_keys=True)
+        os.replace(tmp, self._path(key))
+
+    def entries(self):
+        """(key, last used, result) of every entry."""
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    yield "sha256:" + name[:-5], os.stat(path).st_mtime, StepResult.from_json(json.load(f))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+
+def now() -> str:
+    """An RFC 3339 UTC timestamp with nanoseconds, as Docker writes them."""
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + \
+        f".{ns % 1_000_000_000:09d}Z"

@@ -1,0 +1,400 @@
+"""The `pybuild` command: arguments -> library calls; errors -> one clear message and an exit code.
+
+`pybuild -t NAME -f Dockerfile CONTEXT` is `pybuild build ...`: when the
+first word is not a command, the command is build. Exit codes come from the
+error tree (errors.py); a traceback is shown only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import traceback
+
+from . import __version__
+from .errors import Interrupted, PybuildError, UsageError
+
+COMMANDS = ("build", "images", "history", "inspect", "tag", "rmi", "run", "save", "load", "import",
+            "version")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
+
+
+def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    default = None if top else argparse.SUPPRESS
+    p.add_argument("--root", metavar="DIR", default=default,
+                   help="the store (default: $PYBUILD_ROOT or /var/lib/pybuild)")
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show Python tracebacks for errors")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pybuild", description="Build OCI images from Dockerfiles, without a daemon.")
+    _common(p, top=True)
+    p.add_argument("--version", action="version", version=f"pybuild {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser("build", help="build an image from a Dockerfile")
+    _common(b)
+    b.add_argument("context", metavar="CONTEXT", help="the build context directory")
+    b.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+                   help="name the image (repeatable)")
+    b.add_argument("-f", "--file", metavar="FILE", help="the Dockerfile (default: CONTEXT/Dockerfile)")
+    b.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set a build-time variable (without =VALUE: from the environment)")
+    b.add_argument("--no-cache", action="store_true", help="do not use the step cache")
+    b.add_argument("--network", choices=("host", "none", "default"), default="host",
+                   help="network for RUN steps (default: host)")
+    b.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
+    b.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    b.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+
+    s = sub.add_parser("images", help="list the images in the store")
+    _common(s)
+    s.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    s.add_argument("--no-trunc", action="store_true", help="full image IDs")
+
+    s = sub.add_parser("history", help="show the history of an image")
+    _common(s)
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("--no-trunc", action="store_true", help="do not shorten the output")
+
+    s = sub.add_parser("inspect", help="show images as JSON")
+    _common(s)
+    s.add_argument("images", metavar="IMAGE", nargs="+")
+
+    s = sub.add_parser("tag", help="give an image another name")
+    _common(s)
+    s.add_argument("source", metavar="SOURCE")
+    s.add_argument("target", metavar="TARGET")
+
+    s = sub.add_parser("rmi", help="remove images")
+    _common(s)
+    s.add_argument("images", metavar="IMAGE", nargs="+")
+    s.add_argument("-f", "--force", action="store_true",
+                   help="remove an image given by ID even if it has several tags")
+
+    s = sub.add_parser("run", help="run a command in a throw-away container of an image")
+    _common(s)
+    s.add_argument("--rm", action="store_true", help="accepted for Docker compatibility: "
+                                                     "containers are always removed")
+    s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
+    s.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    s.add_argument("-w", "--workdir", metavar="DIR")
+    s.add_argument("--entrypoint", metavar="CMD")
+    s.add_argument("--network", choices=("host", "none"), default="host")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("save", help="write images to a tar (docker-archive and OCI layout in one)")
+    _common(s)
+    s.add_argument("images", metavar="IMAGE", nargs="+")
+    s.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
+
+    s = sub.add_parser("load", help="load images from a docker-archive or OCI archive")
+    _common(s)
+    s.add_argument("-i", "--input", metavar="FILE", default="-",
+                   help="read FILE (default: standard input)")
+    s.add_argument("-q", "--quiet", action="store_true")
+
+    s = sub.add_parser("import", help="make a one-layer image of a root filesystem tarball")
+    _common(s)
+    s.add_argument("file", metavar="FILE", help="the tarball (- for standard input)")
+    s.add_argument("name", metavar="NAME[:TAG]", nargs="?")
+
+    s = sub.add_parser("version", help="print the version")
+    _common(s)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        args = _parse(argv)
+        debug = args.debug
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        _say(str(Interrupted()))
+        return Interrupted.exit_code
+    except PybuildError as e:
+        if debug:
+            traceback.print_exc()
+        _say(f"error: {e}")
+        return e.exit_code
+    except BrokenPipeError:
+        return 141
+    except Exception:   # a bug in pybuild: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            exc = sys.exc_info()[1]
+            _say(f"error: internal error: {exc!r}\n  hint: run again with --debug and report "
+                 "the traceback")
+        return 70
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = make_parser()
+    # Global options may come first: `pybuild --root DIR images`.
+    i = 0
+    while i < len(argv) and (argv[i] in ("--root", "--debug") or argv[i].startswith("--root=")):
+        i += 2 if argv[i] == "--root" else 1
+    rest = argv[i:]
+    if not rest:
+        parser.print_help(sys.stderr)
+        raise UsageError("no command given", hint="for example: pybuild -t NAME -f Dockerfile .")
+    if rest[0] not in COMMANDS and rest[0] not in ("-h", "--help", "--version"):
+        # `pybuild -t x -f Dockerfile .` is a build.
+        argv = argv[:i] + ["build"] + rest
+    return parser.parse_args(argv)
+
+
+def _store(args):
+    from .store import Store
+    return Store(getattr(args, "root", None))
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    handler = globals()["_cmd_" + cmd.replace("-", "_")]
+    return handler(args)
+
+
+def _build_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
+        if eq:
+            out[k] = v
+        elif k in os.environ:
+            out[k] = os.environ[k]
+    return out
+
+
+def _cmd_build(args) -> int:
+    from .build import Builder, BuildOptions
+    from .progress import PlainRenderer
+    opts = BuildOptions(context=args.context, dockerfile=args.file, tags=tuple(args.tag),
+                        build_args=_build_args(args.build_arg), no_cache=args.no_cache,
+                        network=args.network, target=args.target,
+                        root=getattr(args, "root", None))
+    renderer = PlainRenderer(sys.stderr, quiet=args.quiet)
+    image = Builder(opts, renderer).run()
+    if args.iidfile:
+        with open(args.iidfile, "w", encoding="ascii") as f:
+            f.write(image.id)
+    print(image.id)
+    return 0
+
+
+def _ago(created: str) -> str:
+    try:
+        when = _dt.datetime.fromisoformat(created.replace("Z", "+00:00")[:26] + "+00:00"
+                                          if "." in created else created.replace("Z", "+00:00"))
+    except ValueError:
+        return "N/A"
+    secs = (_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()
+    for unit, size in (("year", 31536000), ("month", 2592000), ("week", 604800), ("day", 86400),
+                       ("hour", 3600), ("minute", 60)):
+        if secs >= size * (2 if unit != "minute" else 1):
+            n = int(secs // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "Less than a second ago" if secs < 1 else f"{int(secs)} seconds ago"
+
+
+def human_size(n: int) -> str:
+    """Docker's sizes: decimal units, three significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g}{unit}" if unit != "B" else f"{n}B"
+        n /= 1000
+    return f"{n}B"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+
+
+def _cmd_images(args) -> int:
+    from .image import short_id
+    store = _store(args)
+    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
+    images = sorted(store.images(), key=lambda i: i.created, reverse=True)
+    for img in images:
+        size = human_size(store.content_size(img.diff_ids))
+        iid = img.id if args.no_trunc else short_id(img.id)
+        if args.quiet:
+            print(iid)
+            continue
+        for tag in img.tags or ["<none>:<none>"]:
+            repo, _, t = tag.rpartition(":")
+            rows.append([repo, t, iid, _ago(img.created), size])
+    if not args.quiet:
+        _table(rows)
+    return 0
+
+
+def _cmd_history(args) -> int:
+    from .image import chain_ids, short_id
+    store = _store(args)
+    img = store.resolve(args.image)
+    chains = chain_ids(img.diff_ids)
+    sizes = []
+    for chain in chains:
+        try:
+            sizes.append(int(store.layer_info(chain).get("content_size", 0)))
+        except PybuildError:
+            sizes.append(0)
+    rows = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    layer_i = len(sizes) - 1
+    entries = list(reversed(img.history))
+    for n, h in enumerate(entries):
+        if h.get("empty_layer"):
+            size = 0
+        else:
+            size = sizes[layer_i] if layer_i >= 0 else 0
+            layer_i -= 1
+        created_by = h.get("created_by", "")
+        if not args.no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        iid = "<missing>"
+        if n == 0:
+            iid = img.id if args.no_trunc else short_id(img.id)
+        rows.append([iid, _ago(h.get("created", "")), created_by, human_size(size),
+                     h.get("comment", "")])
+    _table(rows)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    store = _store(args)
+    out = []
+    for name in args.images:
+        img = store.resolve(name)
+        out.append({
+            "id": img.id, "digest": img.digest, "tags": img.tags,
+            "created": img.created,
+            "size": store.content_size(img.diff_ids),
+            "config": img.config, "manifest": img.manifest,
+            "layers": [{"diff_id": l.diff_id, "digest": l.digest, "size": l.size,
+                        "media_type": l.media_type} for l in img.layers],
+        })
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_tag(args) -> int:
+    store = _store(args)
+    store.tag(store.resolve(args.source), args.target)
+    return 0
+
+
+def _cmd_rmi(args) -> int:
+    from . import reference
+    from .cache import StepCache
+    from .store import gc
+    store = _store(args)
+    for name in args.images:
+        img = store.resolve(name)
+        by_tag = False
+        try:
+            by_tag = reference.parse(name).tagged in img.tags
+        except UsageError:
+            pass
+        if by_tag:
+            tagged = reference.parse(name).tagged
+            store.untag(tagged)
+            print(f"Untagged: {tagged}")
+            if len(img.tags) > 1:
+                continue
+        elif len(img.tags) > 1 and not args.force:
+            raise UsageError(f"image {img.id[7:19]} has several tags ({', '.join(img.tags)})",
+                             hint="remove them by name, or use -f")
+        for t in store.remove_manifest(img.digest):
+            print(f"Untagged: {t}")
+        print(f"Deleted: {img.id}")
+    result = gc.collect(store, StepCache(store))
+    if result.deferred:
+        _say("note: a build is using the store; unused layers will be removed by a later rmi")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import container
+    store = _store(args)
+    img = store.resolve(args.image)
+    return container.run(store, img, args.args, env=args.env, user=args.user, workdir=args.workdir,
+                         network=args.network, entrypoint=args.entrypoint)
+
+
+def _cmd_save(args) -> int:
+    from . import archive
+    store = _store(args)
+    if args.output:
+        tmp = args.output + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                archive.save(store, args.images, f)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write an archive to a terminal", hint="use -o FILE")
+        archive.save(store, args.images, sys.stdout.buffer)
+        sys.stdout.flush()
+    return 0
+
+
+def _cmd_load(args) -> int:
+    from . import archive
+    store = _store(args)
+    with store.in_use():
+        images = archive.load(store, args.input)
+    for img in images:
+        if args.quiet:
+            print(img.id)
+        elif img.tags:
+            for t in img.tags:
+                print(f"Loaded image: {t}")
+        else:
+            print(f"Loaded image ID: {img.id}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from . import archive
+    store = _store(args)
+    with store.in_use():
+        img = archive.import_rootfs(store, args.file, args.name)
+    print(img.id)
+    return 0
+
+
+def _cmd_version(args) -> int:
+    print(f"pybuild {__version__}")
+    return 0

@@ -1,0 +1,279 @@
+"""The build context: which files a COPY sees, and the digests that key the step cache.
+
+`.dockerignore` (or `<Dockerfile>.dockerignore` beside the Dockerfile, which
+wins) follows Docker's patternmatcher: Go `filepath.Match` per component,
+`**` for any number of directories, `!` exceptions, the last matching line
+wins, and a pattern that matches a directory excludes what is under it.
+An excluded file does not exist for COPY, and changing it never misses the
+cache.
+
+A source's digest covers what COPY puts in the image except times and
+owners (COPY sets its own owner; an mtime-only change must hit the cache):
+every entry's relative path, type and mode, and a file's content or a
+link's target. File contents are hashed once per (inode, size, mtime, ctime)
+and remembered for the life of the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from . import paths
+from .errors import BuildError
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_content_digests: LRUCache = LRUCache(maxsize=262144)
+
+
+# ---- .dockerignore -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Pattern:
+    text: str
+    regex: re.Pattern
+    exclusion: bool
+
+
+def _compile(pattern: str) -> re.Pattern:
+    out = "^"
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "*":
+            if i + 1 < n and pattern[i + 1] == "*":
+                i += 2
+                if i < n and pattern[i] == "/":
+                    i += 1
+                out += ".*" if i >= n else "(.*/)?"
+                continue
+            out += "[^/]*"
+        elif ch == "?":
+            out += "[^/]"
+        elif ch == "\\":
+            if i + 1 < n:
+                i += 1
+                out += re.escape(pattern[i])
+            else:
+                out += "\\\\"
+        elif ch == "[":
+            j = pattern.find("]", i + 1)
+            if j == -1:
+                out += "\\["
+            else:
+                body = pattern[i + 1:j]
+                if body.startswith("^") or body.startswith("!"):
+                    body = "^" + body[1:]
+                out += "[" + body.replace("\\", "\\\\") + "]"
+                i = j
+        else:
+            out += re.escape(ch)
+        i += 1
+    return re.compile(out + "$", re.S)
+
+
+class IgnoreRules:
+    """The patterns of a .dockerignore file, matched as Docker matches them."""
+
+    def __init__(self, lines: list[str] = ()):
+        self.patterns: list[_Pattern] = []
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            exclusion = line.startswith("!")
+            if exclusion:
+                line = line[1:].strip()
+            cleaned = os.path.normpath(line) if line else line
+            if cleaned.startswith("/") and len(cleaned) > 1:
+                cleaned = cleaned.lstrip("/")
+            if cleaned in ("", "."):
+                if exclusion:
+                    continue
+                cleaned = "."
+            self.patterns.append(_Pattern(cleaned, _compile(cleaned), exclusion))
+        self.has_exceptions = any(p.exclusion for p in self.patterns)
+
+    @classmethod
+    def for_context(cls, root: str, dockerfile: str | None = None) -> "IgnoreRules":
+        candidates = []
+        if dockerfile:
+            candidates.append(dockerfile + ".dockerignore")
+        candidates.append(os.path.join(root, ".dockerignore"))
+        for path in candidates:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return cls(f.read().splitlines())
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+        return cls()
+
+    def excluded(self, rel: str) -> bool:
+        """Is the context path `rel` (slash-separated, no leading /) excluded?"""
+        if not self.patterns or rel == "":
+            return False
+        parents = rel.split("/")[:-1]
+        matched = False
+        for p in self.patterns:
+            if p.exclusion != matched:
+                continue
+            hit = p.text == "." or bool(p.regex.match(rel))
+            if not hit:
+                for i in range(len(parents)):
+                    if p.regex.match("/".join(parents[:i + 1])):
+                        hit = True
+                        break
+            if hit:
+                matched = not p.exclusion
+        return matched
+
+
+# ---- sources ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a COPY source."""
+    src: str                # path relative to the context root
+    rel: str                # path relative to the source root ('' for the root itself)
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved COPY source: a file, or a directory with everything under it."""
+    spec: str               # as written (after expansion)
+    path: str               # the resolved path relative to the context root
+    entries: tuple[Entry, ...]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entries[0].is_dir
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1] if self.path else ""
+
+
+class BuildContext:
+    def __init__(self, root: str, dockerfile: str | None = None):
+        self.root = os.path.abspath(root)
+        if not os.path.isdir(self.root):
+            raise BuildError(f"build context {root!r} is not a directory")
+        self.ignore = IgnoreRules.for_context(self.root, dockerfile)
+
+    def _lstat(self, rel: str) -> os.stat_result | None:
+        try:
+            return os.lstat(os.path.join(self.root, rel) if rel else self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def sources(self, spec: str, *, instruction: str = "COPY") -> list[Source]:
+        """The sources a COPY source spec names: a path or a glob, inside the context."""
+        cleaned = paths.clean(spec)
+        names = self._glob(cleaned) if _GLOB_CHARS.search(cleaned) else [cleaned]
+        out = []
+        for name in names:
+            if self.ignore.excluded(name):
+                continue
+            resolved = os.path.relpath(paths.resolve_in_root(self.root, name), self.root)
+            resolved = "" if resolved == "." else resolved
+            st = self._lstat(resolved)
+            if st is None or self.ignore.excluded(resolved):
+                continue
+            out.append(Source(spec, resolved, tuple(self._walk(resolved, st))))
+        if not out:
+            raise BuildError(
+                f"{instruction} source {spec!r} is not in the build context "
+                f"{'(no file matches the pattern)' if names != [cleaned] else ''}".rstrip(),
+                hint="check the path (it is relative to the context directory), "
+                     "and that .dockerignore does not exclude it")
+        return out
+
+    def _glob(self, pattern: str) -> list[str]:
+        matches = [""]
+        for part in pattern.split("/"):
+            rx = _compile(part) if _GLOB_CHARS.search(part) else None
+            nxt = []
+            for base in matches:
+                if rx is None:
+                    if self._lstat(f"{base}/{part}" if base else part) is not None:
+                        nxt.append(f"{base}/{part}" if base else part)
+                    continue
+                try:
+                    names = sorted(os.listdir(os.path.join(self.root, base) if base else self.root))
+                except (NotADirectoryError, FileNotFoundError):
+                    continue
+                nxt += [f"{base}/{n}" if base else n for n in names if rx.match(n)]
+            matches = nxt
+        return matches
+
+    def _walk(self, top: str, st: os.stat_result) -> list[Entry]:
+        out = [Entry(top, "", st)]
+        if stat.S_ISDIR(st.st_mode):
+            self._walk_dir(top, "", out)
+        return out
+
+    def _walk_dir(self, src: str, rel: str, out: list[Entry]) -> bool:
+        """Append the entries under `src`; True if anything was appended."""
+        added = False
+        with os.scandir(os.path.join(self.root, src) if src else self.root) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for child in children:
+            csrc = f"{src}/{child.name}" if src else child.name
+            crel = f"{rel}/{child.name}" if rel else child.name
+            cst = child.stat(follow_symlinks=False)
+            if stat.S_ISSOCK(cst.st_mode):
+                continue
+            if self.ignore.excluded(csrc):
+                if stat.S_ISDIR(cst.st_mode) and self.ignore.has_exceptions:
+                    # An exception may re-include something below an excluded dir.
+                    mark = len(out)
+                    out.append(Entry(csrc, crel, cst))
+                    if not self._walk_dir(csrc, crel, out):
+                        del out[mark:]
+                    else:
+                        added = True
+                continue
+            out.append(Entry(csrc, crel, cst))
+            added = True
+            if stat.S_ISDIR(cst.st_mode):
+                self._walk_dir(csrc, crel, out)
+        return added
+
+    # ---- digests ------------------------------------------------------------
+
+    def file_digest(self, rel: str, st: os.stat_result) -> str:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = _content_digests.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(os.path.join(self.root, rel), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            _content_digests[key] = digest
+        return digest
+
+    def digest(self, source: Source) -> str:
+        """What the step cache knows of a source: names, types, modes, contents; no times or owners."""
+        h = hashlib.sha256()
+        for e in source.entries:
+            mode = e.st.st_mode
+            if stat.S_ISREG(mode):
+                content = self.file_digest(e.src, e.st)
+            elif stat.S_ISLNK(mode):
+                content = os.readlink(os.path.join(self.root, e.src))
+            else:
+                content = ""
+            h.update(f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}\n"
+                     .encode("utf-8", "surrogateescape"))
+        return "sha256:" + h.hexdigest()
