@@ -20,7 +20,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build": "build", "BuildOptions": "build", "Builder": "build",
+    "build": "engine", "BuildOptions": "engine", "Builder": "engine",
     "Store": "store", "Image": "image", "LayerDesc": "image",
     "Event": "progress", "BuildStarted": "progress", "StepStarted": "progress",
     "StepCached": "progress", "StepOutput": "progress", "StepDone": "progress",

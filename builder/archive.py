@@ -173,7 +173,12 @@ def load(store: Store, source: str) -> list[Image]:
 
 def _spool(source: str, tmp: str) -> str:
     """A seekable, uncompressed copy of the archive (or the file itself when it already is)."""
-    src = open(source, "rb") if source != "-" else os.fdopen(os.dup(0), "rb")
+    try:
+        src = open(source, "rb") if source != "-" else os.fdopen(os.dup(0), "rb")
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{source}: is a directory, not an archive") from None
     try:
         head = src.peek(4)[:4] if hasattr(src, "peek") else b""
         if source != "-" and not compress.is_compressed(head):
@@ -182,8 +187,6 @@ def _spool(source: str, tmp: str) -> str:
         with open(out, "wb") as f:
             shutil.copyfileobj(compress.open_decompressed(src, head), f, 1 << 20)
         return out
-    except FileNotFoundError:
-        raise UsageError(f"{source}: no such file") from None
     finally:
         src.close()
 
@@ -206,19 +209,41 @@ def _ingest_layers(store: Store, diff_ids: list[str], opener, what: str,
                    descriptors: list[dict] | None = None) -> list[LayerDesc]:
     layers: list[LayerDesc] = []
     chains = chain_ids(diff_ids)
-    for i, diff_id in enumerate(diff_ids):
-        desc = descriptors[i] if descriptors else None
-        if store.layers.has(chains[i]):
-            meta = store.layers.meta(chains[i])
-            if store.blobs.has(meta["digest"]) and (desc is None or desc["digest"] == meta["digest"]):
-                layers.append(LayerDesc(diff_id, meta["digest"], meta["size"], meta["media_type"]))
+    added: list[tuple[str | None, str | None]] = []     # (chain, blob) this load created
+    try:
+        for i, diff_id in enumerate(diff_ids):
+            desc = descriptors[i] if descriptors else None
+            reuse = _existing_layer(store, chains[i], desc)
+            if reuse is not None:
+                layers.append(LayerDesc(diff_id, *reuse))
                 continue
-        parent = chains[i - 1] if i else None
-        with opener(i) as stream:
-            layers.append(commit.ingest(store, stream, parent, what=f"{what}: layer {i + 1}",
-                                        expected_diff_id=diff_id,
-                                        expected_digest=desc["digest"] if desc else None))
+            parent = chains[i - 1] if i else None
+            with opener(i) as stream:
+                got = commit.ingest(store, stream, parent, what=f"{what}: layer {i + 1}",
+                                    expected_diff_id=diff_id,
+                                    expected_digest=desc["digest"] if desc else None)
+            layers.append(got.layer)
+            added.append((chains[i] if got.new_layer else None,
+                          got.layer.digest if got.new_blob else None))
+    except BaseException:
+        # Leave the store as it was: no layers of an image that was not loaded.
+        for chain, blob in added:
+            if chain:
+                store.layers.remove(chain)
+            if blob:
+                store.blobs.delete(blob)
+        raise
     return layers
+
+
+def _existing_layer(store: Store, chain: str, desc: dict | None):
+    """(digest, size, media type) of a layer the store already has, if it can be reused."""
+    if not store.layers.has(chain):
+        return None
+    meta = store.layers.meta(chain)
+    if not store.blobs.has(meta["digest"]) or (desc is not None and desc["digest"] != meta["digest"]):
+        return None
+    return meta["digest"], meta["size"], meta["media_type"]
 
 
 def _check_config(config, what: str) -> list[str]:
@@ -308,7 +333,7 @@ def import_rootfs(store: Store, source: str, name: str | None) -> Image:
     except FileNotFoundError:
         raise UsageError(f"{source}: no such file") from None
     with raw:
-        layer = commit.ingest(store, raw, None, what=f"import {source}")
+        layer = commit.ingest(store, raw, None, what=f"import {source}").layer
     config = empty_config()
     created = now()
     config["created"] = created

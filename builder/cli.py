@@ -192,7 +192,7 @@ def _build_args(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_build(args) -> int:
-    from .build import Builder, BuildOptions
+    from .engine import Builder, BuildOptions
     from .progress import PlainRenderer
     opts = BuildOptions(context=args.context, dockerfile=args.file, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
@@ -219,7 +219,9 @@ def _ago(created: str) -> str:
         if secs >= size * (2 if unit != "minute" else 1):
             n = int(secs // size)
             return f"{n} {unit}{'s' if n != 1 else ''} ago"
-    return "Less than a second ago" if secs < 1 else f"{int(secs)} seconds ago"
+    if secs < 1:
+        return "Less than a second ago"
+    return f"{int(secs)} second{'s' if int(secs) != 1 else ''} ago"
 
 
 def human_size(n: int) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from . import users
 from .context import Source
+from .sandbox import SetupError
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,15 @@ class CopyOp:
     chmod: int | None = None
 
 
-class CopyError(Exception):
-    pass
+class CopyError(SetupError):
+    """A COPY that cannot be carried out in this image (a file where a directory must go)."""
 
 
 def copy_into_root(op: CopyOp, ctx_fd: int) -> None:
     uid, gid = users.chown_ids(op.chown, "/") if op.chown else (0, 0)
     copier = _Copier(ctx_fd, uid, gid, op.chmod)
-    dest = op.dest
+    # Symlinks on the way are followed inside the image (we are chrooted), as BuildKit does.
+    dest = os.path.realpath(op.dest)
     into_dir = op.dest_is_dir or len(op.sources) > 1 or _is_dir(dest)
     for src in op.sources:
         if src.is_dir:
@@ -55,6 +57,7 @@ def copy_into_root(op: CopyOp, ctx_fd: int) -> None:
 
 def mkdir_workdir(path: str, user: str) -> None:
     """WORKDIR: create the directory (and parents) when missing, owned by the current USER."""
+    path = os.path.realpath(path)
     if _is_dir(path):
         return
     who = users.exec_user(user, "/") if user else None

@@ -48,6 +48,7 @@ class Copy(Instruction):
     sources: tuple[str, ...]
     dest: str
     chown: str | None = None
+    chmod: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _flags(node: syntax.Node, allowed: set[str], filename: str) -> dict[str, str
 
 _FUTURE_FLAGS = {
     "run": ("mount", "security"),
-    "copy": ("from", "chmod", "link", "exclude", "parents"),
+    "copy": ("from", "link", "exclude", "parents"),
 }
 
 
@@ -230,11 +231,11 @@ def _typed(node: syntax.Node, filename: str) -> Instruction:
         return Run(**common, command=tuple(node.args), exec_form=node.json,
                    network=None if net == "default" else net)
     if kw == "copy":
-        flags = _flags(node, {"chown"}, filename)
+        flags = _flags(node, {"chown", "chmod"}, filename)
         need(len(node.args) >= 2, "COPY requires at least one source and a destination",
              "COPY SRC... DEST")
         return Copy(**common, sources=tuple(node.args[:-1]), dest=node.args[-1],
-                    chown=flags.get("chown"))
+                    chown=flags.get("chown"), chmod=flags.get("chmod"))
     _flags(node, set(), filename)
     if kw in ("env", "label"):
         a = node.args

@@ -11,7 +11,9 @@ installed, so a corrupt or tampered layer never enters the store.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+from dataclasses import dataclass
 
 from ..errors import LayerError
 from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
@@ -47,15 +49,27 @@ def _meta(diff_id, digest, size, media_type, content_size, parent, created_by=""
 class _TeeReader:
     """Reads from `raw`, handing every byte read to `sinks` on the way."""
 
-    def __init__(self, raw, sinks):
+    def __init__(self, raw, sinks, what: str = "layer"):
         self.raw = raw
         self.sinks = sinks
+        self.what = what
 
     def read(self, n=-1):
-        data = self.raw.read(n)
+        try:
+            data = self.raw.read(n)
+        except LayerError:
+            raise
+        except compress.DECOMPRESSION_ERRORS as e:
+            raise LayerError(f"{self.what}: corrupt or truncated data ({e})",
+                             hint="the archive or registry copy is damaged") from None
         for s in self.sinks:
             s(data)
         return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def readable(self):
         return True
@@ -65,10 +79,16 @@ class _TeeReader:
             pass
 
 
+@dataclass(frozen=True)
+class Ingested:
+    layer: LayerDesc
+    new_layer: bool         # this call installed the layer dir (nobody else had)
+    new_blob: bool          # and wrote the blob
+
+
 def ingest(store, raw, parent_chain: str | None, *, what: str,
-           expected_diff_id: str | None = None, expected_digest: str | None = None) -> LayerDesc:
+           expected_diff_id: str | None = None, expected_digest: str | None = None) -> Ingested:
     """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`."""
-    import io
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
     compressed = compress.is_compressed(head)
@@ -78,11 +98,11 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
         if compressed:
             media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) else MEDIA_LAYER_GZIP
             outer = _TeeReader(buffered, [blob.write])
-            plain = _TeeReader(compress.open_decompressed(outer, head), [diff_hash.update])
+            plain = _TeeReader(compress.open_decompressed(outer, head), [diff_hash.update], what)
         else:
             media_type = MEDIA_LAYER_GZIP
             sink = compress.LayerSink(blob)
-            plain = _TeeReader(buffered, [diff_hash.update, sink.write])
+            plain = _TeeReader(buffered, [diff_hash.update, sink.write], what)
         with store.tmpdir("ingest") as staging:
             diff_dir = os.path.join(staging, "diff")
             os.mkdir(diff_dir, 0o755)
@@ -107,7 +127,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
             digest = blob.commit()
             size = blob.size
             chain = chain_of(parent_chain, diff_id)
-            store.layers.install(chain, diff_dir,
-                                 _meta(diff_id, digest, size, media_type, content, parent_chain),
-                                 store.tmp)
-    return LayerDesc(diff_id, digest, size, media_type)
+            new_layer = store.layers.install(
+                chain, diff_dir, _meta(diff_id, digest, size, media_type, content, parent_chain),
+                store.tmp)
+    return Ingested(LayerDesc(diff_id, digest, size, media_type), new_layer, blob.new)

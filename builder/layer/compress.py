@@ -54,6 +54,8 @@ class LayerSink:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+# What a decompressor raises on corrupt input (isal's error is not an OSError).
+DECOMPRESSION_ERRORS = (isal_zlib.error, EOFError, OSError, ValueError)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 

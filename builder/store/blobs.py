@@ -115,6 +115,7 @@ class BlobWriter:
         self.f = os.fdopen(fd, "wb")
         self.hash = hashlib.sha256()
         self.size = 0
+        self.new = False
 
     def write(self, data) -> int:
         self.hash.update(data)
@@ -127,11 +128,13 @@ class BlobWriter:
         return "sha256:" + self.hash.hexdigest()
 
     def commit(self, expected: str | None = None) -> str:
+        """Verify and install the blob; `self.new` tells whether the store lacked it."""
         self.f.close()
         digest = self.digest
         if expected and expected != digest:
             self.abort()
             raise StoreError(f"blob content does not match its digest: expected {expected}, got {digest}")
+        self.new = not self.blobs.has(digest)
         self.blobs._install(self.tmp, digest)
         return digest
 

@@ -1,5 +1,8 @@
 """The build engine: Dockerfile + context -> image in the store, step by step, through the cache.
 
+(DESIGN.md calls this module build.py; it is engine.py so that the module
+does not shadow the public function `builder.build`.)
+
 For each stage the target needs, the engine starts from the base image and,
 for every instruction, asks `steps.plan` what it means, computes its cache
 key, and either reuses the cached result or carries it out: metadata steps

@@ -1,0 +1,131 @@
+"""Shared fixtures: a store per test session, the busybox base image, and helpers to look inside images.
+
+The tests run as root with real overlay mounts and namespaces, as CI does.
+The base image is built by pybuild itself FROM scratch from Debian's static
+busybox (testdata/busybox), so no test needs the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO / "testdata"
+BUSYBOX = Path("/bin/busybox")
+BASE = "busybox:test"
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() != 0:
+        pytest.exit("pybuild's tests need root (real overlay mounts and namespaces); "
+                    "run them as root, as CI does", returncode=2)
+    if not BUSYBOX.exists():
+        pytest.exit("/bin/busybox is missing: install busybox-static (make test does)", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("store"))
+    os.environ["PYBUILD_ROOT"] = root
+    return root
+
+
+@pytest.fixture(scope="session")
+def store(store_root):
+    from builder.store import Store
+    return Store(store_root)
+
+
+def busybox_context(dest: Path) -> Path:
+    shutil.copytree(TESTDATA / "busybox", dest)
+    shutil.copy2(BUSYBOX, dest / "busybox")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def base_image(store_root, tmp_path_factory):
+    """`busybox:test`: the base image most tests build on."""
+    import builder
+    ctx = busybox_context(tmp_path_factory.mktemp("busybox") / "ctx")
+    return builder.build(str(ctx), tags=[BASE], root=store_root)
+
+
+def run_pybuild(*args, root: str | None = None, input: bytes | None = None, check: bool = False,
+                timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the pybuild command as a user would (a subprocess, no terminal)."""
+    full_env = dict(os.environ)
+    if root:
+        full_env["PYBUILD_ROOT"] = root
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "builder", *map(str, args)], input=input,
+                          capture_output=True, timeout=timeout, env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pybuild {' '.join(map(str, args))} failed with {proc.returncode}:\n"
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+@pytest.fixture
+def pybuild(store_root):
+    def call(*args, **kw):
+        return run_pybuild(*args, root=store_root, **kw)
+    return call
+
+
+def write_context(path: Path, files: dict[str, str | bytes]) -> Path:
+    """A build context from a {relative path: content} map (Dockerfile included)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        p = path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def layer_members(store, layer) -> list[tarfile.TarInfo]:
+    """The tar entries of one layer blob, read back with Python's tarfile (an independent reader)."""
+    with store.blobs.open(layer.digest) as f:
+        data = gzip.decompress(f.read())
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        return t.getmembers()
+
+
+def layer_files(store, layer) -> dict[str, bytes]:
+    with store.blobs.open(layer.digest) as f:
+        data = gzip.decompress(f.read())
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            if m.isfile():
+                out[m.name] = t.extractfile(m).read()
+    return out
+
+
+def our_mounts() -> list[str]:
+    """Overlay mounts and mounts under a pybuild path in this (the host's) mount namespace."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, mountpoint = fields[sep + 1], fields[4]
+            if fstype.startswith(("overlay", "fuse")) or "pybuild" in mountpoint or "/store" in mountpoint:
+                out.append(f"{mountpoint} ({fstype})")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_mounts():
+    before = set(our_mounts())
+    yield
+    leaked = set(our_mounts()) - before
+    assert not leaked, f"mounts leaked into the host's mount table: {sorted(leaked)}"

@@ -1,0 +1,63 @@
+"""The library API orchestrators import: curated names, typed options, catchable errors, events."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import builder
+
+PUBLIC = {
+    "__version__", "build", "BuildOptions", "Builder", "Store", "Image", "LayerDesc",
+    "Event", "BuildStarted", "StepStarted", "StepCached", "StepOutput", "StepDone",
+    "BuildWarning", "BuildDone", "PlainRenderer",
+    "PybuildError", "UsageError", "DockerfileError", "BuildError", "StepFailed",
+    "ImageNotFound", "StoreError", "LayerError", "Interrupted",
+}
+
+
+def test_public_names_are_exactly_the_curated_ones():
+    assert set(builder.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(builder, name) is not None
+
+
+def test_error_tree_and_exit_codes():
+    assert issubclass(builder.StepFailed, builder.BuildError)
+    assert issubclass(builder.LayerError, builder.StoreError)
+    for cls in (builder.UsageError, builder.DockerfileError, builder.BuildError,
+                builder.ImageNotFound, builder.StoreError, builder.Interrupted):
+        assert issubclass(cls, builder.PybuildError)
+    codes = {c.exit_code for c in (builder.UsageError, builder.DockerfileError, builder.BuildError,
+                                   builder.ImageNotFound, builder.StoreError, builder.Interrupted)}
+    assert len(codes) == 6
+
+
+def test_build_options_are_typed_and_frozen():
+    fields = {f.name for f in dataclasses.fields(builder.BuildOptions)}
+    assert {"context", "dockerfile", "tags", "build_args", "no_cache", "network", "target",
+            "root"} <= fields
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        builder.BuildOptions().no_cache = True
+
+
+def test_events_serialise_with_a_kind():
+    ev = builder.StepOutput(step=2, line="hi")
+    assert ev.to_json() == {"kind": "step_output", "step": 2, "line": "hi"}
+
+
+def test_importing_the_cli_stays_light():
+    code = ("import sys, builder.cli; heavy = [m for m in ('isal', 'tarfile', 'builder.engine', "
+            "'builder.sandbox') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_errors_from_a_library_build_are_catchable(tmp_path, store_root):
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nBOGUS x\n")
+    with pytest.raises(builder.DockerfileError) as err:
+        builder.build(str(tmp_path), root=store_root)
+    assert err.value.line == 2 and "unknown instruction: BOGUS" in str(err.value)

@@ -1,0 +1,325 @@
+"""End-to-end builds as root with real overlay mounts: the image produced, layer by layer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pytest
+
+import builder
+from builder import progress
+from builder.image import chain_ids
+
+from conftest import BASE, TESTDATA, layer_files, layer_members, write_context
+
+
+def build(ctx, store_root, **kw):
+    events = []
+    image = builder.build(str(ctx), root=store_root, on_event=events.append, **kw)
+    return image, events
+
+
+def runs(events) -> int:
+    """How many steps actually ran (were not served from the cache)."""
+    return sum(1 for e in events if isinstance(e, progress.StepDone) and not e.cached)
+
+
+def output(events) -> list[str]:
+    return [e.line for e in events if isinstance(e, progress.StepOutput)]
+
+
+@pytest.fixture
+def demo(tmp_path, base_image, store_root):
+    ctx = tmp_path / "demo"
+    shutil.copytree(TESTDATA / "demo", ctx)
+    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text().replace("busybox:demo", BASE))
+    return ctx
+
+
+def test_base_image_from_scratch(base_image, store):
+    assert base_image.runtime["Cmd"] == ["sh"]
+    assert len(base_image.layers) == 3            # rootfs/, busybox, the applet links
+    files = layer_files(store, base_image.layers[1])
+    assert files["bin/busybox"] == open("/bin/busybox", "rb").read()
+    links = {m.name: m for m in layer_members(store, base_image.layers[2])}
+    assert links["bin/sh"].issym() and links["bin/sh"].linkname == "/bin/busybox"
+    assert links["tmp"].mode == 0o1777
+    assert (links["home/app"].uid, links["home/app"].gid) == (1000, 1000)
+    # the mount points the RUN needed (a FROM scratch image has none) are not in its layer
+    for name in ("proc", "dev", "sys", "etc/hosts", "etc/resolv.conf", "etc/hostname"):
+        assert name not in links
+
+
+def test_demo_image_layers_history_and_config(demo, store, store_root, base_image):
+    image, events = build(demo, store_root, tags=["demo:test"])
+    rt = image.runtime
+    assert rt["Cmd"] == ["sh", "/app/hello.sh"]
+    assert rt["WorkingDir"] == "/app" and rt["User"] == "app"
+    assert "GREETING=hello from pybuild" in rt["Env"] and "APP_HOME=/app" in rt["Env"]
+    assert not any(e.startswith("GREETING_WORD=") for e in rt["Env"]), "ARGs are not persisted"
+    assert rt["Labels"]["org.opencontainers.image.title"] == "pybuild demo"
+    assert rt["ExposedPorts"] == {"8080/tcp": {}}
+    # base layers + COPY + RUN; LABEL, ENV, WORKDIR (dir exists), USER, EXPOSE, CMD add none
+    assert image.diff_ids[:3] == base_image.diff_ids
+    assert len(image.layers) == len(base_image.layers) + 2
+    new = image.history[len(base_image.history):]
+    assert [h["created_by"].split()[0] for h in new] == \
+        ["LABEL", "ENV", "COPY", "RUN", "WORKDIR", "USER", "EXPOSE", "CMD"]
+    assert [bool(h.get("empty_layer")) for h in new] == [True, True, False, False, True, True, True, True]
+    assert new[3]["created_by"].startswith("RUN |1 GREETING_WORD=hello /bin/sh -c echo")
+    assert image.config["created"] == new[-1]["created"]
+    # COPY --chown: owner from the image's own /etc/passwd, mode kept
+    copy_layer = {m.name: m for m in layer_members(store, image.layers[3])}
+    hello = copy_layer["app/hello.sh"]
+    assert (hello.uid, hello.gid, hello.mode) == (1000, 1000, 0o755)
+    # RUN: the new file, and the deleted base file as a whiteout
+    run_layer = {m.name: m for m in layer_members(store, image.layers[4])}
+    assert ".wh.motd" in {n.rsplit("/", 1)[-1] for n in run_layer}
+    assert "etc/.wh.motd" in run_layer
+    assert layer_files(store, image.layers[4])["app/greeting.txt"] == b"hello from pybuild\n"
+    assert image.id == "sha256:" + __import__("hashlib").sha256(store.blobs.read(image.id)).hexdigest()
+    assert store.resolve("demo:test").id == image.id
+
+
+def test_unchanged_rebuild_runs_nothing_and_gives_the_same_id(demo, store_root):
+    first, _ = build(demo, store_root)
+    second, events = build(demo, store_root)
+    assert second.id == first.id
+    assert runs(events) == 0 and output(events) == []
+
+
+def test_changed_source_reruns_from_its_copy_only(demo, store_root, store):
+    first, _ = build(demo, store_root)
+    os.utime(demo / "app/hello.sh", (12345, 12345))
+    touched, events = build(demo, store_root)
+    assert touched.id == first.id and runs(events) == 0, "an mtime-only change must hit the cache"
+    (demo / "app/hello.sh").write_text("#!/bin/sh\necho changed\n")
+    second, events = build(demo, store_root)
+    ran = [e for e in events if isinstance(e, progress.StepDone) and not e.cached]
+    started = {e.step: e.text for e in events if isinstance(e, progress.StepStarted)}
+    assert started[ran[0].step].startswith("COPY"), "steps before the COPY are cached"
+    assert len(ran) == 6            # COPY, RUN, WORKDIR, USER, EXPOSE, CMD
+    assert second.diff_ids[:3] == first.diff_ids[:3] and second.id != first.id
+    assert layer_files(store, second.layers[3])["app/hello.sh"] == b"#!/bin/sh\necho changed\n"
+
+
+def test_env_values_never_share_a_cache_entry(tmp_path, base_image, store_root):
+    results = {}
+    for value in ("1", "2", "1"):
+        ctx = write_context(tmp_path / f"env{value}", {
+            "Dockerfile": f"FROM {BASE}\nENV A={value}\nRUN echo A=$A > /a\n"})
+        image, events = build(ctx, store_root)
+        results.setdefault(value, []).append((image, runs(events)))
+    (one, ran1), (one_again, ran_again) = results["1"]
+    (two, _), = results["2"]
+    assert one.id != two.id and one_again.id == one.id and ran_again == 0
+    assert one.diff_ids[-1] != two.diff_ids[-1]
+
+
+def test_no_cache_rebuilds_every_step(demo, store_root):
+    build(demo, store_root)
+    _, events = build(demo, store_root, no_cache=True)
+    assert runs(events) == 8
+
+
+def test_build_arg_changes_the_run(tmp_path, base_image, store, store_root):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nARG V=default\nRUN echo $V > /v\n"})
+    default, _ = build(ctx, store_root)
+    custom, _ = build(ctx, store_root, build_args={"V": "custom"})
+    assert layer_files(store, default.layers[-1])["v"] == b"default\n"
+    assert layer_files(store, custom.layers[-1])["v"] == b"custom\n"
+
+
+def test_unconsumed_build_arg_warns(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN true\n"})
+    _, events = build(ctx, store_root, build_args={"NOPE": "1"})
+    warnings = [e.message for e in events if isinstance(e, progress.BuildWarning)]
+    assert warnings and "NOPE" in warnings[0]
+
+
+def test_run_exec_form_and_output_streams(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f'FROM {BASE}\nRUN ["echo", "exec", "form"]\nRUN echo one; echo two >&2\n'})
+    image, events = build(ctx, store_root)
+    assert output(events) == ["exec form", "one", "two"]
+    assert image.history[-1].get("empty_layer") and image.history[-2].get("empty_layer"), \
+        "a RUN that changes no file adds no layer"
+
+
+def test_copy_files_dirs_globs_and_destinations(tmp_path, base_image, store, store_root):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"""FROM {BASE}
+WORKDIR /w
+COPY a.txt b.conf /multi/
+COPY *.txt /glob/
+COPY a.txt renamed.txt
+COPY dir /contents/
+COPY dir/ /contents2
+COPY --chown=1234:staff --chmod=640 a.txt /owned
+""",
+        "a.txt": "A", "b.conf": "B", "c.txt": "C", "dir/sub/deep.txt": "D", "dir/top": "T"})
+    os.chmod(ctx / "dir/top", 0o700)
+    image, _ = build(ctx, store_root)
+    files = {}
+    members = {}
+    for layer in image.layers[len(base_image.layers):]:
+        files.update(layer_files(store, layer))
+        members.update({m.name: m for m in layer_members(store, layer)})
+    assert files["multi/a.txt"] == b"A" and files["multi/b.conf"] == b"B"
+    assert files["glob/a.txt"] == b"A" and files["glob/c.txt"] == b"C" and "glob/b.conf" not in files
+    assert files["w/renamed.txt"] == b"A"
+    assert files["contents/sub/deep.txt"] == b"D" and files["contents/top"] == b"T"
+    assert "contents/dir" not in members, "a directory source copies its contents"
+    assert files["contents2/top"] == b"T"
+    assert members["contents/top"].mode == 0o700
+    assert (members["contents/top"].uid, members["contents/top"].gid) == (0, 0)
+    owned = members["owned"]
+    assert (owned.uid, owned.gid, owned.mode) == (1234, 50, 0o640)
+
+
+def test_copy_into_symlinked_dir_stays_inside_the_image(tmp_path, base_image, store_root, store):
+    marker = "/tmp/pybuild-escape-test"
+    shutil.rmtree(marker, ignore_errors=True)
+    os.makedirs(marker)
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nRUN ln -s {marker} /escape\nCOPY f /escape/f\n", "f": "x"})
+    image, _ = build(ctx, store_root)
+    assert os.listdir(marker) == [], "COPY followed an image symlink out to the host"
+    assert layer_files(store, image.layers[-1])[marker.lstrip("/") + "/f"] == b"x"
+
+
+def test_run_sees_only_the_image(tmp_path, base_image, store_root, store):
+    marker = "/tmp/pybuild-host-only"
+    with open(marker, "w") as f:
+        f.write("host")
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN test ! -e {marker} && echo pid=$$ && hostname && cat /etc/hostname && ls /proc/1/exe >/dev/null \\
+    && touch /etc/hosts-was-writable-here && echo written > /tmp/new
+"""})
+    image, events = build(ctx, store_root)
+    # the command runs under our PID 1 in a new pid namespace, with its own hostname
+    assert output(events) == ["pid=2", "pybuild", "pybuild"]
+    files = layer_files(store, image.layers[-1])
+    assert files["tmp/new"] == b"written\n"
+    assert not any(n in files for n in ("etc/hosts", "etc/hostname", "etc/resolv.conf"))
+    assert open(marker).read() == "host"
+
+
+def test_users_and_groups_come_from_the_image(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+USER app
+RUN id -u; id -g; id -G; echo $HOME
+USER app:daemon
+RUN id -G
+USER 4321
+RUN id -u; id -g; echo $HOME
+"""})
+    _, events = build(ctx, store_root)
+    assert output(events) == ["1000", "1000", "1000 50", "/home/app", "1", "4321", "0", "/"]
+
+
+def test_unknown_user_fails_at_the_step_that_needs_it(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nUSER ghost\nRUN true\n"})
+    with pytest.raises(builder.BuildError) as err:
+        build(ctx, store_root)
+    assert "unable to find user ghost" in str(err.value)
+    assert "Dockerfile:3" in str(err.value)
+
+
+def test_failing_run_names_step_line_command_and_code(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN true\nRUN exit 3\n"})
+    with pytest.raises(builder.StepFailed) as err:
+        build(ctx, store_root)
+    e = err.value
+    assert (e.status, e.line) == (3, 3)
+    assert "step 3/3" in str(e) and "exit 3" in str(e) and "exited with code 3" in str(e)
+
+
+def test_network_none_has_only_loopback(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN --network=none ls /sys/class/net
+RUN cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' | sort | head -1
+"""})
+    _, events = build(ctx, store_root, network="none")
+    lines = output(events)
+    assert lines[0] == "lo"
+    assert lines[-1] == "lo", "the build's --network none applies to every RUN"
+
+
+def test_workdir_created_and_owned_by_user(tmp_path, base_image, store_root, store):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+USER app
+WORKDIR /data/work
+WORKDIR sub
+RUN pwd
+"""})
+    image, events = build(ctx, store_root)
+    assert output(events) == ["/data/work/sub"]
+    assert image.runtime["WorkingDir"] == "/data/work/sub"
+    members = {m.name: m for m in layer_members(store, image.layers[-2])}
+    assert members["data/work"].uid == 1000
+
+
+def test_entrypoint_drops_inherited_cmd(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f'FROM {BASE}\nENTRYPOINT ["echo"]\n'})
+    image, _ = build(ctx, store_root)
+    assert image.runtime["Entrypoint"] == ["echo"] and "Cmd" not in image.runtime
+    ctx2 = write_context(tmp_path / "ctx2", {
+        "Dockerfile": f'FROM {BASE}\nCMD ["hi"]\nENTRYPOINT echo\n'})
+    image2, _ = build(ctx2, store_root)
+    assert image2.runtime["Entrypoint"] == ["/bin/sh", "-c", "echo"] and image2.runtime["Cmd"] == ["hi"]
+
+
+def test_multi_stage_from_earlier_stage_and_target(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE} AS one
+RUN echo 1 > /one
+FROM one AS two
+RUN cat /one
+FROM {BASE} AS unused
+RUN echo never-built
+"""})
+    image, events = build(ctx, store_root, target="two")
+    assert "never-built" not in output(events)
+    assert output(events) == ["1"]
+    assert len(image.layers) == len(base_image.layers) + 1
+
+
+def test_unsupported_instruction_fails_clearly(tmp_path, base_image, store_root):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nVOLUME /data\n"})
+    with pytest.raises(builder.DockerfileError, match="line|Dockerfile:2"):
+        build(ctx, store_root)
+
+
+def test_hard_link_copy_up_breaks_the_link_as_in_docker(tmp_path, base_image, store_root, store):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN echo one > /a && ln /a /b
+RUN echo two >> /b
+RUN cat /a /b
+"""})
+    image, events = build(ctx, store_root)
+    assert output(events) == ["one", "one", "two"]
+    assert layer_files(store, image.layers[-1]) == {"b": b"one\ntwo\n"}
+
+
+def test_layers_are_shared_by_chain_id(tmp_path, base_image, store):
+    for chain in chain_ids(base_image.diff_ids):
+        assert store.layers.has(chain)
+        diff = os.path.join(store.root, store.layers.link(chain))
+        assert os.path.isdir(diff) and os.path.islink(os.path.join(store.root, store.layers.link(chain)))
+
+
+def test_whiteout_of_a_directory_and_opaque_replacement(tmp_path, base_image, store_root, store):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN mkdir -p /d/old && echo x > /d/old/f && mkdir /gone
+RUN rm -rf /d /gone && mkdir /d && echo new > /d/n
+RUN test ! -e /d/old && test ! -e /gone && cat /d/n
+"""})
+    image, events = build(ctx, store_root)
+    assert output(events) == ["new"]
+    names = {m.name for m in layer_members(store, image.layers[-1])}
+    assert {".wh.gone", "d", "d/.wh..wh..opq", "d/n"} <= names
+    st = os.lstat(os.path.join(store.root, store.layers.link(chain_ids(image.diff_ids)[-1]), "gone"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, "the diff dir keeps overlay whiteouts"

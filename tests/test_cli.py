@@ -1,0 +1,130 @@
+"""The pybuild command as people and CI jobs use it: forms, listings, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import BASE, TESTDATA, write_context
+
+
+@pytest.fixture
+def demo_ctx(tmp_path, base_image):
+    ctx = tmp_path / "demo"
+    shutil.copytree(TESTDATA / "demo", ctx)
+    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text().replace("busybox:demo", BASE))
+    return ctx
+
+
+def test_docker_form_builds_tags_and_prints_the_id(pybuild, demo_ctx, tmp_path):
+    iid = tmp_path / "iid"
+    p = pybuild("-t", "cli-demo", "-t", "cli-demo:v1", "-f", demo_ctx / "Dockerfile", demo_ctx, "--no-cache",
+                "--iidfile", iid)
+    assert p.returncode == 0, p.stderr.decode()
+    image_id = p.stdout.decode().strip()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id)
+    assert iid.read_text() == image_id
+    err = p.stderr.decode()
+    assert "[stage-0 5/10] COPY --chown=app:app app/ /app/" in err
+    assert re.search(r"^#6 DONE \d+\.\ds$", err, re.M)
+    again = pybuild("build", "-q", "-t", "cli-demo", demo_ctx, check=True)
+    assert again.stdout.decode().strip() == image_id and again.stderr == b""
+
+
+def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
+    image_id = pybuild("-q", "-t", "listed:1", "--build-arg", "GREETING_WORD=listed", demo_ctx,
+                       check=True).stdout.decode().strip()
+    images = pybuild("images", check=True).stdout.decode().splitlines()
+    assert images[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    row = next(line.split() for line in images if line.startswith("listed "))
+    assert row[:3] == ["listed", "1", image_id[7:19]] and row[-1].endswith("MB")
+
+    history = pybuild("history", "listed:1", check=True).stdout.decode().splitlines()
+    assert history[0].split()[:2] == ["IMAGE", "CREATED"]
+    assert history[1].startswith(image_id[7:19]) and "CMD [\"sh\", \"/app/hello.sh\"]" in history[1]
+    assert "<missing>" in history[2]
+    assert any("COPY --chown=app:app app/ /app/" in h for h in history)
+
+    data = json.loads(pybuild("inspect", "listed:1", check=True).stdout)
+    assert data[0]["id"] == image_id and data[0]["tags"] == ["listed:1"]
+    assert [l["diff_id"] for l in data[0]["layers"]] == data[0]["config"]["rootfs"]["diff_ids"]
+    assert data[0]["manifest"]["config"]["digest"] == image_id
+
+    pybuild("tag", "listed:1", "other/name:2", check=True)
+    assert json.loads(pybuild("inspect", "other/name:2", check=True).stdout)[0]["id"] == image_id
+    p = pybuild("rmi", "listed:1", check=True)
+    assert "Untagged: listed:1" in p.stdout.decode()
+    assert pybuild("inspect", "listed:1").returncode == 5
+    pybuild("rmi", "other/name:2", check=True)
+    assert image_id[7:19] not in pybuild("images", check=True).stdout.decode()
+
+
+def test_run_executes_cmd_as_the_image_says(pybuild, demo_ctx):
+    pybuild("-q", "-t", "runme", demo_ctx, check=True)
+    p = pybuild("run", "--rm", "runme", check=True)
+    assert p.stdout.decode().splitlines() == [
+        "hello from pybuild", "running as app in /app on pybuild", "/etc/motd was deleted by a RUN step"]
+    p = pybuild("run", "runme", "sh", "-c", "echo $GREETING; exit 7")
+    assert p.returncode == 7 and p.stdout.decode() == "hello from pybuild\n"
+    p = pybuild("run", "-u", "0", "-e", "X=1", "runme", "sh", "-c", "id -u; echo $X; touch /etc/x")
+    assert p.stdout.decode().split() == ["0", "1"]
+    p = pybuild("run", "runme", "sh", "-c", "test ! -e /etc/x")
+    assert p.returncode == 0, "a container's writes are thrown away"
+
+
+# ---- errors: one clear line, a meaningful exit code, never a traceback ---------------
+
+def assert_clean_error(p, code: int, *needles: str) -> str:
+    err = p.stderr.decode()
+    assert p.returncode == code, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")], err
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_missing_dockerfile(pybuild, tmp_path):
+    p = pybuild("-t", "x", tmp_path)
+    assert_clean_error(p, 3, "Dockerfile: no such file", "hint:")
+
+
+def test_unknown_instruction_suggests_the_fix(pybuild, tmp_path):
+    ctx = write_context(tmp_path, {"Dockerfile": f"FROM {BASE}\nRUNN echo hi\n"})
+    p = pybuild("-t", "x", ctx)
+    assert_clean_error(p, 3, "Dockerfile:2: unknown instruction: RUNN", "did you mean RUN?")
+
+
+def test_missing_copy_source(pybuild, tmp_path, base_image):
+    ctx = write_context(tmp_path, {"Dockerfile": f"FROM {BASE}\nCOPY nothere.txt /x\n"})
+    p = pybuild("-t", "x", ctx)
+    assert_clean_error(p, 4, "Dockerfile:2", "COPY source 'nothere.txt' is not in the build context")
+
+
+def test_failing_run_exit_code_and_message(pybuild, tmp_path, base_image):
+    ctx = write_context(tmp_path, {"Dockerfile": f"FROM {BASE}\nRUN echo about to fail && false\n"})
+    p = pybuild("-t", "x", ctx)
+    err = assert_clean_error(p, 4, "step 2/2", "exited with code 1", "Dockerfile:2")
+    assert "#2 about to fail" in err
+
+
+def test_unknown_image_says_how_to_get_one(pybuild, tmp_path):
+    ctx = write_context(tmp_path, {"Dockerfile": "FROM nosuch/image:1\nRUN true\n"})
+    p = pybuild("-t", "x", ctx)
+    assert_clean_error(p, 5, "image not found: nosuch/image:1", "pybuild load", "pybuild import")
+    assert_clean_error(pybuild("history", "ghost"), 5, "image not found: ghost")
+
+
+def test_bad_usage(pybuild, tmp_path):
+    assert_clean_error(pybuild("-t", "UPPER", tmp_path), 2, "invalid reference format",
+                       "lowercase")
+    assert_clean_error(pybuild("images", "--bogus"), 2, "unrecognized arguments")
+
+
+def test_debug_shows_the_traceback(pybuild, tmp_path):
+    p = pybuild("--debug", "-t", "x", tmp_path)
+    assert p.returncode == 3 and "Traceback" in p.stderr.decode()

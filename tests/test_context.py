@@ -1,0 +1,93 @@
+"""The build context: .dockerignore as Docker matches it, sources and globs, and cache digests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from builder.context import BuildContext, IgnoreRules
+from builder.errors import BuildError
+
+
+@pytest.mark.parametrize("patterns,path,excluded", [
+    (["*.go"], "main.go", True),
+    (["*.go"], "dir/main.go", False),
+    (["**/*.go"], "dir/sub/main.go", True),
+    (["**/*.go"], "main.go", True),
+    (["dir/**"], "dir/a/b", True),
+    (["dir"], "dir/a/b", True),                       # a matched directory takes its contents
+    (["/dir"], "dir/file", True),                     # a leading slash is the context root
+    (["./dir/"], "dir/file", True),
+    (["d?r"], "dir", True),
+    (["d[a-j]r"], "dir", True),
+    (["d[!i]r"], "dir", False),
+    (["*.md", "!README.md"], "a.md", True),
+    (["*.md", "!README.md"], "README.md", False),
+    (["docs", "!docs/keep.md"], "docs/x.md", True),
+    (["docs", "!docs/keep.md"], "docs/keep.md", False),
+    (["!keep", "*"], "keep", True),                   # the last matching line wins
+    (["# comment", ""], "anything", False),
+    (["a\\*b"], "a*b", True),
+    (["a\\*b"], "axb", False),
+])
+def test_dockerignore_patterns(patterns, path, excluded):
+    assert IgnoreRules(patterns).excluded(path) is excluded
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    (tmp_path / "src/sub").mkdir(parents=True)
+    (tmp_path / "src/a.txt").write_text("a")
+    (tmp_path / "src/b.txt").write_text("b")
+    (tmp_path / "src/sub/c.txt").write_text("c")
+    (tmp_path / "src/secret.key").write_text("k")
+    (tmp_path / "link").symlink_to("src/a.txt")
+    (tmp_path / ".dockerignore").write_text("**/*.key\n")
+    return tmp_path
+
+
+def test_dir_source_walks_sorted_and_skips_ignored(ctx):
+    (src,) = BuildContext(str(ctx)).sources("src")
+    assert src.is_dir
+    assert [e.rel for e in src.entries] == ["", "a.txt", "b.txt", "sub", "sub/c.txt"]
+
+
+def test_glob_matches_one_level(ctx):
+    names = [s.path for s in BuildContext(str(ctx)).sources("src/*.txt")]
+    assert names == ["src/a.txt", "src/b.txt"]
+
+
+def test_top_level_symlink_is_followed_inside_the_context(ctx):
+    (src,) = BuildContext(str(ctx)).sources("link")
+    assert src.path == "src/a.txt" and not src.is_dir
+
+
+def test_source_cannot_climb_out_of_the_context(ctx, tmp_path):
+    (src,) = BuildContext(str(ctx / "src")).sources("../../a.txt")
+    assert src.path == "a.txt"
+
+
+@pytest.mark.parametrize("spec", ["missing.txt", "src/*.none", "src/secret.key"])
+def test_missing_or_ignored_source_is_a_clear_error(ctx, spec):
+    with pytest.raises(BuildError, match="not in the build context"):
+        BuildContext(str(ctx)).sources(spec)
+
+
+def test_digest_ignores_mtime_but_not_content_or_mode(ctx):
+    c = BuildContext(str(ctx))
+    d0 = c.digest(c.sources("src")[0])
+    os.utime(ctx / "src/a.txt", (1, 1))
+    assert c.digest(c.sources("src")[0]) == d0
+    os.chmod(ctx / "src/a.txt", 0o600)
+    d1 = c.digest(c.sources("src")[0])
+    assert d1 != d0
+    (ctx / "src/a.txt").write_text("changed")
+    assert c.digest(c.sources("src")[0]) != d1
+
+
+def test_ignored_file_does_not_change_the_digest(ctx):
+    c = BuildContext(str(ctx))
+    d0 = c.digest(c.sources("src")[0])
+    (ctx / "src/secret.key").write_text("rotated")
+    assert c.digest(c.sources("src")[0]) == d0

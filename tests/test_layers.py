@@ -1,0 +1,153 @@
+"""Layer tars: deterministic archiving of an upper dir, and extraction that never leaves its directory."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+
+import pytest
+
+from builder.errors import LayerError
+from builder.layer import diff, extract, whiteout
+
+
+class Sink:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, b):
+        self.data += b
+
+
+def tar_of(root) -> bytes:
+    s = Sink()
+    diff.write_tar(str(root), s, strip_overlay_xattrs=False)
+    return bytes(s.data)
+
+
+def make_upper(root):
+    (root / "dir/sub").mkdir(parents=True)
+    (root / "dir/file").write_text("content")
+    os.link(root / "dir/file", root / "dir/hardlink")
+    (root / "dir/link").symlink_to("/etc/passwd")
+    long_name = "n" * 150
+    (root / "dir/sub" / long_name).write_text("long")
+    os.chmod(root / "dir/file", 0o4755)
+    os.chown(root / "dir/sub", 1234, 5678)
+    whiteout.make_whiteout(str(root / "deleted"))
+    (root / "opaque").mkdir()
+    whiteout.make_opaque(str(root / "opaque"))
+    (root / "opaque/new").write_text("x")
+    os.setxattr(root / "dir/file", "security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    os.setxattr(root / "dir/file", "trusted.overlay.origin", b"junk")
+    return long_name
+
+
+def test_upper_dir_becomes_oci_entries(tmp_path):
+    long_name = make_upper(tmp_path)
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(tar_of(tmp_path)))}
+    assert members["dir/file"].mode == 0o4755
+    assert members["dir/file"].pax_headers["SCHILY.xattr.security.capability"]
+    assert not any("overlay" in k for m in members.values() for k in m.pax_headers), \
+        "overlayfs bookkeeping xattrs must not reach a layer"
+    assert members["dir/hardlink"].islnk() and members["dir/hardlink"].linkname == "dir/file"
+    assert members["dir/link"].issym() and members["dir/link"].linkname == "/etc/passwd"
+    assert (members["dir/sub"].uid, members["dir/sub"].gid) == (1234, 5678)
+    assert f"dir/sub/{long_name}" in members
+    assert members[".wh.deleted"].isfile() and members[".wh.deleted"].size == 0
+    assert members["opaque/.wh..wh..opq"].isfile()
+    assert "deleted" not in members
+    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(tar_of(tmp_path)))]
+    assert names.index("dir") < names.index("dir/file"), "a directory precedes its contents"
+
+
+def test_same_tree_same_bytes(tmp_path):
+    make_upper(tmp_path)
+    assert tar_of(tmp_path) == tar_of(tmp_path)
+
+
+def test_extract_round_trip_restores_overlay_form(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_upper(src)
+    data = tar_of(src)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    extract.extract(io.BytesIO(data), str(dst))
+    st = os.lstat(dst / "deleted")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(dst / "opaque", "trusted.overlay.opaque") == b"y"
+    assert os.stat(dst / "dir/file").st_ino == os.stat(dst / "dir/hardlink").st_ino
+    assert os.stat(dst / "dir/file").st_mode & 0o7777 == 0o4755
+    assert os.readlink(dst / "dir/link") == "/etc/passwd"
+    assert os.getxattr(dst / "dir/file", "security.capability")
+    # and archiving the extracted tree gives the same layer back
+    assert tar_of(dst) == data
+
+
+def _tar(entries) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for info, content in entries:
+            t.addfile(info, io.BytesIO(content) if content is not None else None)
+    return buf.getvalue()
+
+
+def _file(name, content=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    return info, content
+
+
+def _special(name, kind, target):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+MALICIOUS = {
+    "dotdot": [_file("../escaped")],
+    "deep-dotdot": [_file("a/../../escaped")],
+    "through-absolute-symlink": [_special("link", tarfile.SYMTYPE, "/tmp/pybuild-outside"),
+                                 _file("link/escaped")],
+    "through-relative-symlink": [_special("up", tarfile.SYMTYPE, "../.."), _file("up/escaped")],
+    "hardlink-outside": [_special("hl", tarfile.LNKTYPE, "../../../etc/passwd")],
+    "hardlink-through-symlink": [_special("etc", tarfile.SYMTYPE, "/etc"),
+                                 _special("hl", tarfile.LNKTYPE, "etc/passwd")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALICIOUS))
+def test_malicious_layer_is_refused_and_writes_nothing_outside(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = outside / "a" / "layer"
+    dest.mkdir(parents=True)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(LayerError) as err:
+        extract.extract(io.BytesIO(_tar(MALICIOUS[case])), str(dest), what="layer 1")
+    assert "layer 1: refusing entry" in str(err.value)
+    created = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert all(str(p).startswith(str(dest)) for p in created), created
+    assert not os.path.exists("/tmp/pybuild-outside/escaped")
+
+
+def test_absolute_names_stay_inside_the_layer(tmp_path):
+    extract.extract(io.BytesIO(_tar([_file("/etc/abs", b"ok")])), str(tmp_path))
+    assert (tmp_path / "etc/abs").read_bytes() == b"ok"
+
+
+def test_later_entry_replaces_earlier(tmp_path):
+    data = _tar([_file("f", b"one"), _file("f", b"two")])
+    extract.extract(io.BytesIO(data), str(tmp_path))
+    assert (tmp_path / "f").read_bytes() == b"two"
+
+
+def test_truncated_tar_is_a_clear_error(tmp_path):
+    data = _tar([_file("big", b"y" * 5000)])
+    with pytest.raises(LayerError, match="truncated|corrupt"):
+        extract.extract(io.BytesIO(data[:1500]), str(tmp_path), what="layer 2")

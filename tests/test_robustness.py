@@ -1,0 +1,145 @@
+"""Failures, Ctrl-C, kill -9 and concurrent builds: nothing leaks, the store stays readable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import BASE, our_mounts, run_pybuild, write_context
+
+
+def processes_with(marker: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().replace(b"\0", b" "):
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def wait_until(cond, timeout: float = 10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    return cond()
+
+
+def tmp_entries(store_root: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(store_root, "tmp")))
+
+
+def store_is_consistent(store) -> None:
+    assert all(store.blobs.verify(d) for d in store.blobs.list()), "a blob does not match its digest"
+    for img in store.images():
+        store.lower_links(img.diff_ids)            # every layer of every image is there
+        for layer in img.layers:
+            assert store.blobs.has(layer.digest)
+
+
+def start_build(ctx, root: str) -> subprocess.Popen:
+    env = dict(os.environ, PYBUILD_ROOT=root)
+    return subprocess.Popen([sys.executable, "-m", "builder", "-t", "long", str(ctx)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: bytes, timeout: float = 30) -> None:
+    found = threading.Event()
+    seen = []
+
+    def reader():
+        for line in proc.stderr:
+            seen.append(line)
+            if needle in line:
+                found.set()
+    threading.Thread(target=reader, daemon=True).start()
+    assert found.wait(timeout), f"never saw {needle!r}: {b''.join(seen)!r}"
+
+
+@pytest.fixture
+def long_ctx(tmp_path, base_image):
+    # A unique sleep so that we can find the process (and prove it is gone).
+    marker = f"{time.time_ns() % 10_000_000 / 1000:.3f}"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN echo step-started && touch /in-upper && sleep {marker}
+"""})
+    return ctx, f"sleep {marker}"
+
+
+def test_failing_run_leaves_nothing_behind(tmp_path, base_image, store_root, store, pybuild):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN touch /x && false\n"})
+    before = tmp_entries(store_root)
+    p = pybuild("-t", "fails", ctx)
+    assert p.returncode == 4
+    assert tmp_entries(store_root) == before
+    assert our_mounts() == []
+    store_is_consistent(store)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_run_cleans_up(long_ctx, store_root, store, sig):
+    ctx, marker = long_ctx
+    before = tmp_entries(store_root)
+    proc = start_build(ctx, store_root)
+    wait_for_line(proc, b"step-started")
+    assert wait_until(lambda: processes_with(marker)), "the RUN is running"
+    assert our_mounts() == [], "the step's overlay is not in the host's mount table"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == 130
+    assert wait_until(lambda: not processes_with(marker)), "the RUN's processes outlived the build"
+    assert tmp_entries(store_root) == before
+    assert our_mounts() == []
+    store_is_consistent(store)
+
+
+def test_kill_9_during_run_leaves_no_process_or_mount_and_next_build_works(long_ctx, store_root,
+                                                                           store, tmp_path):
+    ctx, marker = long_ctx
+    before = tmp_entries(store_root)
+    proc = start_build(ctx, store_root)
+    wait_for_line(proc, b"step-started")
+    assert wait_until(lambda: processes_with(marker)), "the RUN is running"
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_until(lambda: not processes_with(marker)), "the sandbox must die with pybuild"
+    assert our_mounts() == []
+    # The dead build's temp dir is reclaimed by the next pybuild that opens the store.
+    run_pybuild("images", root=store_root, check=True)
+    assert tmp_entries(store_root) == before
+    store_is_consistent(store)
+    ok = write_context(tmp_path / "ok", {"Dockerfile": f"FROM {BASE}\nRUN echo after > /after\n"})
+    run_pybuild("-t", "after-kill", ok, root=store_root, check=True)
+
+
+def test_concurrent_builds_share_one_store(tmp_path, base_image, store_root, store):
+    procs = []
+    for i in range(4):
+        ctx = write_context(tmp_path / f"c{i}", {
+            "Dockerfile": f"FROM {BASE}\nCOPY f /f\nRUN cat /f > /g && echo {i} >> /g\n",
+            "f": f"content {i % 2}\n"})
+        env = dict(os.environ, PYBUILD_ROOT=store_root)
+        procs.append(subprocess.Popen([sys.executable, "-m", "builder", "-q", "-t", f"conc:{i}",
+                                       str(ctx)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=env))
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        ids.append(out.decode().strip())
+    assert len(set(ids)) == 4
+    for i, iid in enumerate(ids):
+        assert store.resolve(f"conc:{i}").id == iid
+    store_is_consistent(store)
