@@ -8,7 +8,6 @@ case of the expander must give BuildKit's word.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,21 @@ import pytest
 from builder.dockerfile import shell, syntax
 from builder.errors import DockerfileError
 
-CONFORMANCE = Path(os.environ.get(
-    "PYBUILD_CONFORMANCE", Path(__file__).resolve().parents[2] / "shared" / "conformance"))
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+VENDORED = Path(__file__).resolve().parents[1] / "testdata" / "conformance"
+CONFORMANCE = SHARED if SHARED.is_dir() else VENDORED
 PARSER = CONFORMANCE / "buildkit-parser"
 SHELL = CONFORMANCE / "buildkit-shell"
 
-pytestmark = pytest.mark.skipif(not CONFORMANCE.is_dir(),
-                                reason=f"conformance vectors not found at {CONFORMANCE}")
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "README.md"}
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="no ../shared/conformance beside this clone")
+def test_vendored_copy_matches_the_shared_vectors():
+    assert _files(VENDORED) == _files(SHARED), "refresh testdata/conformance from ../shared"
 
 
 def _cases(path: Path) -> list[str]:
