@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import json
 import os
 import signal
@@ -132,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except BrokenPipeError:
         return 141
+    except OSError as e:
+        # The system said no (a full disk, a read-only or missing path): say what and where.
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        hint = _OS_HINTS.get(e.errno)
+        _say(f"error: {e.strerror or e}{where}" + (f"\n  hint: {hint}" if hint else ""))
+        return 1
     except Exception:   # a bug in pybuild: one line, the traceback with --debug
         if debug:
             traceback.print_exc()
@@ -140,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"error: internal error: {exc!r}\n  hint: run again with --debug and report "
                  "the traceback")
         return 70
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk holding the store is full: free space, or run `pybuild rmi` on "
+                  "images you no longer need",
+    errno.EDQUOT: "the disk quota of the store is exhausted",
+    errno.EROFS: "the store is on a read-only filesystem: choose another with --root",
+    errno.EACCES: "pybuild needs root for its store and for builds",
+    errno.EPERM: "pybuild needs root for its store and for builds",
+}
 
 
 def _raise_interrupt(signum, frame):

@@ -80,6 +80,10 @@ class Builder:
     def run(self) -> Image:
         started = time.monotonic()
         df = self._load_dockerfile()
+        if os.geteuid() != 0:
+            raise BuildError("building needs root: RUN steps use kernel overlay mounts and "
+                             "namespaces", hint="run pybuild as root (rootless builds are not "
+                                                "supported yet)")
         if self.store is None:
             self.store = Store(self.opts.root)
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path)

@@ -230,8 +230,10 @@ def _child(err_w: int, body: Callable[[], None]) -> None:
         _report(err_w, e.reason, e.hint)
         code = 125
     except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        _report(err_w, f"{e.strerror or e}{':' + where if where else ''}")
+        where = f": {e.filename}" if e.filename else ""
+        hint = ("the disk holding the store is full: free space, or remove images with "
+                "`pybuild rmi`") if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        _report(err_w, f"{e.strerror or e}{where}", hint)
         code = 125
     except BaseException as e:   # a bug: say where, the parent shows it with --debug
         _report(err_w, f"internal error in the sandbox: {e!r}",

@@ -143,3 +143,30 @@ def test_concurrent_builds_share_one_store(tmp_path, base_image, store_root, sto
     for i, iid in enumerate(ids):
         assert store.resolve(f"conc:{i}").id == iid
     store_is_consistent(store)
+
+
+def test_full_disk_is_one_clear_error_and_the_store_survives(tmp_path, base_image, store_root):
+    """A store on a 12 MB tmpfs (in a private mount namespace): a COPY that does not fit."""
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY big /big\n",
+                                           "big": os.urandom(16 << 20)})
+    small = tmp_path / "small"
+    small.mkdir()
+    py = f"{sys.executable} -m builder --root {small}"
+    script = f"""
+mount -t tmpfs -o size=12m tmpfs {small}
+{py} load -i {base_tar} >/dev/null || exit 90
+{py} -t big {ctx} 2>{tmp_path}/err; echo $? > {tmp_path}/rc
+{py} images > {tmp_path}/images || exit 91
+ls {small}/tmp > {tmp_path}/tmp-left
+"""
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "4", err
+    assert "No space left on device" in err and "COPY" in err and "hint:" in err
+    assert "Traceback" not in err
+    assert "busybox" in (tmp_path / "images").read_text()
+    assert (tmp_path / "tmp-left").read_text() == ""

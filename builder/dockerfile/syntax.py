@@ -166,7 +166,6 @@ def parse(text: str, *, filename: str = "Dockerfile") -> ParsedFile:
         line, complete = trim_continuation(raw.lstrip(" \t"))
         if complete and line.strip() == "":
             continue
-        heredoc_lines: list[str] | None = None
         while not complete and i < n:
             nxt = lines[i]
             i += 1

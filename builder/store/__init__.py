@@ -166,7 +166,7 @@ class Store:
             config = json.loads(self.blobs.read(config_digest))
             layers = [LayerDesc(diff_id=d, digest=l["digest"], size=l["size"],
                                 media_type=l.get("mediaType", MEDIA_LAYER_GZIP))
-                      for d, l in zip(config["rootfs"]["diff_ids"], manifest["layers"])]
+                      for d, l in zip(config["rootfs"]["diff_ids"], manifest["layers"], strict=True)]
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"image manifest {manifest_digest} is damaged ({e})") from None
         return Image(config=config, layers=layers, id=config_digest, digest=manifest_digest,
