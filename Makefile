@@ -38,6 +38,7 @@ $(STAMP): pyproject.toml | system
 demo: system venv
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	cp -r testdata/busybox $(DEMO_DIR)/busybox && cp /bin/busybox $(DEMO_DIR)/busybox/busybox
+	mkdir -p $(DEMO_DIR)/busybox/rootfs/proc $(DEMO_DIR)/busybox/rootfs/dev $(DEMO_DIR)/busybox/rootfs/sys
 	$(PYBUILD) build -t busybox:demo $(DEMO_DIR)/busybox
 	$(PYBUILD) -t pybuild-demo:latest -f testdata/demo/Dockerfile testdata/demo
 	$(PYBUILD) images

@@ -50,6 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("-f", "--file", metavar="FILE", help="the Dockerfile (default: CONTEXT/Dockerfile)")
     b.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
                    help="set a build-time variable (without =VALUE: from the environment)")
+    b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
+                   help="a secret for RUN --mount=type=secret (never stored in the image)")
     b.add_argument("--no-cache", action="store_true", help="do not use the step cache")
     b.add_argument("--network", choices=("host", "none", "default"), default="host",
                    help="network for RUN steps (default: host)")
@@ -210,13 +212,37 @@ def _build_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _secrets(items: list[str]) -> dict[str, str | bytes]:
+    """Docker's --secret forms: id=x,src=FILE | id=x,env=VAR | id=x (env var or file named x)."""
+    out: dict[str, str | bytes] = {}
+    for item in items:
+        fields = dict(f.partition("=")[::2] for f in item.split(","))
+        ident = fields.get("id")
+        if not ident:
+            raise UsageError(f"--secret {item!r}: needs id=NAME")
+        src = fields.get("src") or fields.get("source")
+        env = fields.get("env")
+        if src:
+            out[ident] = src
+        elif env or fields.get("type") == "env":
+            var = env or ident
+            if var not in os.environ:
+                raise UsageError(f"--secret {item!r}: the environment variable {var} is not set")
+            out[ident] = os.environ[var].encode()
+        elif ident in os.environ:
+            out[ident] = os.environ[ident].encode()
+        else:
+            raise UsageError(f"--secret {item!r}: give src=FILE or env=VAR")
+    return out
+
+
 def _cmd_build(args) -> int:
     from .engine import Builder, BuildOptions
     from .progress import PlainRenderer
     opts = BuildOptions(context=args.context, dockerfile=args.file, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,
-                        root=getattr(args, "root", None))
+                        root=getattr(args, "root", None), secrets=_secrets(args.secret))
     renderer = PlainRenderer(sys.stderr, quiet=args.quiet)
     image = Builder(opts, renderer).run()
     if args.iidfile:

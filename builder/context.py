@@ -164,11 +164,16 @@ class Source:
 
 
 class BuildContext:
-    def __init__(self, root: str, dockerfile: str | None = None):
+    """A directory that COPY reads: the build context, or another stage's filesystem.
+
+    `ignore` defaults to the context's .dockerignore rules.
+    """
+
+    def __init__(self, root: str, dockerfile: str | None = None, ignore: IgnoreRules | None = None):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise BuildError(f"build context {root!r} is not a directory")
-        self.ignore = IgnoreRules.for_context(self.root, dockerfile)
+        self.ignore = ignore if ignore is not None else IgnoreRules.for_context(self.root, dockerfile)
 
     def _lstat(self, rel: str) -> os.stat_result | None:
         try:
@@ -176,7 +181,8 @@ class BuildContext:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def sources(self, spec: str, *, instruction: str = "COPY") -> list[Source]:
+    def sources(self, spec: str, *, instruction: str = "COPY", where: str = "the build context"
+                ) -> list[Source]:
         """The sources a COPY source spec names: a path or a glob, inside the context."""
         cleaned = paths.clean(spec)
         names = self._glob(cleaned) if _GLOB_CHARS.search(cleaned) else [cleaned]
@@ -191,11 +197,13 @@ class BuildContext:
                 continue
             out.append(Source(spec, resolved, tuple(self._walk(resolved, st))))
         if not out:
+            pattern = names != [cleaned]
             raise BuildError(
-                f"{instruction} source {spec!r} is not in the build context "
-                f"{'(no file matches the pattern)' if names != [cleaned] else ''}".rstrip(),
+                f"{instruction} source {spec!r} is not in {where}"
+                + (": no file matches the pattern" if pattern else ""),
                 hint="check the path (it is relative to the context directory), "
-                     "and that .dockerignore does not exclude it")
+                     "and that .dockerignore does not exclude it" if where == "the build context"
+                else f"check the path inside {where}")
         return out
 
     def _glob(self, pattern: str) -> list[str]:
@@ -277,3 +285,13 @@ class BuildContext:
             h.update(f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}\n"
                      .encode("utf-8", "surrogateescape"))
         return "sha256:" + h.hexdigest()
+
+
+def filter_excludes(source: Source, rules: IgnoreRules) -> Source | None:
+    """`COPY --exclude`: drop what matches, by its path in the context or inside the source."""
+    if not source.is_dir:
+        excluded = rules.excluded(source.path) or rules.excluded(source.name)
+        return None if excluded else source
+    kept = [source.entries[0]] + [e for e in source.entries[1:]
+                                  if not (rules.excluded(e.rel) or rules.excluded(e.src))]
+    return Source(source.spec, source.path, tuple(kept))

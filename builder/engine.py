@@ -3,30 +3,40 @@
 (DESIGN.md calls this module build.py; it is engine.py so that the module
 does not shadow the public function `builder.build`.)
 
-For each stage the target needs, the engine starts from the base image and,
-for every instruction, asks `steps.plan` what it means, computes its cache
-key, and either reuses the cached result or carries it out: metadata steps
-edit the config, RUN runs in the sandbox over an overlay snapshot, COPY and
-WORKDIR write through a chrooted snapshot, and a changed upper dir is
-committed as a layer. Each step appends one history entry (empty_layer
-when it added no layer). Everything the engine does is reported as events.
+The engine works out which stages the target needs (FROM, `COPY --from`,
+`RUN --mount=from=`), numbers their steps, and builds them, independent
+stages in parallel threads. For every step it asks `steps.plan` what the
+instruction means, computes its cache key, and either reuses the cached
+result or carries it out: metadata steps edit the config, RUN runs in the
+sandbox over an overlay snapshot, COPY/ADD/WORKDIR write through a chrooted
+snapshot, and a changed upper dir is committed as a layer. Each step appends
+one history entry (empty_layer when it added no layer). Everything the
+engine does is reported as events.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import fcntl
+import hashlib
 import os
+import posixpath
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Callable, Mapping
 
-from . import cache as cachemod, fileops, reference, sandbox, steps
-from .context import BuildContext
+from . import cache as cachemod, fileops, paths, reference, sandbox, steps
+from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
-from .errors import BuildError, DockerfileError, StepFailed, UsageError
-from .image import (Image, canonical_json, chain_ids, digest_of, empty_config,
-                    host_architecture)
+from .errors import BuildError, DockerfileError, Interrupted, PybuildError, StepFailed, UsageError
+from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
 from .layer import commit
 from .progress import (BuildDone, BuildStarted, BuildWarning, Event, StepCached, StepDone,
                        StepOutput, StepStarted)
@@ -47,16 +57,30 @@ class BuildOptions:
     network: str = "host"                       # host | none: the default for RUN
     target: str | None = None
     root: str | None = None                     # the store; default PYBUILD_ROOT or /var/lib/pybuild
+    secrets: Mapping[str, str | bytes] = field(default_factory=dict)   # id -> file path, or the value
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
           no_cache: bool = False, network: str = "host", target: str | None = None,
-          root: str | None = None, on_event: Callable[[Event], None] | None = None) -> Image:
+          root: str | None = None, secrets=None,
+          on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged)."""
     opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(tags or ()),
                         build_args=dict(build_args or {}), no_cache=no_cache, network=network,
-                        target=target, root=root)
+                        target=target, root=root, secrets=dict(secrets or {}))
     return Builder(opts, on_event).run()
+
+
+@dataclass
+class _StagePlan:
+    stage: ins.Stage
+    label: str
+    base_name: str
+    base_stage: int | None                     # index of the stage it builds on
+    base_image: Image | None
+    triggers: list[ins.Instruction]
+    deps: set[int]                             # stages it needs (base, --from, mounts)
+    numbers: list[int] = field(default_factory=list)    # step numbers: FROM, triggers, body
 
 
 class Builder:
@@ -65,15 +89,25 @@ class Builder:
         if opts.network not in ("host", "none", "default"):
             raise UsageError(f"--network {opts.network}: must be host or none")
         self.opts = opts
-        self.emit = on_event or (lambda ev: None)
+        self._emit = on_event or (lambda ev: None)
+        self._lock = threading.Lock()
         self.store = store
         self.tags = [reference.parse(t).tagged for t in opts.tags]
         self.dockerfile_path = opts.dockerfile or os.path.join(opts.context, "Dockerfile")
         self.used_args: set[str] = set()
-        self.step_no = 0
         self.total = 0
         self.steps_run = 0
         self.steps_cached = 0
+        self.cancelled = threading.Event()
+        arch = host_architecture()
+        platform = f"linux/{arch}"
+        self.automatic_args = {"TARGETPLATFORM": platform, "TARGETOS": "linux", "TARGETARCH": arch,
+                               "TARGETVARIANT": "", "BUILDPLATFORM": platform, "BUILDOS": "linux",
+                               "BUILDARCH": arch, "BUILDVARIANT": ""}
+
+    def emit(self, ev: Event) -> None:
+        with self._lock:
+            self._emit(ev)
 
     # ---- the whole build --------------------------------------------------------
 
@@ -88,22 +122,57 @@ class Builder:
             self.store = Store(self.opts.root)
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path)
         self.cache = cachemod.StepCache(self.store)
-        meta_env = self._meta_args(df)
+        self.df = df
+        for w in df.warnings:
+            self.emit(BuildWarning(w))
+        self.meta_env = self._meta_args(df)
         target = df.stage(self.opts.target)
-        needed = self._needed_stages(df, target, meta_env)
-        self.total = sum(1 + len(st.instructions) for st in needed)
+        plans = self._plan_stages(df, target)
         self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
-        finished: dict[int, steps.StageState] = {}
+        self.results: dict[int, concurrent.futures.Future] = {}
         with self.store.in_use(), self.store.tmpdir("build") as workdir:
             self.workdir = workdir
-            for stage in needed:
-                finished[stage.index] = self._build_stage(df, stage, meta_env, finished)
-        state = finished[target.index]
-        self._warn_unused_args(df)
+            if len(plans) == 1:
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                self.results[plans[0].stage.index] = fut
+                fut.set_result(self._build_stage(plans[0]))
+            else:
+                self._build_parallel(plans)
+            state = self.results[target.index].result()
+        self._warn_unused_args()
         image = self.store.write_image(state.config, state.layers, self.tags)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,
                             self.steps_run, self.steps_cached))
         return image
+
+    def _build_parallel(self, plans: list[_StagePlan]) -> None:
+        """Independent stages at the same time; a failure or Ctrl-C stops all of them."""
+        workers = min(4, len(plans))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                     thread_name_prefix="pybuild-stage")
+        try:
+            for p in plans:            # in order: a stage only waits for earlier ones
+                self.results[p.stage.index] = pool.submit(self._build_stage, p)
+            first_error = None
+            for p in plans:
+                try:
+                    self.results[p.stage.index].result()
+                except BaseException as e:
+                    if first_error is None or isinstance(first_error, Interrupted):
+                        first_error = e
+                    self.cancelled.set()
+                    sandbox.kill_all()
+            if first_error is not None:
+                raise first_error
+        except BaseException:
+            self.cancelled.set()
+            sandbox.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+    def _stage_state(self, index: int) -> steps.StageState:
+        return self.results[index].result()
 
     def _load_dockerfile(self) -> ins.Dockerfile:
         try:
@@ -123,6 +192,11 @@ class Builder:
         except ExpansionError as e:
             raise DockerfileError(str(e), file=self.dockerfile_path, line=line) from None
 
+    def _global_env(self) -> dict[str, str]:
+        env = dict(self.automatic_args)
+        env.update({k: v for k, v in self.meta_env.items() if v is not None})
+        return env
+
     def _meta_args(self, df: ins.Dockerfile) -> dict[str, str | None]:
         """ARGs before the first FROM: visible in FROM lines, and as defaults for stage ARGs."""
         env: dict[str, str | None] = {}
@@ -132,193 +206,448 @@ class Builder:
                 if name in self.opts.build_args:
                     env[name] = self.opts.build_args[name]
                 elif default is not None:
-                    env[name] = self._expand(default, {k: v for k, v in env.items() if v is not None},
-                                             a.line)
+                    scope = dict(self.automatic_args)
+                    scope.update({k: v for k, v in env.items() if v is not None})
+                    env[name] = self._expand(default, scope, a.line)
                 else:
-                    env[name] = None
+                    env[name] = self.automatic_args.get(name)
         return env
 
-    def _base_name(self, stage: ins.Stage, meta_env: dict) -> str:
-        return self._expand(stage.base.image, {k: v for k, v in meta_env.items() if v is not None},
-                            stage.base.line)
+    # ---- planning -----------------------------------------------------------------
 
-    def _needed_stages(self, df: ins.Dockerfile, target: ins.Stage, meta_env: dict) -> list[ins.Stage]:
-        """The target and the stages it builds on; stages nothing needs are not built."""
-        by_name = {st.name: st for st in df.stages if st.name}
-        needed: set[int] = set()
-        todo = [target]
+    def _stage_ref(self, df: ins.Dockerfile, ref: str, before: int) -> int | None:
+        """The stage a `--from` or FROM names (by name, or by index for --from), if any."""
+        for st in df.stages:
+            if st.index < before and st.name == ref.lower():
+                return st.index
+        if ref.isdigit() and int(ref) < before:
+            return int(ref)
+        return None
+
+    def _plan_stages(self, df: ins.Dockerfile, target: ins.Stage) -> list[_StagePlan]:
+        """The target and the stages it builds on, with bases resolved and steps numbered."""
+        genv = self._global_env()
+        plans: dict[int, _StagePlan] = {}
+        todo = [target.index]
         while todo:
-            st = todo.pop()
-            if st.index in needed:
+            index = todo.pop()
+            if index in plans:
                 continue
-            needed.add(st.index)
-            base = by_name.get(self._base_name(st, meta_env).lower())
-            if base is not None and base.index < st.index:
-                todo.append(base)
-        return [st for st in df.stages if st.index in needed]
+            st = df.stages[index]
+            base_name = self._expand(st.base.image, genv, st.base.line)
+            deps: set[int] = set()
+            base_stage = None
+            if not base_name.isdigit():
+                base_stage = self._stage_ref(df, base_name, st.index)
+            if base_stage is not None:
+                deps.add(base_stage)
+            for inst in st.instructions:
+                for ref in self._refs(inst, genv):
+                    dep = self._stage_ref(df, ref, st.index)
+                    if dep is not None:
+                        deps.add(dep)
+            base_image, triggers = None, []
+            if base_stage is None and base_name != "scratch":
+                base_image = self._resolve_image(base_name, st.base)
+                triggers = self._triggers(base_image.runtime.get("OnBuild") or [], st.base)
+            elif base_stage is not None:
+                triggers = self._triggers([i.expression for i in df.stages[base_stage].instructions
+                                           if isinstance(i, ins.Onbuild)], st.base)
+            plans[index] = _StagePlan(st, st.name or f"stage-{st.index}", base_name, base_stage,
+                                      base_image, triggers, deps)
+            todo.extend(deps)
+        ordered = [plans[i] for i in sorted(plans)]
+        n = 0
+        for p in ordered:
+            count = 1 + len(p.triggers) + len(p.stage.instructions)
+            p.numbers = list(range(n + 1, n + count + 1))
+            n += count
+        self.total = n
+        return ordered
 
-    def _warn_unused_args(self, df: ins.Dockerfile) -> None:
+    def _refs(self, inst: ins.Instruction, genv: dict) -> list[str]:
+        out = []
+        if isinstance(inst, ins.Copy) and inst.from_:
+            out.append(self._expand(inst.from_, genv, inst.line))
+        if isinstance(inst, ins.Run):
+            out += [self._expand(m.from_, genv, inst.line) for m in inst.mounts if m.from_]
+        return out
+
+    def _resolve_image(self, name: str, inst) -> Image:
+        try:
+            return self.store.resolve(name)
+        except PybuildError as e:
+            e.message = f"{self.dockerfile_path}:{inst.line}: {e.message}"
+            raise
+
+    def _triggers(self, expressions: list[str], base: ins.From) -> list[ins.Instruction]:
+        return [ins.parse_trigger(x, filename=self.dockerfile_path, line=base.line,
+                                  escape=self.df.escape) for x in expressions]
+
+    def _warn_unused_args(self) -> None:
         unused = sorted(set(self.opts.build_args) - self.used_args - set(steps.PROXY_ARGS))
         if unused:
             self.emit(BuildWarning(f"one or more build args were not consumed: {', '.join(unused)}"))
 
     # ---- one stage ------------------------------------------------------------------
 
-    def _build_stage(self, df: ins.Dockerfile, stage: ins.Stage, meta_env: dict,
-                     finished: dict[int, steps.StageState]) -> steps.StageState:
-        label = stage.name or f"stage-{stage.index}"
-        state = self._from(df, stage, meta_env, finished, label)
-        for inst in stage.instructions:
-            self._step(state, inst, label, meta_env)
+    def _build_stage(self, plan: _StagePlan) -> steps.StageState:
+        state = self._from(plan)
+        numbers = iter(plan.numbers[1:])
+        for inst in plan.triggers:
+            self._step(state, inst, plan, next(numbers))
+        if plan.triggers:
+            state.runtime.pop("OnBuild", None)   # triggers run once, they are not inherited
+        for inst in plan.stage.instructions:
+            self._step(state, inst, plan, next(numbers))
         return state
 
-    def _from(self, df, stage: ins.Stage, meta_env: dict, finished, label: str) -> steps.StageState:
-        self.step_no += 1
-        name = self._base_name(stage, meta_env)
-        self.emit(StepStarted(self.step_no, self.total, label, f"FROM {name}", stage.base.line))
+    def _from(self, plan: _StagePlan) -> steps.StageState:
+        stage = plan.stage
+        n = plan.numbers[0]
+        self.emit(StepStarted(n, self.total, plan.label, f"FROM {plan.base_name}", stage.base.line))
         if stage.base.platform:
-            platform = self._expand(stage.base.platform,
-                                    {k: v for k, v in meta_env.items() if v is not None},
-                                    stage.base.line)
+            platform = self._expand(stage.base.platform, self._global_env(), stage.base.line)
             host = f"linux/{host_architecture()}"
             if platform.split("/")[:2] != host.split("/"):
                 raise DockerfileError(f"FROM --platform={platform}: this host builds {host} only",
                                       file=self.dockerfile_path, line=stage.base.line)
-        by_name = {st.name: st.index for st in df.stages if st.name}
-        if name == "scratch":
-            config, layers = empty_config(), []
-        elif name.lower() in by_name and by_name[name.lower()] in finished:
-            base = finished[by_name[name.lower()]]
+        if plan.base_stage is not None:
+            base = self._stage_state(plan.base_stage)
             config, layers = copy.deepcopy(base.config), list(base.layers)
+        elif plan.base_image is not None:
+            config, layers = copy.deepcopy(plan.base_image.config), list(plan.base_image.layers)
         else:
-            image = self.store.resolve(name)
-            config, layers = copy.deepcopy(image.config), list(image.layers)
-            if (config.get("config") or {}).get("OnBuild"):
-                raise BuildError(f"the base image {name} has ONBUILD triggers, which this "
-                                 "version of pybuild cannot run yet",
-                                 step=self._where(stage.base))
+            config, layers = empty_config(), []
         config.setdefault("config", {})
         config.setdefault("history", [])
         config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-        self.emit(StepDone(self.step_no, 0.0, cached=True))
-        return steps.StageState(label, config, layers, escape=df.escape)
+        self.emit(StepDone(n, 0.0, cached=True))
+        env = dict(e.partition("=")[::2] for e in config["config"].get("Env") or [])
+        return steps.StageState(plan.label, config, layers, env=env, escape=self.df.escape)
 
-    def _where(self, inst) -> str:
-        return f"{self.dockerfile_path}:{inst.line} [{self.step_no}/{self.total}] {inst.keyword}"
+    def _where(self, inst, n: int) -> str:
+        return f"{self.dockerfile_path}:{inst.line} [{n}/{self.total}] {inst.keyword}"
 
-    def _step(self, state: steps.StageState, inst: ins.Instruction, label: str, meta_env: dict) -> None:
-        self.step_no += 1
-        n = self.step_no
-        if isinstance(inst, ins.Arg):
-            self._arg(state, inst, meta_env, label)
-            return
+    def _step(self, state: steps.StageState, inst: ins.Instruction, stage: _StagePlan, n: int) -> None:
+        if self.cancelled.is_set():
+            raise Interrupted("cancelled: another stage failed")
+        build_args = steps.BuildArgs(self.opts.build_args, self.meta_env, self.automatic_args)
         try:
-            plan = steps.plan(state, inst)
+            plan = steps.plan(state, inst, build_args)
         except DockerfileError as e:
             raise DockerfileError(e.reason, file=self.dockerfile_path, line=inst.line,
                                   hint=e.hint) from None
+        if plan.kind == "arg":
+            state.args.update(plan.arg_values)    # a redeclared ARG keeps its place
+            with self._lock:
+                self.used_args.update(plan.arg_values)
+        state.env.update(plan.env_updates)
         if isinstance(inst, ins.Cmd):
             state.cmd_set = True
-        self.emit(StepStarted(n, self.total, label, plan.created_by, inst.line))
+        self.emit(StepStarted(n, self.total, stage.label, plan.created_by, inst.line))
         t0 = time.monotonic()
-        sources = []
-        if plan.kind == "copy":
-            try:
-                sources = [s for spec in plan.sources for s in self.ctx.sources(spec)]
-            except BuildError as e:
-                raise BuildError(e.reason, step=self._where(inst), hint=e.hint) from None
+        try:
+            inputs = self._inputs(state, plan, inst, n)
+        except BuildError as e:
+            if e.step:
+                raise
+            raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
         key = cachemod.StepKey(
             parent=digest_of(canonical_json(state.config)), instruction=plan.instruction,
-            build_args=plan.build_args, sources=tuple(self.ctx.digest(s) for s in sources)).digest()
+            build_args=plan.build_args, sources=tuple(inputs.digests)).digest()
         diff_ids = [l.diff_id for l in state.layers]
         cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
         if cached is not None:
             self._apply(state, cached)
-            self.steps_cached += 1
+            with self._lock:
+                self.steps_cached += 1
             self.emit(StepCached(n))
             self.emit(StepDone(n, time.monotonic() - t0, cached=True))
             return
         runtime = steps.apply_to_copy(state.runtime, plan.apply)
         layer = None
-        if plan.kind != "meta":
-            layer = self._filesystem_step(state, inst, plan, sources, n)
+        if plan.kind in ("run", "copy", "workdir"):
+            layer = self._filesystem_step(state, inst, plan, inputs, n)
         history = {"created": cachemod.now(), "created_by": plan.created_by,
                    "comment": HISTORY_COMMENT}
         if layer is None:
             history["empty_layer"] = True
         extra = {"chain": chain_ids(diff_ids + [layer.diff_id])[-1]} if layer else {}
+        if plan.kind == "maintainer":
+            extra["author"] = inst.name
+        if plan.empty_history:
+            extra["no_history"] = True
         result = cachemod.StepResult(history, runtime, layer, extra)
         self.cache.put(key, result)
         self._apply(state, result)
-        self.steps_run += 1
+        with self._lock:
+            self.steps_run += 1
         self.emit(StepDone(n, time.monotonic() - t0, cached=False,
                            layer_size=layer.size if layer else None))
-
-    def _arg(self, state: steps.StageState, inst: ins.Arg, meta_env: dict, label: str) -> None:
-        self.emit(StepStarted(self.step_no, self.total, label, inst.text, inst.line))
-        for name, default in inst.pairs:
-            self.used_args.add(name)
-            if name in self.opts.build_args:
-                value = self.opts.build_args[name]
-            elif default is not None:
-                value = self._expand(default, state.env(), inst.line)
-            else:
-                value = meta_env.get(name)
-            state.args[name] = value
-        self.emit(StepDone(self.step_no, 0.0, cached=True))
 
     @staticmethod
     def _apply(state: steps.StageState, result: cachemod.StepResult) -> None:
         cfg = state.config
         cfg["config"] = copy.deepcopy(result.runtime)
-        cfg["history"] = list(cfg.get("history") or []) + [dict(result.history)]
+        if "author" in result.extra:
+            cfg["author"] = result.extra["author"]
+        if not result.extra.get("no_history"):
+            cfg["history"] = list(cfg.get("history") or []) + [dict(result.history)]
+            cfg["created"] = result.history["created"]
         if result.layer is not None:
             cfg["rootfs"] = {"type": "layers",
                              "diff_ids": list(cfg["rootfs"]["diff_ids"]) + [result.layer.diff_id]}
             state.layers.append(result.layer)
-        cfg["created"] = result.history["created"]
+
+    # ---- what a step reads: sources, mounts, downloads ---------------------------------
+
+    def _inputs(self, state, plan: steps.Plan, inst, n: int) -> "_Inputs":
+        inputs = _Inputs()
+        if plan.kind == "copy":
+            self._copy_inputs(plan, inst, n, inputs)
+        elif plan.kind == "run":
+            self._mount_inputs(plan, inst, n, inputs)
+        return inputs
+
+    def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:
+        """(identity, diff_ids, what) of the stage or image a `--from` names."""
+        index = self._stage_ref(self.df, ref, len(self.df.stages))
+        if index is not None:
+            st = self._stage_state(index)
+            return (digest_of(canonical_json(st.config)), [l.diff_id for l in st.layers],
+                    f"stage {ref}")
+        image = self._resolve_image(ref, inst)
+        return image.id, image.diff_ids, f"image {ref}"
+
+    def _copy_inputs(self, plan: steps.Plan, inst, n: int, inputs: "_Inputs") -> None:
+        rules = IgnoreRules(list(plan.excludes)) if plan.excludes else None
+        keyword = "ADD" if plan.is_add else "COPY"
+        scratch = None
+        for src in plan.sources:
+            if src.kind == "context":
+                found = self.ctx.sources(src.spec, instruction=keyword)
+                if rules is not None:
+                    found = [f for f in (filter_excludes(s, rules) for s in found) if f]
+                group = inputs.group("context", lambda: fileops.SourceGroup(self.ctx.root))
+                group.sources += tuple(found)
+                inputs.digests += [self.ctx.digest(s) for s in found]
+            elif src.kind == "stage":
+                identity, diff_ids, what = self._other_rootfs(src.ref, inst)
+                key = "from:" + src.ref
+
+                def make(diff_ids=diff_ids, what=what):
+                    root = os.path.join(self._stepdir(n), f"from-{len(inputs.groups)}")
+                    return fileops.SourceGroup(root, lowers=tuple(self.store.lower_links(diff_ids)),
+                                               store_root=self.store.root, what=what)
+                group = inputs.group(key, make)
+                group.specs += (src.spec,)
+                inputs.digests.append(f"{identity}:{src.spec}")
+            else:
+                if scratch is None:
+                    scratch = os.path.join(self._stepdir(n), "inline")
+                    os.makedirs(scratch, exist_ok=True)
+                if src.kind == "heredoc":
+                    name = self._write_inline(scratch, src.spec, src.content.encode(), 0o644)
+                else:
+                    name, digest = self._download(scratch, src.spec, plan.checksum, inst)
+                    inputs.digests.append(digest)
+                group = inputs.group("inline", lambda: fileops.SourceGroup(scratch))
+                group.sources += tuple(BuildContext(scratch, ignore=IgnoreRules())
+                                       .sources(name, instruction=keyword))
+
+    @staticmethod
+    def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
+        name = paths.clean(name) or "__unnamed__"
+        path = os.path.join(scratch, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
+        return name
+
+    def _download(self, scratch: str, url: str, checksum: str | None, inst) -> tuple[str, str]:
+        """ADD <url>: fetch it (0600, mtime from Last-Modified), check --checksum."""
+        name = posixpath.basename(urllib.parse.urlparse(url).path) or "__unnamed__"
+        path = os.path.join(scratch, name)
+        h = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+                modified = resp.headers.get("Last-Modified")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise BuildError(f"ADD {url}: download failed ({getattr(e, 'reason', e)})",
+                             hint="check the URL and that this machine can reach it") from None
+        digest = "sha256:" + h.hexdigest()
+        if checksum and checksum.lower() != digest:
+            raise BuildError(f"ADD {url}: checksum mismatch: expected {checksum}, got {digest}",
+                             hint="the file changed at its source, or --checksum is wrong")
+        os.chmod(path, 0o600)
+        if modified:
+            try:
+                ts = parsedate_to_datetime(modified).timestamp()
+                os.utime(path, (ts, ts))
+            except (TypeError, ValueError):
+                pass
+        return name, digest
+
+    def _mount_inputs(self, plan: steps.Plan, inst, n: int, inputs: "_Inputs") -> None:
+        for i, m in enumerate(plan.mounts):
+            where = os.path.join(self._stepdir(n), f"mount-{i}")
+            if m.type == "tmpfs":
+                inputs.mounts.append(sandbox.MountSpec(m.target, "tmpfs", readonly=False,
+                                                       options=f"size={m.size}" if m.size else ""))
+            elif m.type == "secret":
+                self._secret(m, inputs, inst)
+            elif m.type == "cache":
+                inputs.mounts.append(self._cache_mount(m, where, inst, inputs))
+            elif m.from_:
+                identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
+                inputs.digests.append(f"{identity}:{m.source}")
+                spec = sandbox.MountSpec(m.target, "overlay",
+                                         lowers=tuple(self.store.lower_links(diff_ids)) or
+                                         (self._empty_dir(where),),
+                                         subpath=m.source, readonly=m.readonly)
+                if not m.readonly:
+                    spec.upper, spec.work = self._upper_work(where)
+                inputs.mounts.append(spec)
+            else:
+                src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
+                inputs.digests.append(self.ctx.digest(src))
+                host = os.path.join(self.ctx.root, src.path)
+                if m.readonly or not src.is_dir:
+                    if not m.readonly:
+                        host = self._private_copy(host, where)
+                    inputs.mounts.append(sandbox.MountSpec(m.target, "bind", source=host,
+                                                           readonly=m.readonly))
+                else:
+                    upper, work = self._upper_work(where)
+                    inputs.mounts.append(sandbox.MountSpec(m.target, "overlay", lowers=(host,),
+                                                           upper=upper, work=work, readonly=False))
+
+    def _stepdir(self, n: int) -> str:
+        path = os.path.join(self.workdir, f"step-{n}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _upper_work(where: str) -> tuple[str, str]:
+        upper, work = os.path.join(where, "upper"), os.path.join(where, "work")
+        os.makedirs(upper, exist_ok=True)
+        os.makedirs(work, exist_ok=True)
+        return upper, work
+
+    @staticmethod
+    def _empty_dir(where: str) -> str:
+        path = os.path.join(where, "empty")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _private_copy(host: str, where: str) -> str:
+        import shutil
+        os.makedirs(where, exist_ok=True)
+        dst = os.path.join(where, "file")
+        shutil.copy2(host, dst)
+        return dst
+
+    def _cache_mount(self, m: steps.RunMount, where: str, inst, inputs) -> sandbox.MountSpec:
+        """A cache mount: a directory of the store that outlives builds, shared by its id."""
+        if m.from_ or m.source:
+            raise BuildError("RUN --mount=type=cache with from= or source= is not supported by "
+                             "pybuild yet", hint="populate the cache from the RUN itself")
+        base = os.path.join(self.store.cache_dir, "mounts")
+        os.makedirs(base, exist_ok=True)
+        name = hashlib.sha256(m.id.encode()).hexdigest()[:32]
+        path = os.path.join(base, name)
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        inputs.locks.append(lock_fd)
+        if m.sharing == "locked":
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        elif m.sharing == "private":
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                path = os.path.join(where, "private-cache")   # another build has it: a fresh one
+        else:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        if not os.path.isdir(path):
+            tmp = path + f".new-{os.getpid()}-{threading.get_ident()}"
+            os.makedirs(tmp, exist_ok=True)
+            os.chown(tmp, m.uid or 0, m.gid or 0)
+            os.chmod(tmp, m.mode if m.mode is not None else 0o755)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                remove_tree(tmp)      # another build created it first
+        return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
+
+    def _secret(self, m: steps.RunMount, inputs, inst) -> None:
+        src = self.opts.secrets.get(m.id)
+        if src is None:
+            if m.required:
+                raise BuildError(f"secret {m.id!r} is required but was not given",
+                                 hint=f"pass it with --secret id={m.id},src=FILE")
+            return
+        if isinstance(src, str):
+            try:
+                with open(src, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise BuildError(f"secret {m.id!r}: cannot read {src}: {e.strerror}") from None
+        else:
+            data = bytes(src)
+        if m.env:
+            inputs.secret_env.append(f"{m.env}={data.decode('utf-8', 'replace')}")
+        if m.target:
+            inputs.mounts.append(sandbox.MountSpec(m.target, "secret", content=data,
+                                                   mode=m.mode, uid=m.uid or 0, gid=m.gid or 0))
 
     # ---- steps that change files ---------------------------------------------------
 
-    def _filesystem_step(self, state, inst, plan: steps.Plan, sources, n: int):
+    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "_Inputs", n: int):
         diff_ids = [l.diff_id for l in state.layers]
-        stepdir = os.path.join(self.workdir, f"step-{n}")
-        os.mkdir(stepdir, 0o700)
+        stepdir = self._stepdir(n)
         try:
-            snap = overlay.prepare(self.store, diff_ids, stepdir)
+            snap = overlay.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
             try:
                 if plan.kind == "run":
-                    self._run(state, inst, plan, snap, stepdir, n)
+                    self._run(state, inst, plan, snap, inputs, stepdir, n)
                 elif plan.kind == "copy":
-                    op = fileops.CopyOp(tuple(sources), plan.dest, plan.dest_is_dir, plan.chown,
-                                        plan.chmod)
-                    ctx_fd = os.open(self.ctx.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    try:
-                        sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op, ctx_fd))
-                    finally:
-                        os.close(ctx_fd)
+                    op = fileops.CopyOp(tuple(inputs.groups), plan.dest, plan.dest_is_dir,
+                                        plan.chown, plan.chmod, plan.excludes, plan.parents,
+                                        plan.unpack, "ADD" if plan.is_add else "COPY")
+
+                    def body():
+                        fileops.copy_into_root(op)
+                    sandbox.run_in_root(snap, body, before_chroot=lambda: fileops.prepare(op))
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")
                     sandbox.run_in_root(snap, lambda: fileops.mkdir_workdir(plan.dest, user))
             except sandbox.SetupError as e:
-                raise BuildError(str(e), step=self._where(inst), hint=e.hint) from None
+                raise BuildError(str(e), step=self._where(inst, n), hint=e.hint) from None
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by)
         finally:
+            for fd in inputs.locks:
+                os.close(fd)
             remove_tree(stepdir)
 
-    def _run(self, state, inst, plan: steps.Plan, snap, stepdir: str, n: int) -> None:
+    def _run(self, state, inst, plan: steps.Plan, snap, inputs, stepdir: str, n: int) -> None:
         rt = state.runtime
-        env = list(rt.get("Env") or []) + [f"{k}={v}" for k, v in plan.build_args]
-        declared = {k for k, _ in plan.build_args} | {e.partition("=")[0] for e in env}
+        env = [f"{k}={v}" for k, v in state.env.items()]
         env += [f"{k}={v}" for k, v in self.opts.build_args.items()
-                if k in steps.PROXY_ARGS and k not in declared]
+                if k in steps.PROXY_ARGS and k not in state.env]
+        env += inputs.secret_env
         network = plan.network or self.opts.network
         spec = sandbox.RunSpec(argv=plan.argv, env=env, user=rt.get("User") or "",
                                workdir=rt.get("WorkingDir") or "/",
-                               network="host" if network == "default" else network)
+                               network="host" if network == "default" else network,
+                               mounts=inputs.mounts, files=plan.files)
         scratch = os.path.join(stepdir, "scratch")
-        os.mkdir(scratch, 0o700)
+        os.makedirs(scratch, 0o700, exist_ok=True)
 
         def on_output(line: bytes) -> None:
             self.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
@@ -326,3 +655,22 @@ class Builder:
         if status != 0:
             raise StepFailed(step=f"step {n}/{self.total}", line=inst.line,
                              file=self.dockerfile_path, command=plan.created_by, exit_code=status)
+
+
+@dataclass
+class _Inputs:
+    """What a step reads besides its parent: keyed into the cache, handed to the executor."""
+    digests: list[str] = field(default_factory=list)
+    groups: list[fileops.SourceGroup] = field(default_factory=list)
+    group_keys: list[str] = field(default_factory=list)
+    mounts: list[sandbox.MountSpec] = field(default_factory=list)
+    secret_env: list[str] = field(default_factory=list)
+    locks: list[int] = field(default_factory=list)
+
+    def group(self, key: str, make) -> fileops.SourceGroup:
+        """The group for `key`, continuing the last one when it has the same key (order kept)."""
+        if self.group_keys and self.group_keys[-1] == key:
+            return self.groups[-1]
+        self.groups.append(make())
+        self.group_keys.append(key)
+        return self.groups[-1]

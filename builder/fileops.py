@@ -1,58 +1,120 @@
-"""What COPY and WORKDIR do to an image's files, run chrooted inside the step's snapshot.
+"""What COPY, ADD and WORKDIR do to an image's files, run chrooted inside the step's snapshot.
 
-These functions run in the child that `sandbox.run_in_root` forks: `/` is the
+These functions run in the child that `sandbox.run_in_root` forks. Before
+the chroot, `prepare` mounts the read-only layer stacks of `--from` sources
+and opens a directory fd for every source root (the build context, another
+stage, a scratch dir holding heredocs and downloads); after it, `/` is the
 image's root, so a destination like `/app` or a symlink the image holds
 (`/lib -> usr/lib`) resolves inside the image and nowhere else, and the
-image's own /etc/passwd answers `--chown=name`. The build context is read
-through a directory fd opened before the chroot. They must not import
-anything: the host's Python library is not visible from inside.
+image's own /etc/passwd answers `--chown=name`. Code that runs after the
+chroot must not import anything: the host's Python library is not visible.
 
 The rules are BuildKit's: a directory source copies its contents; a file
 goes into the destination when it ends with `/` or is an existing directory;
 new parent directories are 0755 and owned like the copied files (root, or
 `--chown`); an existing destination directory keeps its metadata while the
 directories copied into it take the source's; files keep their mode and
-mtime; hard links inside one COPY stay hard links.
+mtime; hard links inside one COPY stay hard links; `--exclude` patterns
+drop entries; `--parents` keeps the source's path; ADD unpacks a local tar
+archive (plain, gzip, bzip2 or xz) into the destination.
 """
 
 from __future__ import annotations
 
+import bz2  # noqa: F401  (tarfile needs them after the chroot, where nothing can be imported)
+import lzma  # noqa: F401
 import os
+import posixpath
 import stat
+import tarfile
+import zlib  # noqa: F401
 from dataclasses import dataclass
 
-from . import users
-from .context import Source
+from . import linux, paths, users
+from .context import BuildContext, IgnoreRules, Source, filter_excludes
 from .sandbox import SetupError
+
+
+@dataclass
+class SourceGroup:
+    """Sources that share a root directory."""
+    root: str                                  # host path; for `lowers`, where they are mounted
+    specs: tuple[str, ...] = ()                # resolved in the child (from another stage)
+    sources: tuple[Source, ...] = ()           # resolved in the parent (context, scratch)
+    lowers: tuple[str, ...] = ()               # a layer stack to mount read-only at `root`
+    store_root: str = ""                       # working dir for relative lower paths
+    what: str = ""                             # for messages: "stage build", "image x"
+    fd: int = -1
 
 
 @dataclass(frozen=True)
 class CopyOp:
-    sources: tuple[Source, ...]
+    groups: tuple[SourceGroup, ...]
     dest: str                       # absolute, inside the image
     dest_is_dir: bool               # the destination ends with / (or several sources)
     chown: str | None = None
     chmod: int | None = None
+    excludes: tuple[str, ...] = ()
+    parents: bool = False
+    unpack: bool = False            # ADD: unpack local archives
+    instruction: str = "COPY"
 
 
 class CopyError(SetupError):
     """A COPY that cannot be carried out in this image (a file where a directory must go)."""
 
 
-def copy_into_root(op: CopyOp, ctx_fd: int) -> None:
+def prepare(op: CopyOp) -> None:
+    """Before the chroot: mount `--from` stacks, resolve their sources, open every root."""
+    rules = IgnoreRules(list(op.excludes)) if op.excludes else None
+    for i, g in enumerate(op.groups):
+        if g.lowers:
+            os.makedirs(g.root, exist_ok=True)
+            lowers = list(g.lowers)
+            if len(lowers) < 2:
+                empty = g.root + "-empty"
+                os.makedirs(empty, exist_ok=True)
+                lowers.append(empty)
+            os.chdir(g.store_root)
+            linux.mount("overlay", g.root, "overlay", linux.MS_RDONLY,
+                        f"lowerdir={':'.join(lowers)},index=off,redirect_dir=off,metacopy=off")
+        if g.specs:
+            ctx = BuildContext(g.root, ignore=IgnoreRules())
+            found = []
+            for spec in g.specs:
+                try:
+                    found += ctx.sources(spec, instruction=op.instruction, where=g.what)
+                except Exception as e:   # BuildError: not in that stage
+                    raise CopyError(getattr(e, "reason", str(e)), getattr(e, "hint", None)) from None
+            g.sources = tuple(found)
+        if rules is not None:
+            g.sources = tuple(f for f in (filter_excludes(s, rules) for s in g.sources) if f)
+        g.fd = os.open(g.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def copy_into_root(op: CopyOp) -> None:
+    """After the chroot: put every source in place."""
     uid, gid = users.chown_ids(op.chown, "/") if op.chown else (0, 0)
-    copier = _Copier(ctx_fd, uid, gid, op.chmod)
-    # Symlinks on the way are followed inside the image (we are chrooted), as BuildKit does.
-    dest = os.path.realpath(op.dest)
-    into_dir = op.dest_is_dir or len(op.sources) > 1 or _is_dir(dest)
-    for src in op.sources:
-        if src.is_dir:
-            copier.copy_tree(src, dest)
-        else:
-            target = os.path.join(dest, src.name) if into_dir else dest
-            copier.mkdir_parents(os.path.dirname(target) or "/")
-            copier.copy_entry(src.entries[0], target)
-    copier.finish()
+    dest = os.path.realpath(op.dest)    # symlinks followed inside the image, as BuildKit does
+    total = sum(len(g.sources) for g in op.groups)
+    into_dir = op.dest_is_dir or total > 1 or _is_dir(dest) or op.parents
+    for g in op.groups:
+        copier = _Copier(g.fd, uid, gid, op.chmod)
+        for src in g.sources:
+            base = dest
+            if op.parents:
+                base = posixpath.join(dest, src.path) if src.is_dir else \
+                    posixpath.join(dest, posixpath.dirname(src.path))
+            if src.is_dir:
+                copier.copy_tree(src, base)
+            elif op.unpack and _is_archive(g.fd, src.path):
+                copier.mkdir_parents(base)
+                _untar(g.fd, src.path, base, None if not op.chown else (uid, gid))
+            else:
+                target = os.path.join(base, src.name) if into_dir else base
+                copier.mkdir_parents(os.path.dirname(target) or "/")
+                copier.copy_entry(src.entries[0], target)
+        copier.finish()
 
 
 def mkdir_workdir(path: str, user: str) -> None:
@@ -94,13 +156,13 @@ class _Copier:
             os.chmod(d, 0o755)
 
     def copy_tree(self, src: Source, dest: str) -> None:
-        root = src.entries[0]
         if os.path.lexists(dest) and not _is_dir(dest):
             raise CopyError(f"cannot copy the directory {src.spec!r} to {dest}: it is not a "
                             "directory in the image")
         if not os.path.lexists(dest):
-            self.mkdir_parents(os.path.dirname(dest) or "/")
-            self.copy_entry(root, dest)
+            # BuildKit creates the destination like any parent (0755, --chown), not
+            # with the source directory's metadata.
+            self.mkdir_parents(dest)
         for entry in src.entries[1:]:
             self.copy_entry(entry, dest.rstrip("/") + "/" + entry.rel)
 
@@ -193,3 +255,75 @@ class _Copier:
     def finish(self) -> None:
         for path, mtime in reversed(self.dir_times):
             os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+
+# ---- ADD of a local archive ------------------------------------------------------------
+
+_MAGICS = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _is_archive(fd: int, rel: str) -> bool:
+    """Docker's test: a tar, possibly gzip/bzip2/xz compressed (by content, not by name)."""
+    f = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        head = os.pread(f, 520, 0)
+        if any(head.startswith(m) for m in _MAGICS):
+            try:
+                with open(os.dup(f), "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as t:
+                    return t.next() is not None
+            except (tarfile.TarError, OSError, EOFError, ValueError):
+                return False
+        return len(head) >= 262 and head[257:262] == b"ustar"
+    finally:
+        os.close(f)
+
+
+def _untar(fd: int, rel: str, dest: str, owner: tuple[int, int] | None) -> None:
+    """Unpack a tar into `dest` inside the image (we are chrooted: links resolve inside it)."""
+    f = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    dir_times = []
+    with open(f, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as t:
+        for m in t:
+            name = paths.clean(m.name)
+            if paths.escapes(m.name.lstrip("/")) or not name:
+                if name:
+                    raise CopyError(f"ADD {rel}: entry {m.name!r} escapes the destination")
+                continue
+            target = os.path.join(dest, name)
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            if m.isdir():
+                if not _is_dir(target):
+                    if os.path.lexists(target):
+                        os.unlink(target)
+                    os.mkdir(target, 0o755)
+                dir_times.append((target, int(m.mtime)))
+            else:
+                if os.path.lexists(target) and not os.path.isdir(target):
+                    os.unlink(target)
+                elif _is_dir(target) and not os.path.islink(target):
+                    raise CopyError(f"ADD {rel}: {m.name!r} would replace a directory")
+                if m.isreg():
+                    with open(target, "xb") as out:
+                        src = t.extractfile(m)
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                elif m.issym():
+                    os.symlink(m.linkname, target)
+                elif m.islnk():
+                    os.link(os.path.join(dest, paths.clean(m.linkname)), target)
+                    continue
+                elif m.ischr() or m.isblk():
+                    os.mknod(target, (stat.S_IFCHR if m.ischr() else stat.S_IFBLK) | 0o600,
+                             os.makedev(m.devmajor, m.devminor))
+                elif m.isfifo():
+                    os.mkfifo(target, 0o600)
+                else:
+                    continue
+            uid, gid = owner or (m.uid, m.gid)
+            os.chown(target, uid, gid, follow_symlinks=False)
+            if not m.issym():
+                os.chmod(target, m.mode & 0o7777)
+            os.utime(target, (int(m.mtime), int(m.mtime)), follow_symlinks=False)
+    for path, mtime in reversed(dir_times):
+        os.utime(path, (mtime, mtime))
+

@@ -29,14 +29,16 @@ import errno
 import json
 import os
 import signal
+import socket
 import stat
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import linux, paths, users
 from .errors import BuildError
-from .snapshot.overlay import Snapshot
+from .snapshot.overlay import OPTIONS as OVERLAY_OPTIONS, Snapshot
 
 HOSTNAME = "pybuild"
 _DIRS = ("proc", "dev", "sys")
@@ -56,6 +58,24 @@ class SetupError(Exception):
 
 
 @dataclass
+class MountSpec:
+    """An extra mount of a RUN (`--mount`), with host-side sources already prepared."""
+    target: str                      # absolute path inside the image
+    kind: str                        # bind | overlay | tmpfs
+    source: str = ""                 # bind: a host path
+    lowers: tuple[str, ...] = ()     # overlay: layer dirs, topmost first
+    upper: str = ""                  # overlay: writable (changes thrown away) when set
+    work: str = ""
+    subpath: str = ""                # overlay: the part of it to mount
+    readonly: bool = True
+    options: str = ""                # tmpfs: mount options
+    content: bytes | None = None     # secret: written to a tmpfs of the sandbox, never to disk
+    mode: int | None = None
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
 class RunSpec:
     argv: list[str]
     env: list[str]
@@ -65,6 +85,25 @@ class RunSpec:
     hostname: str = HOSTNAME
     interactive: bool = False        # inherit pybuild's stdin/stdout/stderr (pybuild run)
     extra_hosts: list[str] = field(default_factory=list)
+    mounts: list[MountSpec] = field(default_factory=list)
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
+
+
+# Sandboxes alive now (their first process), so that a cancelled build can take
+# down the ones its other threads started.
+_live: set[int] = set()
+_live_lock = threading.Lock()
+
+
+def kill_all() -> None:
+    """SIGKILL every sandbox this process started; each one's children follow it."""
+    with _live_lock:
+        pids = list(_live)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ---- the parent's side ----------------------------------------------------------
@@ -89,11 +128,14 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive)
 
 
-def run_in_root(snap: Snapshot, func: Callable[[], None]) -> None:
+def run_in_root(snap: Snapshot, func: Callable[[], None],
+                before_chroot: Callable[[], None] | None = None) -> None:
     """Mount `snap`, chroot into it in a child process and call `func` there.
 
-    `func` runs as root with the image's files as its `/`; it must not import
-    anything (the host's Python library is not visible in the chroot).
+    `before_chroot` runs first, in the child's own mount namespace (to mount
+    and open what `func` reads). `func` runs as root with the image's files as
+    its `/`; it must not import anything (the host's Python library is not
+    visible in the chroot).
     """
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -102,6 +144,8 @@ def run_in_root(snap: Snapshot, func: Callable[[], None]) -> None:
             linux.unshare(linux.CLONE_NEWNS)
             linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
             snap.mount()
+            if before_chroot is not None:
+                before_chroot()
             os.chroot(snap.merged)
             os.chdir("/")
             func()
@@ -114,8 +158,19 @@ def run_in_root(snap: Snapshot, func: Callable[[], None]) -> None:
 
 def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool) -> int:
     """Pump output, wait for the child, turn its report into an exception or a status."""
+    with _live_lock:
+        _live.add(pid)
+    try:
+        return _supervise_registered(pid, err_r, out_r, on_output, forward=forward)
+    finally:
+        with _live_lock:
+            _live.discard(pid)
+
+
+def _supervise_registered(pid: int, err_r: int, out_r: int | None, on_output, *,
+                          forward: bool) -> int:
     old_handlers = {}
-    if forward:
+    if forward and threading.current_thread() is threading.main_thread():
         def relay(signum, _frame):
             try:
                 os.kill(pid, signum)
@@ -273,7 +328,11 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
     linux.unshare(flags)
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     snap.mount()
-    missing = _missing_mount_points(snap.merged)
+    sources = _prepare_mount_sources(spec.mounts, scratch)
+    wanted = [(rel, rel in _DIRS) for rel in _DIRS + _FILES]
+    wanted += [(m.target, m.kind == "tmpfs" or os.path.isdir(src))
+               for m, src in zip(spec.mounts, sources, strict=True)]
+    missing = _missing_mount_points(snap.merged, wanted)
     if missing:
         init = os.path.join(scratch, "init")
         _make_init_dir(snap.merged, init, missing)
@@ -281,11 +340,14 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
         snap.extra_lowers = [init]
         snap.mount()
     targets = {rel: paths.resolve_in_root(snap.merged, rel) for rel in _DIRS + _FILES}
+    extra = [(m, src, paths.resolve_in_root(snap.merged, m.target))
+             for m, src in zip(spec.mounts, sources, strict=True)]
+    extra.sort(key=lambda t: t[0].target.count("/"))
     holder: list[int] = []
     _forward_to(holder)
     pid = os.fork()
     if pid == 0:
-        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, out_w, err_w))
+        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w))
     holder.append(pid)
     if out_w is not None:
         os.close(out_w)
@@ -305,19 +367,59 @@ def _wait_for(pid: int) -> int:
             return 128 + os.WTERMSIG(status)
 
 
-def _missing_mount_points(merged: str) -> list[tuple[str, bool]]:
+def _prepare_mount_sources(mounts: list[MountSpec], scratch: str) -> list[str]:
+    """Mount the layer stacks that `--mount=from=` needs (in A's namespace); their host paths."""
+    out = []
+    secrets = None
+    for i, m in enumerate(mounts):
+        if m.kind == "secret":
+            if secrets is None:
+                # Secrets live in a tmpfs of this namespace: gone with it, never in the store.
+                secrets = os.path.join(scratch, "secrets")
+                os.mkdir(secrets, 0o700)
+                linux.mount("tmpfs", secrets, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                            "mode=0700,size=16m")
+            path = os.path.join(secrets, str(i))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, m.content or b"")
+            os.close(fd)
+            os.chown(path, m.uid, m.gid)
+            os.chmod(path, 0o400 if m.mode is None else m.mode)
+            out.append(path)
+        elif m.kind == "overlay":
+            point = os.path.join(scratch, f"mnt-{i}")
+            os.mkdir(point, 0o755)
+            lowers = list(m.lowers)
+            if m.upper:
+                opts = (f"lowerdir={':'.join(lowers)},upperdir={m.upper},workdir={m.work},"
+                        f"{OVERLAY_OPTIONS}")
+            else:
+                if len(lowers) < 2:
+                    empty = os.path.join(scratch, f"empty-{i}")
+                    os.mkdir(empty, 0o755)
+                    lowers.append(empty)
+                opts = f"lowerdir={':'.join(lowers)},{OVERLAY_OPTIONS}"
+            linux.mount("overlay", point, "overlay", linux.MS_RDONLY if not m.upper else 0, opts)
+            out.append(paths.resolve_in_root(point, m.subpath))
+        else:
+            out.append(m.source)
+    return out
+
+
+def _missing_mount_points(merged: str, wanted: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     missing = []
-    for rel in _DIRS + _FILES:
+    for rel, want_dir in wanted:
         host = paths.resolve_in_root(merged, rel)
         try:
             st = os.lstat(host)
         except (FileNotFoundError, NotADirectoryError):
-            missing.append((os.path.relpath(host, merged), rel in _DIRS))
+            entry = (os.path.relpath(host, merged), want_dir)
+            if entry not in missing:
+                missing.append(entry)
             continue
-        want_dir = rel in _DIRS
         if want_dir != stat.S_ISDIR(st.st_mode):
-            raise SetupError(f"/{rel} in the image is not a {'directory' if want_dir else 'file'}; "
-                             "it cannot be a mount point")
+            raise SetupError(f"/{rel.lstrip('/')} in the image is not a "
+                             f"{'directory' if want_dir else 'file'}; it cannot be a mount point")
     return missing
 
 
@@ -341,6 +443,8 @@ def _make_init_dir(merged: str, init: str, missing: list[tuple[str, bool]]) -> N
             os.chmod(dst, stat.S_IMODE(st.st_mode))
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         path = os.path.join(init, rel)
+        if os.path.lexists(path):
+            continue
         if is_dir:
             os.mkdir(path, 0o755)
         else:
@@ -348,12 +452,25 @@ def _make_init_dir(merged: str, init: str, missing: list[tuple[str, bool]]) -> N
 
 
 def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: dict[str, str],
-               out_w, err_w: int) -> None:
-    import socket
+               extra: list, out_w, err_w: int) -> None:
     socket.sethostname(spec.hostname)
     _mount_pseudo_filesystems(targets)
     for rel, src in binds.items():
         linux.mount(src, targets[rel], None, linux.MS_BIND)
+    for m, src, target in extra:
+        if m.kind == "tmpfs":
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, m.options or None)
+            continue
+        linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
+        if m.readonly:
+            linux.mount("none", target, None,
+                        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_REC)
+    for path, (content, mode) in spec.files.items():
+        host = os.path.join(targets["dev"], path[len("/dev/"):])
+        os.makedirs(os.path.dirname(host), 0o755, exist_ok=True)
+        with open(host, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.chmod(host, mode)
     if spec.network == "none":
         linux.loopback_up()
     os.chdir(snap.merged)

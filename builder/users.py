@@ -21,7 +21,7 @@ class UnknownUser(LookupError):
 class ExecUser:
     uid: int
     gid: int
-    groups: tuple[int, ...]
+    groups: tuple[int, ...]          # supplementary groups (the primary gid is not repeated)
     home: str
 
 
@@ -78,13 +78,13 @@ def exec_user(spec: str, root: str = "/") -> ExecUser:
             gid = int(group_spec)
         else:
             gid = int(g[2])
-        return ExecUser(uid, gid, (gid,), home)
+        return ExecUser(uid, gid, (), home)
     extra = []
     if name is not None:
         for g in groups:
             if len(g) >= 4 and name in g[3].split(",") and _number(g[2]) is not None:
                 extra.append(int(g[2]))
-    return ExecUser(uid, gid, tuple(dict.fromkeys([gid] + extra)), home)
+    return ExecUser(uid, gid, tuple(dict.fromkeys(extra)), home)
 
 
 def chown_ids(spec: str, root: str = "/") -> tuple[int, int]:

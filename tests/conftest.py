@@ -46,8 +46,11 @@ def store(store_root):
 
 
 def busybox_context(dest: Path) -> Path:
+    """testdata/busybox plus what git cannot hold: the busybox binary and empty mount-point dirs."""
     shutil.copytree(TESTDATA / "busybox", dest)
     shutil.copy2(BUSYBOX, dest / "busybox")
+    for d in ("proc", "dev", "sys"):
+        (dest / "rootfs" / d).mkdir(mode=0o755, exist_ok=True)
     return dest
 
 

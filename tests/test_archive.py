@@ -72,8 +72,9 @@ def test_umoci_unpacks_exactly_the_expected_rootfs(saved, tmp_path):
         t.extractall(layout, filter="tar")
     sh("umoci", "unpack", "--image", f"{layout}:archive-demo:1", str(tmp_path / "bundle"))
     root = tmp_path / "bundle" / "rootfs"
-    assert sorted(os.listdir(root)) == ["app", "bin", "etc", "home", "root", "tmp"]
-    assert sorted(os.listdir(root / "etc")) == ["group", "passwd"], "motd was deleted by a whiteout"
+    assert sorted(os.listdir(root)) == ["app", "bin", "dev", "etc", "home", "proc", "root", "sys", "tmp"]
+    assert sorted(os.listdir(root / "etc")) == ["group", "hostname", "hosts", "passwd", "resolv.conf"], \
+        "motd was deleted by a whiteout"
     assert sorted(os.listdir(root / "app")) == ["greeting.txt", "hello.sh"]
     assert (root / "app/greeting.txt").read_text() == "saved from pybuild\n"
     st = os.stat(root / "app/hello.sh")

@@ -44,7 +44,7 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
 
     history = pybuild("history", "listed:1", check=True).stdout.decode().splitlines()
     assert history[0].split()[:2] == ["IMAGE", "CREATED"]
-    assert history[1].startswith(image_id[7:19]) and "CMD [\"sh\", \"/app/hello.sh\"]" in history[1]
+    assert history[1].startswith(image_id[7:19]) and "CMD [\"sh\" \"/app/hello.sh\"]" in history[1]
     assert "<missing>" in history[2]
     assert any("COPY --chown=app:app app/ /app/" in h for h in history)
 

@@ -3,19 +3,35 @@
 Arguments stay unexpanded here: a value like ``$HOME`` means something only
 in the environment of the step that uses it, which the engine knows and this
 module does not. What this module does decide is everything knowable from
-the text alone: which flags an instruction takes, exec vs. shell form, that
-ENV has pairs, that COPY has at least a source and a destination, and which
-instructions this version of pybuild cannot carry out yet (they fail here,
-with their line, rather than being skipped).
+the text alone: which flags an instruction takes and that their values are
+well formed (`--mount` specs, durations, `--chmod`), exec vs. shell form,
+that ENV has pairs, that COPY has a source and a destination, that SHELL is
+JSON. Every error names the file and line.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
+import re
 from dataclasses import dataclass, field
 
 from ..errors import DockerfileError
 from . import syntax
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    name: str
+    raw: str                 # the lines as written
+    expand: bool             # an unquoted delimiter: variables in the content are expanded
+    chomp: bool              # <<- : leading tabs are stripped from each line
+
+    @property
+    def content(self) -> str:
+        if not self.chomp:
+            return self.raw
+        return "".join(line.lstrip("\t") for line in self.raw.splitlines(keepends=True))
 
 
 @dataclass(frozen=True)
@@ -37,10 +53,30 @@ class From(Instruction):
 
 
 @dataclass(frozen=True)
+class Mount:
+    """One `RUN --mount=...`, as written (values unexpanded)."""
+    type: str                                   # bind | cache | tmpfs | secret | ssh
+    target: str | None = None
+    source: str | None = None
+    from_: str | None = None
+    id: str | None = None
+    readonly: bool | None = None
+    sharing: str = "shared"
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    required: bool = False
+    env: str | None = None
+
+
+@dataclass(frozen=True)
 class Run(Instruction):
     command: tuple[str, ...]         # exec form: argv; shell form: (script,)
     exec_form: bool = False
     network: str | None = None       # None: the build's default
+    mounts: tuple[Mount, ...] = ()
+    heredocs: tuple[Heredoc, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,18 @@ class Copy(Instruction):
     dest: str
     chown: str | None = None
     chmod: str | None = None
+    from_: str | None = None
+    link: bool = False
+    parents: bool = False
+    excludes: tuple[str, ...] = ()
+    heredocs: tuple[Heredoc, ...] = ()
+
+
+@dataclass(frozen=True)
+class Add(Copy):
+    checksum: str | None = None
+    keep_git_dir: bool = False
+    unpack: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +142,41 @@ class Expose(Instruction):
 
 
 @dataclass(frozen=True)
+class Volume(Instruction):
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stopsignal(Instruction):
+    signal: str
+
+
+@dataclass(frozen=True)
+class Healthcheck(Instruction):
+    test: tuple[str, ...]            # ("NONE",) | ("CMD", ...) | ("CMD-SHELL", cmd)
+    interval: int = 0                # nanoseconds, 0 = inherit Docker's default
+    timeout: int = 0
+    start_period: int = 0
+    start_interval: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class Shell(Instruction):
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Onbuild(Instruction):
+    expression: str                  # the trigger as written: "RUN make"
+
+
+@dataclass(frozen=True)
+class Maintainer(Instruction):
+    name: str
+
+
+@dataclass(frozen=True)
 class Stage:
     index: int
     base: From
@@ -116,15 +199,13 @@ class Dockerfile:
         if target is None:
             return self.stages[-1]
         for st in self.stages:
-            if st.name == target:
+            if st.name == target.lower():
                 return st
         names = ", ".join(s.name for s in self.stages if s.name) or "none"
         raise DockerfileError(f"target stage {target!r} not found (named stages: {names})",
                               file=self.filename)
 
 
-# Instructions of the language that this version parses but cannot carry out yet.
-_NOT_YET = {"add", "volume", "stopsignal", "healthcheck", "shell", "onbuild", "maintainer"}
 _ALL_KEYWORDS = set(k.lower() for k in syntax.KEYWORDS)
 
 
@@ -140,7 +221,7 @@ def load(text: str, *, filename: str = "Dockerfile") -> Dockerfile:
         warnings.append(f"{filename}: '# syntax={parsed.directives.syntax}' is accepted and "
                         "ignored: pybuild implements the Dockerfile language itself")
     for node in parsed.nodes:
-        inst = _typed(node, filename)
+        inst = typed(node, filename)
         if isinstance(inst, From):
             if current is not None:
                 stages.append(Stage(len(stages), current, tuple(body)))
@@ -170,29 +251,132 @@ def load(text: str, *, filename: str = "Dockerfile") -> Dockerfile:
                       tuple(warnings))
 
 
-def _flags(node: syntax.Node, allowed: set[str], filename: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for f in node.flags:
-        name, _, value = f[2:].partition("=")
-        if name not in allowed:
-            if name in _FUTURE_FLAGS.get(node.keyword, ()):
-                raise DockerfileError(
-                    f"{node.keyword.upper()} --{name} is not supported by this version of pybuild",
-                    file=filename, line=node.start_line)
-            valid = ", ".join("--" + a for a in sorted(allowed)) or "none"
-            raise DockerfileError(f"unknown flag for {node.keyword.upper()}: --{name} "
-                                  f"(valid flags: {valid})", file=filename, line=node.start_line)
-        out[name] = value
-    return out
+def parse_trigger(expression: str, *, filename: str, line: int, escape: str = "\\") -> Instruction:
+    """An ONBUILD trigger ("RUN make") as an instruction, for the build that inherits it."""
+    parsed = syntax.parse(expression + "\n", filename=filename)
+    if len(parsed.nodes) != 1:
+        raise DockerfileError(f"ONBUILD trigger {expression!r} is not one instruction",
+                              file=filename, line=line)
+    node = parsed.nodes[0]
+    return typed(syntax.Node(node.keyword, node.original, node.args, node.flags, node.json,
+                             line, line, node.child, node.heredocs), filename)
 
 
-_FUTURE_FLAGS = {
-    "run": ("mount", "security"),
-    "copy": ("from", "link", "exclude", "parents"),
-}
+class _Flags:
+    """A node's `--name=value` flags, checked against what the instruction accepts."""
+
+    def __init__(self, node: syntax.Node, allowed: set[str], filename: str,
+                 repeatable: set[str] = frozenset(), booleans: set[str] = frozenset()):
+        self.values: dict[str, list[str]] = {}
+        for f in node.flags:
+            name, eq, value = f[2:].partition("=")
+            if name not in allowed:
+                valid = ", ".join("--" + a for a in sorted(allowed)) or "none"
+                raise DockerfileError(f"unknown flag for {node.keyword.upper()}: --{name} "
+                                      f"(valid flags: {valid})", file=filename, line=node.start_line)
+            if name in booleans and not eq:
+                value = "true"
+            elif not eq:
+                raise DockerfileError(f"{node.keyword.upper()} --{name} needs a value (--{name}=...)",
+                                      file=filename, line=node.start_line)
+            if name in self.values and name not in repeatable:
+                raise DockerfileError(f"{node.keyword.upper()}: --{name} given twice",
+                                      file=filename, line=node.start_line)
+            self.values.setdefault(name, []).append(value)
+
+    def get(self, name: str) -> str | None:
+        v = self.values.get(name)
+        return v[-1] if v else None
+
+    def all(self, name: str) -> tuple[str, ...]:
+        return tuple(self.values.get(name, ()))
+
+    def bool(self, name: str) -> bool:
+        v = self.get(name)
+        return v is not None and v.lower() in ("true", "1", "")
 
 
-def _typed(node: syntax.Node, filename: str) -> Instruction:
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+            "m": 60_000_000_000, "h": 3_600_000_000_000}
+
+
+def parse_duration(text: str) -> int:
+    """A Go duration ("1m30s", "500ms") in nanoseconds."""
+    if text in ("0", ""):
+        return 0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
+        pos = m.end()
+    return int(total)
+
+
+def _mount(spec: str, need) -> Mount:
+    try:
+        fields = next(csv.reader([spec]))
+    except (csv.Error, StopIteration):
+        need(False, f"RUN --mount={spec}: cannot parse it")
+    kv: dict[str, str | None] = {}
+    for f in fields:
+        k, eq, v = f.partition("=")
+        kv[k.strip().lower()] = v if eq else None
+    kind = (kv.pop("type", None) or "bind").lower()
+    need(kind in ("bind", "cache", "tmpfs", "secret", "ssh"),
+         f"RUN --mount: unknown type {kind!r}", "use bind, cache, tmpfs, secret or ssh")
+    out: dict = {"type": kind}
+    for key, value in kv.items():
+        if key in ("target", "dst", "destination"):
+            out["target"] = value
+        elif key in ("source", "src"):
+            out["source"] = value
+        elif key == "from":
+            out["from_"] = value
+        elif key == "id":
+            out["id"] = value
+        elif key in ("ro", "readonly"):
+            out["readonly"] = value is None or value.lower() in ("true", "1")
+        elif key in ("rw", "readwrite"):
+            out["readonly"] = not (value is None or value.lower() in ("true", "1"))
+        elif key == "sharing":
+            need(value in ("shared", "private", "locked"),
+                 f"RUN --mount: sharing={value} must be shared, private or locked")
+            out["sharing"] = value
+        elif key in ("mode", "uid", "gid", "size"):
+            try:
+                out[key] = int(value, 8) if key == "mode" else _size(value) if key == "size" else int(value)
+            except (TypeError, ValueError):
+                need(False, f"RUN --mount: invalid {key}={value}")
+        elif key == "required":
+            out["required"] = value is None or value.lower() in ("true", "1")
+        elif key == "env":
+            out["env"] = value
+        else:
+            need(False, f"RUN --mount: unknown option {key!r} for type={kind}")
+    if kind in ("bind", "cache", "tmpfs"):
+        need(bool(out.get("target")), f"RUN --mount=type={kind} needs target=PATH")
+    if kind == "secret":
+        need(bool(out.get("target") or out.get("id") or out.get("env")),
+             "RUN --mount=type=secret needs id=NAME (or target=PATH)")
+    return Mount(**out)
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kKmMgG]?)[bB]?", text or "")
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def _heredocs(node: syntax.Node) -> tuple[Heredoc, ...]:
+    return tuple(Heredoc(name, body, expand=not quoted, chomp=chomp)
+                 for name, body, quoted, chomp in node.heredocs)
+
+
+def typed(node: syntax.Node, filename: str) -> Instruction:
     kw = node.keyword
     common = dict(line=node.start_line, end_line=node.end_line, text=node.original.strip())
 
@@ -205,15 +389,9 @@ def _typed(node: syntax.Node, filename: str) -> Instruction:
         raise DockerfileError(f"unknown instruction: {kw.upper()}", file=filename,
                               line=node.start_line,
                               hint=f"did you mean {guess[0]}?" if guess else None)
-    if kw in _NOT_YET:
-        raise DockerfileError(f"{kw.upper()} is not supported by this version of pybuild",
-                              file=filename, line=node.start_line)
-    if node.heredocs:
-        raise DockerfileError(f"heredocs in {kw.upper()} are not supported by this version of pybuild",
-                              file=filename, line=node.start_line)
 
     if kw == "from":
-        flags = _flags(node, {"platform"}, filename)
+        flags = _Flags(node, {"platform"}, filename)
         a = node.args
         need(len(a) in (1, 3), "FROM requires an image name, optionally followed by AS name",
              "FROM IMAGE[:TAG] [AS NAME]")
@@ -221,22 +399,49 @@ def _typed(node: syntax.Node, filename: str) -> Instruction:
         if len(a) == 3:
             need(a[1].lower() == "as", f"FROM: expected 'AS', found {a[1]!r}", "FROM IMAGE AS NAME")
             alias = a[2].lower()
+            need(re.fullmatch(r"[a-z][a-z0-9_.-]*", alias) is not None,
+                 f"FROM: invalid stage name {a[2]!r}",
+                 "a stage name starts with a letter and holds letters, digits, _ . -")
         return From(**common, image=a[0], alias=alias, platform=flags.get("platform"))
     if kw == "run":
-        flags = _flags(node, {"network"}, filename)
+        flags = _Flags(node, {"network", "mount", "security"}, filename, repeatable={"mount"})
         need(bool(node.args), "RUN requires a command")
         net = flags.get("network")
         need(net in (None, "default", "host", "none"),
              f"RUN --network={net}: must be default, host or none")
+        sec = flags.get("security")
+        need(sec in (None, "sandbox"), f"RUN --security={sec}: pybuild runs every RUN sandboxed",
+             "remove the flag (insecure mode is not supported)")
+        mounts = tuple(_mount(m, need) for m in flags.all("mount"))
         return Run(**common, command=tuple(node.args), exec_form=node.json,
-                   network=None if net == "default" else net)
-    if kw == "copy":
-        flags = _flags(node, {"chown", "chmod"}, filename)
-        need(len(node.args) >= 2, "COPY requires at least one source and a destination",
-             "COPY SRC... DEST")
-        return Copy(**common, sources=tuple(node.args[:-1]), dest=node.args[-1],
-                    chown=flags.get("chown"), chmod=flags.get("chmod"))
-    _flags(node, set(), filename)
+                   network=None if net == "default" else net, mounts=mounts,
+                   heredocs=_heredocs(node))
+    if kw in ("copy", "add"):
+        allowed = {"chown", "chmod", "from", "link", "parents", "exclude"}
+        if kw == "add":
+            allowed = (allowed - {"from"}) | {"checksum", "keep-git-dir", "unpack"}
+        flags = _Flags(node, allowed, filename, repeatable={"exclude"},
+                       booleans={"link", "parents", "keep-git-dir", "unpack"})
+        heredocs = _heredocs(node)
+        need(len(node.args) >= 2, f"{kw.upper()} requires at least one source and a destination",
+             f"{kw.upper()} SRC... DEST")
+        extra = {}
+        if kw == "add":
+            checksum = flags.get("checksum")
+            need(checksum is None or re.fullmatch(r"sha256:[0-9a-fA-F]{64}", checksum or "") is not None
+                 or "$" in (checksum or ""),
+                 f"ADD --checksum={checksum}: expected sha256:<64 hex digits>")
+            unpack = flags.get("unpack")
+            extra = dict(checksum=checksum, keep_git_dir=flags.bool("keep-git-dir"),
+                         unpack=None if unpack is None else flags.bool("unpack"))
+        cls = Add if kw == "add" else Copy
+        return cls(**common, sources=tuple(node.args[:-1]), dest=node.args[-1],
+                   chown=flags.get("chown"), chmod=flags.get("chmod"), from_=flags.get("from"),
+                   link=flags.bool("link"), parents=flags.bool("parents"),
+                   excludes=flags.all("exclude"), heredocs=heredocs, **extra)
+    if kw == "healthcheck":
+        return _healthcheck(node, common, need, filename)
+    _Flags(node, set(), filename)
     if kw in ("env", "label"):
         a = node.args
         need(len(a) >= 3, f"{kw.upper()} requires at least one name=value pair")
@@ -265,5 +470,58 @@ def _typed(node: syntax.Node, filename: str) -> Instruction:
     if kw == "expose":
         need(bool(node.args), "EXPOSE requires at least one port", "EXPOSE 80 443/tcp")
         return Expose(**common, ports=tuple(node.args))
+    if kw == "volume":
+        paths = tuple(p for p in node.args if p.strip())
+        need(bool(paths), "VOLUME requires at least one path", "VOLUME /data")
+        return Volume(**common, paths=paths)
+    if kw == "stopsignal":
+        need(len(node.args) == 1 and node.args[0].strip() != "", "STOPSIGNAL requires one signal",
+             "STOPSIGNAL SIGTERM")
+        return Stopsignal(**common, signal=node.args[0].strip())
+    if kw == "shell":
+        need(node.json and len(node.args) >= 1, "SHELL requires the arguments in JSON form",
+             'SHELL ["/bin/bash", "-c"]')
+        return Shell(**common, argv=tuple(node.args))
+    if kw == "onbuild":
+        child = node.child
+        need(child is not None, "ONBUILD requires an instruction", "ONBUILD RUN make")
+        need(child.keyword not in ("onbuild", "from", "maintainer"),
+             f"ONBUILD {child.keyword.upper()} is not allowed")
+        typed(child, filename)        # a broken trigger fails here, not in a later build
+        expression = node.original.strip()[len("onbuild"):].strip()
+        return Onbuild(**common, expression=expression)
+    if kw == "maintainer":
+        need(bool(node.args), "MAINTAINER requires a name")
+        return Maintainer(**common, name=node.args[0])
     raise DockerfileError(f"{kw.upper()} is not supported by this version of pybuild",
                           file=filename, line=node.start_line)
+
+
+def _healthcheck(node, common, need, filename) -> Healthcheck:
+    flags = _Flags(node, {"interval", "timeout", "start-period", "start-interval", "retries"},
+                   filename)
+    args = node.args
+    need(bool(args), "HEALTHCHECK requires CMD or NONE", "HEALTHCHECK CMD curl -f http://localhost/")
+    kind = args[0].upper()
+    if kind == "NONE":
+        need(len(args) == 1 and not node.flags, "HEALTHCHECK NONE takes no arguments or flags")
+        return Healthcheck(**common, test=("NONE",))
+    need(kind == "CMD", f"HEALTHCHECK: unknown type {args[0]!r}", "use CMD or NONE")
+    need(len(args) >= 2, "HEALTHCHECK CMD requires a command")
+    test = ("CMD",) + tuple(args[1:]) if node.json else ("CMD-SHELL", args[1])
+    durations = {}
+    for name in ("interval", "timeout", "start-period", "start-interval"):
+        value = flags.get(name)
+        try:
+            ns = parse_duration(value) if value is not None else 0
+        except ValueError as e:
+            need(False, f"HEALTHCHECK --{name}: {e}", "for example 30s, 1m30s, 500ms")
+        need(ns == 0 or ns >= 1_000_000, f"HEALTHCHECK --{name} cannot be less than 1ms")
+        durations[name.replace("-", "_")] = ns
+    retries = flags.get("retries")
+    try:
+        n = int(retries) if retries is not None else 0
+    except ValueError:
+        n = -1
+    need(n >= 0, f"HEALTHCHECK --retries={retries}: must be a whole number, 0 or more")
+    return Healthcheck(**common, test=test, retries=n, **durations)

@@ -196,7 +196,7 @@ def _with_lines(node: Node, start: int, end: int, heredocs: tuple) -> Node:
 
 # Heredocs (`RUN <<EOF`) are recognised so that their bodies are never parsed
 # as instructions; what they mean is decided by the instruction layer.
-_HEREDOC = re.compile(r"<<(-?)\s*([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
+_HEREDOC = re.compile(r"^<<(-?)([\"']?)([^\s\"'<>|&;]+)\2$")
 _HEREDOC_KEYWORDS = ("run", "copy", "add")
 
 
@@ -209,10 +209,9 @@ def _read_heredocs(names, lines, i, filename, start):
                 raise DockerfileError(f"unterminated heredoc <<{name}", file=filename, line=start)
             ln = lines[i]
             i += 1
-            check = ln.lstrip("\t") if strip_tabs else ln
-            if check == name:
+            if (ln.lstrip("\t") if strip_tabs else ln) == name:
                 break
-            body.append(check + "\n")
+            body.append(ln + "\n")     # raw: `<<-` tab stripping is the instruction's business
         docs.append((name, "".join(body), bool(quoted), strip_tabs))
     return tuple(docs), i
 
@@ -231,9 +230,12 @@ def _node_from_line(line: str, d: Directives, filename: str, lineno: int):
     except ValueError as e:
         raise DockerfileError(f"{keyword.upper()}: {e}", file=filename, line=lineno) from None
     heredocs = []
-    if keyword in _HEREDOC_KEYWORDS and not is_json:
-        for m in _HEREDOC.finditer(rest):
-            heredocs.append((m.group(1) == "-", m.group(2), m.group(3)))
+    if keyword in _HEREDOC_KEYWORDS and not is_json and "<<" in rest:
+        # A heredoc marker is a word of its own: `RUN <<EOF`, `RUN cat <<-"EOT" > f`.
+        for word in parse_words(rest, d.escape):
+            m = _HEREDOC.match(word)
+            if m:
+                heredocs.append((m.group(1) == "-", m.group(2), m.group(3)))
     return Node(keyword, line, tuple(args), tuple(flags), is_json, child=child), heredocs
 
 

@@ -55,6 +55,7 @@ class Snapshot:
 def prepare(store, diff_ids: list[str], workdir: str) -> Snapshot:
     """Dirs for a new snapshot over the layers `diff_ids` (bottom first) inside `workdir`."""
     lowers = store.lower_links(diff_ids)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
     if not lowers:
         empty = os.path.join(workdir, "empty")
         os.mkdir(empty, 0o755)
