@@ -9,7 +9,6 @@ normalises and why, is in testdata/compat/golden.py.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tarfile
 
