@@ -44,10 +44,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build an image from a Dockerfile")
     _common(b)
-    b.add_argument("context", metavar="CONTEXT", help="the build context directory")
+    b.add_argument("context", metavar="CONTEXT",
+                   help="the build context directory (- : a tar, plain or compressed, on stdin)")
     b.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
                    help="name the image (repeatable)")
-    b.add_argument("-f", "--file", metavar="FILE", help="the Dockerfile (default: CONTEXT/Dockerfile)")
+    b.add_argument("-f", "--file", metavar="FILE",
+                   help="the Dockerfile (default: CONTEXT/Dockerfile; - : read it from stdin)")
     b.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
                    help="set a build-time variable (without =VALUE: from the environment)")
     b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
@@ -237,9 +239,38 @@ def _secrets(items: list[str]) -> dict[str, str | bytes]:
 
 
 def _cmd_build(args) -> int:
+    import shutil
+    import tempfile
+    if args.context == "-" and args.file == "-":
+        raise UsageError("can't use standard input for both the build context and the Dockerfile")
+    if args.context != "-" and not os.path.isdir(args.context):
+        raise UsageError(f"build context {args.context!r} is not a directory",
+                         hint="the last argument is the context directory, for example `.`")
+    scratch = tempfile.mkdtemp(prefix="pybuild-stdin-") if "-" in (args.context, args.file) else None
+    try:
+        context, dockerfile = args.context, args.file
+        if dockerfile == "-":
+            dockerfile = os.path.join(scratch, "Dockerfile")
+            with open(dockerfile, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f)
+        if context == "-":
+            from .layer import extract
+            context = os.path.join(scratch, "context")
+            os.mkdir(context)
+            extract.extract(sys.stdin.buffer, context, what="build context from stdin",
+                            whiteouts=False, compressed=True)
+            if dockerfile:
+                dockerfile = os.path.join(context, dockerfile)
+        return _build(args, context, dockerfile)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(args, context: str, dockerfile: str | None) -> int:
     from .engine import Builder, BuildOptions
     from .progress import PlainRenderer
-    opts = BuildOptions(context=args.context, dockerfile=args.file, tags=tuple(args.tag),
+    opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,
                         root=getattr(args, "root", None), secrets=_secrets(args.secret))

@@ -153,6 +153,14 @@ class Source:
     spec: str               # as written (after expansion)
     path: str               # the resolved path relative to the context root
     entries: tuple[Entry, ...]
+    pivot: str = ""         # COPY --parents a/./b: the leading part the destination drops
+
+    @property
+    def kept_path(self) -> str:
+        """The path `COPY --parents` keeps under the destination."""
+        if self.pivot and (self.path + "/").startswith(self.pivot + "/"):
+            return self.path[len(self.pivot):].lstrip("/")
+        return self.path
 
     @property
     def is_dir(self) -> bool:
@@ -169,8 +177,10 @@ class BuildContext:
     `ignore` defaults to the context's .dockerignore rules.
     """
 
-    def __init__(self, root: str, dockerfile: str | None = None, ignore: IgnoreRules | None = None):
+    def __init__(self, root: str, dockerfile: str | None = None, ignore: IgnoreRules | None = None,
+                 strict: bool = True):
         self.root = os.path.abspath(root)
+        self.strict = strict     # a context's symlinks may not lead out; an image's may
         if not os.path.isdir(self.root):
             raise BuildError(f"build context {root!r} is not a directory")
         self.ignore = ignore if ignore is not None else IgnoreRules.for_context(self.root, dockerfile)
@@ -184,18 +194,29 @@ class BuildContext:
     def sources(self, spec: str, *, instruction: str = "COPY", where: str = "the build context"
                 ) -> list[Source]:
         """The sources a COPY source spec names: a path or a glob, inside the context."""
+        if not spec.startswith("/") and paths.escapes(spec):
+            raise BuildError(f"{instruction} source {spec!r} is outside {where}",
+                             hint="a build can only read files inside its context directory")
+        pivot = paths.clean(spec.split("/./", 1)[0]) if "/./" in spec else ""
         cleaned = paths.clean(spec)
         names = self._glob(cleaned) if _GLOB_CHARS.search(cleaned) else [cleaned]
         out = []
         for name in names:
             if self.ignore.excluded(name):
                 continue
-            resolved = os.path.relpath(paths.resolve_in_root(self.root, name), self.root)
+            try:
+                host = paths.resolve_in_root(self.root, name, strict=self.strict)
+            except paths.EscapesRoot as e:
+                raise BuildError(f"{instruction} source {spec!r} is a symlink that leads outside "
+                                 f"{where} ({e})",
+                                 hint="copy the file into the context instead of linking to it"
+                                 ) from None
+            resolved = os.path.relpath(host, self.root)
             resolved = "" if resolved == "." else resolved
             st = self._lstat(resolved)
             if st is None or self.ignore.excluded(resolved):
                 continue
-            out.append(Source(spec, resolved, tuple(self._walk(resolved, st))))
+            out.append(Source(spec, resolved, tuple(self._walk(resolved, st)), pivot))
         if not out:
             pattern = names != [cleaned]
             raise BuildError(
@@ -294,4 +315,4 @@ def filter_excludes(source: Source, rules: IgnoreRules) -> Source | None:
         return None if excluded else source
     kept = [source.entries[0]] + [e for e in source.entries[1:]
                                   if not (rules.excluded(e.rel) or rules.excluded(e.src))]
-    return Source(source.spec, source.path, tuple(kept))
+    return Source(source.spec, source.path, tuple(kept), source.pivot)

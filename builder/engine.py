@@ -153,17 +153,18 @@ class Builder:
         try:
             for p in plans:            # in order: a stage only waits for earlier ones
                 self.results[p.stage.index] = pool.submit(self._build_stage, p)
-            first_error = None
-            for p in plans:
-                try:
-                    self.results[p.stage.index].result()
-                except BaseException as e:
-                    if first_error is None or isinstance(first_error, Interrupted):
-                        first_error = e
-                    self.cancelled.set()
-                    sandbox.kill_all()
-            if first_error is not None:
-                raise first_error
+            futures = list(self.results.values())
+            done, _ = concurrent.futures.wait(futures,
+                                              return_when=concurrent.futures.FIRST_EXCEPTION)
+            if any(f.exception() for f in done):
+                self.cancelled.set()
+                sandbox.kill_all()
+                concurrent.futures.wait(futures)
+                errors = [f.exception() for f in futures if f.exception()]
+                # The stage that failed first, not the ones stopped because of it.
+                real = [e for e in errors if not isinstance(e, Interrupted) and
+                        not (isinstance(e, StepFailed) and e.status == 137)]
+                raise (real or errors)[0]
         except BaseException:
             self.cancelled.set()
             sandbox.kill_all()
@@ -622,10 +623,12 @@ class Builder:
 
                     def body():
                         fileops.copy_into_root(op)
-                    sandbox.run_in_root(snap, body, before_chroot=lambda: fileops.prepare(op))
+                    sandbox.run_in_root(snap, body, before_chroot=lambda: fileops.prepare(op),
+                                        cancel=self.cancelled)
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")
-                    sandbox.run_in_root(snap, lambda: fileops.mkdir_workdir(plan.dest, user))
+                    sandbox.run_in_root(snap, lambda: fileops.mkdir_workdir(plan.dest, user),
+                                        cancel=self.cancelled)
             except sandbox.SetupError as e:
                 raise BuildError(str(e), step=self._where(inst, n), hint=e.hint) from None
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
@@ -651,7 +654,7 @@ class Builder:
 
         def on_output(line: bytes) -> None:
             self.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
-        status = sandbox.run(snap, spec, scratch, on_output)
+        status = sandbox.run(snap, spec, scratch, on_output, cancel=self.cancelled)
         if status != 0:
             raise StepFailed(step=f"step {n}/{self.total}", line=inst.line,
                              file=self.dockerfile_path, command=plan.created_by, exit_code=status)

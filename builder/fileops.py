@@ -79,7 +79,7 @@ def prepare(op: CopyOp) -> None:
             linux.mount("overlay", g.root, "overlay", linux.MS_RDONLY,
                         f"lowerdir={':'.join(lowers)},index=off,redirect_dir=off,metacopy=off")
         if g.specs:
-            ctx = BuildContext(g.root, ignore=IgnoreRules())
+            ctx = BuildContext(g.root, ignore=IgnoreRules(), strict=False)
             found = []
             for spec in g.specs:
                 try:
@@ -103,8 +103,9 @@ def copy_into_root(op: CopyOp) -> None:
         for src in g.sources:
             base = dest
             if op.parents:
-                base = posixpath.join(dest, src.path) if src.is_dir else \
-                    posixpath.join(dest, posixpath.dirname(src.path))
+                kept = src.kept_path
+                base = posixpath.join(dest, kept) if src.is_dir else \
+                    posixpath.join(dest, posixpath.dirname(kept))
             if src.is_dir:
                 copier.copy_tree(src, base)
             elif op.unpack and _is_archive(g.fd, src.path):

@@ -40,11 +40,17 @@ def escapes(path: str) -> bool:
     return norm == ".." or norm.startswith("../")
 
 
-def resolve_in_root(root: str, path: str) -> str:
+class EscapesRoot(ValueError):
+    """A path or one of its symlinks leads outside the root (strict resolution only)."""
+
+
+def resolve_in_root(root: str, path: str, *, strict: bool = False) -> str:
     """The host path of `path` inside `root`, with symlinks followed as if `root` were `/`.
 
     Components that do not exist are appended as they are; the result never
-    lies outside `root`.
+    lies outside `root`. With `strict`, a `..` above the root or a symlink
+    that is absolute or climbs out raises EscapesRoot instead (a build
+    context: its absolute links point at the user's machine, not into it).
     """
     remaining = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
@@ -54,6 +60,8 @@ def resolve_in_root(root: str, path: str) -> str:
         if part == "..":
             if resolved:
                 resolved.pop()
+            elif strict:
+                raise EscapesRoot(path)
             continue
         candidate = os.path.join(root, *resolved, part)
         try:
@@ -69,6 +77,9 @@ def resolve_in_root(root: str, path: str) -> str:
             if links > MAX_SYMLINKS:
                 raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
             target = os.readlink(candidate)
+            if strict and (target.startswith("/") or
+                           escapes(posixpath.join(*(resolved or ["."]), target))):
+                raise EscapesRoot(f"{'/'.join(resolved + [part])} -> {target}")
             if target.startswith("/"):
                 resolved = []
             remaining = [p for p in target.split("/") if p not in ("", ".")] + remaining

@@ -108,7 +108,8 @@ def kill_all() -> None:
 
 # ---- the parent's side ----------------------------------------------------------
 
-def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes], None] | None = None) -> int:
+def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes], None] | None = None,
+        cancel: threading.Event | None = None) -> int:
     """Run `spec` in `snap`; returns the command's exit status (128+N if killed by signal N).
 
     `scratch` is a temp dir for the init dir and the files bind-mounted over
@@ -125,11 +126,12 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     os.close(err_w)
     if out_w is not None:
         os.close(out_w)
-    return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive)
+    return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
 
 
 def run_in_root(snap: Snapshot, func: Callable[[], None],
-                before_chroot: Callable[[], None] | None = None) -> None:
+                before_chroot: Callable[[], None] | None = None,
+                cancel: threading.Event | None = None) -> None:
     """Mount `snap`, chroot into it in a child process and call `func` there.
 
     `before_chroot` runs first, in the child's own mount namespace (to mount
@@ -151,15 +153,19 @@ def run_in_root(snap: Snapshot, func: Callable[[], None],
             func()
         _child(err_w, body)
     os.close(err_w)
-    status = _supervise(pid, err_r, None, None, forward=False)
+    status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
     if status != 0:
         raise SetupError(f"file operation failed with status {status}")
 
 
-def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool) -> int:
+def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool,
+               cancel: threading.Event | None = None) -> int:
     """Pump output, wait for the child, turn its report into an exception or a status."""
     with _live_lock:
         _live.add(pid)
+    if cancel is not None and cancel.is_set():
+        # The build was cancelled between the caller's last check and the fork.
+        os.kill(pid, signal.SIGKILL)
     try:
         return _supervise_registered(pid, err_r, out_r, on_output, forward=forward)
     finally:

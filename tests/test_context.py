@@ -63,9 +63,22 @@ def test_top_level_symlink_is_followed_inside_the_context(ctx):
     assert src.path == "src/a.txt" and not src.is_dir
 
 
-def test_source_cannot_climb_out_of_the_context(ctx, tmp_path):
-    (src,) = BuildContext(str(ctx / "src")).sources("../../a.txt")
-    assert src.path == "a.txt"
+@pytest.mark.parametrize("spec", ["../a.txt", "sub/../../a.txt"])
+def test_source_outside_the_context_is_an_error(ctx, spec):
+    with pytest.raises(BuildError, match="outside the build context"):
+        BuildContext(str(ctx / "src")).sources(spec)
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../etc/passwd", "src/../../x"])
+def test_symlink_out_of_the_context_is_an_error_never_a_read_of_the_host(ctx, target):
+    (ctx / "escape").symlink_to(target)
+    with pytest.raises(BuildError, match="symlink that leads outside the build context"):
+        BuildContext(str(ctx)).sources("escape")
+
+
+def test_absolute_source_is_relative_to_the_context_root(ctx):
+    (src,) = BuildContext(str(ctx)).sources("/src/a.txt")
+    assert src.path == "src/a.txt"
 
 
 @pytest.mark.parametrize("spec", ["missing.txt", "src/*.none", "src/secret.key"])

@@ -25,13 +25,18 @@ _CHUNK = 1 << 20
 _XATTR_PREFIX = "SCHILY.xattr."
 
 
-def extract(stream, dest: str, *, what: str = "layer") -> int:
-    """Extract the tar read from `stream` into the existing directory `dest`; returns content bytes."""
+def extract(stream, dest: str, *, what: str = "layer", whiteouts: bool = True,
+            compressed: bool = False) -> int:
+    """Extract the tar read from `stream` into the existing directory `dest`; returns content bytes.
+
+    `whiteouts=False` keeps `.wh.` names as plain files (a build context is
+    not a layer); `compressed` accepts gzip, bzip2 and xz streams.
+    """
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+        tar = tarfile.open(fileobj=stream, mode="r|*" if compressed else "r|", errorlevel=2)
     except tarfile.TarError as e:
         raise LayerError(f"{what}: not a tar archive ({e})") from None
-    extractor = _Extractor(dest, what)
+    extractor = _Extractor(dest, what, whiteouts)
     try:
         for member in tar:
             extractor.add(member, tar)
@@ -46,9 +51,10 @@ def extract(stream, dest: str, *, what: str = "layer") -> int:
 
 
 class _Extractor:
-    def __init__(self, dest: str, what: str):
+    def __init__(self, dest: str, what: str, whiteouts: bool = True):
         self.dest = dest
         self.what = what
+        self.whiteouts = whiteouts
         self.dir_times: list[tuple[str, int]] = []
         self.content_bytes = 0
 
@@ -92,10 +98,10 @@ class _Extractor:
             return  # the root itself: its metadata belongs to the image below
         base = rel.rsplit("/", 1)[-1]
         parent = self.parent_dir(rel, m.name)
-        if base == whiteout.OPAQUE:
+        if self.whiteouts and base == whiteout.OPAQUE:
             whiteout.make_opaque(parent)
             return
-        if base.startswith(whiteout.PREFIX):
+        if self.whiteouts and base.startswith(whiteout.PREFIX):
             target = os.path.join(parent, base[len(whiteout.PREFIX):])
             self.remove(target)
             whiteout.make_whiteout(target)
