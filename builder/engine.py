@@ -18,30 +18,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import fcntl
-import hashlib
 import os
-import posixpath
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Callable, Mapping
 
-from . import cache as cachemod, fileops, paths, reference, sandbox, steps
+from . import cache as cachemod, paths, reference, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import BuildError, DockerfileError, Interrupted, PybuildError, StepFailed, UsageError
 from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
-from .layer import commit
-from .progress import (BuildDone, BuildStarted, BuildWarning, Event, StepCached, StepDone,
-                       StepOutput, StepStarted)
-from .snapshot import overlay
-from .store import Store, remove_tree
+from .progress import BuildDone, BuildStarted, BuildWarning, Event, StepCached, StepDone, StepStarted
+from .store import Store
 
 HISTORY_COMMENT = "pybuild.dockerfile.v0"
 
@@ -99,6 +89,7 @@ class Builder:
         self.steps_run = 0
         self.steps_cached = 0
         self.cancelled = threading.Event()
+        self.executor = None
         arch = host_architecture()
         platform = f"linux/{arch}"
         self.automatic_args = {"TARGETPLATFORM": platform, "TARGETOS": "linux", "TARGETARCH": arch,
@@ -158,7 +149,7 @@ class Builder:
                                               return_when=concurrent.futures.FIRST_EXCEPTION)
             if any(f.exception() for f in done):
                 self.cancelled.set()
-                sandbox.kill_all()
+                _kill_sandboxes()
                 concurrent.futures.wait(futures)
                 errors = [f.exception() for f in futures if f.exception()]
                 # The stage that failed first, not the ones stopped because of it.
@@ -167,7 +158,7 @@ class Builder:
                 raise (real or errors)[0]
         except BaseException:
             self.cancelled.set()
-            sandbox.kill_all()
+            _kill_sandboxes()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
@@ -403,12 +394,25 @@ class Builder:
 
     # ---- what a step reads: sources, mounts, downloads ---------------------------------
 
-    def _inputs(self, state, plan: steps.Plan, inst, n: int) -> "_Inputs":
-        inputs = _Inputs()
+    def _inputs(self, state, plan: steps.Plan, inst, n: int) -> "StepInputs":
+        """Everything a step reads besides its parent, digested for the cache key.
+
+        Nothing here mounts or runs anything: on a cache hit this is all the work
+        a COPY or RUN costs.
+        """
+        inputs = StepInputs()
         if plan.kind == "copy":
             self._copy_inputs(plan, inst, n, inputs)
         elif plan.kind == "run":
-            self._mount_inputs(plan, inst, n, inputs)
+            for i, m in enumerate(plan.mounts):
+                if m.type == "bind" and m.from_:
+                    identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
+                    inputs.digests.append(f"{identity}:{m.source}")
+                    inputs.mount_sources[i] = ("rootfs", diff_ids)
+                elif m.type == "bind":
+                    src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
+                    inputs.digests.append(self.ctx.digest(src))
+                    inputs.mount_sources[i] = ("context", src)
         return inputs
 
     def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:
@@ -421,7 +425,7 @@ class Builder:
         image = self._resolve_image(ref, inst)
         return image.id, image.diff_ids, f"image {ref}"
 
-    def _copy_inputs(self, plan: steps.Plan, inst, n: int, inputs: "_Inputs") -> None:
+    def _copy_inputs(self, plan: steps.Plan, inst, n: int, inputs: "StepInputs") -> None:
         rules = IgnoreRules(list(plan.excludes)) if plan.excludes else None
         keyword = "ADD" if plan.is_add else "COPY"
         scratch = None
@@ -430,250 +434,62 @@ class Builder:
                 found = self.ctx.sources(src.spec, instruction=keyword)
                 if rules is not None:
                     found = [f for f in (filter_excludes(s, rules) for s in found) if f]
-                group = inputs.group("context", lambda: fileops.SourceGroup(self.ctx.root))
-                group.sources += tuple(found)
+                inputs.copy_parts += [("context", s) for s in found]
                 inputs.digests += [self.ctx.digest(s) for s in found]
             elif src.kind == "stage":
                 identity, diff_ids, what = self._other_rootfs(src.ref, inst)
-                key = "from:" + src.ref
-
-                def make(diff_ids=diff_ids, what=what):
-                    root = os.path.join(self._stepdir(n), f"from-{len(inputs.groups)}")
-                    return fileops.SourceGroup(root, lowers=tuple(self.store.lower_links(diff_ids)),
-                                               store_root=self.store.root, what=what)
-                group = inputs.group(key, make)
-                group.specs += (src.spec,)
+                inputs.copy_parts.append(("from", (src.ref, tuple(diff_ids), what, src.spec)))
                 inputs.digests.append(f"{identity}:{src.spec}")
             else:
                 if scratch is None:
-                    scratch = os.path.join(self._stepdir(n), "inline")
+                    scratch = os.path.join(self.stepdir(n), "inline")
                     os.makedirs(scratch, exist_ok=True)
                 if src.kind == "heredoc":
-                    name = self._write_inline(scratch, src.spec, src.content.encode(), 0o644)
+                    name = _write_inline(scratch, src.spec, src.content.encode(), 0o644)
                 else:
-                    name, digest = self._download(scratch, src.spec, plan.checksum, inst)
+                    from . import download
+                    try:
+                        name, digest = download.fetch(src.spec, scratch, plan.checksum)
+                    except download.DownloadError as e:
+                        raise BuildError(str(e), hint=e.hint) from None
                     inputs.digests.append(digest)
-                group = inputs.group("inline", lambda: fileops.SourceGroup(scratch))
-                group.sources += tuple(BuildContext(scratch, ignore=IgnoreRules())
-                                       .sources(name, instruction=keyword))
+                found = BuildContext(scratch, ignore=IgnoreRules()).sources(name, instruction=keyword)
+                inputs.copy_parts += [("inline", (scratch, s)) for s in found]
 
-    @staticmethod
-    def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
-        name = paths.clean(name) or "__unnamed__"
-        path = os.path.join(scratch, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chmod(path, mode)
-        return name
-
-    def _download(self, scratch: str, url: str, checksum: str | None, inst) -> tuple[str, str]:
-        """ADD <url>: fetch it (0600, mtime from Last-Modified), check --checksum."""
-        name = posixpath.basename(urllib.parse.urlparse(url).path) or "__unnamed__"
-        path = os.path.join(scratch, name)
-        h = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-                modified = resp.headers.get("Last-Modified")
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise BuildError(f"ADD {url}: download failed ({getattr(e, 'reason', e)})",
-                             hint="check the URL and that this machine can reach it") from None
-        digest = "sha256:" + h.hexdigest()
-        if checksum and checksum.lower() != digest:
-            raise BuildError(f"ADD {url}: checksum mismatch: expected {checksum}, got {digest}",
-                             hint="the file changed at its source, or --checksum is wrong")
-        os.chmod(path, 0o600)
-        if modified:
-            try:
-                ts = parsedate_to_datetime(modified).timestamp()
-                os.utime(path, (ts, ts))
-            except (TypeError, ValueError):
-                pass
-        return name, digest
-
-    def _mount_inputs(self, plan: steps.Plan, inst, n: int, inputs: "_Inputs") -> None:
-        for i, m in enumerate(plan.mounts):
-            where = os.path.join(self._stepdir(n), f"mount-{i}")
-            if m.type == "tmpfs":
-                inputs.mounts.append(sandbox.MountSpec(m.target, "tmpfs", readonly=False,
-                                                       options=f"size={m.size}" if m.size else ""))
-            elif m.type == "secret":
-                self._secret(m, inputs, inst)
-            elif m.type == "cache":
-                inputs.mounts.append(self._cache_mount(m, where, inst, inputs))
-            elif m.from_:
-                identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
-                inputs.digests.append(f"{identity}:{m.source}")
-                spec = sandbox.MountSpec(m.target, "overlay",
-                                         lowers=tuple(self.store.lower_links(diff_ids)) or
-                                         (self._empty_dir(where),),
-                                         subpath=m.source, readonly=m.readonly)
-                if not m.readonly:
-                    spec.upper, spec.work = self._upper_work(where)
-                inputs.mounts.append(spec)
-            else:
-                src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
-                inputs.digests.append(self.ctx.digest(src))
-                host = os.path.join(self.ctx.root, src.path)
-                if m.readonly or not src.is_dir:
-                    if not m.readonly:
-                        host = self._private_copy(host, where)
-                    inputs.mounts.append(sandbox.MountSpec(m.target, "bind", source=host,
-                                                           readonly=m.readonly))
-                else:
-                    upper, work = self._upper_work(where)
-                    inputs.mounts.append(sandbox.MountSpec(m.target, "overlay", lowers=(host,),
-                                                           upper=upper, work=work, readonly=False))
-
-    def _stepdir(self, n: int) -> str:
+    def stepdir(self, n: int) -> str:
         path = os.path.join(self.workdir, f"step-{n}")
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    @staticmethod
-    def _upper_work(where: str) -> tuple[str, str]:
-        upper, work = os.path.join(where, "upper"), os.path.join(where, "work")
-        os.makedirs(upper, exist_ok=True)
-        os.makedirs(work, exist_ok=True)
-        return upper, work
+    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "StepInputs", n: int):
+        if self.executor is None:
+            from .executor import Executor    # only a cache miss pays for mounts and tars
+            self.executor = Executor(self)
+        return self.executor.run_step(state, inst, plan, inputs, n)
 
-    @staticmethod
-    def _empty_dir(where: str) -> str:
-        path = os.path.join(where, "empty")
-        os.makedirs(path, exist_ok=True)
-        return path
 
-    @staticmethod
-    def _private_copy(host: str, where: str) -> str:
-        import shutil
-        os.makedirs(where, exist_ok=True)
-        dst = os.path.join(where, "file")
-        shutil.copy2(host, dst)
-        return dst
-
-    def _cache_mount(self, m: steps.RunMount, where: str, inst, inputs) -> sandbox.MountSpec:
-        """A cache mount: a directory of the store that outlives builds, shared by its id."""
-        if m.from_ or m.source:
-            raise BuildError("RUN --mount=type=cache with from= or source= is not supported by "
-                             "pybuild yet", hint="populate the cache from the RUN itself")
-        base = os.path.join(self.store.cache_dir, "mounts")
-        os.makedirs(base, exist_ok=True)
-        name = hashlib.sha256(m.id.encode()).hexdigest()[:32]
-        path = os.path.join(base, name)
-        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        inputs.locks.append(lock_fd)
-        if m.sharing == "locked":
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        elif m.sharing == "private":
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                path = os.path.join(where, "private-cache")   # another build has it: a fresh one
-        else:
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        if not os.path.isdir(path):
-            tmp = path + f".new-{os.getpid()}-{threading.get_ident()}"
-            os.makedirs(tmp, exist_ok=True)
-            os.chown(tmp, m.uid or 0, m.gid or 0)
-            os.chmod(tmp, m.mode if m.mode is not None else 0o755)
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                remove_tree(tmp)      # another build created it first
-        return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
-
-    def _secret(self, m: steps.RunMount, inputs, inst) -> None:
-        src = self.opts.secrets.get(m.id)
-        if src is None:
-            if m.required:
-                raise BuildError(f"secret {m.id!r} is required but was not given",
-                                 hint=f"pass it with --secret id={m.id},src=FILE")
-            return
-        if isinstance(src, str):
-            try:
-                with open(src, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise BuildError(f"secret {m.id!r}: cannot read {src}: {e.strerror}") from None
-        else:
-            data = bytes(src)
-        if m.env:
-            inputs.secret_env.append(f"{m.env}={data.decode('utf-8', 'replace')}")
-        if m.target:
-            inputs.mounts.append(sandbox.MountSpec(m.target, "secret", content=data,
-                                                   mode=m.mode, uid=m.uid or 0, gid=m.gid or 0))
-
-    # ---- steps that change files ---------------------------------------------------
-
-    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "_Inputs", n: int):
-        diff_ids = [l.diff_id for l in state.layers]
-        stepdir = self._stepdir(n)
-        try:
-            snap = overlay.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
-            try:
-                if plan.kind == "run":
-                    self._run(state, inst, plan, snap, inputs, stepdir, n)
-                elif plan.kind == "copy":
-                    op = fileops.CopyOp(tuple(inputs.groups), plan.dest, plan.dest_is_dir,
-                                        plan.chown, plan.chmod, plan.excludes, plan.parents,
-                                        plan.unpack, "ADD" if plan.is_add else "COPY")
-
-                    def body():
-                        fileops.copy_into_root(op)
-                    sandbox.run_in_root(snap, body, before_chroot=lambda: fileops.prepare(op),
-                                        cancel=self.cancelled)
-                elif plan.kind == "workdir":
-                    user = state.runtime.get("User", "")
-                    sandbox.run_in_root(snap, lambda: fileops.mkdir_workdir(plan.dest, user),
-                                        cancel=self.cancelled)
-            except sandbox.SetupError as e:
-                raise BuildError(str(e), step=self._where(inst, n), hint=e.hint) from None
-            parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by)
-        finally:
-            for fd in inputs.locks:
-                os.close(fd)
-            remove_tree(stepdir)
-
-    def _run(self, state, inst, plan: steps.Plan, snap, inputs, stepdir: str, n: int) -> None:
-        rt = state.runtime
-        env = [f"{k}={v}" for k, v in state.env.items()]
-        env += [f"{k}={v}" for k, v in self.opts.build_args.items()
-                if k in steps.PROXY_ARGS and k not in state.env]
-        env += inputs.secret_env
-        network = plan.network or self.opts.network
-        spec = sandbox.RunSpec(argv=plan.argv, env=env, user=rt.get("User") or "",
-                               workdir=rt.get("WorkingDir") or "/",
-                               network="host" if network == "default" else network,
-                               mounts=inputs.mounts, files=plan.files)
-        scratch = os.path.join(stepdir, "scratch")
-        os.makedirs(scratch, 0o700, exist_ok=True)
-
-        def on_output(line: bytes) -> None:
-            self.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
-        status = sandbox.run(snap, spec, scratch, on_output, cancel=self.cancelled)
-        if status != 0:
-            raise StepFailed(step=f"step {n}/{self.total}", line=inst.line,
-                             file=self.dockerfile_path, command=plan.created_by, exit_code=status)
+def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
+    name = paths.clean(name) or "__unnamed__"
+    path = os.path.join(scratch, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return name
 
 
 @dataclass
-class _Inputs:
+class StepInputs:
     """What a step reads besides its parent: keyed into the cache, handed to the executor."""
     digests: list[str] = field(default_factory=list)
-    groups: list[fileops.SourceGroup] = field(default_factory=list)
-    group_keys: list[str] = field(default_factory=list)
-    mounts: list[sandbox.MountSpec] = field(default_factory=list)
-    secret_env: list[str] = field(default_factory=list)
-    locks: list[int] = field(default_factory=list)
+    # ("context", Source) | ("from", (ref, diff_ids, what, spec)) | ("inline", (dir, Source))
+    copy_parts: list[tuple[str, object]] = field(default_factory=list)
+    # RUN --mount=type=bind: mount index -> ("context", Source) | ("rootfs", diff_ids)
+    mount_sources: dict[int, tuple] = field(default_factory=dict)
 
-    def group(self, key: str, make) -> fileops.SourceGroup:
-        """The group for `key`, continuing the last one when it has the same key (order kept)."""
-        if self.group_keys and self.group_keys[-1] == key:
-            return self.groups[-1]
-        self.groups.append(make())
-        self.group_keys.append(key)
-        return self.groups[-1]
+
+def _kill_sandboxes() -> None:
+    import sys
+    sandbox = sys.modules.get(__package__ + ".sandbox")
+    if sandbox is not None:      # none was ever started if it was never imported
+        sandbox.kill_all()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -89,6 +90,11 @@ class RunSpec:
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
 
 
+# A forked child keeps every fd its parent had (it never execs): held while a pipe's
+# write end is open in pybuild, this lock stops another thread's sandbox from
+# inheriting it, which would keep the pipe from ever reaching EOF.
+_fork_lock = threading.Lock()
+
 # Sandboxes alive now (their first process), so that a cancelled build can take
 # down the ones its other threads started.
 _live: set[int] = set()
@@ -116,16 +122,17 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     /etc; raises SetupError when the sandbox could not start the command.
     """
     binds = _write_etc_files(scratch, spec)
-    out_r = out_w = None
-    if not spec.interactive:
-        out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        _child(err_w, lambda: _sandbox_a(snap, spec, scratch, binds, out_w, err_w))
-    os.close(err_w)
-    if out_w is not None:
-        os.close(out_w)
+    with _fork_lock:
+        out_r = out_w = None
+        if not spec.interactive:
+            out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid, parent = _fork()
+        if pid == 0:
+            _child(err_w, lambda: _sandbox_a(snap, spec, scratch, binds, out_w, err_w), parent)
+        os.close(err_w)
+        if out_w is not None:
+            os.close(out_w)
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
 
 
@@ -139,20 +146,21 @@ def run_in_root(snap: Snapshot, func: Callable[[], None],
     its `/`; it must not import anything (the host's Python library is not
     visible in the chroot).
     """
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        def body():
-            linux.unshare(linux.CLONE_NEWNS)
-            linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-            snap.mount()
-            if before_chroot is not None:
-                before_chroot()
-            os.chroot(snap.merged)
-            os.chdir("/")
-            func()
-        _child(err_w, body)
-    os.close(err_w)
+    def body():
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        snap.mount()
+        if before_chroot is not None:
+            before_chroot()
+        os.chroot(snap.merged)
+        os.chdir("/")
+        func()
+    with _fork_lock:
+        err_r, err_w = os.pipe()
+        pid, parent = _fork()
+        if pid == 0:
+            _child(err_w, body, parent)
+        os.close(err_w)
     status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
     if status != 0:
         raise SetupError(f"file operation failed with status {status}")
@@ -269,16 +277,28 @@ def _write_etc_files(scratch: str, spec: RunSpec) -> dict[str, str]:
 
 # ---- inside the sandbox ----------------------------------------------------------
 
-def _child(err_w: int, body: Callable[[], None]) -> None:
+def _fork() -> tuple[int, int]:
+    """fork(); returns (pid, the parent's pid), so that the child can tell if its parent died."""
+    parent = os.getpid()
+    return os.fork(), parent
+
+
+def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: int | None = None
+           ) -> None:
     """The first thing a forked child runs: never returns, reports failures on `err_w`."""
     code = 0
     try:
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
-        parent = os.getppid()
         linux.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != parent:
+        # The parent may have died before PDEATHSIG was armed: then nothing may go on.
+        if parent is not None and os.getppid() != parent:
             os._exit(1)
+        if lifeline is not None:
+            # PID 1 of a new namespace cannot see its parent's pid: its parent holds the
+            # write end of this pipe, and a readable (EOF) read end means it is gone.
+            if select.select([lifeline], [], [], 0)[0]:
+                os._exit(1)
         body()
     except SetupError as e:
         _report(err_w, str(e), e.hint)
@@ -351,9 +371,13 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
     extra.sort(key=lambda t: t[0].target.count("/"))
     holder: list[int] = []
     _forward_to(holder)
+    life_r, life_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w))
+        os.close(life_w)
+        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w), None,
+               lifeline=life_r)
+    os.close(life_r)
     holder.append(pid)
     if out_w is not None:
         os.close(out_w)
@@ -490,9 +514,9 @@ def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: di
     os.chdir("/")
     holder: list[int] = []
     _forward_to(holder)
-    pid = os.fork()
+    pid, parent = _fork()
     if pid == 0:
-        _child(err_w, lambda: _sandbox_c(spec, out_w))
+        _child(err_w, lambda: _sandbox_c(spec, out_w), parent)
     holder.append(pid)
     if out_w is not None:
         os.close(out_w)

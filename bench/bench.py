@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""pybuild's benchmark: the same Dockerfiles, the same busybox base, pybuild beside its peers.
+
+    sudo .venv/bin/python bench/bench.py                 # every workload, every tool found
+    sudo .venv/bin/python bench/bench.py --tools pybuild --workloads seven-step,copy-30k
+
+Tools: pybuild (this checkout), `docker build` with the classic builder
+(DOCKER_BUILDKIT=0; needs a running dockerd, DOCKER_HOST is honoured) and
+`buildah bud --layers --isolation=chroot`, each used when it is installed.
+Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
+~107 MB context (cold, unchanged, one file changed); a RUN that writes
+~256 MB in 22,000 files; 140 and 1,000 RUN steps. The floor is
+`tar -c DIR | sha256sum` of the same tree, the least work a builder that
+hashes what it stores can do.
+
+Prints one table: workload, tool, cold s, cached s, ratio to the best peer
+(cached, or cold where a workload has no cached run), ratio to the floor,
+peak RSS of the tool's own process. Timings are wall clock on this machine;
+run it on an idle one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = "busybox:bench"
+
+
+# ---- running things --------------------------------------------------------------
+
+def timed(cmd: list[str], *, env=None, cwd=None, check=True) -> tuple[float, int, str]:
+    """(seconds, peak RSS of the process in KB, stderr+stdout) of one command."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    text = out.decode(errors="replace")
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
+    return elapsed, usage.ru_maxrss, text
+
+
+class Tool:
+    name = "?"
+
+    def available(self) -> bool:
+        return True
+
+    def prepare(self, base_tar: str) -> None:
+        pass
+
+    def build(self, ctx: str, tag: str, cold: bool = False) -> tuple[float, int, str]:
+        """Build; `cold`: with nothing cached from earlier builds."""
+        raise NotImplementedError
+
+
+class Pybuild(Tool):
+    name = "pybuild"
+
+    def __init__(self, root: str):
+        self.root = root
+        self.cmd = [sys.executable, "-m", "builder", "--root", root]
+
+    def prepare(self, base_tar: str) -> None:
+        self.base_tar = base_tar
+        shutil.rmtree(self.root, ignore_errors=True)
+        timed(self.cmd + ["load", "-i", base_tar], cwd=REPO)
+
+    def build(self, ctx, tag, cold=False):
+        if cold:    # the strictest cold: a store holding nothing but the base image
+            self.prepare(self.base_tar)
+        return timed(self.cmd + ["build", "-t", tag, ctx], cwd=REPO)
+
+
+class DockerClassic(Tool):
+    name = "docker"
+
+    def __init__(self):
+        self.docker = shutil.which("docker") or "docker"
+        self.env = dict(os.environ, DOCKER_BUILDKIT="0")
+
+    def available(self) -> bool:
+        try:
+            return timed([self.docker, "info"], env=self.env, check=False)[2].find("Server Version") >= 0
+        except OSError:
+            return False
+
+    def prepare(self, base_tar):
+        timed([self.docker, "load", "-i", base_tar], env=self.env)
+
+    def build(self, ctx, tag, cold=False):
+        extra = ["--no-cache"] if cold else []
+        return timed([self.docker, "build", "-q", *extra, "-t", tag, ctx], env=self.env)
+
+
+class Buildah(Tool):
+    name = "buildah"
+
+    def __init__(self, root: str):
+        self.base = ["buildah", "--root", os.path.join(root, "storage"),
+                     "--runroot", os.path.join(root, "run")]
+
+    def available(self) -> bool:
+        return shutil.which("buildah") is not None
+
+    def prepare(self, base_tar):
+        timed(self.base + ["pull", "-q", f"docker-archive:{base_tar}"])
+        timed(self.base + ["tag", f"docker.io/library/{BASE}", BASE], check=False)
+
+    def build(self, ctx, tag, cold=False):
+        extra = ["--no-cache"] if cold else []
+        return timed(self.base + ["bud", "--layers", "--isolation=chroot", "-q", *extra, "-t", tag, ctx])
+
+
+# ---- workloads -------------------------------------------------------------------
+
+def write(path: str, data: bytes | str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def seven_step(work: str) -> str:
+    ctx = os.path.join(work, "seven-step")
+    write(os.path.join(ctx, "Dockerfile"), f"""FROM {BASE}
+ENV APP=/app MODE=bench
+WORKDIR /app
+COPY app.sh /app/app.sh
+RUN chmod +x /app/app.sh && echo built > /app/stamp
+LABEL org.example.bench=seven
+CMD ["/app/app.sh"]
+""")
+    write(os.path.join(ctx, "app.sh"), "#!/bin/sh\necho hello\n")
+    return ctx
+
+
+def copy_30k(work: str) -> str:
+    """30,000 files, ~107 MB, in 300 directories: a large source tree."""
+    ctx = os.path.join(work, "copy-30k")
+    if os.path.exists(os.path.join(ctx, "Dockerfile")):
+        return ctx
+    rnd = random.Random(30000)
+    for i in range(30000):
+        size = rnd.choice((512, 1024, 2048, 3000, 4096, 6000, 8192, 12000))
+        write(os.path.join(ctx, "src", f"d{i % 300:03d}", f"f{i:05d}.dat"), rnd.randbytes(size))
+    write(os.path.join(ctx, "Dockerfile"), f"FROM {BASE}\nCOPY . /app\nRUN ls /app >/dev/null\n")
+    return ctx
+
+
+def run_256m(work: str) -> str:
+    """A RUN that writes ~256 MB in 22,000 files (unpacking a tar that is already in the image)."""
+    ctx = os.path.join(work, "run-256m")
+    if os.path.exists(os.path.join(ctx, "Dockerfile")):
+        return ctx
+    tree = os.path.join(work, "run-256m-tree")
+    rnd = random.Random(256)
+    for i in range(22000):
+        write(os.path.join(tree, f"d{i % 220:03d}", f"f{i:05d}"), rnd.randbytes(12200))
+    os.makedirs(ctx)
+    subprocess.run(["tar", "-C", tree, "-cf", os.path.join(ctx, "payload.tar"), "."], check=True)
+    write(os.path.join(ctx, "Dockerfile"), f"""FROM {BASE}
+COPY payload.tar /payload.tar
+RUN mkdir /out && time -p tar -xf /payload.tar -C /out
+""")
+    return ctx
+
+
+def many_runs(work: str, n: int) -> str:
+    ctx = os.path.join(work, f"run-{n}")
+    lines = [f"FROM {BASE}"] + [f"RUN echo {i} > /step-{i % 50}" for i in range(1, n + 1)]
+    write(os.path.join(ctx, "Dockerfile"), "\n".join(lines) + "\n")
+    return ctx
+
+
+def floor(path: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(f"tar -C {path} -cf - . | sha256sum > /dev/null", shell=True, check=True)
+    return time.perf_counter() - t0
+
+
+# ---- the table ---------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/var/tmp/pybuild-bench")
+    ap.add_argument("--tools", default="pybuild,docker,buildah")
+    ap.add_argument("--workloads", default="seven-step,copy-30k,run-256m,run-140,run-1000")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    wanted = args.tools.split(",")
+    tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")), DockerClassic(),
+                         Buildah(os.path.join(args.work, "buildah")))
+             if t.name in wanted and t.available()]
+
+    base_tar = os.path.join(args.work, "base.tar")
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from conftest import busybox_context
+    from pathlib import Path
+    bb = os.path.join(args.work, "busybox")
+    shutil.rmtree(bb, ignore_errors=True)
+    busybox_context(Path(bb))
+    store = os.path.join(args.work, "base-store")
+    cmd = [sys.executable, "-m", "builder", "--root", store]
+    timed(cmd + ["build", "-q", "-t", BASE, bb], cwd=REPO)
+    timed(cmd + ["save", BASE, "-o", base_tar], cwd=REPO)
+    for t in tools:
+        t.prepare(base_tar)
+
+    rows = []
+    for workload in args.workloads.split(","):
+        rows += run_workload(workload, tools, args.work)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
+    rows = []
+    if name == "seven-step":
+        ctx = seven_step(work)
+        for t in tools:
+            cold, rss, _ = t.build(ctx, "bench-seven", cold=True)
+            cached, rss2, _ = t.build(ctx, "bench-seven")
+            rows.append(dict(workload=name, tool=t.name, cold=cold, cached=cached, rss=max(rss, rss2)))
+    elif name == "copy-30k":
+        ctx = copy_30k(work)
+        fl = floor(ctx)
+        for t in tools:
+            cold, rss, _ = t.build(ctx, "bench-copy", cold=True)
+            cached, rss2, _ = t.build(ctx, "bench-copy")
+            path = os.path.join(ctx, "src", "d000", "f00000.dat")
+            with open(path, "ab") as f:
+                f.write(b"x")
+            changed, rss3, _ = t.build(ctx, "bench-copy")
+            rows.append(dict(workload=name, tool=t.name, cold=cold, cached=cached, rss=max(rss, rss2, rss3),
+                             floor=fl))
+            rows.append(dict(workload=name + " (1 file changed)", tool=t.name, cold=changed, cached=None,
+                             rss=rss3, floor=None))
+    elif name == "run-256m":
+        ctx = run_256m(work)
+        fl = floor(os.path.join(work, "run-256m-tree"))
+        for t in tools:
+            cold, rss, out = t.build(ctx, "bench-run256", cold=True)
+            command = _command_time(out)
+            rows.append(dict(workload=name, tool=t.name, cold=cold, cached=None, rss=rss, floor=fl,
+                             command=command, overhead=None if command is None else cold - command))
+    elif name.startswith("run-"):
+        n = int(name.split("-")[1])
+        ctx = many_runs(work, n)
+        for t in tools:
+            try:
+                cold, rss, out = t.build(ctx, f"bench-{name}", cold=True)
+                rows.append(dict(workload=name, tool=t.name, cold=cold, cached=None, rss=rss,
+                                 steps=_step_times(out)))
+            except RuntimeError as e:
+                rows.append(dict(workload=name, tool=t.name, cold=None, cached=None, rss=None,
+                                 error=str(e).strip().splitlines()[-1][:70]))
+    return rows
+
+
+def _command_time(out: str) -> float | None:
+    for line in out.splitlines():
+        words = line.replace("#", " ").split()
+        if "real" in words:
+            try:
+                return float(words[words.index("real") + 1])
+            except (ValueError, IndexError):
+                pass
+    return None
+
+
+def _step_times(out: str) -> dict:
+    """pybuild's plain output: `#N DONE 0.1s` per step."""
+    times = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "DONE" and parts[0].startswith("#"):
+            times[int(parts[0][1:])] = float(parts[2].rstrip("s"))
+    return times
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["workload", "tool", "cold s", "cached s", "vs best peer", "vs floor", "peak RSS MB", "note"]
+    lines = [header]
+    for r in rows:
+        peers = [p for p in rows if p["workload"] == r["workload"] and p["tool"] != r["tool"]]
+        key = "cached" if r.get("cached") is not None else "cold"
+        best = min((p[key] for p in peers if p.get(key) is not None), default=None)
+        mine = r.get(key)
+        vs_peer = f"{mine / best:.2f}x" if best and mine is not None else "-"
+        fl = r.get("floor")
+        value = r.get("overhead") if r.get("overhead") is not None else r.get("cold")
+        vs_floor = f"{value / fl:.2f}x" if fl and value is not None else "-"
+        note = r.get("error", "")
+        if r.get("command") is not None:
+            note = f"command {r['command']:.2f}s, overhead {r['overhead']:.2f}s"
+        if r.get("steps"):
+            steps = r["steps"]
+            last = max(steps)
+            ten = steps.get(min(11, last))
+            note = f"step 10: {ten:.3f}s, step {last - 1}: {steps[last]:.3f}s"
+        lines.append([r["workload"], r["tool"], _f(r.get("cold")), _f(r.get("cached")), vs_peer,
+                      vs_floor, f"{r['rss'] / 1024:.0f}" if r.get("rss") and r["tool"] == "pybuild"
+                      else "-", note])
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
+    for l in lines:
+        print("  ".join(str(c).ljust(widths[i]) for i, c in enumerate(l)).rstrip())
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()

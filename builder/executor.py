@@ -1,0 +1,208 @@
+"""Carrying out the steps that change files: RUN, COPY/ADD and WORKDIR, on a cache miss.
+
+The narrow interface between the engine and the sandbox (DESIGN.md's
+executor): the engine hands over a planned step and what it reads
+(`StepInputs`); this module prepares an overlay snapshot of the parent's
+layers, turns the inputs into source groups and mounts, runs the step in the
+sandbox (or the chrooted file-op child), and commits the upper dir as a
+layer. It is imported only when a step actually runs, so a fully cached
+build never loads the sandbox, the tar writer or the compressor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+
+from . import fileops, sandbox, steps
+from .errors import BuildError, StepFailed
+from .image import LayerDesc, chain_ids
+from .layer import commit
+from .progress import StepOutput
+from .snapshot import overlay
+from .store import remove_tree
+
+
+class Executor:
+    def __init__(self, builder):
+        self.b = builder
+        self.store = builder.store
+
+    def run_step(self, state, inst, plan: steps.Plan, inputs, n: int) -> LayerDesc | None:
+        diff_ids = [l.diff_id for l in state.layers]
+        stepdir = self.b.stepdir(n)
+        locks: list[int] = []
+        try:
+            snap = overlay.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
+            try:
+                if plan.kind == "run":
+                    self._run(state, inst, plan, snap, inputs, stepdir, n, locks)
+                elif plan.kind == "copy":
+                    op = fileops.CopyOp(self._groups(inputs, stepdir), plan.dest, plan.dest_is_dir,
+                                        plan.chown, plan.chmod, plan.excludes, plan.parents,
+                                        plan.unpack, "ADD" if plan.is_add else "COPY")
+                    sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
+                                        before_chroot=lambda: fileops.prepare(op),
+                                        cancel=self.b.cancelled)
+                elif plan.kind == "workdir":
+                    user = state.runtime.get("User", "")
+                    sandbox.run_in_root(snap, lambda: fileops.mkdir_workdir(plan.dest, user),
+                                        cancel=self.b.cancelled)
+            except sandbox.SetupError as e:
+                raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
+            parent = chain_ids(diff_ids)[-1] if diff_ids else None
+            return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by)
+        finally:
+            for fd in locks:
+                os.close(fd)
+            remove_tree(stepdir)
+
+    # ---- COPY / ADD sources -------------------------------------------------------
+
+    def _groups(self, inputs, stepdir: str) -> tuple[fileops.SourceGroup, ...]:
+        """Consecutive sources with the same root become one group (their order is kept)."""
+        groups: list[fileops.SourceGroup] = []
+        last = None
+        for kind, data in inputs.copy_parts:
+            key = (kind, data[0] if kind != "context" else None)
+            if key != last:
+                if kind == "context":
+                    groups.append(fileops.SourceGroup(self.b.ctx.root))
+                elif kind == "inline":
+                    groups.append(fileops.SourceGroup(data[0]))
+                else:
+                    _ref, diff_ids, what, _spec = data
+                    root = os.path.join(stepdir, f"from-{len(groups)}")
+                    groups.append(fileops.SourceGroup(
+                        root, lowers=tuple(self.store.lower_links(list(diff_ids))),
+                        store_root=self.store.root, what=what))
+                last = key
+            g = groups[-1]
+            if kind == "context":
+                g.sources += (data,)
+            elif kind == "inline":
+                g.sources += (data[1],)
+            else:
+                g.specs += (data[3],)
+        return tuple(groups)
+
+    # ---- RUN -------------------------------------------------------------------------
+
+    def _run(self, state, inst, plan: steps.Plan, snap, inputs, stepdir: str, n: int,
+             locks: list[int]) -> None:
+        rt = state.runtime
+        env = [f"{k}={v}" for k, v in state.env.items()]
+        env += [f"{k}={v}" for k, v in self.b.opts.build_args.items()
+                if k in steps.PROXY_ARGS and k not in state.env]
+        mounts, secret_env = self._mounts(plan, inputs, stepdir, locks)
+        network = plan.network or self.b.opts.network
+        spec = sandbox.RunSpec(argv=plan.argv, env=env + secret_env, user=rt.get("User") or "",
+                               workdir=rt.get("WorkingDir") or "/",
+                               network="host" if network == "default" else network,
+                               mounts=mounts, files=plan.files)
+        scratch = os.path.join(stepdir, "scratch")
+        os.makedirs(scratch, 0o700, exist_ok=True)
+
+        def on_output(line: bytes) -> None:
+            self.b.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
+        status = sandbox.run(snap, spec, scratch, on_output, cancel=self.b.cancelled)
+        if status != 0:
+            raise StepFailed(step=f"step {n}/{self.b.total}", line=inst.line,
+                             file=self.b.dockerfile_path, command=plan.created_by, exit_code=status)
+
+    def _mounts(self, plan, inputs, stepdir: str, locks: list[int]):
+        mounts: list[sandbox.MountSpec] = []
+        secret_env: list[str] = []
+        for i, m in enumerate(plan.mounts):
+            where = os.path.join(stepdir, f"mount-{i}")
+            if m.type == "tmpfs":
+                mounts.append(sandbox.MountSpec(m.target, "tmpfs", readonly=False,
+                                                options=f"size={m.size}" if m.size else ""))
+            elif m.type == "secret":
+                self._secret(m, mounts, secret_env)
+            elif m.type == "cache":
+                mounts.append(self._cache_mount(m, where, locks))
+            else:
+                kind, data = inputs.mount_sources[i]
+                mounts.append(self._bind(m, kind, data, where))
+        return mounts, secret_env
+
+    def _bind(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
+        if kind == "rootfs":
+            spec = sandbox.MountSpec(m.target, "overlay",
+                                     lowers=tuple(self.store.lower_links(list(data))) or
+                                     (_mkdirs(where, "empty"),),
+                                     subpath=m.source, readonly=m.readonly)
+            if not m.readonly:
+                spec.upper, spec.work = _mkdirs(where, "upper"), _mkdirs(where, "work")
+            return spec
+        host = os.path.join(self.b.ctx.root, data.path)
+        if m.readonly:
+            return sandbox.MountSpec(m.target, "bind", source=host, readonly=True)
+        if not data.is_dir:
+            # A writable bind of a file: a private copy, thrown away with the step.
+            copy = os.path.join(_mkdirs(where, ""), "file")
+            shutil.copy2(host, copy)
+            return sandbox.MountSpec(m.target, "bind", source=copy, readonly=False)
+        return sandbox.MountSpec(m.target, "overlay", lowers=(host,), upper=_mkdirs(where, "upper"),
+                                 work=_mkdirs(where, "work"), readonly=False)
+
+    def _cache_mount(self, m, where: str, locks: list[int]) -> sandbox.MountSpec:
+        """A cache mount: a directory of the store that outlives builds, shared by its id."""
+        if m.from_ or m.source:
+            raise BuildError("RUN --mount=type=cache with from= or source= is not supported by "
+                             "pybuild yet", hint="populate the cache from the RUN itself")
+        base = os.path.join(self.store.cache_dir, "mounts")
+        os.makedirs(base, exist_ok=True)
+        path = os.path.join(base, hashlib.sha256(m.id.encode()).hexdigest()[:32])
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        locks.append(lock_fd)
+        if m.sharing == "locked":
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        elif m.sharing == "private":
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                path = os.path.join(where, "private-cache")   # another build has it: a fresh one
+        else:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        if not os.path.isdir(path):
+            tmp = path + f".new-{os.getpid()}-{threading.get_ident()}"
+            os.makedirs(tmp, exist_ok=True)
+            os.chown(tmp, m.uid or 0, m.gid or 0)
+            os.chmod(tmp, m.mode if m.mode is not None else 0o755)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                remove_tree(tmp)      # another build created it first
+        return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
+
+    def _secret(self, m, mounts: list, secret_env: list[str]) -> None:
+        src = self.b.opts.secrets.get(m.id)
+        if src is None:
+            if m.required:
+                raise BuildError(f"secret {m.id!r} is required but was not given",
+                                 hint=f"pass it with --secret id={m.id},src=FILE")
+            return
+        if isinstance(src, str):
+            try:
+                with open(src, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise BuildError(f"secret {m.id!r}: cannot read {src}: {e.strerror}") from None
+        else:
+            data = bytes(src)
+        if m.env:
+            secret_env.append(f"{m.env}={data.decode('utf-8', 'replace')}")
+        if m.target:
+            mounts.append(sandbox.MountSpec(m.target, "secret", content=data,
+                                            mode=m.mode, uid=m.uid or 0, gid=m.gid or 0))
+
+
+def _mkdirs(where: str, name: str) -> str:
+    path = os.path.join(where, name) if name else where
+    os.makedirs(path, exist_ok=True)
+    return path
