@@ -32,7 +32,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml | system
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m compileall -q builder
 	touch $@
 
 demo: system venv

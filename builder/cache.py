@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -87,8 +86,8 @@ class StepCache:
         return result
 
     def put(self, key: str, result: StepResult) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.store.tmp, prefix="cache-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        tmp = os.path.join(self.store.tmp, f"cache-{key[7:19]}-{os.getpid()}-{time.monotonic_ns()}")
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result.to_json(), f, sort_keys=True)
         os.replace(tmp, self._path(key))
 

@@ -8,7 +8,6 @@ error tree (errors.py); a traceback is shown only with `--debug`.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import errno
 import json
 import os
@@ -19,8 +18,6 @@ import traceback
 from . import __version__
 from .errors import Interrupted, PybuildError, UsageError
 
-COMMANDS = ("build", "images", "history", "inspect", "tag", "rmi", "run", "save", "load", "import",
-            "version")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,58 +33,69 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
                    help="show Python tracebacks for errors")
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, just that command's options are set up.
+
+    Building every subcommand's arguments costs a few milliseconds (argparse
+    translates each help text), which a fully cached build should not pay.
+    """
     p = _Parser(prog="pybuild", description="Build OCI images from Dockerfiles, without a daemon.")
     _common(p, top=True)
     p.add_argument("--version", action="version", version=f"pybuild {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, add_args) in _COMMANDS.items():
+        s = sub.add_parser(name, help=help_text)
+        if only is None or only == name:
+            _common(s)
+            add_args(s)
+    return p
 
-    b = sub.add_parser("build", help="build an image from a Dockerfile")
-    _common(b)
-    b.add_argument("context", metavar="CONTEXT",
+
+def _args_build(s: argparse.ArgumentParser) -> None:
+    s.add_argument("context", metavar="CONTEXT",
                    help="the build context directory (- : a tar, plain or compressed, on stdin)")
-    b.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+    s.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
                    help="name the image (repeatable)")
-    b.add_argument("-f", "--file", metavar="FILE",
+    s.add_argument("-f", "--file", metavar="FILE",
                    help="the Dockerfile (default: CONTEXT/Dockerfile; - : read it from stdin)")
-    b.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
+    s.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
                    help="set a build-time variable (without =VALUE: from the environment)")
-    b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
+    s.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
                    help="a secret for RUN --mount=type=secret (never stored in the image)")
-    b.add_argument("--no-cache", action="store_true", help="do not use the step cache")
-    b.add_argument("--network", choices=("host", "none", "default"), default="host",
+    s.add_argument("--no-cache", action="store_true", help="do not use the step cache")
+    s.add_argument("--network", choices=("host", "none", "default"), default="host",
                    help="network for RUN steps (default: host)")
-    b.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
-    b.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
-    b.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    s.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    s.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
 
-    s = sub.add_parser("images", help="list the images in the store")
-    _common(s)
+
+def _args_images(s: argparse.ArgumentParser) -> None:
     s.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     s.add_argument("--no-trunc", action="store_true", help="full image IDs")
 
-    s = sub.add_parser("history", help="show the history of an image")
-    _common(s)
+
+def _args_history(s: argparse.ArgumentParser) -> None:
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--no-trunc", action="store_true", help="do not shorten the output")
 
-    s = sub.add_parser("inspect", help="show images as JSON")
-    _common(s)
+
+def _args_inspect(s: argparse.ArgumentParser) -> None:
     s.add_argument("images", metavar="IMAGE", nargs="+")
 
-    s = sub.add_parser("tag", help="give an image another name")
-    _common(s)
+
+def _args_tag(s: argparse.ArgumentParser) -> None:
     s.add_argument("source", metavar="SOURCE")
     s.add_argument("target", metavar="TARGET")
 
-    s = sub.add_parser("rmi", help="remove images")
-    _common(s)
+
+def _args_rmi(s: argparse.ArgumentParser) -> None:
     s.add_argument("images", metavar="IMAGE", nargs="+")
     s.add_argument("-f", "--force", action="store_true",
                    help="remove an image given by ID even if it has several tags")
 
-    s = sub.add_parser("run", help="run a command in a throw-away container of an image")
-    _common(s)
+
+def _args_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rm", action="store_true", help="accepted for Docker compatibility: "
                                                      "containers are always removed")
     s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
@@ -98,26 +106,40 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER)
 
-    s = sub.add_parser("save", help="write images to a tar (docker-archive and OCI layout in one)")
-    _common(s)
+
+def _args_save(s: argparse.ArgumentParser) -> None:
     s.add_argument("images", metavar="IMAGE", nargs="+")
     s.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
 
-    s = sub.add_parser("load", help="load images from a docker-archive or OCI archive")
-    _common(s)
+
+def _args_load(s: argparse.ArgumentParser) -> None:
     s.add_argument("-i", "--input", metavar="FILE", default="-",
                    help="read FILE (default: standard input)")
     s.add_argument("-q", "--quiet", action="store_true")
 
-    s = sub.add_parser("import", help="make a one-layer image of a root filesystem tarball")
-    _common(s)
+
+def _args_import(s: argparse.ArgumentParser) -> None:
     s.add_argument("file", metavar="FILE", help="the tarball (- for standard input)")
     s.add_argument("name", metavar="NAME[:TAG]", nargs="?")
 
-    s = sub.add_parser("version", help="print the version")
-    _common(s)
-    return p
 
+def _args_version(s: argparse.ArgumentParser) -> None:
+    pass
+
+
+_COMMANDS = {
+    "build": ("build an image from a Dockerfile", _args_build),
+    "images": ("list the images in the store", _args_images),
+    "history": ("show the history of an image", _args_history),
+    "inspect": ("show images as JSON", _args_inspect),
+    "tag": ("give an image another name", _args_tag),
+    "rmi": ("remove images", _args_rmi),
+    "run": ("run a command in a throw-away container of an image", _args_run),
+    "save": ("write images to a tar (docker-archive and OCI layout in one)", _args_save),
+    "load": ("load images from a docker-archive or OCI archive", _args_load),
+    "import": ("make a one-layer image of a root filesystem tarball", _args_import),
+    "version": ("print the version", _args_version),
+}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -175,19 +197,21 @@ def _say(message: str) -> None:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = make_parser()
     # Global options may come first: `pybuild --root DIR images`.
     i = 0
     while i < len(argv) and (argv[i] in ("--root", "--debug") or argv[i].startswith("--root=")):
         i += 2 if argv[i] == "--root" else 1
     rest = argv[i:]
     if not rest:
-        parser.print_help(sys.stderr)
+        make_parser().print_help(sys.stderr)
         raise UsageError("no command given", hint="for example: pybuild -t NAME -f Dockerfile .")
-    if rest[0] not in COMMANDS and rest[0] not in ("-h", "--help", "--version"):
+    if rest[0] in ("-h", "--help", "--version"):
+        return make_parser().parse_args(argv)
+    if rest[0] not in _COMMANDS:
         # `pybuild -t x -f Dockerfile .` is a build.
         argv = argv[:i] + ["build"] + rest
-    return parser.parse_args(argv)
+        rest = ["build"] + rest
+    return make_parser(only=rest[0]).parse_args(argv)
 
 
 def _store(args):
@@ -284,6 +308,7 @@ def _build(args, context: str, dockerfile: str | None) -> int:
 
 
 def _ago(created: str) -> str:
+    import datetime as _dt
     try:
         when = _dt.datetime.fromisoformat(created.replace("Z", "+00:00")[:26] + "+00:00"
                                           if "." in created else created.replace("Z", "+00:00"))

@@ -16,13 +16,12 @@ engine does is reported as events.
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from . import cache as cachemod, paths, reference, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
@@ -120,13 +119,11 @@ class Builder:
         target = df.stage(self.opts.target)
         plans = self._plan_stages(df, target)
         self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
-        self.results: dict[int, concurrent.futures.Future] = {}
+        self.results: dict = {}      # stage index -> its result (a Future when parallel)
         with self.store.in_use(), self.store.tmpdir("build") as workdir:
             self.workdir = workdir
             if len(plans) == 1:
-                fut: concurrent.futures.Future = concurrent.futures.Future()
-                self.results[plans[0].stage.index] = fut
-                fut.set_result(self._build_stage(plans[0]))
+                self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
             else:
                 self._build_parallel(plans)
             state = self.results[target.index].result()
@@ -138,6 +135,7 @@ class Builder:
 
     def _build_parallel(self, plans: list[_StagePlan]) -> None:
         """Independent stages at the same time; a failure or Ctrl-C stops all of them."""
+        import concurrent.futures      # (and logging with it): only multi-stage builds pay
         workers = min(4, len(plans))
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                      thread_name_prefix="pybuild-stage")
@@ -486,6 +484,16 @@ class StepInputs:
     copy_parts: list[tuple[str, object]] = field(default_factory=list)
     # RUN --mount=type=bind: mount index -> ("context", Source) | ("rootfs", diff_ids)
     mount_sources: dict[int, tuple] = field(default_factory=dict)
+
+
+class _Done:
+    """The result of a stage built in the calling thread (a Future's one method we use)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _kill_sandboxes() -> None:

@@ -8,10 +8,9 @@ content always gives the same ID.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
-import platform
+import os
 from dataclasses import dataclass, field
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -42,12 +41,8 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
-def now_rfc3339() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def host_architecture() -> str:
-    m = platform.machine().lower()
+    m = os.uname().machine.lower()
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(m, m)
 

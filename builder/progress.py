@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Event:
     @property
     def kind(self) -> str:
@@ -23,14 +23,14 @@ class Event:
         return {"kind": self.kind, **asdict(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BuildStarted(Event):
     dockerfile: str
     context: str
     steps: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepStarted(Event):
     step: int                 # 1-based, across the stages being built
     total: int
@@ -39,18 +39,18 @@ class StepStarted(Event):
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepCached(Event):
     step: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepOutput(Event):
     step: int
     line: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepDone(Event):
     step: int
     seconds: float
@@ -58,12 +58,12 @@ class StepDone(Event):
     layer_size: int | None = None      # compressed bytes of the layer it added, if any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BuildWarning(Event):
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BuildDone(Event):
     image_id: str
     tags: tuple[str, ...]

@@ -35,7 +35,7 @@ import stat
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from . import linux, paths, users
 from .errors import BuildError

@@ -17,7 +17,7 @@ import copy
 import posixpath
 import signal as _signal
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word, expand_words

@@ -20,7 +20,7 @@ from ..errors import DockerfileError
 from . import syntax
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Heredoc:
     name: str
     raw: str                 # the lines as written
@@ -34,7 +34,7 @@ class Heredoc:
         return "".join(line.lstrip("\t") for line in self.raw.splitlines(keepends=True))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Instruction:
     line: int
     end_line: int
@@ -44,15 +44,18 @@ class Instruction:
     def keyword(self) -> str:
         return type(self).__name__.upper()
 
+    def __repr__(self) -> str:
+        return _repr(self)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False, repr=False)
 class From(Instruction):
     image: str
     alias: str | None = None
     platform: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Mount:
     """One `RUN --mount=...`, as written (values unexpanded)."""
     type: str                                   # bind | cache | tmpfs | secret | ssh
@@ -70,7 +73,7 @@ class Mount:
     env: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Run(Instruction):
     command: tuple[str, ...]         # exec form: argv; shell form: (script,)
     exec_form: bool = False
@@ -79,7 +82,7 @@ class Run(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Copy(Instruction):
     sources: tuple[str, ...]
     dest: str
@@ -92,66 +95,66 @@ class Copy(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Add(Copy):
     checksum: str | None = None
     keep_git_dir: bool = False
     unpack: bool | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Env(Instruction):
     pairs: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Arg(Instruction):
     pairs: tuple[tuple[str, str | None], ...]    # (name, default or None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Label(Instruction):
     pairs: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Cmd(Instruction):
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Entrypoint(Instruction):
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Workdir(Instruction):
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class User(Instruction):
     user: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Expose(Instruction):
     ports: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Volume(Instruction):
     paths: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Stopsignal(Instruction):
     signal: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Healthcheck(Instruction):
     test: tuple[str, ...]            # ("NONE",) | ("CMD", ...) | ("CMD-SHELL", cmd)
     interval: int = 0                # nanoseconds, 0 = inherit Docker's default
@@ -161,22 +164,22 @@ class Healthcheck(Instruction):
     retries: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Shell(Instruction):
     argv: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Onbuild(Instruction):
     expression: str                  # the trigger as written: "RUN make"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Maintainer(Instruction):
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Stage:
     index: int
     base: From
@@ -187,7 +190,7 @@ class Stage:
         return self.base.alias
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Dockerfile:
     filename: str
     escape: str
@@ -205,6 +208,15 @@ class Dockerfile:
         raise DockerfileError(f"target stage {target!r} not found (named stages: {names})",
                               file=self.filename)
 
+
+def _repr(obj) -> str:
+    """One shared __repr__: generating one per class made importing this module slow."""
+    from dataclasses import fields
+    args = ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj))
+    return f"{type(obj).__name__}({args})"
+
+
+Heredoc.__repr__ = Mount.__repr__ = Stage.__repr__ = Dockerfile.__repr__ = _repr
 
 _ALL_KEYWORDS = set(k.lower() for k in syntax.KEYWORDS)
 

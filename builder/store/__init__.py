@@ -18,8 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
-import shutil
 import stat
 import time
 
@@ -86,7 +84,7 @@ class Store:
         forks; once all of them are gone, the next store user removes the dir.
         """
         while True:
-            name = f"{prefix}-{secrets.token_hex(6)}"
+            name = f"{prefix}-{os.urandom(6).hex()}"
             lock_path = os.path.join(self.tmp, name + ".lock")
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -254,6 +252,7 @@ class Store:
 
 def remove_tree(path: str) -> None:
     """rm -rf that also copes with overlay work dirs (mode 000) and immutable leftovers."""
+    import shutil
     def onerror(func, p, exc):
         try:
             parent = os.path.dirname(p)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
 from ..errors import StoreError
+from .lock import new_temp_file
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -51,7 +51,7 @@ class BlobStore:
             raise StoreError(f"blob content does not match its digest: expected {expected}, got {digest}")
         if self.has(digest):
             return digest
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
+        fd, tmp = new_temp_file(self.tmp_dir, "blob-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -111,7 +111,7 @@ class BlobWriter:
 
     def __init__(self, blobs: BlobStore):
         self.blobs = blobs
-        fd, self.tmp = tempfile.mkstemp(dir=blobs.tmp_dir, prefix="blob-")
+        fd, self.tmp = new_temp_file(blobs.tmp_dir, "blob-")
         self.f = os.fdopen(fd, "wb")
         self.hash = hashlib.sha256()
         self.size = 0

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from ..errors import StoreError
+from .lock import new_temp_file
 
 REF_NAME = "org.opencontainers.image.ref.name"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -37,7 +37,7 @@ class Index:
         return data
 
     def save(self, data: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-")
+        fd, tmp = new_temp_file(self.root, ".index-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

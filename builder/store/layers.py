@@ -12,17 +12,15 @@ so a crash never leaves a half-installed layer under `layers/`.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
-import shutil
 
 from ..errors import StoreError
 
 
 def short_id() -> str:
-    return base64.b32encode(secrets.token_bytes(10)).decode()[:12]
+    import base64
+    return base64.b32encode(os.urandom(10)).decode()[:12]
 
 
 class LayerStore:
@@ -59,9 +57,9 @@ class LayerStore:
         source is then removed: the layer is content-addressed, theirs is ours).
         """
         if self.has(chain_id):
-            shutil.rmtree(diff_source, ignore_errors=True)
+            _rmtree(diff_source, ignore_errors=True)
             return False
-        staging = os.path.join(staging_root, "layer-" + chain_id[7:19] + "-" + secrets.token_hex(4))
+        staging = os.path.join(staging_root, "layer-" + chain_id[7:19] + "-" + os.urandom(4).hex())
         os.mkdir(staging)
         os.rename(diff_source, os.path.join(staging, "diff"))
         short = short_id()
@@ -79,7 +77,7 @@ class LayerStore:
         except OSError:
             # Another process won the race (the target exists and is not empty).
             os.unlink(link_path)
-            shutil.rmtree(staging, ignore_errors=True)
+            _rmtree(staging, ignore_errors=True)
             if self.has(chain_id):
                 return False
             raise
@@ -92,10 +90,15 @@ class LayerStore:
                 os.unlink(os.path.join(self.links, f.read().strip()))
         except FileNotFoundError:
             pass
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path, ignore_errors=True)
 
     def list(self) -> list[str]:
         try:
             return ["sha256:" + n for n in os.listdir(self.dir)]
         except FileNotFoundError:
             return []
+
+
+def _rmtree(path: str, ignore_errors: bool = True) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=ignore_errors)

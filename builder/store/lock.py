@@ -1,4 +1,4 @@
-"""File locks that make several pybuild processes on one store safe.
+"""File locks that make several pybuild processes on one store safe, and private temp files.
 
 `flock` locks belong to an open file description, so a lock taken by a
 process is also held by the children it forks (the sandbox), and is released
@@ -36,3 +36,17 @@ def try_lock(path: str) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
+    """(fd, path) of a new, empty, private file in `directory` (tempfile.mkstemp, lighter).
+
+    `tempfile` imports `random` and `shutil`, which a fully cached build
+    would otherwise load only for this.
+    """
+    while True:
+        path = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
