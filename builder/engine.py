@@ -110,7 +110,8 @@ class Builder:
                                                 "supported yet)")
         if self.store is None:
             self.store = Store(self.opts.root)
-        self.ctx = BuildContext(self.opts.context, self.dockerfile_path)
+        self.ctx = BuildContext(self.opts.context, self.dockerfile_path,
+                                cache_dir=os.path.join(self.store.cache_dir, "context"))
         self.cache = cachemod.StepCache(self.store)
         self.df = df
         for w in df.warnings:
@@ -120,13 +121,16 @@ class Builder:
         plans = self._plan_stages(df, target)
         self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
         self.results: dict = {}      # stage index -> its result (a Future when parallel)
-        with self.store.in_use(), self.store.tmpdir("build") as workdir:
-            self.workdir = workdir
-            if len(plans) == 1:
-                self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
-            else:
-                self._build_parallel(plans)
-            state = self.results[target.index].result()
+        try:
+            with self.store.in_use(), self.store.tmpdir("build") as workdir:
+                self.workdir = workdir
+                if len(plans) == 1:
+                    self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
+                else:
+                    self._build_parallel(plans)
+                state = self.results[target.index].result()
+        finally:
+            self.ctx.save()     # what was hashed stays hashed, even if a later step failed
         self._warn_unused_args()
         image = self.store.write_image(state.config, state.layers, self.tags)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,

@@ -46,6 +46,8 @@ class Executor:
                                         plan.unpack, "ADD" if plan.is_add else "COPY")
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
                                         before_chroot=lambda: fileops.prepare(op),
+                                        after_unmount=lambda work: fileops.finish_in_upper(
+                                            op, work, snap.upper),
                                         cancel=self.b.cancelled)
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")

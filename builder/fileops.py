@@ -22,6 +22,7 @@ archive (plain, gzip, bzip2 or xz) into the destination.
 from __future__ import annotations
 
 import bz2  # noqa: F401  (tarfile needs them after the chroot, where nothing can be imported)
+import errno
 import lzma  # noqa: F401
 import os
 import posixpath
@@ -92,14 +93,24 @@ def prepare(op: CopyOp) -> None:
         g.fd = os.open(g.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def copy_into_root(op: CopyOp) -> None:
-    """After the chroot: put every source in place."""
+def copy_into_root(op: CopyOp) -> dict:
+    """After the chroot: put every source in place, except the new plain files.
+
+    Those (most of a COPY, and what makes it slow: creating files through an
+    overlay costs about twice what it costs on the disk itself) are returned
+    as work for `finish_in_upper`, which writes them straight into the upper
+    dir once the overlay is unmounted. Only files whose name is free in the
+    image are deferred, and their parent directories are already in the upper
+    dir, so the result is the one the overlay would have produced.
+    """
     uid, gid = users.chown_ids(op.chown, "/") if op.chown else (0, 0)
     dest = os.path.realpath(op.dest)    # symlinks followed inside the image, as BuildKit does
     total = sum(len(g.sources) for g in op.groups)
     into_dir = op.dest_is_dir or total > 1 or _is_dir(dest) or op.parents
-    for g in op.groups:
-        copier = _Copier(g.fd, uid, gid, op.chmod)
+    deferred: dict[str, tuple] = {}            # target -> work; a later source wins
+    dir_times: list[tuple[str, int]] = []
+    for gi, g in enumerate(op.groups):
+        copier = _Copier(g.fd, uid, gid, op.chmod, gi, deferred)
         for src in g.sources:
             base = dest
             if op.parents:
@@ -115,7 +126,41 @@ def copy_into_root(op: CopyOp) -> None:
                 target = os.path.join(base, src.name) if into_dir else base
                 copier.mkdir_parents(os.path.dirname(target) or "/")
                 copier.copy_entry(src.entries[0], target)
-        copier.finish()
+        dir_times += copier.dir_times
+    return {"files": list(deferred.values()), "dirs": dir_times}
+
+
+def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
+    """With the overlay unmounted: write the deferred files into the upper dir, then dir times.
+
+    Every parent of a deferred file is a real directory of the upper dir (the
+    chrooted pass created or copied it up); files are created O_NOFOLLOW.
+    """
+    entries = {}
+    for gi, g in enumerate(op.groups):
+        for s in g.sources:
+            for e in s.entries:
+                entries[(gi, e.src)] = e
+    copiers = {}
+
+    def copy_one(item):
+        target, gi, src, perm, owner = item
+        copier = copiers.get(gi)
+        if copier is None:
+            copier = copiers[gi] = _Copier(op.groups[gi].fd, owner[0], owner[1], op.chmod, gi)
+        path = upper + target
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+                raise CopyError(f"{target} appeared while it was being copied")
+            os.unlink(path)       # a whiteout of a file deleted by an earlier layer
+        copier._copy_file(entries[(gi, src)], path, perm)
+    _in_parallel(work["files"], copy_one)
+    for path, mtime in reversed(work["dirs"]):
+        os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
 
 
 def mkdir_workdir(path: str, user: str) -> None:
@@ -135,13 +180,18 @@ def _is_dir(path: str) -> bool:
 
 
 class _Copier:
-    def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | None):
+    def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | None, group: int = 0,
+                 deferred: dict | None = None):
         self.ctx = ctx_fd
         self.uid = uid
         self.gid = gid
         self.chmod = chmod
+        self.group = group
         self.links: dict[tuple[int, int], str] = {}
         self.dir_times: list[tuple[str, int]] = []
+        # target -> (target, group, source path, mode, owner), shared by a COPY's groups
+        self.deferred: dict[str, tuple] = {} if deferred is None else deferred
+        self.in_upper: set[str] = set()        # directories known to be in the upper dir
 
     def mkdir_parents(self, path: str) -> None:
         missing = []
@@ -155,6 +205,7 @@ class _Copier:
             os.mkdir(d, 0o755)
             os.chown(d, self.uid, self.gid)
             os.chmod(d, 0o755)
+            self.in_upper.add(d)
 
     def copy_tree(self, src: Source, dest: str) -> None:
         if os.path.lexists(dest) and not _is_dir(dest):
@@ -183,13 +234,18 @@ class _Copier:
                                 "of that name is in the image")
             self._finish_entry(target, perm, e, is_link=False)
             self.dir_times.append((target, st.st_mtime_ns))
+            self.in_upper.add(target)
             return
-        self._clear(target, e)
+        existed = self._clear(target, e)
         if stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
                 os.link(self.links[key], target)
                 return
+            if st.st_nlink == 1 and not existed:
+                self._defer(e, target, perm)
+                return
+            self.deferred.pop(target, None)
             self._copy_file(e, target)
             if st.st_nlink > 1:
                 self.links[key] = target
@@ -203,17 +259,29 @@ class _Copier:
             return
         self._finish_entry(target, perm, e, is_link=stat.S_ISLNK(mode))
 
-    def _clear(self, target: str, e) -> None:
+    def _clear(self, target: str, e) -> bool:
+        """Make room for a non-directory at `target`; True if something was there."""
         try:
             existing = os.lstat(target)
         except FileNotFoundError:
-            return
+            return False
         if stat.S_ISDIR(existing.st_mode):
             raise CopyError(f"cannot copy {e.src!r} to {target}: a directory of that name is "
                             "in the image")
         os.unlink(target)
+        return True
 
-    def _copy_file(self, e, target: str) -> None:
+    def _defer(self, e, target: str, perm: int) -> None:
+        parent = os.path.dirname(target) or "/"
+        if parent not in self.in_upper:
+            # An existing directory the overlay has not copied up yet: adding a file
+            # would copy it up and set its mtime, which this does.
+            os.utime(parent)
+            self.in_upper.add(parent)
+        self.deferred[target] = (target, self.group, e.src, perm, (self.uid, self.gid))
+
+    def _copy_file(self, e, target: str, perm: int | None = None) -> None:
+        """Copy one regular file; with `perm`, also set its owner, mode and time (by fd)."""
         src = os.open(e.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.ctx)
         try:
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -228,6 +296,10 @@ class _Copier:
                     offset += n
                     left -= n
                 self._copy_xattrs(src, dst)
+                if perm is not None:
+                    os.fchown(dst, self.uid, self.gid)
+                    os.fchmod(dst, perm)      # after chown, which clears set-id bits
+                    os.utime(dst, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns))
             finally:
                 os.close(dst)
         finally:
@@ -253,9 +325,62 @@ class _Copier:
             os.chmod(target, perm)
         os.utime(target, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns), follow_symlinks=False)
 
-    def finish(self) -> None:
-        for path, mtime in reversed(self.dir_times):
-            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+
+_PARALLEL_FROM = 256     # below this, forking workers costs more than it saves
+
+
+def _in_parallel(items: list, work) -> None:
+    """Run `work(item)` for every item, split over one forked process per CPU.
+
+    Creating files is mostly kernel time, and it scales: on ext4, 30,000
+    files take 1.9 s in one process and 0.6 s in two. A worker's failure
+    comes back as a CopyError naming it.
+    """
+    workers = min(4, len(os.sched_getaffinity(0)))
+    if len(items) < _PARALLEL_FROM or workers < 2:
+        for item in items:
+            work(item)
+        return
+    # Whole directories per worker: two processes creating files in one directory
+    # contend for its lock and were measured slower than one.
+    by_dir: dict[str, list] = {}
+    for item in items:
+        by_dir.setdefault(posixpath.dirname(item[0]), []).append(item)
+    shares: list[list] = [[] for _ in range(workers)]
+    for group in sorted(by_dir.values(), key=len, reverse=True):
+        min(shares, key=len).extend(group)
+    children = []
+    for k in range(workers):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            code = 0
+            try:
+                for item in shares[k]:
+                    work(item)
+            except BaseException as e:      # reported to the parent, which raises it
+                number = e.errno if isinstance(e, OSError) else 0
+                where = getattr(e, "filename", "") or ""
+                text = e.strerror if isinstance(e, OSError) else str(e)
+                os.write(w, f"{number}\0{text}{': ' + where if where else ''}".encode())
+                code = 1
+            os._exit(code)
+        os.close(w)
+        children.append((pid, r))
+    errors = []
+    for pid, r in children:
+        with open(r, "rb") as f:
+            number, _, message = f.read().decode(errors="replace").partition("\0")
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            errors.append((int(number or 0), message or f"a copy worker ended with status {status}"))
+    if errors:
+        number, message = errors[0]
+        full = number in (errno.ENOSPC, errno.EDQUOT)
+        raise CopyError(message, "the disk holding the store is full: free space, or remove images "
+                                 "with `pybuild rmi`" if full else None)
 
 
 # ---- ADD of a local archive ------------------------------------------------------------

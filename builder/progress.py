@@ -91,7 +91,7 @@ class PlainRenderer:
         elif isinstance(ev, StepOutput):
             w(f"#{ev.step} {ev.line}\n")
         elif isinstance(ev, StepDone) and not ev.cached:
-            w(f"#{ev.step} DONE {ev.seconds:.1f}s\n")
+            w(f"#{ev.step} DONE {_seconds(ev.seconds)}\n")
         elif isinstance(ev, BuildWarning):
             w(f"WARNING: {ev.message}\n")
         elif isinstance(ev, BuildDone):
@@ -99,3 +99,8 @@ class PlainRenderer:
             w(f"built {ev.image_id[7:19]}{' as ' + tags if tags else ''} in {ev.seconds:.2f}s "
               f"({ev.steps_run} steps run, {ev.steps_cached} cached)\n")
         self.out.flush()
+
+
+def _seconds(s: float) -> str:
+    """BuildKit's `DONE 2.3s`, with milliseconds for the quick steps that are most steps."""
+    return f"{s:.1f}s" if s >= 1 else f"{s:.3f}s"

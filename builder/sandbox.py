@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import json
+import marshal
 import os
 import select
 import signal
@@ -136,15 +137,19 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
 
 
-def run_in_root(snap: Snapshot, func: Callable[[], None],
+def run_in_root(snap: Snapshot, func: Callable[[], object],
                 before_chroot: Callable[[], None] | None = None,
+                after_unmount: Callable[[object], None] | None = None,
                 cancel: threading.Event | None = None) -> None:
     """Mount `snap`, chroot into it in a child process and call `func` there.
 
     `before_chroot` runs first, in the child's own mount namespace (to mount
     and open what `func` reads). `func` runs as root with the image's files as
     its `/`; it must not import anything (the host's Python library is not
-    visible in the chroot).
+    visible in the chroot). With `after_unmount`, `func` runs in a grandchild,
+    its (marshal-able) result comes back, the overlay is unmounted, and
+    `after_unmount(result)` runs outside the chroot, free to write into the
+    upper dir directly (which is not allowed while it is mounted).
     """
     def body():
         linux.unshare(linux.CLONE_NEWNS)
@@ -152,9 +157,30 @@ def run_in_root(snap: Snapshot, func: Callable[[], None],
         snap.mount()
         if before_chroot is not None:
             before_chroot()
-        os.chroot(snap.merged)
+        if after_unmount is None:
+            os.chroot(snap.merged)
+            os.chdir("/")
+            func()
+            return
+        result_r, result_w = os.pipe()
+        pid, parent = _fork()
+        if pid == 0:
+            def chrooted():
+                os.chroot(snap.merged)
+                os.chdir("/")
+                data = marshal.dumps(func())
+                with open(result_w, "wb", closefd=False) as f:
+                    f.write(data)
+            _child(err_w, chrooted, parent)
+        os.close(result_w)
+        with open(result_r, "rb") as f:
+            data = f.read()
+        status = _wait_for(pid)
+        if status != 0:
+            os._exit(status)        # the grandchild has reported why
         os.chdir("/")
-        func()
+        snap.unmount()
+        after_unmount(marshal.loads(data))
     with _fork_lock:
         err_r, err_w = os.pipe()
         pid, parent = _fork()

@@ -327,3 +327,30 @@ RUN test ! -e /d/old && test ! -e /gone && cat /d/n
     assert {".wh.gone", "d", "d/.wh..wh..opq", "d/n"} <= names
     st = os.lstat(os.path.join(store.root, store.layers.link(chain_ids(image.diff_ids)[-1]), "gone"))
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, "the diff dir keeps overlay whiteouts"
+
+
+def test_copy_writes_new_files_straight_into_the_upper_dir_with_overlay_semantics(
+        tmp_path, base_image, store_root, store):
+    """Many files (the parallel path), into an existing directory of a lower layer, over a
+    name an earlier step deleted, and over a file the image has: the layers say exactly what
+    the overlay would have said."""
+    files = {f"many/f{i:03d}.txt": f"{i}\n" for i in range(300)}
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN rm /etc/motd
+COPY motd passwd /etc/
+COPY many /etc/many/
+RUN cat /etc/motd && test "$(ls /etc/many | wc -l)" = 300 && grep -q replaced /etc/passwd
+""", "motd": "back again\n", "passwd": "replaced\n", **files})
+    image, events = build(ctx, store_root)
+    assert output(events) == ["back again"]
+    copy1 = {m.name: m for m in layer_members(store, image.layers[-2])}
+    assert set(copy1) == {"etc", "etc/motd", "etc/passwd"}, "the parent is copied up, nothing else"
+    assert copy1["etc"].isdir() and copy1["etc"].mode == 0o755
+    assert layer_files(store, image.layers[-2]) == {"etc/motd": b"back again\n",
+                                                   "etc/passwd": b"replaced\n"}
+    many = {m.name: m for m in layer_members(store, image.layers[-1])}
+    assert len([n for n in many if n.startswith("etc/many/f")]) == 300
+    assert all(m.uid == 0 and m.gid == 0 and m.mode == 0o644 for n, m in many.items() if n.endswith(".txt"))
+    # the layer dirs hold overlay-ready content: no whiteout device left where a file now is
+    diff = os.path.join(store.root, store.layers.link(chain_ids(image.diff_ids)[-2]))
+    assert stat.S_ISREG(os.lstat(os.path.join(diff, "etc/motd")).st_mode)

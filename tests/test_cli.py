@@ -29,7 +29,7 @@ def test_docker_form_builds_tags_and_prints_the_id(pybuild, demo_ctx, tmp_path):
     assert iid.read_text() == image_id
     err = p.stderr.decode()
     assert "[stage-0 5/10] COPY --chown=app:app app/ /app/" in err
-    assert re.search(r"^#6 DONE \d+\.\ds$", err, re.M)
+    assert re.search(r"^#6 DONE \d+\.\d+s$", err, re.M)
     again = pybuild("build", "-q", "-t", "cli-demo", demo_ctx, check=True)
     assert again.stdout.decode().strip() == image_id and again.stderr == b""
 

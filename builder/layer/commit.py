@@ -26,8 +26,7 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "") -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change."""
-    with store.blobs.writer() as blob:
-        sink = compress.LayerSink(blob)
+    with store.blobs.writer() as blob, compress.LayerSink(blob) as sink:
         stats = diff.write_tar(upper, sink)
         if stats.empty:
             return None
@@ -88,46 +87,47 @@ class Ingested:
 
 def ingest(store, raw, parent_chain: str | None, *, what: str,
            expected_diff_id: str | None = None, expected_digest: str | None = None) -> Ingested:
-    """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`."""
+    """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`.
+
+    A compressed layer is kept as it came (its digest is the registry's); a
+    plain one is compressed on the way in.
+    """
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
     compressed = compress.is_compressed(head)
-    diff_hash = hashlib.sha256()
-    with store.blobs.writer() as blob:
-        sink = None
+    with store.blobs.writer() as blob, compress.LayerSink(blob, compress=not compressed) as sink, \
+            store.tmpdir("ingest") as staging:
         if compressed:
             media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) else MEDIA_LAYER_GZIP
             outer = _TeeReader(buffered, [blob.write])
+            diff_hash = hashlib.sha256()
             plain = _TeeReader(compress.open_decompressed(outer, head), [diff_hash.update], what)
         else:
             media_type = MEDIA_LAYER_GZIP
-            sink = compress.LayerSink(blob)
-            plain = _TeeReader(buffered, [diff_hash.update, sink.write], what)
-        with store.tmpdir("ingest") as staging:
-            diff_dir = os.path.join(staging, "diff")
-            os.mkdir(diff_dir, 0o755)
-            try:
-                content = extract.extract(plain, diff_dir, what=what)
-                plain.drain()
-                if compressed:
-                    outer.drain()
-            except (OSError, EOFError, ValueError) as e:
-                raise LayerError(f"{what}: cannot read the layer ({e})") from None
-            if sink is not None:
-                sink.close()
-            diff_id = "sha256:" + diff_hash.hexdigest()
-            if expected_diff_id and diff_id != expected_diff_id:
-                raise LayerError(f"{what}: content does not match its diff_id: expected "
-                                 f"{expected_diff_id}, got {diff_id}",
-                                 hint="the archive or registry copy is corrupt or was tampered with")
-            if expected_digest and compressed and blob.digest != expected_digest:
-                raise LayerError(f"{what}: blob does not match its digest: expected "
-                                 f"{expected_digest}, got {blob.digest}",
-                                 hint="the archive or registry copy is corrupt or was tampered with")
-            digest = blob.commit()
-            size = blob.size
-            chain = chain_of(parent_chain, diff_id)
-            new_layer = store.layers.install(
-                chain, diff_dir, _meta(diff_id, digest, size, media_type, content, parent_chain),
-                store.tmp)
+            outer, diff_hash = None, sink.diff_hash
+            plain = _TeeReader(buffered, [sink.write], what)
+        diff_dir = os.path.join(staging, "diff")
+        os.mkdir(diff_dir, 0o755)
+        try:
+            content = extract.extract(plain, diff_dir, what=what)
+            plain.drain()
+            if outer is not None:
+                outer.drain()
+        except (OSError, EOFError, ValueError) as e:
+            raise LayerError(f"{what}: cannot read the layer ({e})") from None
+        sink.close()
+        diff_id = "sha256:" + diff_hash.hexdigest()
+        if expected_diff_id and diff_id != expected_diff_id:
+            raise LayerError(f"{what}: content does not match its diff_id: expected "
+                             f"{expected_diff_id}, got {diff_id}",
+                             hint="the archive or registry copy is corrupt or was tampered with")
+        if expected_digest and compressed and blob.digest != expected_digest:
+            raise LayerError(f"{what}: blob does not match its digest: expected "
+                             f"{expected_digest}, got {blob.digest}",
+                             hint="the archive or registry copy is corrupt or was tampered with")
+        digest = blob.commit()
+        size = blob.size
+        chain = chain_of(parent_chain, diff_id)
+        new_layer = store.layers.install(
+            chain, diff_dir, _meta(diff_id, digest, size, media_type, content, parent_chain), store.tmp)
     return Ingested(LayerDesc(diff_id, digest, size, media_type), new_layer, blob.new)

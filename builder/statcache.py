@@ -1,0 +1,79 @@
+"""A persistent stat cache for build contexts: unchanged files are never read twice.
+
+For each context directory the store keeps `cache/context/<hash of its
+path>.marshal`: relative path -> (size, mtime_ns, ctime_ns, inode, digest).
+A file whose stat still matches is not read again, so an unchanged context
+costs one walk. ctime is part of the key because nothing but the kernel sets
+it: a content change always moves it, even when a tool restores the mtime.
+Entries for files changed within the last two seconds are not saved (git's
+"racy clean" rule: the file may change again within the same tick).
+
+Concurrent builds of one context each save the union of what they loaded
+and learned, by atomic rename; the worst a race costs is a re-hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import marshal
+import os
+import threading
+import time
+
+_RACY_NS = 2_000_000_000
+_MAX_ENTRIES = 1_000_000
+
+
+class StatCache:
+    def __init__(self, directory: str | None, root: str):
+        self.path = None
+        if directory:
+            name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
+            self.path = os.path.join(directory, name + ".marshal")
+        self._entries: dict | None = None
+        self._changed = False
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict:
+        if self._entries is None:
+            entries = {}
+            if self.path:
+                try:
+                    with open(self.path, "rb") as f:
+                        entries = marshal.load(f)
+                except (OSError, EOFError, ValueError, TypeError):
+                    entries = {}
+            self._entries = entries if isinstance(entries, dict) else {}
+        return self._entries
+
+    def get(self, rel: str, st: os.stat_result) -> str | None:
+        hit = self._load().get(rel)
+        if hit is not None and hit[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+            return hit[4]
+        return None
+
+    def put(self, rel: str, st: os.stat_result, digest: str) -> None:
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+            return
+        with self._lock:
+            self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest)
+            self._changed = True
+
+    def save(self) -> None:
+        if not (self.path and self._changed and self._entries is not None):
+            return
+        entries = self._entries
+        if len(entries) > _MAX_ENTRIES:
+            entries = dict(list(entries.items())[-_MAX_ENTRIES:])
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                marshal.dump(entries, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._changed = False
