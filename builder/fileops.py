@@ -31,9 +31,10 @@ import tarfile
 import zlib  # noqa: F401
 from dataclasses import dataclass
 
-from . import linux, paths, users
+from . import paths, users
 from .context import BuildContext, IgnoreRules, Source, filter_excludes
 from .sandbox import SetupError
+from .snapshot.overlay import mount_overlay
 
 
 @dataclass
@@ -77,8 +78,7 @@ def prepare(op: CopyOp) -> None:
                 os.makedirs(empty, exist_ok=True)
                 lowers.append(empty)
             os.chdir(g.store_root)
-            linux.mount("overlay", g.root, "overlay", linux.MS_RDONLY,
-                        f"lowerdir={':'.join(lowers)},index=off,redirect_dir=off,metacopy=off")
+            mount_overlay(g.root, lowers, readonly=True)
         if g.specs:
             ctx = BuildContext(g.root, ignore=IgnoreRules(), strict=False)
             found = []
@@ -337,7 +337,7 @@ def _in_parallel(items: list, work) -> None:
     files take 1.9 s in one process and 0.6 s in two. A worker's failure
     comes back as a CopyError naming it.
     """
-    workers = min(4, len(os.sched_getaffinity(0)))
+    workers = min(4, 2 * len(os.sched_getaffinity(0)))   # the work waits on the disk, too
     if len(items) < _PARALLEL_FROM or workers < 2:
         for item in items:
             work(item)

@@ -33,11 +33,27 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+_chain_step: dict[tuple[str, str], str] = {}
+
+
 def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain IDs: chain(L1) = diff_id(L1); chain(1..n) = sha256(chain(1..n-1) + " " + diff_id(n))."""
+    """OCI chain IDs: chain(L1) = diff_id(L1); chain(1..n) = sha256(chain(1..n-1) + " " + diff_id(n)).
+
+    Each link is remembered, so the stacks of a deep build cost a lookup per
+    layer rather than a hash.
+    """
     out: list[str] = []
     for d in diff_ids:
-        out.append(d if not out else digest_of(f"{out[-1]} {d}".encode()))
+        if not out:
+            out.append(d)
+            continue
+        key = (out[-1], d)
+        chain = _chain_step.get(key)
+        if chain is None:
+            if len(_chain_step) > 100_000:
+                _chain_step.clear()
+            chain = _chain_step[key] = digest_of(f"{out[-1]} {d}".encode())
+        out.append(chain)
     return out
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from . import linux, paths, users
 from .errors import BuildError
-from .snapshot.overlay import OPTIONS as OVERLAY_OPTIONS, Snapshot
+from .snapshot.overlay import Snapshot, mount_overlay
 
 HOSTNAME = "pybuild"
 _DIRS = ("proc", "dev", "sys")
@@ -446,16 +446,11 @@ def _prepare_mount_sources(mounts: list[MountSpec], scratch: str) -> list[str]:
             point = os.path.join(scratch, f"mnt-{i}")
             os.mkdir(point, 0o755)
             lowers = list(m.lowers)
-            if m.upper:
-                opts = (f"lowerdir={':'.join(lowers)},upperdir={m.upper},workdir={m.work},"
-                        f"{OVERLAY_OPTIONS}")
-            else:
-                if len(lowers) < 2:
-                    empty = os.path.join(scratch, f"empty-{i}")
-                    os.mkdir(empty, 0o755)
-                    lowers.append(empty)
-                opts = f"lowerdir={':'.join(lowers)},{OVERLAY_OPTIONS}"
-            linux.mount("overlay", point, "overlay", linux.MS_RDONLY if not m.upper else 0, opts)
+            if not m.upper and len(lowers) < 2:
+                empty = os.path.join(scratch, f"empty-{i}")   # a read-only overlay needs two
+                os.mkdir(empty, 0o755)
+                lowers.append(empty)
+            mount_overlay(point, lowers, m.upper or None, m.work or None, readonly=not m.upper)
             out.append(paths.resolve_in_root(point, m.subpath))
         else:
             out.append(m.source)

@@ -34,7 +34,8 @@ class LayerSink:
         self.out = blob_writer
         self.diff_hash = hashlib.sha256()
         self.tar_size = 0
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []
+        self._pending = 0
         self._error: BaseException | None = None
         self._thread = None
         if compress:
@@ -45,15 +46,18 @@ class LayerSink:
             self._thread.start()
 
     def write(self, data) -> None:
-        self._buf += data
-        if len(self._buf) >= _FLUSH_AT:
+        # Pieces are joined once per megabyte (one copy), big pieces go as they are.
+        self._pieces.append(data)
+        self._pending += len(data)
+        if self._pending >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buf:
+        if not self._pieces:
             return
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces = []
+        self._pending = 0
         self.diff_hash.update(data)
         self.tar_size += len(data)
         if self._thread is None:
@@ -84,7 +88,7 @@ class LayerSink:
 
     def abort(self) -> None:
         if self._thread is not None:
-            self._buf.clear()
+            self._pieces = []
             self._queue.put(None)
             self._thread.join()
             self._thread = None

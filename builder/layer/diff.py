@@ -127,7 +127,15 @@ def _write_file(path: str, name: str, st: os.stat_result, common: dict, sink) ->
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = st.st_size
-        sink.write(tarformat.header(name, typeflag=tarformat.REGULAR, size=size, **common))
+        header = tarformat.header(name, typeflag=tarformat.REGULAR, size=size, **common)
+        if size <= _READ:
+            # Most files: one read, one write of header, content and padding.
+            data = os.read(fd, size) if size else b""
+            if len(data) != size:
+                raise OSError(f"{name} shrank while it was being archived")
+            sink.write(header + data + tarformat.pad(size))
+            return
+        sink.write(header)
         left = size
         while left > 0:
             chunk = os.read(fd, min(_READ, left))

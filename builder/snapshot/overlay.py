@@ -7,10 +7,17 @@ namespace however pybuild ends.
 
 The options make the upper dir a self-contained diff: with `redirect_dir`
 or `metacopy` on, a renamed directory or a chmod would leave only an xattr
-pointing into a lower layer. Lower dirs are named by their short links
-(`l/<id>`) relative to the store root, the mounting process's working
-directory, so that many layers fit in the one page a mount option string
-may take.
+pointing into a lower layer.
+
+Depth: where the kernel has the new mount API with `lowerdir+` (Linux 6.8),
+each lower dir is one fsconfig call and there is no limit on the option
+string; elsewhere lower dirs are named by their short links (`l/<id>`,
+relative to the store root) in one option string of at most a page. Either
+way a stack never holds more than MAX_STACK lower dirs: beyond that, the
+oldest layers are flattened, in chunks of FLATTEN_CHUNK, into cached
+directories (`flat/<chain-id>`) that replace them, so a 1,000-step build
+mounts the same few dozen dirs at its last step as at its tenth, and never
+meets overlayfs's own limit of 500.
 """
 
 from __future__ import annotations
@@ -22,7 +29,59 @@ from .. import linux
 from ..errors import StoreError
 
 OPTIONS = "index=off,redirect_dir=off,metacopy=off"
+_OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
 _PAGE = 4096
+MAX_STACK = 128          # lower dirs of one mount, at most
+FLATTEN_CHUNK = 64       # flattened prefixes are multiples of this many layers
+
+_new_api: bool | None = None     # does the kernel take `lowerdir+`? (probed on first mount)
+_volatile: bool | None = None    # and `volatile` (Linux 5.10)?
+
+
+def mount_overlay(target: str, lowers: list[str], upper: str | None = None,
+                  work: str | None = None, *, readonly: bool = False) -> None:
+    """Mount an overlay at `target` (in a private mount namespace), by the best API the kernel has.
+
+    Relative lower paths are relative to the current directory. A writable
+    overlay is `volatile`: its unmount would otherwise sync the whole upper
+    filesystem (seconds after a RUN that wrote a lot), and a step's upper dir
+    is only kept once the step has finished and been archived.
+    """
+    global _new_api, _volatile
+    flags = ("volatile",) if upper and _volatile is not False else ()
+    if _new_api is not False:
+        try:
+            linux.mount_overlay(target, lowers, upper, work, _OPTION_DICT, readonly=readonly,
+                                flags=flags)
+            _new_api = True
+            _volatile = _volatile or bool(flags)
+            return
+        except OSError as e:
+            if e.errno not in (22, 38):      # EINVAL (no lowerdir+ or volatile), ENOSYS
+                raise
+            if flags and "volatile" in str(e):
+                _volatile = False
+                return mount_overlay(target, lowers, upper, work, readonly=readonly)
+            if _new_api:
+                raise
+            _new_api = False
+    opts = f"lowerdir={':'.join(lowers)}"
+    if upper:
+        opts += f",upperdir={upper},workdir={work}"
+    opts += "," + OPTIONS
+    if flags:
+        try:
+            linux.mount("overlay", target, "overlay", 0, opts + ",volatile")
+            _volatile = True
+            return
+        except OSError as e:
+            if e.errno != 22:
+                raise
+            _volatile = False
+    if len(opts) >= _PAGE:
+        raise StoreError(f"{len(lowers)} layers do not fit in one overlay mount option string "
+                         "on this kernel (before Linux 6.8)", hint="squash some steps into one RUN")
+    linux.mount("overlay", target, "overlay", linux.MS_RDONLY if readonly else 0, opts)
 
 
 @dataclass
@@ -34,27 +93,25 @@ class Snapshot:
     merged: str
     extra_lowers: list[str] = field(default_factory=list)   # e.g. the init dir, above the rest
 
-    def options(self) -> str:
-        lowers = self.extra_lowers + self.lowers
-        opts = f"lowerdir={':'.join(lowers)},upperdir={self.upper},workdir={self.work},{OPTIONS}"
-        if len(opts) >= _PAGE:
-            raise StoreError(f"the image has too many layers ({len(self.lowers)}) for one overlay "
-                             "mount option string",
-                             hint="squash some steps into one RUN")
-        return opts
-
     def mount(self) -> None:
         """Mount at `merged`; only in a process that has its own mount namespace."""
         os.chdir(self.store_root)
-        linux.mount("overlay", self.merged, "overlay", 0, self.options())
+        mount_overlay(self.merged, self.extra_lowers + self.lowers, self.upper, self.work)
 
     def unmount(self) -> None:
+        """Unmount; the snapshot can be mounted again (its upper dir is kept)."""
         linux.umount(self.merged)
+        # A volatile overlay marks its work dir; the kernel refuses to remount over the mark.
+        marker = os.path.join(self.work, "work", "incompat")
+        for dirpath, dirnames, filenames in os.walk(marker, topdown=False):
+            for name in filenames:
+                os.unlink(os.path.join(dirpath, name))
+            os.rmdir(dirpath)
 
 
 def prepare(store, diff_ids: list[str], workdir: str) -> Snapshot:
     """Dirs for a new snapshot over the layers `diff_ids` (bottom first) inside `workdir`."""
-    lowers = store.lower_links(diff_ids)
+    lowers = lower_stack(store, diff_ids)
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     if not lowers:
         empty = os.path.join(workdir, "empty")
@@ -65,3 +122,17 @@ def prepare(store, diff_ids: list[str], workdir: str) -> Snapshot:
     for d in (snap.upper, snap.work, snap.merged):
         os.mkdir(d, 0o755)
     return snap
+
+
+def lower_stack(store, diff_ids: list[str]) -> list[str]:
+    """The lower dirs (topmost first) that show the layers `diff_ids`: at most MAX_STACK of them."""
+    links = store.lower_links(diff_ids)            # topmost first
+    if len(links) <= MAX_STACK:
+        return links
+    from ..image import chain_ids
+    from . import flatten
+    keep = len(links) - (len(links) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
+    flat_depth = len(links) - keep
+    chains = chain_ids(diff_ids)
+    flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
+    return links[:keep] + [flat]

@@ -56,6 +56,7 @@ class Store:
                              hint="choose another with --root DIR or PYBUILD_ROOT") from None
         self.blobs = BlobStore(self.root, self.tmp)
         self.layers = LayerStore(self.root)
+        self.flats = LayerStore(self.root, "flat")     # flattened stack prefixes (snapshot/flatten.py)
         self.index = Index(self.root)
         self._lock_path = os.path.join(self.root, "store.lock")
         self._gc_lock_path = os.path.join(self.root, "gc.lock")

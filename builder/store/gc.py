@@ -37,10 +37,11 @@ def collect(store, cache) -> Collected:
                 if result.extra.get("chain"):
                     chains.add(result.extra["chain"])
         out = Collected()
-        for chain in store.layers.list():
-            if chain not in chains:
-                store.layers.remove(chain)
-                out.layers += 1
+        for layer_store in (store.layers, store.flats):
+            for chain in layer_store.list():
+                if chain not in chains:
+                    layer_store.remove(chain)
+                    out.layers += 1
         for digest in store.blobs.list():
             if digest not in blobs:
                 try:

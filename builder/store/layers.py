@@ -24,10 +24,14 @@ def short_id() -> str:
 
 
 class LayerStore:
-    def __init__(self, root: str):
+    def __init__(self, root: str, subdir: str = "layers"):
         self.root = root
-        self.dir = os.path.join(root, "layers")
+        self.subdir = subdir
+        self.dir = os.path.join(root, subdir)
         self.links = os.path.join(root, "l")
+        # Layers are immutable: once seen, a layer's short link is remembered, so that a
+        # deep stack costs no file reads per step.
+        self._link_of: dict[str, str] = {}
 
     def path(self, chain_id: str) -> str:
         return os.path.join(self.dir, chain_id.split(":", 1)[1])
@@ -36,6 +40,8 @@ class LayerStore:
         return os.path.join(self.path(chain_id), "diff")
 
     def has(self, chain_id: str) -> bool:
+        if chain_id in self._link_of and os.path.isdir(self.path(chain_id)):
+            return True
         return os.path.isfile(os.path.join(self.path(chain_id), "layer.json"))
 
     def meta(self, chain_id: str) -> dict:
@@ -47,8 +53,11 @@ class LayerStore:
 
     def link(self, chain_id: str) -> str:
         """`l/<short>` for this layer, relative to the store root."""
-        with open(os.path.join(self.path(chain_id), "link"), encoding="ascii") as f:
-            return "l/" + f.read().strip()
+        link = self._link_of.get(chain_id)
+        if link is None:
+            with open(os.path.join(self.path(chain_id), "link"), encoding="ascii") as f:
+                link = self._link_of[chain_id] = "l/" + f.read().strip()
+        return link
 
     def install(self, chain_id: str, diff_source: str, meta: dict, staging_root: str) -> bool:
         """Move `diff_source` (a directory) into the store as this layer's diff.
@@ -69,7 +78,7 @@ class LayerStore:
             json.dump(meta, f, indent=2, sort_keys=True)
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.links, exist_ok=True)
-        target = os.path.join("..", "layers", chain_id[7:], "diff")
+        target = os.path.join("..", self.subdir, chain_id[7:], "diff")
         link_path = os.path.join(self.links, short)
         os.symlink(target, link_path)
         try:

@@ -1,0 +1,40 @@
+"""Flattened snapshots: the union of a stack's oldest layers, cached as one directory.
+
+A build deeper than `overlay.MAX_STACK` layers mounts `flat/<chain-id>` (the
+merged view of its bottom layers, whiteouts applied) in their place. It is
+made once per chain ID, by archiving the read-only union from inside a
+mount namespace and extracting it with the same safe extractor layers use,
+and is reused by every later step and build; it is not a layer of any image
+(images keep their real layers), only a shortcut for mounting them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import sandbox
+from ..layer import diff, extract
+from . import overlay
+
+
+def flattened(store, diff_ids: list[str], chain: str) -> str:
+    """The `l/<id>` link of the flattened union of `diff_ids` (whose chain ID is `chain`)."""
+    if store.flats.has(chain):
+        return store.flats.link(chain)
+    with store.tmpdir("flatten") as tmp:
+        snap = overlay.prepare(store, diff_ids, os.path.join(tmp, "snap"))
+        tar_path = os.path.join(tmp, "union.tar")
+        fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            def archive_root() -> None:
+                with open(fd, "wb", buffering=1 << 20, closefd=False) as out:
+                    diff.write_tar("/", out, strip_overlay_xattrs=False)
+            sandbox.run_in_root(snap, archive_root)
+        finally:
+            os.close(fd)
+        staging = os.path.join(tmp, "diff")
+        os.mkdir(staging, 0o755)
+        with open(tar_path, "rb") as f:
+            extract.extract(f, staging, what=f"flattened snapshot {chain[7:19]}")
+        store.flats.install(chain, staging, {"chain": chain, "layers": len(diff_ids)}, store.tmp)
+    return store.flats.link(chain)
