@@ -127,6 +127,11 @@ def _args_version(s: argparse.ArgumentParser) -> None:
     pass
 
 
+def _args_prune(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--keep-storage", metavar="SIZE",
+                   help="keep the most recently used cache up to SIZE (e.g. 500MB, 2GB)")
+
+
 _COMMANDS = {
     "build": ("build an image from a Dockerfile", _args_build),
     "images": ("list the images in the store", _args_images),
@@ -138,6 +143,7 @@ _COMMANDS = {
     "save": ("write images to a tar (docker-archive and OCI layout in one)", _args_save),
     "load": ("load images from a docker-archive or OCI archive", _args_load),
     "import": ("make a one-layer image of a root filesystem tarball", _args_import),
+    "prune": ("remove build cache and layers nothing needs", _args_prune),
     "version": ("print the version", _args_version),
 }
 
@@ -495,6 +501,33 @@ def _cmd_import(args) -> int:
     with store.in_use():
         img = archive.import_rootfs(store, args.file, args.name)
     print(img.id)
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """`500MB`, `2GB`, `1.5g`, `1024` (bytes): Docker's units, decimal and binary."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise UsageError(f"invalid size {text!r}", hint="for example 500MB or 2GB")
+    base = 1024 if m.group(3) else 1000
+    power = " kmgt".index(m.group(2) or " ")
+    return int(float(m.group(1)) * base ** power)
+
+
+def _cmd_prune(args) -> int:
+    from .cache import StepCache
+    from .store import gc
+    store = _store(args)
+    keep = parse_size(args.keep_storage) if args.keep_storage else None
+    result = gc.prune(store, StepCache(store), keep)
+    if result.collected.deferred:
+        raise UsageError("a build is using the store; nothing was removed",
+                         hint="run pybuild prune again when no build is running")
+    c = result.collected
+    print(f"Deleted {result.entries} cache entries, {c.layers} layers, {c.blobs} blobs"
+          + (f", {result.mounts} cache mounts" if result.mounts else ""))
+    print(f"Total reclaimed space: {human_size(c.bytes)}")
     return 0
 
 

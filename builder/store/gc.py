@@ -40,6 +40,10 @@ def collect(store, cache) -> Collected:
         for layer_store in (store.layers, store.flats):
             for chain in layer_store.list():
                 if chain not in chains:
+                    try:
+                        out.bytes += int(layer_store.meta(chain).get("content_size", 0))
+                    except Exception:
+                        pass      # a half-removed or damaged layer: remove it all the same
                     layer_store.remove(chain)
                     out.layers += 1
         for digest in store.blobs.list():
@@ -53,3 +57,83 @@ def collect(store, cache) -> Collected:
         return out
     finally:
         os.close(fd)
+
+
+@dataclass
+class Pruned:
+    entries: int = 0
+    mounts: int = 0
+    collected: Collected | None = None
+
+
+def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
+    """Drop step-cache entries (all, or all but the most recently used `keep_bytes` of layers
+    that no image needs), unused cache mounts, and then everything nothing needs any more.
+
+    Needs the store to itself (no build running): returns `collected.deferred` otherwise.
+    """
+    fd = store.try_gc_lock()
+    if fd is None:
+        return Pruned(collected=Collected(deferred=True))
+    out = Pruned()
+    try:
+        in_images = set()
+        for img in store.images():
+            in_images.update(chain_ids(img.diff_ids))
+        entries = sorted(cache.entries(), key=lambda e: e[1], reverse=True)   # newest first
+        kept_bytes = 0
+        counted: set[str] = set()
+        full = keep_bytes is None
+        for key, _used, result in entries:
+            chain = result.extra.get("chain") if result.layer is not None else None
+            size = 0
+            if chain and chain not in in_images and chain not in counted:
+                size = _layer_bytes(store, chain, result.layer.size)
+            if not full and kept_bytes + size <= keep_bytes:
+                kept_bytes += size
+                if chain:
+                    counted.add(chain)
+                continue
+            full = True          # the budget is spent: everything older goes
+            cache.remove(key)
+            out.entries += 1
+        if keep_bytes is None:
+            out.mounts = _prune_cache_mounts(store)
+    finally:
+        os.close(fd)
+    out.collected = collect(store, cache)
+    return out
+
+
+def _layer_bytes(store, chain: str, blob_size: int) -> int:
+    try:
+        return blob_size + int(store.layers.meta(chain).get("content_size", 0))
+    except Exception:
+        return blob_size
+
+
+def _prune_cache_mounts(store) -> int:
+    """Remove RUN --mount=type=cache directories that no build holds."""
+    import fcntl
+    base = os.path.join(store.cache_dir, "mounts")
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return 0
+    from . import remove_tree
+    for name in names:
+        if name.endswith(".lock") or ".new-" in name:
+            continue
+        lock = os.path.join(base, name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            remove_tree(os.path.join(base, name))
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed

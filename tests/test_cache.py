@@ -1,0 +1,157 @@
+"""The step cache users can trust: a matrix of changes, each a hit or a miss, as in Docker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import builder
+from builder import progress
+
+from conftest import BASE, busybox_context, write_context
+
+DOCKERFILE = f"""FROM {BASE}
+ARG DECLARED=one
+ENV MODE=a
+COPY --chown=1000:1000 app/ /app/
+RUN cat /app/main.txt > /out && echo "$DECLARED $MODE" >> /out
+LABEL done=yes
+"""
+
+
+def ran(ctx, store_root, **kw) -> list[str]:
+    """The steps that ran (missed the cache), by their instruction."""
+    events = []
+    builder.build(str(ctx), root=store_root, on_event=events.append, **kw)
+    text = {e.step: e.text for e in events if isinstance(e, progress.StepStarted)}
+    return [text[e.step].split()[0] for e in events
+            if isinstance(e, progress.StepDone) and not e.cached and not text[e.step].startswith("FROM")]
+
+
+@pytest.fixture
+def ctx(tmp_path, base_image, store_root):
+    """A context built once, so every test starts from a warm cache."""
+    c = write_context(tmp_path / "ctx", {"Dockerfile": DOCKERFILE, "app/main.txt": "main\n",
+                                         "app/other.txt": "other\n", "app/ignored.log": "log\n",
+                                         ".dockerignore": "app/*.log\n"})
+    ran(c, store_root)
+    assert ran(c, store_root) == [], "an unchanged rebuild runs nothing"
+    return c
+
+
+def edit(ctx, old: str, new: str) -> None:
+    path = ctx / "Dockerfile"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+ALL_AFTER_COPY = ["COPY", "RUN", "LABEL"]
+
+
+def test_env_value_misses(ctx, store_root):
+    edit(ctx, "ENV MODE=a", "ENV MODE=b")
+    assert ran(ctx, store_root) == ["ENV"] + ALL_AFTER_COPY
+
+
+def test_declared_arg_value_misses_the_steps_after_it(ctx, store_root):
+    assert ran(ctx, store_root, build_args={"DECLARED": "two"}) == ["ARG", "ENV"] + ALL_AFTER_COPY
+
+
+def test_undeclared_build_arg_hits_with_a_warning(ctx, store_root):
+    events = []
+    builder.build(str(ctx), root=store_root, build_args={"UNDECLARED": "x"}, on_event=events.append)
+    assert not [e for e in events if isinstance(e, progress.StepDone) and not e.cached
+                and e.step > 1]
+    assert any("UNDECLARED" in e.message for e in events if isinstance(e, progress.BuildWarning))
+
+
+def test_file_content_misses_from_the_copy(ctx, store_root):
+    (ctx / "app/main.txt").write_text("changed\n")
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+
+
+def test_file_mode_misses(ctx, store_root):
+    os.chmod(ctx / "app/other.txt", 0o600)
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+
+
+def test_chown_flag_misses_but_the_context_owner_does_not(ctx, store_root):
+    os.chown(ctx / "app/main.txt", 4321, 4321)      # COPY sets its own owner: a hit
+    assert ran(ctx, store_root) == []
+    edit(ctx, "--chown=1000:1000", "--chown=1000:50")
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+
+
+def test_mtime_only_hits(ctx, store_root):
+    os.utime(ctx / "app/main.txt", (1, 1))
+    os.utime(ctx / "app", (2, 2))
+    assert ran(ctx, store_root) == []
+
+
+def test_file_excluded_by_dockerignore_hits(ctx, store_root):
+    (ctx / "app/ignored.log").write_text("a different log\n")
+    (ctx / "app/new.log").write_text("new\n")
+    assert ran(ctx, store_root) == []
+
+
+def test_whitespace_inside_run_misses(ctx, store_root):
+    edit(ctx, "RUN cat /app/main.txt > /out", "RUN cat  /app/main.txt > /out")
+    assert ran(ctx, store_root) == ["RUN", "LABEL"]
+
+
+def test_a_step_after_a_miss_misses(ctx, store_root):
+    edit(ctx, "LABEL done=yes", "LABEL done=yes\nLABEL more=1")
+    assert ran(ctx, store_root) == ["LABEL"]          # only the new step: nothing before changed
+    edit(ctx, "ENV MODE=a", "ENV MODE=c")
+    assert ran(ctx, store_root) == ["ENV"] + ALL_AFTER_COPY + ["LABEL"]
+
+
+def test_moved_base_tag_misses(tmp_path, base_image, store_root):
+    ctx = busybox_context(tmp_path / "bb")
+    builder.build(str(ctx), tags=["movable:1"], root=store_root)
+    c = write_context(tmp_path / "ctx", {"Dockerfile": "FROM movable:1\nRUN echo hi > /hi\n"})
+    assert ran(c, store_root) == ["RUN"]
+    assert ran(c, store_root) == []
+    (ctx / "rootfs/etc/motd").write_text("a different base\n")
+    builder.build(str(ctx), tags=["movable:1"], root=store_root)
+    assert ran(c, store_root) == ["RUN"], "the tag points at a new image: nothing may hit"
+
+
+def test_no_cache_runs_everything(ctx, store_root):
+    assert ran(ctx, store_root, no_cache=True) == ["ARG", "ENV"] + ALL_AFTER_COPY
+
+
+def test_prune_keeps_images_and_recent_cache(tmp_path, base_image, store_root, pybuild):
+    c = write_context(tmp_path / "p", {"Dockerfile": ""})
+    chains = []
+    for i in range(3):
+        (c / "Dockerfile").write_text(f"FROM {BASE}\nRUN head -c 300000 /dev/urandom > /r{i}\n")
+        img = builder.build(str(c), root=store_root, tags=[f"prune-keep:{i}"])
+        chains.append(__import__("builder.image", fromlist=["x"]).chain_ids(img.diff_ids)[-1])
+    pybuild("rmi", "prune-keep:0", "prune-keep:1", check=True)
+    store = builder.Store(store_root)
+    assert all(store.layers.has(ch) for ch in chains), "rmi keeps what the build cache needs"
+    p = pybuild("prune", "--keep-storage", "1MB")      # room for one 0.6 MB layer
+    assert p.returncode == 0, p.stderr.decode()
+    assert "Total reclaimed space" in p.stdout.decode()
+    store = builder.Store(store_root)
+    assert [store.layers.has(ch) for ch in chains] == [False, True, True], \
+        "the older unused layer goes, the newer one fits the budget, the image's stays"
+    assert pybuild("prune").returncode == 0
+    store = builder.Store(store_root)
+    assert [store.layers.has(ch) for ch in chains] == [False, False, True]
+    img = store.resolve("prune-keep:2")
+    assert store.lower_links(img.diff_ids)
+    assert all(store.blobs.verify(l.digest) for l in img.layers)
+    assert pybuild("run", "prune-keep:2", "ls", "/r2").returncode == 0
+
+
+def test_prune_parses_sizes():
+    from builder.cli import parse_size
+    assert parse_size("500MB") == 500_000_000 and parse_size("2GiB") == 2 * 1024 ** 3
+    assert parse_size("1024") == 1024 and parse_size("1.5g") == 1_500_000_000
+    with pytest.raises(builder.UsageError):
+        parse_size("lots")
