@@ -37,7 +37,12 @@ BASE = "busybox:bench"
 # ---- running things --------------------------------------------------------------
 
 def timed(cmd: list[str], *, env=None, cwd=None, check=True) -> tuple[float, int, str]:
-    """(seconds, peak RSS of the process in KB, stderr+stdout) of one command."""
+    """(seconds, peak RSS of the process in KB, stderr+stdout) of one command.
+
+    Dirty pages of earlier runs are written back first (untimed): on a small
+    VM disk, their writeback otherwise lands in whichever build comes next.
+    """
+    os.sync()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     out = p.stdout.read()

@@ -2,10 +2,11 @@
 
 A step's key is made of what decides its result:
 
-* `parent`: the ID of the image state before the step (the digest of its
-  config: layers, history and runtime settings such as Env, User, WorkingDir,
-  Shell). So a changed ENV, a moved base tag or any step that re-ran before
-  (new history time) changes every key after it, as in Docker;
+* `parent`: the identity of the image state before the step: the base
+  image's ID, then chained with each step's result (history entry, runtime
+  settings such as Env, User, WorkingDir, Shell, and layer). So a changed
+  ENV, a moved base tag or any step that re-ran before (new history time)
+  changes every key after it, as in Docker;
 * `instruction`: the step after variable expansion, in a canonical form
   (whitespace inside a RUN command counts, as in Docker);
 * `build_args`: the ARG values in scope, which are in a RUN's environment but
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .image import LayerDesc, canonical_json, chain_ids, digest_of
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -309,16 +309,20 @@ class Builder:
         if plan.base_stage is not None:
             base = self._stage_state(plan.base_stage)
             config, layers = copy.deepcopy(base.config), list(base.layers)
+            state_id = base.state_id
         elif plan.base_image is not None:
             config, layers = copy.deepcopy(plan.base_image.config), list(plan.base_image.layers)
+            state_id = plan.base_image.id
         else:
             config, layers = empty_config(), []
+            state_id = digest_of(canonical_json(config))
         config.setdefault("config", {})
         config.setdefault("history", [])
         config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         self.emit(StepDone(n, 0.0, cached=True))
         env = dict(e.partition("=")[::2] for e in config["config"].get("Env") or [])
-        return steps.StageState(plan.label, config, layers, env=env, escape=self.df.escape)
+        return steps.StageState(plan.label, config, layers, state_id=state_id, env=env,
+                                escape=self.df.escape)
 
     def _where(self, inst, n: int) -> str:
         return f"{self.dockerfile_path}:{inst.line} [{n}/{self.total}] {inst.keyword}"
@@ -348,7 +352,7 @@ class Builder:
                 raise
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
         key = cachemod.StepKey(
-            parent=digest_of(canonical_json(state.config)), instruction=plan.instruction,
+            parent=state.state_id, instruction=plan.instruction,
             build_args=plan.build_args, sources=tuple(inputs.digests)).digest()
         diff_ids = [l.diff_id for l in state.layers]
         cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
@@ -382,6 +386,15 @@ class Builder:
 
     @staticmethod
     def _apply(state: steps.StageState, result: cachemod.StepResult) -> None:
+        """Add a step's result to the stage's image.
+
+        The state's identity (the cache's `parent` for the next step) chains the
+        result onto the previous identity, starting from the base image's ID: as
+        unique as the digest of the whole config, without serialising a config
+        whose history grows with every step of a deep build.
+        """
+        state.state_id = digest_of(canonical_json({"parent": state.state_id,
+                                                   "result": result.to_json()}))
         cfg = state.config
         cfg["config"] = copy.deepcopy(result.runtime)
         if "author" in result.extra:
@@ -422,7 +435,7 @@ class Builder:
         index = self._stage_ref(self.df, ref, len(self.df.stages))
         if index is not None:
             st = self._stage_state(index)
-            return (digest_of(canonical_json(st.config)), [l.diff_id for l in st.layers],
+            return (st.state_id, [l.diff_id for l in st.layers],
                     f"stage {ref}")
         image = self._resolve_image(ref, inst)
         return image.id, image.diff_ids, f"image {ref}"

@@ -44,6 +44,7 @@ class StageState:
     name: str
     config: dict                                    # the whole OCI image config
     layers: list                                    # LayerDesc, bottom first
+    state_id: str = ""                              # identity of this state (see engine._apply)
     args: dict[str, str | None] = field(default_factory=dict)   # declared ARGs, in order
     env: dict[str, str] = field(default_factory=dict)
     cmd_set: bool = False

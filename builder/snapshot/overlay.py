@@ -31,8 +31,8 @@ from ..errors import StoreError
 OPTIONS = "index=off,redirect_dir=off,metacopy=off"
 _OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
 _PAGE = 4096
-MAX_STACK = 128          # lower dirs of one mount, at most
-FLATTEN_CHUNK = 64       # flattened prefixes are multiples of this many layers
+MAX_STACK = 64           # lower dirs of one mount, at most
+FLATTEN_CHUNK = 32       # flattened prefixes are multiples of this many layers
 
 _new_api: bool | None = None     # does the kernel take `lowerdir+`? (probed on first mount)
 _volatile: bool | None = None    # and `volatile` (Linux 5.10)?
@@ -126,13 +126,12 @@ def prepare(store, diff_ids: list[str], workdir: str) -> Snapshot:
 
 def lower_stack(store, diff_ids: list[str]) -> list[str]:
     """The lower dirs (topmost first) that show the layers `diff_ids`: at most MAX_STACK of them."""
-    links = store.lower_links(diff_ids)            # topmost first
-    if len(links) <= MAX_STACK:
-        return links
+    if len(diff_ids) <= MAX_STACK:
+        return store.lower_links(diff_ids)         # topmost first
     from ..image import chain_ids
     from . import flatten
-    keep = len(links) - (len(links) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
-    flat_depth = len(links) - keep
+    flat_depth = (len(diff_ids) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
     chains = chain_ids(diff_ids)
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
-    return links[:keep] + [flat]
+    top = store.lower_links(diff_ids)[:len(diff_ids) - flat_depth]
+    return top + [flat]

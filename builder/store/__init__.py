@@ -68,9 +68,17 @@ class Store:
         """Exclusive lock for changes to index.json."""
         return locked(self._lock_path)
 
+    @contextlib.contextmanager
     def in_use(self):
-        """Held (shared) by every build for its whole duration; blocks garbage collection."""
-        return locked(self._gc_lock_path, shared=True)
+        """Held (shared) by every build for its whole duration; blocks garbage collection.
+
+        While it is held no layer can disappear, so the layer stores may trust
+        what they have seen once (a deep stack then costs no stat per layer).
+        """
+        with locked(self._gc_lock_path, shared=True):
+            self.layers.forget()
+            self.flats.forget()
+            yield
 
     def try_gc_lock(self) -> int | None:
         if not os.path.exists(self._gc_lock_path):
@@ -236,7 +244,7 @@ class Store:
         """`l/<id>` of each layer of a stack, topmost first, as overlay's lowerdir wants them."""
         links = []
         for chain in chain_ids(diff_ids):
-            if not self.layers.has(chain):
+            if not self.layers.known(chain) and not self.layers.has(chain):
                 raise StoreError(f"layer {chain} is missing from the store",
                                  hint="the store was pruned under a running build, or damaged; "
                                       "rebuild or reload the image")

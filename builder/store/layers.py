@@ -40,9 +40,14 @@ class LayerStore:
         return os.path.join(self.path(chain_id), "diff")
 
     def has(self, chain_id: str) -> bool:
-        if chain_id in self._link_of and os.path.isdir(self.path(chain_id)):
-            return True
         return os.path.isfile(os.path.join(self.path(chain_id), "layer.json"))
+
+    def known(self, chain_id: str) -> bool:
+        """Seen in the store by this process since `forget()` (no file system access)."""
+        return chain_id in self._link_of
+
+    def forget(self) -> None:
+        self._link_of.clear()
 
     def meta(self, chain_id: str) -> dict:
         try:
