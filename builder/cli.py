@@ -67,6 +67,10 @@ def _args_build(s: argparse.ArgumentParser) -> None:
                    help="network for RUN steps (default: host)")
     s.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
+                   help="how to show progress (auto: tty on a terminal, else plain)")
+    s.add_argument("--explain-cache", action="store_true",
+                   help="for every step that misses the cache, print the full comparison")
     s.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
 
 
@@ -299,17 +303,23 @@ def _cmd_build(args) -> int:
 
 def _build(args, context: str, dockerfile: str | None) -> int:
     from .engine import Builder, BuildOptions
-    from .progress import PlainRenderer
+    from .progress import make_renderer
     opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,
                         root=getattr(args, "root", None), secrets=_secrets(args.secret))
-    renderer = PlainRenderer(sys.stderr, quiet=args.quiet)
-    image = Builder(opts, renderer).run()
+    mode = "quiet" if args.quiet else args.progress
+    renderer = make_renderer(mode, explain=args.explain_cache)
+    try:
+        image = Builder(opts, renderer).run()
+    finally:
+        if hasattr(renderer, "close"):
+            renderer.close()
     if args.iidfile:
         with open(args.iidfile, "w", encoding="ascii") as f:
             f.write(image.id)
-    print(image.id)
+    if mode != "json":
+        print(image.id)
     return 0
 
 
@@ -331,15 +341,6 @@ def _ago(created: str) -> str:
     return f"{int(secs)} second{'s' if int(secs) != 1 else ''} ago"
 
 
-def human_size(n: int) -> str:
-    """Docker's sizes: decimal units, three significant digits."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g}{unit}" if unit != "B" else f"{n}B"
-        n /= 1000
-    return f"{n}B"
-
-
 def _table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -348,6 +349,7 @@ def _table(rows: list[list[str]]) -> None:
 
 def _cmd_images(args) -> int:
     from .image import short_id
+    from .progress import human_size
     store = _store(args)
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     images = sorted(store.images(), key=lambda i: i.created, reverse=True)
@@ -367,6 +369,7 @@ def _cmd_images(args) -> int:
 
 def _cmd_history(args) -> int:
     from .image import chain_ids, short_id
+    from .progress import human_size
     store = _store(args)
     img = store.resolve(args.image)
     chains = chain_ids(img.diff_ids)
@@ -517,6 +520,7 @@ def parse_size(text: str) -> int:
 
 def _cmd_prune(args) -> int:
     from .cache import StepCache
+    from .progress import human_size
     from .store import gc
     store = _store(args)
     keep = parse_size(args.keep_storage) if args.keep_storage else None

@@ -314,6 +314,20 @@ class BuildContext:
                      .encode("utf-8", "surrogateescape"))
         return "sha256:" + h.hexdigest()
 
+    def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
+        """path in the context -> (type, mode, content digest or link target), for explain.py."""
+        out = {}
+        for e in source.entries:
+            mode = e.st.st_mode
+            if stat.S_ISREG(mode):
+                kind, content = "file", self.file_digest(e.src, e.st)
+            elif stat.S_ISLNK(mode):
+                kind, content = "symlink", os.readlink(os.path.join(self.root, e.src))
+            else:
+                kind, content = ("dir" if stat.S_ISDIR(mode) else "other"), ""
+            out[e.src or "."] = (kind, f"{stat.S_IMODE(mode):o}", content)
+        return out
+
     def save(self) -> None:
         """Keep what this build learned about the context's files for the next one."""
         self.stat_cache.save()

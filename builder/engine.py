@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, paths, reference, steps
+from . import cache as cachemod, explain, paths, reference, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import BuildError, DockerfileError, Interrupted, PybuildError, StepFailed, UsageError
 from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
-from .progress import BuildDone, BuildStarted, BuildWarning, Event, StepCached, StepDone, StepStarted
+from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
+                       StepStarted)
 from .store import Store
 
 HISTORY_COMMENT = "pybuild.dockerfile.v0"
@@ -70,6 +71,8 @@ class _StagePlan:
     triggers: list[ins.Instruction]
     deps: set[int]                             # stages it needs (base, --from, mounts)
     numbers: list[int] = field(default_factory=list)    # step numbers: FROM, triggers, body
+    first_miss: str | None = None              # "step 4: <reason>", for the steps after it
+    base_layers: int = 0                       # layers the stage starts with
 
 
 class Builder:
@@ -113,6 +116,7 @@ class Builder:
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path,
                                 cache_dir=os.path.join(self.store.cache_dir, "context"))
         self.cache = cachemod.StepCache(self.store)
+        self.recipes = explain.RecipeLog(self.store.cache_dir, self.dockerfile_path)
         self.df = df
         for w in df.warnings:
             self.emit(BuildWarning(w))
@@ -133,8 +137,11 @@ class Builder:
             self.ctx.save()     # what was hashed stays hashed, even if a later step failed
         self._warn_unused_args()
         image = self.store.write_image(state.config, state.layers, self.tags)
+        base_layers = next(p.base_layers for p in plans if p.stage.index == target.index)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,
-                            self.steps_run, self.steps_cached))
+                            self.steps_run, self.steps_cached,
+                            size=self.store.content_size(image.diff_ids),
+                            layers_added=len(state.layers) - base_layers))
         return image
 
     def _build_parallel(self, plans: list[_StagePlan]) -> None:
@@ -320,6 +327,7 @@ class Builder:
         config.setdefault("history", [])
         config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         self.emit(StepDone(n, 0.0, cached=True))
+        plan.base_layers = len(layers)
         env = dict(e.partition("=")[::2] for e in config["config"].get("Env") or [])
         return steps.StageState(plan.label, config, layers, state_id=state_id, env=env,
                                 escape=self.df.escape)
@@ -356,13 +364,24 @@ class Builder:
             build_args=plan.build_args, sources=tuple(inputs.digests)).digest()
         diff_ids = [l.diff_id for l in state.layers]
         cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
+        position = f"{stage.stage.index}:{n - stage.numbers[0]}"
         if cached is not None:
+            if self.recipes.kept_key(position) != key:
+                # Kept for the next miss to be compared with (explain.py).
+                self.recipes.save(position, self._recipe(state, stage, plan, inputs, key))
             self._apply(state, cached)
             with self._lock:
                 self.steps_cached += 1
             self.emit(StepCached(n))
             self.emit(StepDone(n, time.monotonic() - t0, cached=True))
             return
+        recipe = self._recipe(state, stage, plan, inputs, key)
+        previous = self.recipes.load(position)
+        reason, details = explain.explain(previous, recipe, no_cache=self.opts.no_cache,
+                                          parent_missed=stage.first_miss)
+        if stage.first_miss is None:
+            stage.first_miss = f"step {n}: {reason}"
+        self.emit(CacheMiss(n, reason, tuple(details)))
         runtime = steps.apply_to_copy(state.runtime, plan.apply)
         layer = None
         if plan.kind in ("run", "copy", "workdir"):
@@ -378,11 +397,28 @@ class Builder:
             extra["no_history"] = True
         result = cachemod.StepResult(history, runtime, layer, extra)
         self.cache.put(key, result)
+        self.recipes.save(position, recipe)
         self._apply(state, result)
         with self._lock:
             self.steps_run += 1
         self.emit(StepDone(n, time.monotonic() - t0, cached=False,
                            layer_size=layer.size if layer else None))
+
+    def _recipe(self, state, stage: _StagePlan, plan: steps.Plan, inputs, key: str) -> dict:
+        """What this step's cache key was made of, for explaining a later miss (explain.py)."""
+        base = stage.base_image.id if stage.base_image is not None else (
+            self._stage_state(stage.base_stage).state_id if stage.base_stage is not None
+            else "scratch")
+        sources = {}
+        for kind, data in inputs.copy_parts:
+            if kind == "context":
+                sources.update(self.ctx.file_table(data))
+        return {"key": key, "keyword": plan.created_by.split(" ", 1)[0], "text": plan.created_by,
+                "parent": state.state_id, "instruction": plan.instruction,
+                "args": {k: v for k, v in state.args.items() if v is not None},
+                "env": dict(e.partition("=")[::2] for e in state.runtime.get("Env") or []),
+                "base": {"name": stage.base_name, "id": base}, "sources": sources,
+                "inputs": inputs.other}
 
     @staticmethod
     def _apply(state: steps.StageState, result: cachemod.StepResult) -> None:
@@ -422,11 +458,11 @@ class Builder:
             for i, m in enumerate(plan.mounts):
                 if m.type == "bind" and m.from_:
                     identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
-                    inputs.digests.append(f"{identity}:{m.source}")
+                    inputs.add_other(f"{identity}:{m.source}")
                     inputs.mount_sources[i] = ("rootfs", diff_ids)
                 elif m.type == "bind":
                     src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
-                    inputs.digests.append(self.ctx.digest(src))
+                    inputs.add_other(self.ctx.digest(src))
                     inputs.mount_sources[i] = ("context", src)
         return inputs
 
@@ -454,7 +490,7 @@ class Builder:
             elif src.kind == "stage":
                 identity, diff_ids, what = self._other_rootfs(src.ref, inst)
                 inputs.copy_parts.append(("from", (src.ref, tuple(diff_ids), what, src.spec)))
-                inputs.digests.append(f"{identity}:{src.spec}")
+                inputs.add_other(f"{identity}:{src.spec}")
             else:
                 if scratch is None:
                     scratch = os.path.join(self.stepdir(n), "inline")
@@ -467,7 +503,7 @@ class Builder:
                         name, digest = download.fetch(src.spec, scratch, plan.checksum)
                     except download.DownloadError as e:
                         raise BuildError(str(e), hint=e.hint) from None
-                    inputs.digests.append(digest)
+                    inputs.add_other(digest)
                 found = BuildContext(scratch, ignore=IgnoreRules()).sources(name, instruction=keyword)
                 inputs.copy_parts += [("inline", (scratch, s)) for s in found]
 
@@ -497,10 +533,15 @@ def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
 class StepInputs:
     """What a step reads besides its parent: keyed into the cache, handed to the executor."""
     digests: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)    # the digests of what is not a context file
     # ("context", Source) | ("from", (ref, diff_ids, what, spec)) | ("inline", (dir, Source))
     copy_parts: list[tuple[str, object]] = field(default_factory=list)
     # RUN --mount=type=bind: mount index -> ("context", Source) | ("rootfs", diff_ids)
     mount_sources: dict[int, tuple] = field(default_factory=dict)
+
+    def add_other(self, digest: str) -> None:
+        self.digests.append(digest)
+        self.other.append(digest)
 
 
 class _Done:

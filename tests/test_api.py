@@ -13,7 +13,7 @@ import builder
 PUBLIC = {
     "__version__", "build", "BuildOptions", "Builder", "Store", "Image", "LayerDesc",
     "Event", "BuildStarted", "StepStarted", "StepCached", "StepOutput", "StepDone",
-    "BuildWarning", "BuildDone", "PlainRenderer",
+    "BuildWarning", "BuildDone", "CacheMiss", "PlainRenderer", "JsonRenderer", "make_renderer",
     "PybuildError", "UsageError", "DockerfileError", "BuildError", "StepFailed",
     "ImageNotFound", "StoreError", "LayerError", "Interrupted",
 }

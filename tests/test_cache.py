@@ -21,11 +21,17 @@ LABEL done=yes
 """
 
 
+LAST_REASONS: dict[str, str] = {}
+
+
 def ran(ctx, store_root, **kw) -> list[str]:
-    """The steps that ran (missed the cache), by their instruction."""
+    """The steps that ran (missed the cache), by their instruction; their reasons go to LAST_REASONS."""
     events = []
     builder.build(str(ctx), root=store_root, on_event=events.append, **kw)
     text = {e.step: e.text for e in events if isinstance(e, progress.StepStarted)}
+    LAST_REASONS.clear()
+    LAST_REASONS.update({text[e.step].split()[0]: e.reason for e in events
+                         if isinstance(e, progress.CacheMiss)})
     return [text[e.step].split()[0] for e in events
             if isinstance(e, progress.StepDone) and not e.cached and not text[e.step].startswith("FROM")]
 
@@ -54,10 +60,14 @@ ALL_AFTER_COPY = ["COPY", "RUN", "LABEL"]
 def test_env_value_misses(ctx, store_root):
     edit(ctx, "ENV MODE=a", "ENV MODE=b")
     assert ran(ctx, store_root) == ["ENV"] + ALL_AFTER_COPY
+    assert LAST_REASONS["ENV"] == "instruction changed: ENV MODE=b (was: ENV MODE=a)"
+    assert LAST_REASONS["RUN"] == "ENV MODE changed (a -> b)"
 
 
 def test_declared_arg_value_misses_the_steps_after_it(ctx, store_root):
     assert ran(ctx, store_root, build_args={"DECLARED": "two"}) == ["ARG", "ENV"] + ALL_AFTER_COPY
+    assert LAST_REASONS["ARG"] == "build arg DECLARED changed (one -> two)"
+    assert LAST_REASONS["RUN"] == "build arg DECLARED changed (one -> two)"
 
 
 def test_undeclared_build_arg_hits_with_a_warning(ctx, store_root):
@@ -71,11 +81,14 @@ def test_undeclared_build_arg_hits_with_a_warning(ctx, store_root):
 def test_file_content_misses_from_the_copy(ctx, store_root):
     (ctx / "app/main.txt").write_text("changed\n")
     assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert LAST_REASONS["COPY"] == "1 file changed: app/main.txt (content)"
+    assert LAST_REASONS["RUN"] == "parent step missed (step 4: 1 file changed: app/main.txt (content))"
 
 
 def test_file_mode_misses(ctx, store_root):
     os.chmod(ctx / "app/other.txt", 0o600)
     assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert LAST_REASONS["COPY"] == "1 file changed: app/other.txt (mode)"
 
 
 def test_chown_flag_misses_but_the_context_owner_does_not(ctx, store_root):
@@ -83,6 +96,7 @@ def test_chown_flag_misses_but_the_context_owner_does_not(ctx, store_root):
     assert ran(ctx, store_root) == []
     edit(ctx, "--chown=1000:1000", "--chown=1000:50")
     assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert LAST_REASONS["COPY"].startswith("instruction changed: COPY --chown=1000:50 app/ /app/")
 
 
 def test_mtime_only_hits(ctx, store_root):
@@ -100,6 +114,7 @@ def test_file_excluded_by_dockerignore_hits(ctx, store_root):
 def test_whitespace_inside_run_misses(ctx, store_root):
     edit(ctx, "RUN cat /app/main.txt > /out", "RUN cat  /app/main.txt > /out")
     assert ran(ctx, store_root) == ["RUN", "LABEL"]
+    assert LAST_REASONS["RUN"].startswith("instruction changed: RUN |1 DECLARED=one /bin/sh -c cat  /app")
 
 
 def test_a_step_after_a_miss_misses(ctx, store_root):
@@ -116,12 +131,31 @@ def test_moved_base_tag_misses(tmp_path, base_image, store_root):
     assert ran(c, store_root) == ["RUN"]
     assert ran(c, store_root) == []
     (ctx / "rootfs/etc/motd").write_text("a different base\n")
-    builder.build(str(ctx), tags=["movable:1"], root=store_root)
+    new_base = builder.build(str(ctx), tags=["movable:1"], root=store_root)
     assert ran(c, store_root) == ["RUN"], "the tag points at a new image: nothing may hit"
+    assert LAST_REASONS["RUN"] == f"base image movable:1 now points to {new_base.id}"
 
 
 def test_no_cache_runs_everything(ctx, store_root):
     assert ran(ctx, store_root, no_cache=True) == ["ARG", "ENV"] + ALL_AFTER_COPY
+    assert set(LAST_REASONS.values()) == {"--no-cache"}
+
+
+def test_first_build_of_a_step_says_so(tmp_path, base_image, store_root):
+    c = write_context(tmp_path / "fresh", {"Dockerfile": f"FROM {BASE}\nRUN echo first-ever > /x\n"})
+    assert ran(c, store_root) == ["RUN"]
+    assert LAST_REASONS["RUN"] == "no earlier build of this step"
+
+
+def test_explain_cache_prints_every_difference(ctx, store_root, pybuild):
+    (ctx / "app/main.txt").write_text("one\n")
+    (ctx / "app/other.txt").write_text("two\n")
+    (ctx / "app/added.txt").write_text("three\n")
+    p = pybuild("--explain-cache", "-t", "explained", ctx)
+    err = p.stderr.decode()
+    assert p.returncode == 0, err
+    assert "cache miss: 3 files changed: app/added.txt (added), app/main.txt (content), " \
+           "app/other.txt (content)" in err
 
 
 def test_prune_keeps_images_and_recent_cache(tmp_path, base_image, store_root, pybuild):
