@@ -14,7 +14,7 @@ DEMO_DIR := build/demo
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3 \
                 busybox-static skopeo umoci ca-certificates
 
-.PHONY: all demo test test-slow system venv clean
+.PHONY: all demo test test-slow bench docs system venv clean
 
 all: demo
 
@@ -51,6 +51,13 @@ test: system venv
 
 test-slow: system venv
 	$(PY) -m pytest -m slow -q
+
+bench: system venv
+	$(PY) bench/bench.py
+
+# docs/cli.md is generated from the argument parser (tests/test_docs.py checks it).
+docs: venv
+	$(PY) -c "from builder.cli import reference_markdown; open('docs/cli.md', 'w').write(reference_markdown())"
 
 clean:
 	rm -rf $(VENV) build

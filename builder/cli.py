@@ -80,21 +80,22 @@ def _args_images(s: argparse.ArgumentParser) -> None:
 
 
 def _args_history(s: argparse.ArgumentParser) -> None:
-    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
     s.add_argument("--no-trunc", action="store_true", help="do not shorten the output")
 
 
 def _args_inspect(s: argparse.ArgumentParser) -> None:
-    s.add_argument("images", metavar="IMAGE", nargs="+")
+    s.add_argument("images", metavar="IMAGE", nargs="+", help="name[:tag] or image ID")
 
 
 def _args_tag(s: argparse.ArgumentParser) -> None:
-    s.add_argument("source", metavar="SOURCE")
-    s.add_argument("target", metavar="TARGET")
+    s.add_argument("source", metavar="SOURCE", help="an image: name[:tag] or image ID")
+    s.add_argument("target", metavar="TARGET", help="the new name[:tag]")
 
 
 def _args_rmi(s: argparse.ArgumentParser) -> None:
-    s.add_argument("images", metavar="IMAGE", nargs="+")
+    s.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="name[:tag] (removes that tag) or image ID")
     s.add_argument("-f", "--force", action="store_true",
                    help="remove an image given by ID even if it has several tags")
 
@@ -107,12 +108,13 @@ def _args_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("-w", "--workdir", metavar="DIR")
     s.add_argument("--entrypoint", metavar="CMD")
     s.add_argument("--network", choices=("host", "none"), default="host")
-    s.add_argument("image", metavar="IMAGE")
-    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER)
+    s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
+    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
+                   help="the command (default: the image's Entrypoint and Cmd)")
 
 
 def _args_save(s: argparse.ArgumentParser) -> None:
-    s.add_argument("images", metavar="IMAGE", nargs="+")
+    s.add_argument("images", metavar="IMAGE", nargs="+", help="the images to write")
     s.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
 
 
@@ -124,7 +126,7 @@ def _args_load(s: argparse.ArgumentParser) -> None:
 
 def _args_import(s: argparse.ArgumentParser) -> None:
     s.add_argument("file", metavar="FILE", help="the tarball (- for standard input)")
-    s.add_argument("name", metavar="NAME[:TAG]", nargs="?")
+    s.add_argument("name", metavar="NAME[:TAG]", nargs="?", help="tag the new image")
 
 
 def _args_version(s: argparse.ArgumentParser) -> None:
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         debug = args.debug
         return _dispatch(args)
     except KeyboardInterrupt:
-        _say(str(Interrupted()))
+        _say(f"error: {Interrupted()}")
         return Interrupted.exit_code
     except PybuildError as e:
         if debug:
@@ -538,3 +540,35 @@ def _cmd_prune(args) -> int:
 def _cmd_version(args) -> int:
     print(f"pybuild {__version__}")
     return 0
+
+
+def reference_markdown() -> str:
+    """docs/cli.md, from the argument parser itself (tests/test_docs.py keeps them equal)."""
+    parser = make_parser()
+    out = ["# Command-line reference", "",
+           "Generated from pybuild's argument parser by `make docs`; a test fails when the two "
+           "differ.", "",
+           "Every command also takes `--root DIR` (the store; default `$PYBUILD_ROOT` or "
+           "`/var/lib/pybuild`) and `--debug` (show Python tracebacks). `pybuild -t NAME .` "
+           "without a command is `pybuild build -t NAME .`.", "",
+           "Exit codes: 0 success, 1 other failure, 2 bad usage, 3 Dockerfile error, 4 a build "
+           "step failed, 5 image not found, 6 store or archive error, 130 interrupted.", ""]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
+        out += [f"## pybuild {name}", "", helps.get(name, "") + ".", "", "```text",
+                p.format_usage().strip().replace("usage: ", "", 1), "```", ""]
+        rows = []
+        for action in p._actions:
+            if action.help == argparse.SUPPRESS or action.dest in ("help", "root", "debug"):
+                continue
+            names = ", ".join(action.option_strings) or action.metavar or action.dest
+            if action.option_strings and (action.metavar or action.choices):
+                names += " " + (action.metavar or "{" + ",".join(action.choices) + "}")
+            text = (action.help or "").replace("|", "\\|")
+            rows.append(f"| `{names}` | {text} |".replace("`" + names + "`",
+                                                        "`" + names.replace("|", "\\|") + "`"))
+        if rows:
+            out += ["| argument | meaning |", "| --- | --- |", *rows, ""]
+    return "\n".join(out).rstrip() + "\n"

@@ -516,7 +516,12 @@ class Builder:
         if self.executor is None:
             from .executor import Executor    # only a cache miss pays for mounts and tars
             self.executor = Executor(self)
-        return self.executor.run_step(state, inst, plan, inputs, n)
+        try:
+            return self.executor.run_step(state, inst, plan, inputs, n)
+        except BuildError as e:
+            if e.step:
+                raise
+            raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
 
 
 def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
