@@ -12,7 +12,8 @@ DEMO_DIR := build/demo
 # System packages: the venv and compilers, the static busybox the test base image
 # is built from, and the independent OCI validators the tests use.
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3 \
-                busybox-static skopeo umoci ca-certificates
+                busybox-static skopeo umoci ca-certificates \
+                docker-registry apache2-utils
 
 .PHONY: all demo test test-slow bench docs system venv clean
 

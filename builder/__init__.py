@@ -25,6 +25,7 @@ _EXPORTS = {
     "Event": "progress", "BuildStarted": "progress", "StepStarted": "progress",
     "StepCached": "progress", "StepOutput": "progress", "StepDone": "progress",
     "BuildWarning": "progress", "BuildDone": "progress", "CacheMiss": "progress",
+    "Transfer": "progress", "RegistryError": "errors", "pull": "api", "push": "api",
     "PlainRenderer": "progress", "JsonRenderer": "progress", "make_renderer": "progress",
     "PybuildError": "errors", "UsageError": "errors", "DockerfileError": "errors",
     "BuildError": "errors", "StepFailed": "errors", "ImageNotFound": "errors",

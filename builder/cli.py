@@ -72,6 +72,63 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--explain-cache", action="store_true",
                    help="for every step that misses the cache, print the full comparison")
     s.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    s.add_argument("--pull", nargs="?", const="always", default="missing",
+                   choices=("always", "missing", "never", "true", "false"),
+                   help="pull base images: always, missing (the default: only those not in the "
+                        "store) or never; --pull alone is always")
+    s.add_argument("--push", action="store_true", help="push every -t name after the build")
+    s.add_argument("--cache-to", action="append", default=[], metavar="type=registry,ref=REF|"
+                   "type=local,dest=DIR[,mode=min|max]",
+                   help="export the build's step cache (mode=max: every stage's steps)")
+    s.add_argument("--cache-from", action="append", default=[], metavar="type=registry,ref=REF|"
+                   "type=local,src=DIR",
+                   help="use a step cache exported by --cache-to (layers download on a hit)")
+    s.add_argument("-o", "--output", action="append", default=[], metavar="type=TYPE[,dest=PATH]",
+                   help="also write the result: type=oci|docker,dest=FILE (archive), "
+                        "type=registry (push), type=local,dest=DIR (the root filesystem)")
+    s.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
+                   help="compression of new layers (default gzip)")
+    _insecure(s)
+
+
+def _insecure(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP to this registry (localhost always is; also "
+                        "$PYBUILD_INSECURE_REGISTRIES)")
+
+
+def _args_pull(s: argparse.ArgumentParser) -> None:
+    s.add_argument("name", metavar="NAME[:TAG|@DIGEST]",
+                   help="the image (docker.io/library/ and :latest by default)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
+                   help="how to show progress (auto: bars on a terminal, else plain lines)")
+    _insecure(s)
+
+
+def _args_push(s: argparse.ArgumentParser) -> None:
+    s.add_argument("name", metavar="IMAGE", help="name[:tag] or image ID in the store")
+    s.add_argument("dest", metavar="DEST", nargs="?",
+                   help="where to push (default: the image's name)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
+    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
+                   help="how to show progress (auto: bars on a terminal, else plain lines)")
+    s.add_argument("--chunk-size", metavar="SIZE", default="0",
+                   help="upload layers in chunks of SIZE (default: one request per layer)")
+    _insecure(s)
+
+
+def _args_login(s: argparse.ArgumentParser) -> None:
+    s.add_argument("registry", metavar="REGISTRY", nargs="?", default="docker.io")
+    s.add_argument("-u", "--username", metavar="USER")
+    s.add_argument("-p", "--password", metavar="PASSWORD",
+                   help="the password (prefer --password-stdin: a command line is visible)")
+    s.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _insecure(s)
+
+
+def _args_logout(s: argparse.ArgumentParser) -> None:
+    s.add_argument("registry", metavar="REGISTRY", nargs="?", default="docker.io")
 
 
 def _args_images(s: argparse.ArgumentParser) -> None:
@@ -149,6 +206,11 @@ _COMMANDS = {
     "save": ("write images to a tar (docker-archive and OCI layout in one)", _args_save),
     "load": ("load images from a docker-archive or OCI archive", _args_load),
     "import": ("make a one-layer image of a root filesystem tarball", _args_import),
+    "pull": ("pull an image from a registry", _args_pull),
+    "push": ("push an image to a registry", _args_push),
+    "login": ("keep credentials for a registry (in ~/.docker/config.json, as Docker does)",
+              _args_login),
+    "logout": ("forget the credentials for a registry", _args_logout),
     "prune": ("remove build cache and layers nothing needs", _args_prune),
     "version": ("print the version", _args_version),
 }
@@ -306,10 +368,18 @@ def _cmd_build(args) -> int:
 def _build(args, context: str, dockerfile: str | None) -> int:
     from .engine import Builder, BuildOptions
     from .progress import make_renderer
+    from . import outputs, remote_cache
+    pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
     opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,
-                        root=getattr(args, "root", None), secrets=_secrets(args.secret))
+                        root=getattr(args, "root", None), secrets=_secrets(args.secret),
+                        pull=pull, push=args.push, insecure_registries=tuple(args.insecure_registry),
+                        cache_to=tuple(remote_cache.parse_spec(c, export=True) for c in args.cache_to),
+                        cache_from=tuple(remote_cache.parse_spec(c, export=False)
+                                         for c in args.cache_from),
+                        outputs=tuple(outputs.parse_spec(o) for o in args.output),
+                        compression=args.compression)
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
     try:
@@ -509,6 +579,86 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _transfer_renderer(args):
+    from .progress import make_renderer
+    return make_renderer("quiet" if args.quiet else args.progress)
+
+
+def _cmd_pull(args) -> int:
+    from . import api
+    renderer = _transfer_renderer(args)
+    try:
+        image = api.pull(args.name, root=getattr(args, "root", None),
+                         insecure=tuple(args.insecure_registry), on_event=renderer)
+    finally:
+        if hasattr(renderer, "close"):
+            renderer.close()
+    if not args.quiet and image.tags:
+        _say(f"Pulled {image.tags[0]} ({image.digest})")
+    print(image.id)
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from . import api
+    from .progress import human_size
+    renderer = _transfer_renderer(args)
+    try:
+        result = api.push(args.name, args.dest, root=getattr(args, "root", None),
+                          insecure=tuple(args.insecure_registry), on_event=renderer,
+                          chunk_size=parse_size(args.chunk_size))
+    finally:
+        if hasattr(renderer, "close"):
+            renderer.close()
+    if not args.quiet:
+        _say(f"Pushed {result.reference}: {result.uploaded} blobs uploaded "
+             f"({human_size(result.uploaded_bytes)}), {result.present} already there, "
+             f"{result.mounted} mounted from other repositories")
+    print(result.digest)
+    return 0
+
+
+def _cmd_login(args) -> int:
+    from .registry import auth
+    from .registry.client import Client
+    from .api import insecure_registries
+    user = args.username
+    if user is None:
+        if not sys.stdin.isatty():
+            raise UsageError("pybuild login: give the user with -u USER",
+                             hint="and the password with --password-stdin")
+        user = input("Username: ")
+    if args.password_stdin:
+        if args.password is not None:
+            raise UsageError("--password and --password-stdin are exclusive")
+        password = sys.stdin.readline().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+        _say("WARNING! Using --password via the CLI is insecure. Use --password-stdin.")
+    else:
+        import getpass
+        password = getpass.getpass("Password: ")
+    client = Client(args.registry, insecure=insecure_registries(args.insecure_registry),
+                    credentials=(user, password))
+    try:
+        client.check_login()
+    finally:
+        client.close()
+    path = auth.login(args.registry, user, password)
+    _say(f"Credentials kept in {path} (unencrypted, as `docker login` keeps them)")
+    print("Login Succeeded")
+    return 0
+
+
+def _cmd_logout(args) -> int:
+    from .registry import auth
+    if auth.logout(args.registry):
+        print(f"Removing login credentials for {args.registry}")
+    else:
+        _say(f"Not logged in to {args.registry}")
+    return 0
+
+
 def parse_size(text: str) -> int:
     """`500MB`, `2GB`, `1.5g`, `1024` (bytes): Docker's units, decimal and binary."""
     import re
@@ -552,7 +702,8 @@ def reference_markdown() -> str:
            "`/var/lib/pybuild`) and `--debug` (show Python tracebacks). `pybuild -t NAME .` "
            "without a command is `pybuild build -t NAME .`.", "",
            "Exit codes: 0 success, 1 other failure, 2 bad usage, 3 Dockerfile error, 4 a build "
-           "step failed, 5 image not found, 6 store or archive error, 130 interrupted.", ""]
+           "step failed, 5 image not found, 6 store or archive error, 7 registry error, "
+           "130 interrupted.", ""]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub._choices_actions}
     for name, p in sub.choices.items():

@@ -23,14 +23,17 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, explain, paths, reference, steps
+from . import cache as cachemod, explain, outputs, paths, reference, remote_cache, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
-from .errors import BuildError, DockerfileError, Interrupted, PybuildError, StepFailed, UsageError
+from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
+                     StepFailed, UsageError)
 from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
                        StepStarted)
+from .outputs import OutputSpec
+from .remote_cache import CacheSpec
 from .store import Store
 
 HISTORY_COMMENT = "pybuild.dockerfile.v0"
@@ -48,16 +51,37 @@ class BuildOptions:
     target: str | None = None
     root: str | None = None                     # the store; default PYBUILD_ROOT or /var/lib/pybuild
     secrets: Mapping[str, str | bytes] = field(default_factory=dict)   # id -> file path, or the value
+    pull: str = "missing"                       # base images: always | missing | never
+    insecure_registries: tuple[str, ...] = ()   # plain HTTP allowed (localhost always is)
+    push: bool = False                          # push every tag after the build
+    cache_to: tuple[CacheSpec, ...] = ()        # export the step cache (remote_cache.py)
+    cache_from: tuple[CacheSpec, ...] = ()      # import step caches
+    outputs: tuple[OutputSpec, ...] = ()        # also write the image there (outputs.py)
+    compression: str = "gzip"                   # of new layers: gzip | zstd
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
           no_cache: bool = False, network: str = "host", target: str | None = None,
-          root: str | None = None, secrets=None,
-          on_event: Callable[[Event], None] | None = None) -> Image:
-    """Build an image from a Dockerfile and return it (already stored and tagged)."""
-    opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(tags or ()),
-                        build_args=dict(build_args or {}), no_cache=no_cache, network=network,
-                        target=target, root=root, secrets=dict(secrets or {}))
+          root: str | None = None, secrets=None, pull: str = "missing",
+          insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
+          compression: str = "gzip", on_event: Callable[[Event], None] | None = None) -> Image:
+    """Build an image from a Dockerfile and return it (already stored and tagged).
+
+    `cache_to`, `cache_from` and `outputs` take specs or their command-line
+    strings (`"type=registry,ref=REF"`, `"type=local,dest=DIR"`, ...).
+    """
+    from . import outputs as out_mod, remote_cache
+    opts = BuildOptions(
+        context=context, dockerfile=dockerfile, tags=tuple(tags or ()),
+        build_args=dict(build_args or {}), no_cache=no_cache, network=network, target=target,
+        root=root, secrets=dict(secrets or {}), pull=pull,
+        insecure_registries=tuple(insecure_registries), push=push,
+        cache_to=tuple(remote_cache.parse_spec(c, export=True) if isinstance(c, str) else c
+                       for c in cache_to),
+        cache_from=tuple(remote_cache.parse_spec(c, export=False) if isinstance(c, str) else c
+                         for c in cache_from),
+        outputs=tuple(out_mod.parse_spec(o) if isinstance(o, str) else o for o in outputs),
+        compression=compression)
     return Builder(opts, on_event).run()
 
 
@@ -80,6 +104,12 @@ class Builder:
                  store: Store | None = None):
         if opts.network not in ("host", "none", "default"):
             raise UsageError(f"--network {opts.network}: must be host or none")
+        if opts.pull not in ("always", "missing", "never"):
+            raise UsageError(f"--pull {opts.pull}: must be always, missing or never")
+        if opts.compression not in ("gzip", "zstd"):
+            raise UsageError(f"--compression {opts.compression}: must be gzip or zstd")
+        if (opts.push or any(o.type == "registry" for o in opts.outputs)) and not opts.tags:
+            raise UsageError("--push needs a name to push to", hint="add -t REGISTRY/REPO:TAG")
         self.opts = opts
         self._emit = on_event or (lambda ev: None)
         self._lock = threading.Lock()
@@ -92,6 +122,8 @@ class Builder:
         self.steps_cached = 0
         self.cancelled = threading.Event()
         self.executor = None
+        self._pulled: dict[str, Image] = {}
+        self._resolve_lock = threading.Lock()
         arch = host_architecture()
         platform = f"linux/{arch}"
         self.automatic_args = {"TARGETPLATFORM": platform, "TARGETOS": "linux", "TARGETARCH": arch,
@@ -116,6 +148,7 @@ class Builder:
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path,
                                 cache_dir=os.path.join(self.store.cache_dir, "context"))
         self.cache = cachemod.StepCache(self.store)
+        self.used: dict[int, dict[str, cachemod.StepResult]] = {}  # stage -> key -> result
         self.recipes = explain.RecipeLog(self.store.cache_dir, self.dockerfile_path)
         self.df = df
         for w in df.warnings:
@@ -125,8 +158,11 @@ class Builder:
         plans = self._plan_stages(df, target)
         self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
         self.results: dict = {}      # stage index -> its result (a Future when parallel)
+        self.remote = None
         try:
             with self.store.in_use(), self.store.tmpdir("build") as workdir:
+                if self.opts.cache_from and not self.opts.no_cache:
+                    self.remote = self._import_caches()
                 self.workdir = workdir
                 if len(plans) == 1:
                     self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
@@ -135,14 +171,42 @@ class Builder:
                 state = self.results[target.index].result()
         finally:
             self.ctx.save()     # what was hashed stays hashed, even if a later step failed
+            if self.remote is not None:
+                self.remote.close()
         self._warn_unused_args()
         image = self.store.write_image(state.config, state.layers, self.tags)
+        self._deliver(image, plans, target)
         base_layers = next(p.base_layers for p in plans if p.stage.index == target.index)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,
                             self.steps_run, self.steps_cached,
                             size=self.store.content_size(image.diff_ids),
                             layers_added=len(state.layers) - base_layers))
         return image
+
+    def _import_caches(self):
+        from .api import insecure_registries
+        return remote_cache.CacheImport(self.store, self.opts.cache_from, emit=self.emit,
+                                        insecure=insecure_registries(self.opts.insecure_registries))
+
+    def _deliver(self, image: Image, plans: list[_StagePlan], target: ins.Stage) -> None:
+        """After the image is stored: --cache-to, --output and --push."""
+        from .api import insecure_registries
+        insecure = insecure_registries(self.opts.insecure_registries)
+        plan_of = {p.stage.index: p for p in plans}
+        final_stages, index = set(), target.index       # the target and the stages it is FROM
+        while index is not None:
+            final_stages.add(index)
+            index = plan_of[index].base_stage
+        for spec in self.opts.cache_to:
+            entries = {k: r for stage, used in self.used.items() for k, r in used.items()
+                       if spec.mode == "max" or stage in final_stages}
+            remote_cache.export(self.store, spec, entries, insecure=insecure, emit=self.emit)
+        for spec in self.opts.outputs:
+            outputs.write(self.store, image, spec)
+        if self.opts.push or any(o.type == "registry" for o in self.opts.outputs):
+            from .registry import transfer
+            for tag in self.tags:
+                transfer.push(self.store, tag, insecure=insecure, on_event=self.emit)
 
     def _build_parallel(self, plans: list[_StagePlan]) -> None:
         """Independent stages at the same time; a failure or Ctrl-C stops all of them."""
@@ -275,11 +339,32 @@ class Builder:
         return out
 
     def _resolve_image(self, name: str, inst) -> Image:
-        try:
-            return self.store.resolve(name)
-        except PybuildError as e:
-            e.message = f"{self.dockerfile_path}:{inst.line}: {e.message}"
-            raise
+        """A base or --from image: from the store, pulled when missing (or always, per --pull)."""
+        with self._resolve_lock:             # parallel stages may name the same image
+            if name in self._pulled:
+                return self._pulled[name]
+            try:
+                if self.opts.pull == "always" and _pullable(name):
+                    image = self._pull(name)
+                else:
+                    try:
+                        image = self.store.resolve(name)
+                    except ImageNotFound:
+                        if self.opts.pull == "never" or not _pullable(name):
+                            raise
+                        image = self._pull(name)
+            except PybuildError as e:
+                e.message = f"{self.dockerfile_path}:{inst.line}: {e.message}"
+                raise
+            self._pulled[name] = image
+            return image
+
+    def _pull(self, name: str) -> Image:
+        from .api import insecure_registries
+        from .registry import transfer
+        with self.store.in_use():            # (planning runs before the build holds it)
+            return transfer.pull(self.store, name, on_event=self.emit,
+                                 insecure=insecure_registries(self.opts.insecure_registries))
 
     def _triggers(self, expressions: list[str], base: ins.From) -> list[ins.Instruction]:
         return [ins.parse_trigger(x, filename=self.dockerfile_path, line=base.line,
@@ -364,8 +449,13 @@ class Builder:
             build_args=plan.build_args, sources=tuple(inputs.digests)).digest()
         diff_ids = [l.diff_id for l in state.layers]
         cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
+        if cached is None and self.remote is not None:
+            cached = self.remote.get(key, diff_ids)      # (downloads its layer)
+            if cached is not None:
+                self.cache.put(key, cached)
         position = f"{stage.stage.index}:{n - stage.numbers[0]}"
         if cached is not None:
+            self._used(stage, key, cached)
             if self.recipes.kept_key(position) != key:
                 # Kept for the next miss to be compared with (explain.py).
                 self.recipes.save(position, self._recipe(state, stage, plan, inputs, key))
@@ -397,12 +487,17 @@ class Builder:
             extra["no_history"] = True
         result = cachemod.StepResult(history, runtime, layer, extra)
         self.cache.put(key, result)
+        self._used(stage, key, result)
         self.recipes.save(position, recipe)
         self._apply(state, result)
         with self._lock:
             self.steps_run += 1
         self.emit(StepDone(n, time.monotonic() - t0, cached=False,
                            layer_size=layer.size if layer else None))
+
+    def _used(self, stage: _StagePlan, key: str, result: cachemod.StepResult) -> None:
+        with self._lock:
+            self.used.setdefault(stage.stage.index, {})[key] = result
 
     def _recipe(self, state, stage: _StagePlan, plan: steps.Plan, inputs, key: str) -> dict:
         """What this step's cache key was made of, for explaining a later miss (explain.py)."""
@@ -522,6 +617,19 @@ class Builder:
             if e.step:
                 raise
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
+
+
+def _pullable(name: str) -> bool:
+    """A name a registry could have (not an image ID)."""
+    hexpart = name.lower().removeprefix("sha256:")
+    if name.startswith("sha256:") or (len(hexpart) in (12, 64) and
+                                      all(c in "0123456789abcdef" for c in hexpart)):
+        return False
+    try:
+        reference.parse(name)
+    except UsageError:
+        return False
+    return True
 
 
 def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:

@@ -14,6 +14,7 @@ library lets callers catch them by type.
     ├── ImageNotFound            exit 5: no such image in the store
     ├── StoreError               exit 6: the store is unreadable or inconsistent
     │   └── LayerError           exit 6: a layer tar is corrupt or unsafe
+    ├── RegistryError            exit 7: a registry refused, failed or sent bad data
     └── Interrupted              exit 130: SIGINT/SIGTERM; everything was cleaned up
 """
 
@@ -95,9 +96,9 @@ class ImageNotFound(PybuildError):
         self.name = name
         super().__init__(
             f"image not found: {name}",
-            hint="build it, or bring it into the store with `pybuild load -i FILE` "
-                 "(docker/OCI archive) or `pybuild import ROOTFS.tar NAME`; "
-                 "`pybuild images` lists what is there",
+            hint="pull it (`pybuild pull NAME`), build it, or bring it into the store with "
+                 "`pybuild load -i FILE` (docker/OCI archive) or `pybuild import ROOTFS.tar "
+                 "NAME`; `pybuild images` lists what is there",
         )
 
 
@@ -107,6 +108,13 @@ class StoreError(PybuildError):
 
 class LayerError(StoreError):
     """A layer tar is corrupt, or tries to write outside its directory."""
+
+
+class RegistryError(PybuildError):
+    """A registry could not be reached, refused us, or sent something that does not verify."""
+
+    exit_code = 7
+    status: int | None = None      # the HTTP status, when the registry answered
 
 
 class Interrupted(PybuildError):

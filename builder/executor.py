@@ -56,7 +56,8 @@ class Executor:
             except sandbox.SetupError as e:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by)
+            return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
+                                       compression=self.b.opts.compression)
         finally:
             for fd in locks:
                 os.close(fd)

@@ -77,6 +77,19 @@ class StepDone(Event):
 
 
 @dataclass(frozen=True, eq=False)
+class Transfer(Event):
+    """A blob moving to or from a registry (pull, push): a few times a second while it moves
+    (`done` false), then once when it has arrived (`done` true)."""
+    action: str               # pull | push
+    ref: str
+    digest: str
+    size: int                 # bytes moved so far
+    total: int | None         # bytes expected, when the manifest says
+    seconds: float            # since this blob started
+    done: bool = True
+
+
+@dataclass(frozen=True, eq=False)
 class BuildWarning(Event):
     message: str
 
@@ -92,8 +105,8 @@ class BuildDone(Event):
     layers_added: int = 0              # layers on top of the target stage's base
 
 
-EVENTS = (BuildStarted, StepStarted, StepCached, CacheMiss, StepOutput, StepDone, BuildWarning,
-          BuildDone)
+EVENTS = (BuildStarted, StepStarted, StepCached, CacheMiss, StepOutput, StepDone, Transfer,
+          BuildWarning, BuildDone)
 
 
 _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
@@ -152,6 +165,28 @@ def human_size(n: int) -> str:
     return f"{n}B"
 
 
+def transfer_line(ev: "Transfer") -> str:
+    rate = ev.size / ev.seconds if ev.seconds > 0 else 0
+    verb = "pulled" if ev.action == "pull" else "pushed"
+    return (f"{verb} {ev.digest[7:19]} of {ev.ref}: {human_size(ev.size)} in {ev.seconds:.2f}s "
+            f"({human_size(int(rate))}/s)")
+
+
+def transfer_bar(ev: "Transfer", width: int = 24):
+    """One line with a bar: `⇣ 1a2b3c4d5e6f [=======     ] 12.0MB/40.0MB 8.1MB/s`."""
+    from rich.text import Text
+    arrow = "⇣" if ev.action == "pull" else "⇡"
+    rate = human_size(int(ev.size / ev.seconds)) + "/s" if ev.seconds > 0 else ""
+    if ev.done:
+        return Text.assemble((f"✔ {arrow} {ev.digest[7:19]} ", "green"),
+                             f"{human_size(ev.size)} in {ev.seconds:.1f}s")
+    filled = int(width * ev.size / ev.total) if ev.total else 0
+    bar = "[" + "=" * filled + " " * (width - filled) + "]"
+    of = f"/{human_size(ev.total)}" if ev.total else ""
+    return Text.assemble((f"● {arrow} {ev.digest[7:19]} ", "yellow"), bar,
+                         f" {human_size(ev.size)}{of} {rate}")
+
+
 def _short(text: str, width: int) -> str:
     text = text.replace("\n", " ")
     return text if len(text) <= width else text[:width - 1] + "…"
@@ -197,6 +232,8 @@ class PlainRenderer:
             return [f"#{ev.step} {ev.line}"]
         if isinstance(ev, StepDone) and not ev.cached:
             return [f"#{ev.step} DONE {_seconds(ev.seconds)}"]
+        if isinstance(ev, Transfer) and ev.done:
+            return [transfer_line(ev)]
         if isinstance(ev, BuildWarning):
             return [f"WARNING: {ev.message}"]
         if isinstance(ev, BuildDone):
@@ -235,6 +272,7 @@ class TtyRenderer:
         self.steps: dict[int, dict] = {}
         self.order: list[int] = []
         self.warnings: list[str] = []
+        self.transfers: dict[str, Transfer] = {}     # digest -> latest event
         self.total = 0
         self._lock = threading.RLock()
         self.live = Live(console=self.console, refresh_per_second=8, transient=False,
@@ -265,6 +303,8 @@ class TtyRenderer:
                 step["seconds"] = ev.seconds
             elif isinstance(ev, BuildWarning):
                 self.warnings.append(ev.message)
+            elif isinstance(ev, Transfer):
+                self.transfers[ev.digest] = ev
             elif isinstance(ev, BuildDone):
                 self.live.refresh()
                 self.live.stop()
@@ -288,8 +328,10 @@ class TtyRenderer:
             finished = [n for n in self.order if self.steps[n]["state"] != "running"]
             folded = finished[:-self.FINISHED] if len(finished) > self.FINISHED else []
             done = len([n for n in self.order if self.steps[n]["state"] != "running"])
-            lines.append(Text(f"pybuild: {done}/{self.total} steps, "
-                              f"{time.monotonic() - self.summary.started:.1f}s", style="bold"))
+            if self.total or not self.transfers:
+                lines.append(Text(f"pybuild: {done}/{self.total} steps, "
+                                  f"{time.monotonic() - self.summary.started:.1f}s", style="bold"))
+            lines += [transfer_bar(t) for t in self.transfers.values()]
             if folded:
                 lines.append(Text(f"  … {len(folded)} earlier steps done", style="dim"))
             folded_set = set(folded)

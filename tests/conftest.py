@@ -94,17 +94,24 @@ def write_context(path: Path, files: dict[str, str | bytes]) -> Path:
     return path
 
 
+def layer_tar(store, layer) -> bytes:
+    """The uncompressed tar of a layer blob (gzip or zstd), decompressed by the reference libraries."""
+    with store.blobs.open(layer.digest) as f:
+        data = f.read()
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        import zstandard
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return gzip.decompress(data)
+
+
 def layer_members(store, layer) -> list[tarfile.TarInfo]:
     """The tar entries of one layer blob, read back with Python's tarfile (an independent reader)."""
-    with store.blobs.open(layer.digest) as f:
-        data = gzip.decompress(f.read())
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+    with tarfile.open(fileobj=io.BytesIO(layer_tar(store, layer))) as t:
         return t.getmembers()
 
 
 def layer_files(store, layer) -> dict[str, bytes]:
-    with store.blobs.open(layer.digest) as f:
-        data = gzip.decompress(f.read())
+    data = layer_tar(store, layer)
     out = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         for m in t.getmembers():

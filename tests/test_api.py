@@ -14,6 +14,7 @@ PUBLIC = {
     "__version__", "build", "BuildOptions", "Builder", "Store", "Image", "LayerDesc",
     "Event", "BuildStarted", "StepStarted", "StepCached", "StepOutput", "StepDone",
     "BuildWarning", "BuildDone", "CacheMiss", "PlainRenderer", "JsonRenderer", "make_renderer",
+    "Transfer", "RegistryError", "pull", "push",
     "PybuildError", "UsageError", "DockerfileError", "BuildError", "StepFailed",
     "ImageNotFound", "StoreError", "LayerError", "Interrupted",
 }
@@ -28,12 +29,11 @@ def test_public_names_are_exactly_the_curated_ones():
 def test_error_tree_and_exit_codes():
     assert issubclass(builder.StepFailed, builder.BuildError)
     assert issubclass(builder.LayerError, builder.StoreError)
-    for cls in (builder.UsageError, builder.DockerfileError, builder.BuildError,
-                builder.ImageNotFound, builder.StoreError, builder.Interrupted):
+    classes = (builder.UsageError, builder.DockerfileError, builder.BuildError,
+               builder.ImageNotFound, builder.StoreError, builder.RegistryError, builder.Interrupted)
+    for cls in classes:
         assert issubclass(cls, builder.PybuildError)
-    codes = {c.exit_code for c in (builder.UsageError, builder.DockerfileError, builder.BuildError,
-                                   builder.ImageNotFound, builder.StoreError, builder.Interrupted)}
-    assert len(codes) == 6
+    assert len({c.exit_code for c in classes}) == len(classes)
 
 
 def test_build_options_are_typed_and_frozen():

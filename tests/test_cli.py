@@ -114,8 +114,13 @@ def test_failing_run_exit_code_and_message(pybuild, tmp_path, base_image):
 
 def test_unknown_image_says_how_to_get_one(pybuild, tmp_path):
     ctx = write_context(tmp_path, {"Dockerfile": "FROM nosuch/image:1\nRUN true\n"})
-    p = pybuild("-t", "x", ctx)
-    assert_clean_error(p, 5, "image not found: nosuch/image:1", "pybuild load", "pybuild import")
+    p = pybuild("-t", "x", "--pull", "never", ctx)
+    assert_clean_error(p, 5, "image not found: nosuch/image:1", "pybuild pull", "pybuild load",
+                       "pybuild import")
+    # With the default (--pull missing) it is looked for in its registry, which is not there.
+    ctx = write_context(tmp_path, {"Dockerfile": "FROM 127.0.0.1:1/nosuch/image:1\nRUN true\n"})
+    assert_clean_error(pybuild("-t", "x", ctx), 7, "Dockerfile:1", "127.0.0.1:1",
+                       "Connection refused", "check that the registry is reachable")
     assert_clean_error(pybuild("history", "ghost"), 5, "image not found: ghost")
 
 

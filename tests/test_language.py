@@ -20,7 +20,9 @@ from conftest import BASE, layer_files, write_context
 
 
 def build(ctx, store_root, **kw):
+    """Build from images in the store only (pull="never": no test here needs a registry)."""
     events = []
+    kw.setdefault("pull", "never")
     image = builder.build(str(ctx), root=store_root, on_event=events.append, **kw)
     return image, events
 

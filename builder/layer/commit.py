@@ -24,9 +24,11 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
     return diff_id if parent_chain is None else digest_of(f"{parent_chain} {diff_id}".encode())
 
 
-def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "") -> LayerDesc | None:
+def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
+                 compression: str = "gzip") -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change."""
-    with store.blobs.writer() as blob, compress.LayerSink(blob) as sink:
+    media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
+    with store.blobs.writer() as blob, compress.LayerSink(blob, algorithm=compression) as sink:
         stats = diff.write_tar(upper, sink)
         if stats.empty:
             return None
@@ -34,10 +36,10 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
         digest = blob.commit()
         size = blob.size
     chain = chain_of(parent_chain, sink.diff_id)
-    store.layers.install(chain, upper, _meta(sink.diff_id, digest, size, MEDIA_LAYER_GZIP,
+    store.layers.install(chain, upper, _meta(sink.diff_id, digest, size, media_type,
                                              stats.content_bytes, parent_chain, created_by),
                          store.tmp)
-    return LayerDesc(sink.diff_id, digest, size, MEDIA_LAYER_GZIP)
+    return LayerDesc(sink.diff_id, digest, size, media_type)
 
 
 def _meta(diff_id, digest, size, media_type, content_size, parent, created_by=""):
@@ -78,6 +80,21 @@ class _TeeReader:
             pass
 
 
+def _drained(reader: _TeeReader) -> bool:
+    try:
+        reader.drain()
+        return True
+    except (LayerError, OSError, ValueError):
+        return False
+
+
+def _check_digest(what: str, got: str, expected: str) -> None:
+    if got != expected:
+        raise LayerError(f"{what}: blob does not match its digest: expected {expected}, "
+                         f"got {got}",
+                         hint="the archive or registry copy is corrupt or was tampered with")
+
+
 @dataclass(frozen=True)
 class Ingested:
     layer: LayerDesc
@@ -113,17 +130,21 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
             plain.drain()
             if outer is not None:
                 outer.drain()
-        except (OSError, EOFError, ValueError) as e:
+        except (LayerError, OSError, EOFError, ValueError) as e:
+            # Bytes that do not decompress or extract: when the blob's digest is known, the
+            # clearer error is that the blob is not the one named (read it to the end to know).
+            if expected_digest and outer is not None and _drained(outer):
+                _check_digest(what, blob.digest, expected_digest)
+            if isinstance(e, LayerError):
+                raise
             raise LayerError(f"{what}: cannot read the layer ({e})") from None
         sink.close()
         diff_id = "sha256:" + diff_hash.hexdigest()
+        if expected_digest and compressed:
+            _check_digest(what, blob.digest, expected_digest)
         if expected_diff_id and diff_id != expected_diff_id:
             raise LayerError(f"{what}: content does not match its diff_id: expected "
                              f"{expected_diff_id}, got {diff_id}",
-                             hint="the archive or registry copy is corrupt or was tampered with")
-        if expected_digest and compressed and blob.digest != expected_digest:
-            raise LayerError(f"{what}: blob does not match its digest: expected "
-                             f"{expected_digest}, got {blob.digest}",
                              hint="the archive or registry copy is corrupt or was tampered with")
         digest = blob.commit()
         size = blob.size

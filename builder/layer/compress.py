@@ -30,8 +30,9 @@ class LayerSink:
     Use it as a context manager, or call close(); leaving early stops the thread.
     """
 
-    def __init__(self, blob_writer, *, compress: bool = True):
+    def __init__(self, blob_writer, *, compress: bool = True, algorithm: str = "gzip"):
         self.out = blob_writer
+        self.algorithm = algorithm if compress else None
         self.diff_hash = hashlib.sha256()
         self.tar_size = 0
         self._pieces: list[bytes] = []
@@ -39,7 +40,7 @@ class LayerSink:
         self._error: BaseException | None = None
         self._thread = None
         if compress:
-            self._compressor = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, _GZIP_WBITS)
+            self._compressor = _compressor(algorithm)
             self._queue: queue.Queue = queue.Queue(maxsize=8)
             self._thread = threading.Thread(target=self._compress, name="pybuild-compress",
                                             daemon=True)
@@ -102,6 +103,20 @@ class LayerSink:
     @property
     def diff_id(self) -> str:
         return "sha256:" + self.diff_hash.hexdigest()
+
+
+ZSTD_LEVEL = 3          # zstd's default: smaller than gzip -2 and faster to decompress
+
+
+def _compressor(algorithm: str):
+    """An object with compress(bytes) and flush() for a layer stream."""
+    if algorithm == "gzip":
+        return isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, _GZIP_WBITS)
+    if algorithm == "zstd":
+        import zstandard
+        # write_checksum: readers (containerd, skopeo) verify frames; content size is unknown.
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compressobj()
+    raise ValueError(f"unknown compression {algorithm!r}")
 
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -22,19 +22,29 @@ def flattened(store, diff_ids: list[str], chain: str) -> str:
     if store.flats.has(chain):
         return store.flats.link(chain)
     with store.tmpdir("flatten") as tmp:
-        snap = overlay.prepare(store, diff_ids, os.path.join(tmp, "snap"))
-        tar_path = os.path.join(tmp, "union.tar")
-        fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            def archive_root() -> None:
-                with open(fd, "wb", buffering=1 << 20, closefd=False) as out:
-                    diff.write_tar("/", out, strip_overlay_xattrs=False)
-            sandbox.run_in_root(snap, archive_root)
-        finally:
-            os.close(fd)
+        tar_path = union_tar(store, diff_ids, tmp, strip_overlay_xattrs=False)
         staging = os.path.join(tmp, "diff")
         os.mkdir(staging, 0o755)
         with open(tar_path, "rb") as f:
             extract.extract(f, staging, what=f"flattened snapshot {chain[7:19]}")
         store.flats.install(chain, staging, {"chain": chain, "layers": len(diff_ids)}, store.tmp)
     return store.flats.link(chain)
+
+
+def union_tar(store, diff_ids: list[str], tmp: str, *, strip_overlay_xattrs: bool = True) -> str:
+    """Archive the merged view of `diff_ids` (whiteouts applied) to a tar in `tmp`; its path.
+
+    The overlay is mounted read-only inside a private mount namespace and
+    archived from there, so the host never sees the mount.
+    """
+    snap = overlay.prepare(store, diff_ids, os.path.join(tmp, "snap"))
+    tar_path = os.path.join(tmp, "union.tar")
+    fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        def archive_root() -> None:
+            with open(fd, "wb", buffering=1 << 20, closefd=False) as out:
+                diff.write_tar("/", out, strip_overlay_xattrs=strip_overlay_xattrs)
+        sandbox.run_in_root(snap, archive_root)
+    finally:
+        os.close(fd)
+    return tar_path

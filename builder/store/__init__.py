@@ -209,11 +209,13 @@ class Store:
         except UsageError:
             raise ImageNotFound(name) from None
         wanted = ref.tagged
+        if ref.digest and not ref.tag:          # name@digest: pulled by digest, maybe untagged
+            for d in entries:
+                if d["digest"] == ref.digest:
+                    return self.load_manifest(d["digest"], _tags_of(entries, d["digest"]))
         for d in entries:
             if (d.get("annotations") or {}).get(REF_NAME) == wanted:
-                tags = [(e.get("annotations") or {}).get(REF_NAME) for e in entries
-                        if e["digest"] == d["digest"]]
-                img = self.load_manifest(d["digest"], [t for t in tags if t])
+                img = self.load_manifest(d["digest"], _tags_of(entries, d["digest"]))
                 if ref.digest and img.digest != ref.digest:
                     break
                 return img
@@ -257,6 +259,12 @@ class Store:
             with contextlib.suppress(StoreError):
                 total += int(self.layers.meta(chain).get("content_size", 0))
         return total
+
+
+def _tags_of(entries: list[dict], digest: str) -> list[str]:
+    """The tags index.json gives the manifest `digest`."""
+    tags = [(e.get("annotations") or {}).get(REF_NAME) for e in entries if e["digest"] == digest]
+    return [t for t in tags if t]
 
 
 def remove_tree(path: str) -> None:

@@ -1,0 +1,70 @@
+"""Where a built image goes besides the store: `--output type=...` (Docker's -o).
+
+* `type=oci,dest=FILE` and `type=docker,dest=FILE`: an archive, as `pybuild
+  save` writes it (one tar that is both an OCI layout and a docker-archive,
+  so either reader loads either type);
+* `type=registry`: push every `-t` name (as `--push`);
+* `type=local,dest=DIR`: the final root filesystem as a directory (owners,
+  modes, links and xattrs kept; whiteouts applied, so deleted files are gone).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+TYPES = ("oci", "docker", "registry", "local")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    type: str
+    dest: str | None = None
+
+
+def parse_spec(text: str) -> OutputSpec:
+    """`type=oci,dest=FILE`; a bare `DIR` is `type=local,dest=DIR`, as Docker reads it."""
+    if "=" not in text:
+        return OutputSpec("local", os.path.abspath(text))
+    fields = dict(f.partition("=")[::2] for f in text.split(",") if f)
+    kind = fields.get("type", "local")
+    if kind not in TYPES:
+        raise UsageError(f"--output {text}: unknown type {kind!r}",
+                         hint="use type=oci, type=docker, type=registry or type=local")
+    dest = fields.get("dest")
+    if kind != "registry" and not dest:
+        raise UsageError(f"--output {text}: needs dest=" + ("DIR" if kind == "local" else "FILE"))
+    return OutputSpec(kind, os.path.abspath(dest) if dest else None)
+
+
+def write(store, image, spec: OutputSpec) -> None:
+    if spec.type in ("oci", "docker"):
+        write_archive(store, image, spec.dest)
+    elif spec.type == "local":
+        write_rootfs(store, image, spec.dest)
+
+
+def write_archive(store, image, dest: str) -> None:
+    from . import archive
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            archive.save(store, [image.id], f)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_rootfs(store, image, dest: str) -> None:
+    """The merged view of the image's layers, archived from inside a private mount and extracted
+    into `dest` by the safe extractor (nothing lands outside it)."""
+    from .layer import extract
+    from .snapshot import flatten
+    os.makedirs(dest, exist_ok=True)
+    with store.tmpdir("output") as tmp:
+        tar_path = flatten.union_tar(store, image.diff_ids, tmp)
+        with open(tar_path, "rb") as f:
+            extract.extract(f, dest, what=f"--output type=local,dest={dest}", whiteouts=False)

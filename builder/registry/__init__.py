@@ -1,0 +1,1 @@
+"""Registries: the OCI distribution API (client.py), credentials (auth.py), pull and push."""

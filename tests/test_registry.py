@@ -1,0 +1,445 @@
+"""Pull, push, the registry step cache and build outputs, against a real registry.
+
+Debian's docker-registry runs on 127.0.0.1 (tests/registry_server.py): once
+plain, once with htpasswd basic auth. skopeo checks what we push with its
+own client, and reaches into the registry's storage to tamper with a blob.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+import builder
+from builder.progress import BuildDone, StepOutput, Transfer
+
+from conftest import BASE, layer_files, run_pybuild, write_context
+import registry_server
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    server = registry_server.start(tmp_path_factory.mktemp("registry"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory):
+    server = registry_server.start(tmp_path_factory.mktemp("registry-auth"),
+                                   htpasswd=("ci", "s3cret-pass"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_base(registry, base_image, store_root):
+    """busybox:test pushed to the plain registry, as a FROM line would name it."""
+    name = f"{registry.host}/test/busybox:1"
+    run_pybuild("push", BASE, name, root=store_root, check=True)
+    return name
+
+
+def fresh_store(tmp_path: Path, name: str = "store") -> str:
+    root = tmp_path / name
+    root.mkdir()
+    return str(root)
+
+
+def skopeo(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=120)
+
+
+def app_context(path: Path, base: str, text: str = "hello from the registry") -> Path:
+    return write_context(path, {
+        "Dockerfile": f"FROM {base}\n"
+                      "COPY greeting.txt /greeting.txt\n"
+                      "RUN echo built > /built && chmod 640 /built\n"
+                      'CMD ["cat", "/greeting.txt"]\n',
+        "greeting.txt": text + "\n",
+    })
+
+
+# ---- push, pull, run --------------------------------------------------------------------------
+
+def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_root, tmp_path):
+    name = f"{registry.host}/test/app:1"
+    image = builder.build(str(app_context(tmp_path / "ctx", BASE)), tags=[name], root=store_root)
+    pushed = run_pybuild("push", name, root=store_root, check=True)
+    assert pushed.stdout.decode().strip() == image.digest
+
+    run_pybuild("rmi", name, root=store_root, check=True)
+    assert run_pybuild("inspect", name, root=store_root).returncode == 5
+    pulled = run_pybuild("pull", name, root=store_root, check=True)
+    assert pulled.stdout.decode().strip() == image.id
+    assert run_pybuild("run", name, root=store_root, check=True).stdout == \
+        b"hello from the registry\n"
+
+    # Into an empty store: every layer comes over the wire, and the image is the same.
+    other = fresh_store(tmp_path)
+    events = []
+    again = builder.pull(name, root=other, on_event=events.append)
+    assert (again.id, again.digest) == (image.id, image.digest)
+    done = [e for e in events if isinstance(e, Transfer) and e.done]
+    assert sorted(e.digest for e in done) == sorted(l.digest for l in image.layers)
+    assert all(e.size == l.size for e in done for l in image.layers if l.digest == e.digest)
+    assert run_pybuild("run", name, root=other, check=True).stdout == b"hello from the registry\n"
+    files = layer_files(builder.Store(other), again.layers[-1])
+    assert files["built"] == b"built\n"
+
+
+def test_skopeo_reads_what_we_push(registry, base_image, store_root, tmp_path):
+    name = f"{registry.host}/test/checked:1"
+    image = builder.build(str(app_context(tmp_path / "ctx", BASE, "checked")), tags=[name],
+                          root=store_root)
+    run_pybuild("push", name, root=store_root, check=True)
+    info = skopeo("inspect", "--tls-verify=false", f"docker://{name}")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["Digest"] == image.digest
+    assert data["Layers"] == [l.digest for l in image.layers]
+    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}").stdout)
+    assert raw["config"]["digest"] == image.id
+
+    copied = skopeo("copy", "--src-tls-verify=false", f"docker://{name}",
+                    f"oci:{tmp_path / 'oci'}:checked")
+    assert copied.returncode == 0, copied.stderr
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    manifest = json.loads((tmp_path / "oci" / "blobs" / "sha256" /
+                           index["manifests"][0]["digest"][7:]).read_text())
+    assert manifest["config"]["digest"] == image.id
+    bundle = tmp_path / "bundle"
+    unpacked = subprocess.run(["umoci", "unpack", "--image", f"{tmp_path / 'oci'}:checked",
+                               str(bundle)], capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (bundle / "rootfs" / "greeting.txt").read_text() == "checked\n"
+    assert (bundle / "rootfs" / "built").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_layer_tampered_with_in_the_registry_is_refused(registry, base_image, store_root,
+                                                          tmp_path):
+    name = f"{registry.host}/test/tampered:1"
+    image = builder.build(str(app_context(tmp_path / "ctx", BASE, "tamper me")), tags=[name],
+                          root=store_root)
+    run_pybuild("push", name, root=store_root, check=True)
+    blob = registry.blob_path(image.layers[-1].digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF                      # same size, different bytes
+    blob.write_bytes(bytes(data))
+
+    other = fresh_store(tmp_path)
+    proc = run_pybuild("pull", name, root=other)
+    err = proc.stderr.decode()
+    assert proc.returncode in (6, 7), err
+    assert "does not match" in err or "cannot read the layer" in err, err
+    assert image.layers[-1].digest[:19] in err
+    assert "Traceback" not in err
+    assert run_pybuild("images", "-q", root=other, check=True).stdout == b""
+    assert os.listdir(Path(other) / "tmp") == []          # nothing half-written left behind
+
+
+def test_a_base_pushed_by_skopeo_is_pulled_and_built_on(registry, base_image, store_root,
+                                                        tmp_path):
+    archive = tmp_path / "busybox.tar"
+    run_pybuild("save", "-o", archive, BASE, root=store_root, check=True)
+    base = f"{registry.host}/skopeo/busybox:v2s2"
+    # Docker's schema 2 media types, written by skopeo, not by us.
+    copied = skopeo("copy", "--format", "v2s2", "--dest-tls-verify=false",
+                    f"oci-archive:{archive}:{BASE}", f"docker://{base}")
+    assert copied.returncode == 0, copied.stderr
+
+    other = fresh_store(tmp_path)
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {base}\nRUN echo on top > /top\n"})
+    events = []
+    image = builder.build(str(ctx), tags=["on-skopeo:1"], root=other, on_event=events.append)
+    pulled = builder.Store(other).resolve(base)
+    assert pulled.manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert pulled.id == base_image.id                      # skopeo kept the config's bytes
+    assert image.diff_ids[:-1] == pulled.diff_ids
+    assert layer_files(builder.Store(other), image.layers[-1]) == {"top": b"on top\n"}
+    assert any(isinstance(e, Transfer) for e in events)
+
+    # --pull never: the image is in the store now, so it is used; an unknown one is not pulled.
+    ctx2 = write_context(tmp_path / "ctx2", {
+        "Dockerfile": f"FROM {registry.host}/skopeo/absent:1\n"})
+    proc = run_pybuild("build", "--pull", "never", ctx2, root=other)
+    assert proc.returncode == 5
+    assert f"{registry.host}/skopeo/absent:1" in proc.stderr.decode()
+
+
+def test_a_missing_image_names_the_registry_and_the_step(registry, tmp_path):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {registry.host}/nobody/nothing:1\nRUN true\n"})
+    proc = run_pybuild("build", ctx, root=fresh_store(tmp_path))
+    err = proc.stderr.decode()
+    assert proc.returncode == 7, err
+    assert "Dockerfile:1" in err and "nobody/nothing" in err and "404" in err
+    assert "hint:" in err and "Traceback" not in err
+
+
+# ---- what goes over the wire -------------------------------------------------------------------
+
+class CountingProxy:
+    """A TCP relay that counts the bytes clients send: an independent measure of uploads."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, counted: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if counted:
+                    with self._lock:
+                        self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_pushing_layers_the_registry_has_sends_no_layer_bytes(registry, base_image, store_root,
+                                                              tmp_path):
+    proxy = CountingProxy(registry.host)
+    try:
+        name = f"{proxy.host}/wire/app:1"
+        image = builder.build(str(app_context(tmp_path / "ctx", BASE, "x" * 300_000)),
+                              tags=[name], root=store_root)
+        layer_bytes = sum(l.size for l in image.layers)
+        first = builder.push(name, root=store_root)
+        assert first.uploaded_bytes == layer_bytes + builder.Store(store_root).blobs.size(image.id)
+        assert proxy.sent >= layer_bytes
+
+        before = proxy.sent
+        second = builder.push(name, f"{proxy.host}/wire/app:2", root=store_root)
+        assert (second.uploaded, second.uploaded_bytes) == (0, 0)
+        assert second.present == len(image.layers) + 1
+        # HEAD requests and one manifest: a few kilobytes, not the layers.
+        assert proxy.sent - before < 16_000 < layer_bytes
+
+        before = proxy.sent
+        third = builder.push(name, f"{proxy.host}/elsewhere/app:1", root=store_root)
+        assert third.mounted == len(image.layers) + 1 and third.uploaded_bytes == 0
+        assert proxy.sent - before < 16_000
+        info = skopeo("inspect", "--tls-verify=false", f"docker://{proxy.host}/elsewhere/app:1")
+        assert json.loads(info.stdout)["Digest"] == image.digest
+    finally:
+        proxy.close()
+
+
+def test_chunked_upload(registry, base_image, store_root, tmp_path):
+    name = f"{registry.host}/test/chunked:1"
+    image = builder.build(str(app_context(tmp_path / "ctx", BASE, "y" * 200_000)), tags=[name],
+                          root=store_root)
+    run_pybuild("push", "--chunk-size", "64KiB", name, root=store_root, check=True)
+    other = fresh_store(tmp_path)
+    assert builder.pull(name, root=other).digest == image.digest
+
+
+# ---- auth --------------------------------------------------------------------------------------
+
+def test_basic_auth_login_push_pull_logout(auth_registry, base_image, store_root, tmp_path):
+    config_dir = tmp_path / "docker-config"
+    env = {"DOCKER_CONFIG": str(config_dir)}
+    name = f"{auth_registry.host}/private/app:1"
+    run_pybuild("tag", BASE, name, root=store_root, check=True)
+
+    refused = run_pybuild("push", name, root=store_root, env=env)
+    assert refused.returncode == 7
+    assert f"pybuild login {auth_registry.host}" in refused.stderr.decode()
+
+    wrong = run_pybuild("login", "-u", "ci", "--password-stdin", auth_registry.host,
+                        input=b"wrong\n", root=store_root, env=env)
+    assert wrong.returncode == 7 and "refused" in wrong.stderr.decode()
+    assert not (config_dir / "config.json").exists()
+
+    ok = run_pybuild("login", "-u", "ci", "--password-stdin", auth_registry.host,
+                     input=b"s3cret-pass\n", root=store_root, env=env, check=True)
+    assert b"Login Succeeded" in ok.stdout
+    saved = json.loads((config_dir / "config.json").read_text())
+    assert auth_registry.host in saved["auths"]
+    assert (config_dir / "config.json").stat().st_mode & 0o077 == 0
+
+    run_pybuild("push", name, root=store_root, env=env, check=True)
+    other = fresh_store(tmp_path)
+    pulled = run_pybuild("pull", name, root=other, env=env, check=True)
+    assert pulled.stdout.decode().strip() == base_image.id
+
+    run_pybuild("logout", auth_registry.host, root=store_root, env=env, check=True)
+    assert auth_registry.host not in json.loads((config_dir / "config.json").read_text())["auths"]
+    again = run_pybuild("pull", name, root=fresh_store(tmp_path, "third"), env=env)
+    assert again.returncode == 7
+
+
+# ---- the registry step cache -------------------------------------------------------------------
+
+def cache_context(path: Path, base: str) -> Path:
+    return write_context(path, {
+        "Dockerfile": f"FROM {base} AS tools\n"
+                      "RUN echo tool > /tool && echo tools-stage-ran\n"
+                      f"FROM {base}\n"
+                      "ENV GREETING=hi\n"
+                      "COPY app.txt /app/app.txt\n"
+                      "RUN echo ran-on-$(hostname) > /app/ran && echo step output\n"
+                      "COPY --from=tools /tool /app/tool\n"
+                      "RUN chmod 600 /app/app.txt\n",
+        "app.txt": "the app\n",
+    })
+
+
+@pytest.mark.parametrize("kind", ["registry", "local"])
+def test_a_second_machine_rebuilds_from_the_exported_cache(kind, registry, remote_base, tmp_path):
+    ctx = cache_context(tmp_path / "ctx", remote_base)
+    if kind == "registry":
+        to = from_ = f"type=registry,ref={registry.host}/cache/app:buildcache,mode=max"
+    else:
+        to = f"type=local,dest={tmp_path / 'ci-cache'},mode=max"
+        from_ = f"type=local,src={tmp_path / 'ci-cache'}"
+    store_a, store_b = fresh_store(tmp_path, "a"), fresh_store(tmp_path, "b")
+    first = builder.build(str(ctx), tags=["cached:1"], root=store_a, cache_to=[to])
+
+    events = []
+    second = builder.build(str(ctx), tags=["cached:1"], root=store_b, cache_from=[from_],
+                           on_event=events.append)
+    done = next(e for e in events if isinstance(e, BuildDone))
+    assert done.steps_run == 0, [e for e in events]
+    assert not [e for e in events if isinstance(e, StepOutput)]
+    assert second.id == first.id and second.digest == first.digest
+    assert layer_files(builder.Store(store_b), second.layers[-2])["app/tool"] == b"tool\n"
+    assert run_pybuild("run", "cached:1", "cat", "/app/app.txt", root=store_b,
+                       check=True).stdout == b"the app\n"
+
+
+def test_cache_min_mode_leaves_out_other_stages_and_a_missing_cache_only_warns(
+        registry, remote_base, tmp_path):
+    ctx = cache_context(tmp_path / "ctx", remote_base)
+    ref = f"{registry.host}/cache/min:1"
+    store_a, store_b = fresh_store(tmp_path, "a"), fresh_store(tmp_path, "b")
+    events = []
+    builder.build(str(ctx), root=store_a, cache_from=[f"type=registry,ref={ref}"],
+                  cache_to=[f"type=registry,ref={ref}"], on_event=events.append)
+    assert any("no cache there yet" in getattr(e, "message", "") for e in events)
+
+    events = []
+    builder.build(str(ctx), root=store_b, cache_from=[ref], on_event=events.append)
+    done = next(e for e in events if isinstance(e, BuildDone))
+    # The tools stage's RUN was not exported (mode=min), so it ran again, and with it the
+    # steps after the COPY --from of its result (a new layer: a new key). The final stage's
+    # steps before that came from the cache: its RUN printed nothing.
+    assert done.steps_run == 3
+    assert [e.line for e in events if isinstance(e, StepOutput)] == ["tools-stage-ran"]
+
+
+def test_a_corrupt_cache_layer_is_refused(registry, remote_base, tmp_path):
+    ctx = cache_context(tmp_path / "ctx", remote_base)
+    dest = tmp_path / "ci-cache"
+    store_a, store_b = fresh_store(tmp_path, "a"), fresh_store(tmp_path, "b")
+    image = builder.build(str(ctx), root=store_a, cache_to=[f"type=local,dest={dest}"])
+    blob = dest / "blobs" / "sha256" / image.layers[-3].digest[7:]      # RUN echo ran-on
+    blob.write_bytes(blob.read_bytes()[:-20] + b"\0" * 20)
+    proc = run_pybuild("build", "--cache-from", f"type=local,src={dest}", ctx, root=store_b)
+    err = proc.stderr.decode()
+    assert proc.returncode == 6, err
+    assert image.layers[-3].digest[:19] in err and "Traceback" not in err
+
+
+# ---- outputs and compression --------------------------------------------------------------------
+
+def test_outputs_oci_docker_local_and_registry(registry, base_image, store_root, tmp_path):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nRUN echo out > /out && chown 123:45 /out\n",
+    })
+    name = f"{registry.host}/test/outputs:1"
+    proc = run_pybuild("build", "-t", name, "--output", f"type=oci,dest={tmp_path / 'img.oci'}",
+                       "-o", f"type=docker,dest={tmp_path / 'img.docker'}",
+                       "-o", f"type=local,dest={tmp_path / 'rootfs'}", "-o", "type=registry",
+                       ctx, root=store_root)
+    assert proc.returncode == 0, proc.stderr.decode()
+    image = builder.Store(store_root).resolve(name)
+    # skopeo names the layers of an OCI layout by blob digest, of a docker-archive by diff_id.
+    for transport, path, layers in (("oci-archive", "img.oci", [l.digest for l in image.layers]),
+                                    ("docker-archive", "img.docker", image.diff_ids)):
+        info = skopeo("inspect", f"{transport}:{tmp_path / path}")
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["Layers"] == layers, transport
+    rootfs = tmp_path / "rootfs"
+    assert (rootfs / "out").read_text() == "out\n"
+    assert ((rootfs / "out").stat().st_uid, (rootfs / "out").stat().st_gid) == (123, 45)
+    assert (rootfs / "bin" / "sh").is_symlink() or (rootfs / "bin" / "sh").exists()
+    remote = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{name}").stdout)
+    assert remote["Digest"] == image.digest
+
+
+def test_zstd_layers_have_the_zstd_media_type_and_round_trip(registry, base_image, store_root,
+                                                             tmp_path):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nRUN seq 1 20000 > /numbers\n"})
+    name = f"{registry.host}/test/zstd:1"
+    image = builder.build(str(ctx), tags=[name], root=store_root, compression="zstd")
+    top = image.layers[-1]
+    assert top.media_type == "application/vnd.oci.image.layer.v1.tar+zstd"
+    assert image.manifest["layers"][-1]["mediaType"] == top.media_type
+    with builder.Store(store_root).blobs.open(top.digest) as f:
+        assert f.read(4) == b"\x28\xb5\x2f\xfd"
+    assert layer_files(builder.Store(store_root), top)["numbers"].count(b"\n") == 20000
+    builder.push(name, root=store_root)
+    copied = skopeo("copy", "--src-tls-verify=false", f"docker://{name}",
+                    f"oci:{tmp_path / 'oci'}:z")
+    assert copied.returncode == 0, copied.stderr
+    other = fresh_store(tmp_path)
+    assert builder.pull(name, root=other).id == image.id
+    out = run_pybuild("run", name, "tail", "-n1", "/numbers", root=other, check=True)
+    assert out.stdout == b"20000\n"
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+def test_pull_on_a_terminal_shows_each_layer_with_its_size(registry, base_image, store_root,
+                                                           tmp_path):
+    from test_progress import on_terminal
+    name = f"{registry.host}/test/terminal:1"
+    run_pybuild("push", BASE, name, root=store_root, check=True)
+    screen = "\n".join(on_terminal(["pull", name], fresh_store(tmp_path)))
+    for layer in base_image.layers:
+        assert f"✔ ⇣ {layer.digest[7:19]} " in screen, screen
+    assert f"Pulled {name} (sha256:" in screen
+    assert screen.splitlines()[-1] == base_image.id
+
+
+def test_a_transfer_in_flight_is_a_bar_with_bytes_and_rate():
+    from builder.progress import transfer_bar
+    line = transfer_bar(Transfer("push", "r/x:1", "sha256:" + "ab" * 32, 50_000_000, 100_000_000,
+                                 2.0, done=False)).plain
+    assert line == "● ⇡ abababababab [============            ] 50MB/100MB 25MB/s"
