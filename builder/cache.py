@@ -37,11 +37,14 @@ class StepKey:
     instruction: dict
     build_args: tuple[tuple[str, str], ...] = ()
     sources: tuple[str, ...] = ()
+    source_date_epoch: int | None = None     # clamps the layer's times and sets the history's
 
     def digest(self) -> str:
-        return digest_of(canonical_json({
-            "v": CACHE_VERSION, "parent": self.parent, "instruction": self.instruction,
-            "build_args": [list(a) for a in self.build_args], "sources": list(self.sources)}))
+        parts = {"v": CACHE_VERSION, "parent": self.parent, "instruction": self.instruction,
+                 "build_args": [list(a) for a in self.build_args], "sources": list(self.sources)}
+        if self.source_date_epoch is not None:
+            parts["epoch"] = self.source_date_epoch
+        return digest_of(canonical_json(parts))
 
 
 @dataclass
@@ -107,8 +110,11 @@ class StepCache:
             os.unlink(self._path(key))
 
 
-def now() -> str:
-    """An RFC 3339 UTC timestamp with nanoseconds, as Docker writes them."""
+def now(epoch: int | None = None) -> str:
+    """An RFC 3339 UTC timestamp with nanoseconds, as Docker writes them; `epoch` (seconds,
+    SOURCE_DATE_EPOCH) instead of the time when given."""
+    if epoch is not None:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
     ns = time.time_ns()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + \
         f".{ns % 1_000_000_000:09d}Z"

@@ -88,6 +88,9 @@ def _args_build(s: argparse.ArgumentParser) -> None:
                         "type=registry (push), type=local,dest=DIR (the root filesystem)")
     s.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
                    help="compression of new layers (default gzip)")
+    s.add_argument("--source-date-epoch", metavar="SECONDS",
+                   help="reproducible images: every time in the config, history and layers is "
+                        "clamped to this (default: $SOURCE_DATE_EPOCH)")
     _insecure(s)
 
 
@@ -379,7 +382,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         cache_from=tuple(remote_cache.parse_spec(c, export=False)
                                          for c in args.cache_from),
                         outputs=tuple(outputs.parse_spec(o) for o in args.output),
-                        compression=args.compression)
+                        compression=args.compression,
+                        source_date_epoch=_epoch(args.source_date_epoch))
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
     try:
@@ -393,6 +397,17 @@ def _build(args, context: str, dockerfile: str | None) -> int:
     if mode != "json":
         print(image.id)
     return 0
+
+
+def _epoch(given: str | None) -> int | None:
+    text = given if given is not None else os.environ.get("SOURCE_DATE_EPOCH") or None
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        where = "--source-date-epoch" if given is not None else "SOURCE_DATE_EPOCH"
+        raise UsageError(f"{where}={text!r}: expected whole seconds since 1970",
+                         hint="for example the last commit's time: $(git log -1 --format=%ct)")
+    return int(text)
 
 
 def _ago(created: str) -> str:

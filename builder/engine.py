@@ -58,13 +58,15 @@ class BuildOptions:
     cache_from: tuple[CacheSpec, ...] = ()      # import step caches
     outputs: tuple[OutputSpec, ...] = ()        # also write the image there (outputs.py)
     compression: str = "gzip"                   # of new layers: gzip | zstd
+    source_date_epoch: int | None = None        # clamp every time in the image to this (seconds)
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
           no_cache: bool = False, network: str = "host", target: str | None = None,
           root: str | None = None, secrets=None, pull: str = "missing",
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
-          compression: str = "gzip", on_event: Callable[[Event], None] | None = None) -> Image:
+          compression: str = "gzip", source_date_epoch: int | None = None,
+          on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
@@ -81,7 +83,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         cache_from=tuple(remote_cache.parse_spec(c, export=False) if isinstance(c, str) else c
                          for c in cache_from),
         outputs=tuple(out_mod.parse_spec(o) if isinstance(o, str) else o for o in outputs),
-        compression=compression)
+        compression=compression, source_date_epoch=source_date_epoch)
     return Builder(opts, on_event).run()
 
 
@@ -446,7 +448,8 @@ class Builder:
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
         key = cachemod.StepKey(
             parent=state.state_id, instruction=plan.instruction,
-            build_args=plan.build_args, sources=tuple(inputs.digests)).digest()
+            build_args=plan.build_args, sources=tuple(inputs.digests),
+            source_date_epoch=self.opts.source_date_epoch).digest()
         diff_ids = [l.diff_id for l in state.layers]
         cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
         if cached is None and self.remote is not None:
@@ -476,7 +479,8 @@ class Builder:
         layer = None
         if plan.kind in ("run", "copy", "workdir"):
             layer = self._filesystem_step(state, inst, plan, inputs, n)
-        history = {"created": cachemod.now(), "created_by": plan.created_by,
+        history = {"created": cachemod.now(self.opts.source_date_epoch),
+                   "created_by": plan.created_by,
                    "comment": HISTORY_COMMENT}
         if layer is None:
             history["empty_layer"] = True

@@ -57,7 +57,8 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
-                                       compression=self.b.opts.compression)
+                                       compression=self.b.opts.compression,
+                                       clamp_mtime=self.b.opts.source_date_epoch)
         finally:
             for fd in locks:
                 os.close(fd)

@@ -25,11 +25,11 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 
 
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
-                 compression: str = "gzip") -> LayerDesc | None:
+                 compression: str = "gzip", clamp_mtime: int | None = None) -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change."""
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
     with store.blobs.writer() as blob, compress.LayerSink(blob, algorithm=compression) as sink:
-        stats = diff.write_tar(upper, sink)
+        stats = diff.write_tar(upper, sink, clamp_mtime=clamp_mtime)
         if stats.empty:
             return None
         sink.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from . import tarformat, whiteout
 
 _READ = 1 << 20
+_MAX_TIME = 1 << 62
 
 
 @dataclass
@@ -35,14 +36,17 @@ class DiffStats:
 
 
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
-              exclude: frozenset[str] = frozenset()) -> DiffStats:
+              exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
     `exclude` names relative paths that are left out (with their contents).
+    `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
+    later ones get it, as BuildKit's rewrite-timestamp does.
     """
     stats = DiffStats()
     links: dict[tuple[int, int], str] = {}
-    _walk(root, "", sink, stats, links, strip_overlay_xattrs, exclude)
+    clamp = _MAX_TIME if clamp_mtime is None else clamp_mtime
+    _walk(root, "", sink, stats, links, strip_overlay_xattrs, exclude, clamp)
     if stats.entries:
         sink.write(tarformat.END_OF_ARCHIVE)
     return stats
@@ -70,7 +74,7 @@ def _xattrs(path: str, strip: bool) -> tuple[list[str], dict[str, bytes]]:
 
 
 def _walk(root: str, rel: str, sink, stats: DiffStats, links: dict, strip: bool,
-          exclude: frozenset[str]) -> None:
+          exclude: frozenset[str], clamp: int) -> None:
     directory = os.path.join(root, rel) if rel else root
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -80,16 +84,17 @@ def _walk(root: str, rel: str, sink, stats: DiffStats, links: dict, strip: bool,
             continue
         st = entry.stat(follow_symlinks=False)
         mode = st.st_mode
+        mtime = min(int(st.st_mtime), clamp)
         names, xattrs = _xattrs(entry.path, strip)
         if whiteout.is_whiteout(st, names):
             parent, _, base = name.rpartition("/")
             wh = f"{parent}/{whiteout.PREFIX}{base}" if parent else whiteout.PREFIX + base
             sink.write(tarformat.header(wh, typeflag=tarformat.REGULAR, mode=0o600, uid=st.st_uid,
-                                        gid=st.st_gid, mtime=int(st.st_mtime)))
+                                        gid=st.st_gid, mtime=mtime))
             stats.entries += 1
             continue
         common = dict(mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-                      mtime=int(st.st_mtime), xattrs=xattrs)
+                      mtime=mtime, xattrs=xattrs)
         stats.entries += 1
         if stat.S_ISDIR(mode):
             sink.write(tarformat.header(name + "/", typeflag=tarformat.DIRECTORY, **common))
@@ -98,7 +103,7 @@ def _walk(root: str, rel: str, sink, stats: DiffStats, links: dict, strip: bool,
                 sink.write(tarformat.header(f"{name}/{whiteout.OPAQUE}", typeflag=tarformat.REGULAR,
                                             mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
                                             gid=st.st_gid))
-            _walk(root, name, sink, stats, links, strip, exclude)
+            _walk(root, name, sink, stats, links, strip, exclude, clamp)
         elif stat.S_ISREG(mode):
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
