@@ -72,9 +72,11 @@ class Tool:
 class Pybuild(Tool):
     name = "pybuild"
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, driver: str = "overlay"):
         self.root = root
-        self.cmd = [sys.executable, "-m", "builder", "--root", root]
+        self.cmd = [sys.executable, "-m", "builder", "--root", root, "--storage-driver", driver]
+        if driver != "overlay":
+            self.name = f"pybuild-{driver}"
 
     def prepare(self, base_tar: str) -> None:
         self.base_tar = base_tar
@@ -208,8 +210,10 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     wanted = args.tools.split(",")
-    tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")), DockerClassic(),
-                         Buildah(os.path.join(args.work, "buildah")))
+    tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")),
+                         Pybuild(os.path.join(args.work, "pybuild-fuse-store"), "fuse"),
+                         Pybuild(os.path.join(args.work, "pybuild-vfs-store"), "vfs"),
+                         DockerClassic(), Buildah(os.path.join(args.work, "buildah")))
              if t.name in wanted and t.available()]
 
     base_tar = os.path.join(args.work, "base.tar")
@@ -325,7 +329,8 @@ def print_table(rows: list[dict]) -> None:
             note = (f"steps 5-14: {e * 1000:.0f} ms each, last 10: {l_ * 1000:.0f} ms each "
                     f"({l_ / e:.2f}x)")
         lines.append([r["workload"], r["tool"], _f(r.get("cold")), _f(r.get("cached")), vs_peer,
-                      vs_floor, f"{r['rss'] / 1024:.0f}" if r.get("rss") and r["tool"] == "pybuild"
+                      vs_floor, f"{r['rss'] / 1024:.0f}" if r.get("rss") and
+                      r["tool"].startswith("pybuild")
                       else "-", note])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
     for l in lines:

@@ -31,6 +31,9 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
                    help="the store (default: $PYBUILD_ROOT or /var/lib/pybuild)")
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="show Python tracebacks for errors")
+    p.add_argument("--storage-driver", choices=("overlay", "fuse", "vfs"), default=default,
+                   help="for a new store (default: $PYBUILD_STORAGE_DRIVER, or the first that "
+                        "works here); an existing store keeps its own")
 
 
 def make_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         debug = args.debug
+        if debug:
+            os.environ["PYBUILD_DEBUG_SANDBOX"] = "1"     # sandbox setup errors: tracebacks too
         return _dispatch(args)
     except KeyboardInterrupt:
         _say(f"error: {Interrupted()}")
@@ -276,8 +281,9 @@ def _say(message: str) -> None:
 def _parse(argv: list[str]) -> argparse.Namespace:
     # Global options may come first: `pybuild --root DIR images`.
     i = 0
-    while i < len(argv) and (argv[i] in ("--root", "--debug") or argv[i].startswith("--root=")):
-        i += 2 if argv[i] == "--root" else 1
+    while i < len(argv) and (argv[i] in ("--root", "--debug", "--storage-driver") or
+                             argv[i].startswith(("--root=", "--storage-driver="))):
+        i += 2 if argv[i] in ("--root", "--storage-driver") else 1
     rest = argv[i:]
     if not rest:
         make_parser().print_help(sys.stderr)
@@ -293,7 +299,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _store(args):
     from .store import Store
-    return Store(getattr(args, "root", None))
+    return Store(getattr(args, "root", None), driver=getattr(args, "storage_driver", None))
 
 
 def _dispatch(args) -> int:
@@ -377,6 +383,7 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,
                         root=getattr(args, "root", None), secrets=_secrets(args.secret),
+                        storage_driver=getattr(args, "storage_driver", None),
                         pull=pull, push=args.push, insecure_registries=tuple(args.insecure_registry),
                         cache_to=tuple(remote_cache.parse_spec(c, export=True) for c in args.cache_to),
                         cache_from=tuple(remote_cache.parse_spec(c, export=False)
@@ -714,7 +721,9 @@ def reference_markdown() -> str:
            "Generated from pybuild's argument parser by `make docs`; a test fails when the two "
            "differ.", "",
            "Every command also takes `--root DIR` (the store; default `$PYBUILD_ROOT` or "
-           "`/var/lib/pybuild`) and `--debug` (show Python tracebacks). `pybuild -t NAME .` "
+           "`/var/lib/pybuild`), `--storage-driver overlay|fuse|vfs` (for a new store; default "
+           "`$PYBUILD_STORAGE_DRIVER` or the first that works) and `--debug` (show Python "
+           "tracebacks). `pybuild -t NAME .` "
            "without a command is `pybuild build -t NAME .`.", "",
            "Exit codes: 0 success, 1 other failure, 2 bad usage, 3 Dockerfile error, 4 a build "
            "step failed, 5 image not found, 6 store or archive error, 7 registry error, "
@@ -727,7 +736,8 @@ def reference_markdown() -> str:
                 p.format_usage().strip().replace("usage: ", "", 1), "```", ""]
         rows = []
         for action in p._actions:
-            if action.help == argparse.SUPPRESS or action.dest in ("help", "root", "debug"):
+            if action.help == argparse.SUPPRESS or action.dest in ("help", "root", "debug",
+                                                                    "storage_driver"):
                 continue
             names = ", ".join(action.option_strings) or action.metavar or action.dest
             if action.option_strings and (action.metavar or action.choices):

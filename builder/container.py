@@ -13,7 +13,7 @@ import os
 from . import sandbox
 from .errors import BuildError, UsageError
 from .image import Image
-from .snapshot import overlay
+from . import snapshot
 from .store import Store
 
 
@@ -42,7 +42,7 @@ def run(store: Store, image: Image, args: list[str], *, env: list[str] = (), use
                            workdir=workdir or rt.get("WorkingDir") or "/",
                            network=network, interactive=True)
     with store.in_use(), store.tmpdir("container") as tmp:
-        snap = overlay.prepare(store, image.diff_ids, tmp)
+        snap = snapshot.prepare(store, image.diff_ids, tmp)
         scratch = os.path.join(tmp, "scratch")
         os.mkdir(scratch, 0o700)
         try:

@@ -50,6 +50,7 @@ class BuildOptions:
     network: str = "host"                       # host | none: the default for RUN
     target: str | None = None
     root: str | None = None                     # the store; default PYBUILD_ROOT or /var/lib/pybuild
+    storage_driver: str | None = None           # overlay | fuse | vfs (a new store; see snapshot/)
     secrets: Mapping[str, str | bytes] = field(default_factory=dict)   # id -> file path, or the value
     pull: str = "missing"                       # base images: always | missing | never
     insecure_registries: tuple[str, ...] = ()   # plain HTTP allowed (localhost always is)
@@ -66,7 +67,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           root: str | None = None, secrets=None, pull: str = "missing",
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
           compression: str = "gzip", source_date_epoch: int | None = None,
-          on_event: Callable[[Event], None] | None = None) -> Image:
+          storage_driver: str | None = None, on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
@@ -83,7 +84,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         cache_from=tuple(remote_cache.parse_spec(c, export=False) if isinstance(c, str) else c
                          for c in cache_from),
         outputs=tuple(out_mod.parse_spec(o) if isinstance(o, str) else o for o in outputs),
-        compression=compression, source_date_epoch=source_date_epoch)
+        compression=compression, source_date_epoch=source_date_epoch,
+        storage_driver=storage_driver)
     return Builder(opts, on_event).run()
 
 
@@ -146,7 +148,7 @@ class Builder:
                              "namespaces", hint="run pybuild as root (rootless builds are not "
                                                 "supported yet)")
         if self.store is None:
-            self.store = Store(self.opts.root)
+            self.store = Store(self.opts.root, driver=self.opts.storage_driver)
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path,
                                 cache_dir=os.path.join(self.store.cache_dir, "context"))
         self.cache = cachemod.StepCache(self.store)

@@ -22,7 +22,7 @@ from .errors import BuildError, StepFailed
 from .image import LayerDesc, chain_ids
 from .layer import commit
 from .progress import StepOutput
-from .snapshot import overlay
+from . import snapshot
 from .store import remove_tree
 
 
@@ -36,7 +36,7 @@ class Executor:
         stepdir = self.b.stepdir(n)
         locks: list[int] = []
         try:
-            snap = overlay.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
+            snap = snapshot.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
             try:
                 if plan.kind == "run":
                     self._run(state, inst, plan, snap, inputs, stepdir, n, locks)
@@ -47,7 +47,7 @@ class Executor:
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
                                         before_chroot=lambda: fileops.prepare(op),
                                         after_unmount=lambda work: fileops.finish_in_upper(
-                                            op, work, snap.upper),
+                                            op, work, snap.direct_dir),
                                         cancel=self.b.cancelled)
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")
@@ -55,6 +55,7 @@ class Executor:
                                         cancel=self.b.cancelled)
             except sandbox.SetupError as e:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
+            snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
                                        compression=self.b.opts.compression,
@@ -135,6 +136,8 @@ class Executor:
         return mounts, secret_env
 
     def _bind(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
+        if self.store.driver != "overlay":
+            return self._bind_copy(m, kind, data, where)
         if kind == "rootfs":
             spec = sandbox.MountSpec(m.target, "overlay",
                                      lowers=tuple(self.store.lower_links(list(data))) or
@@ -153,6 +156,25 @@ class Executor:
             return sandbox.MountSpec(m.target, "bind", source=copy, readonly=False)
         return sandbox.MountSpec(m.target, "overlay", lowers=(host,), upper=_mkdirs(where, "upper"),
                                  work=_mkdirs(where, "work"), readonly=False)
+
+    def _bind_copy(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
+        """RUN --mount=type=bind without overlay mounts: a stage's full root (kept by the vfs
+        code, shared when read-only), and private copies of what the step may write to."""
+        from .paths import resolve_in_root
+        from .snapshot import vfs
+        if kind == "rootfs":
+            root = vfs.full_root(self.store, list(data), _mkdirs(where, ""))
+            if not m.readonly:
+                vfs.clone_tree(root, os.path.join(where, "copy"))
+                root = os.path.join(where, "copy")
+            return sandbox.MountSpec(m.target, "bind", source=resolve_in_root(root, m.source),
+                                     readonly=m.readonly)
+        host = os.path.join(self.b.ctx.root, data.path)
+        if not m.readonly:
+            copy = os.path.join(_mkdirs(where, ""), "copy")
+            vfs.clone_tree(host, copy)
+            host = copy
+        return sandbox.MountSpec(m.target, "bind", source=host, readonly=m.readonly)
 
     def _cache_mount(self, m, where: str, locks: list[int]) -> sandbox.MountSpec:
         """A cache mount: a directory of the store that outlives builds, shared by its id."""

@@ -40,7 +40,8 @@ from collections.abc import Callable
 
 from . import linux, paths, users
 from .errors import BuildError
-from .snapshot.overlay import Snapshot, mount_overlay
+from .snapshot.base import Snapshot
+from .snapshot.overlay import mount_overlay
 
 HOSTNAME = "pybuild"
 _DIRS = ("proc", "dev", "sys")
@@ -161,6 +162,7 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
             os.chroot(snap.merged)
             os.chdir("/")
             func()
+            snap.stop()
             return
         result_r, result_w = os.pipe()
         pid, parent = _fork()
@@ -337,6 +339,8 @@ def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: i
         _report(err_w, e.reason, e.hint)
         code = 125
     except OSError as e:
+        if os.environ.get("PYBUILD_DEBUG_SANDBOX"):
+            traceback.print_exc()
         where = f": {e.filename}" if e.filename else ""
         hint = ("the disk holding the store is full: free space, or remove images with "
                 "`pybuild rmi`") if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
@@ -373,11 +377,13 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
         # Keep the terminal's Ctrl-C away from the sandbox: pybuild decides what a
         # build does on SIGINT (it kills the sandbox and cleans up).
         os.setpgid(0, 0)
-    flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+    flags = linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if spec.network == "none":
         flags |= linux.CLONE_NEWNET
     os.chdir(snap.store_root)
-    linux.unshare(flags)
+    # The mount namespace first: a driver may start a helper process when it mounts (FUSE),
+    # which must not become PID 1 of the new PID namespace; the command's sandbox must.
+    linux.unshare(linux.CLONE_NEWNS)
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     snap.mount()
     sources = _prepare_mount_sources(spec.mounts, scratch)
@@ -391,6 +397,7 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
         snap.unmount()
         snap.extra_lowers = [init]
         snap.mount()
+    linux.unshare(flags)
     targets = {rel: paths.resolve_in_root(snap.merged, rel) for rel in _DIRS + _FILES}
     extra = [(m, src, paths.resolve_in_root(snap.merged, m.target))
              for m, src in zip(spec.mounts, sources, strict=True)]
@@ -408,6 +415,7 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
     if out_w is not None:
         os.close(out_w)
     status = _wait_for(pid)
+    snap.stop()            # every change in the upper dir before this process says it is done
     os._exit(status)
 
 

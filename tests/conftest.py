@@ -32,10 +32,39 @@ def pytest_sessionstart(session):
         pytest.exit("/bin/busybox is missing: install busybox-static (make test does)", returncode=2)
 
 
+DRIVERS = ("overlay", "fuse", "vfs")
+# The foundation's build tests run on every storage driver; the rest on the default one.
+EVERY_DRIVER = {"test_build", "test_reproducible", "test_drivers", "test_robustness"}
+
+
+def pytest_generate_tests(metafunc):
+    if "driver" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rpartition(".")[2]
+        drivers = DRIVERS if module in EVERY_DRIVER else ("overlay",)
+        metafunc.parametrize("driver", drivers, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def store_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("store"))
+def driver(request) -> str:
+    """The storage driver of the session store (and of every store a test makes)."""
+    os.environ["PYBUILD_STORAGE_DRIVER"] = request.param
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def driver_in_environment(request):
+    """Stores a test creates, and pybuild commands it runs, use the test's driver."""
+    name = request.getfixturevalue("driver") if "driver" in request.fixturenames else "overlay"
+    os.environ["PYBUILD_STORAGE_DRIVER"] = name
+    yield
+
+
+@pytest.fixture(scope="session")
+def store_root(driver, tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp(f"store-{driver}"))
     os.environ["PYBUILD_ROOT"] = root
+    from builder.store import Store
+    assert Store(root, driver=driver).driver == driver
     return root
 
 

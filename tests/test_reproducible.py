@@ -58,3 +58,19 @@ def test_cli_takes_the_environment_variable_and_checks_it(tmp_path):
     bad = run_pybuild("build", ctx, root=tmp_path / "c", env={"SOURCE_DATE_EPOCH": "yesterday"})
     assert bad.returncode == 2
     assert b"SOURCE_DATE_EPOCH='yesterday': expected whole seconds" in bad.stderr
+
+
+def test_every_storage_driver_gives_the_same_image_id(tmp_path):
+    """The drivers differ in how a step's root is put together, never in what it produces."""
+    steps = STEPS + (
+        "RUN mkdir -p /d/old && echo x > /d/old/f && chmod 700 /d\n"
+        "RUN rm -rf /d && mkdir /d && echo new > /d/n && chown 12:34 /d/n && rm /etc/passwd\n"
+        "RUN echo more >> /made && mkfifo /srv/fifo && touch -d @1000 /srv/old\n"
+    )
+    ids = {}
+    for driver in ("overlay", "fuse", "vfs"):
+        ctx = busybox_context(tmp_path / f"ctx-{driver}")
+        (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text() + steps)
+        ids[driver] = builder.build(str(ctx), root=str(tmp_path / f"store-{driver}"),
+                                    storage_driver=driver, source_date_epoch=EPOCH).id
+    assert ids["fuse"] == ids["overlay"] and ids["vfs"] == ids["overlay"], ids

@@ -115,6 +115,8 @@ def test_kill_9_during_run_leaves_no_process_or_mount_and_next_build_works(long_
     proc.kill()
     proc.wait(timeout=10)
     assert wait_until(lambda: not processes_with(marker)), "the sandbox must die with pybuild"
+    # Every process forked by pybuild (sandbox, FUSE server) has its command line.
+    assert wait_until(lambda: not processes_with(str(ctx))), "a helper outlived pybuild"
     assert our_mounts() == []
     # The dead build's temp dir is reclaimed by the next pybuild that opens the store.
     run_pybuild("images", root=store_root, check=True)

@@ -14,7 +14,6 @@ import os
 
 from .. import sandbox
 from ..layer import diff, extract
-from . import overlay
 
 
 def flattened(store, diff_ids: list[str], chain: str) -> str:
@@ -37,7 +36,8 @@ def union_tar(store, diff_ids: list[str], tmp: str, *, strip_overlay_xattrs: boo
     The overlay is mounted read-only inside a private mount namespace and
     archived from there, so the host never sees the mount.
     """
-    snap = overlay.prepare(store, diff_ids, os.path.join(tmp, "snap"))
+    from . import prepare
+    snap = prepare(store, diff_ids, os.path.join(tmp, "snap"))
     tar_path = os.path.join(tmp, "union.tar")
     fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -23,10 +23,10 @@ meets overlayfs's own limit of 500.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from .. import linux
 from ..errors import StoreError
+from .base import Snapshot
 
 OPTIONS = "index=off,redirect_dir=off,metacopy=off"
 _OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
@@ -84,14 +84,10 @@ def mount_overlay(target: str, lowers: list[str], upper: str | None = None,
     linux.mount("overlay", target, "overlay", linux.MS_RDONLY if readonly else 0, opts)
 
 
-@dataclass
-class Snapshot:
-    store_root: str           # working directory for the relative lower paths
-    lowers: list[str]         # topmost first, relative to store_root (or absolute)
-    upper: str
-    work: str
-    merged: str
-    extra_lowers: list[str] = field(default_factory=list)   # e.g. the init dir, above the rest
+class OverlaySnapshot(Snapshot):
+    """The kernel does the copy-on-write: `upper` is the change set as soon as the step ends."""
+
+    driver = "overlay"
 
     def mount(self) -> None:
         """Mount at `merged`; only in a process that has its own mount namespace."""
@@ -109,16 +105,19 @@ class Snapshot:
             os.rmdir(dirpath)
 
 
-def prepare(store, diff_ids: list[str], workdir: str) -> Snapshot:
-    """Dirs for a new snapshot over the layers `diff_ids` (bottom first) inside `workdir`."""
+def prepare(store, diff_ids: list[str], workdir: str, kind=None) -> Snapshot:
+    """Dirs for a new snapshot over the layers `diff_ids` (bottom first) inside `workdir`.
+
+    `kind` is the Snapshot class (another driver that stacks the same lower dirs).
+    """
     lowers = lower_stack(store, diff_ids)
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     if not lowers:
         empty = os.path.join(workdir, "empty")
         os.mkdir(empty, 0o755)
         lowers = [empty]
-    snap = Snapshot(store.root, lowers, os.path.join(workdir, "upper"),
-                    os.path.join(workdir, "work"), os.path.join(workdir, "merged"))
+    snap = (kind or OverlaySnapshot)(store.root, lowers, os.path.join(workdir, "upper"),
+                                     os.path.join(workdir, "work"), os.path.join(workdir, "merged"))
     for d in (snap.upper, snap.work, snap.merged):
         os.mkdir(d, 0o755)
     return snap
@@ -135,3 +134,29 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
     top = store.lower_links(diff_ids)[:len(diff_ids) - flat_depth]
     return top + [flat]
+
+
+def works(store_root: str) -> bool:
+    """Can this host mount an overlay over dirs of this store's filesystem? (a child tries)"""
+    import shutil
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="probe-", dir=os.path.join(store_root, "tmp"))
+    try:
+        dirs = [os.path.join(tmp, d) for d in ("lower", "upper", "work", "merged")]
+        for d in dirs:
+            os.mkdir(d)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                mount_overlay(dirs[3], [dirs[0]], dirs[1], dirs[2])
+                code = 0
+            except BaseException:
+                pass
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -38,8 +38,10 @@ def default_root() -> str:
 
 
 class Store:
-    def __init__(self, root: str | None = None):
+    def __init__(self, root: str | None = None, driver: str | None = None):
         self.root = os.path.abspath(root or default_root())
+        self._requested_driver = driver
+        self._driver: str | None = None
         self.tmp = os.path.join(self.root, "tmp")
         self.cache_dir = os.path.join(self.root, "cache")
         try:
@@ -57,10 +59,21 @@ class Store:
         self.blobs = BlobStore(self.root, self.tmp)
         self.layers = LayerStore(self.root)
         self.flats = LayerStore(self.root, "flat")     # flattened stack prefixes (snapshot/flatten.py)
+        self.vfs_roots = LayerStore(self.root, "vfs")  # full roots of the vfs driver (snapshot/vfs.py)
         self.index = Index(self.root)
+        if driver or os.environ.get("PYBUILD_STORAGE_DRIVER"):
+            self.driver          # asked for by name: kept in the store now, or refused now
         self._lock_path = os.path.join(self.root, "store.lock")
         self._gc_lock_path = os.path.join(self.root, "gc.lock")
         self.clean_stale_tmp()
+
+    @property
+    def driver(self) -> str:
+        """The storage driver (snapshot/__init__.py): kept in the store, chosen on first use."""
+        if self._driver is None:
+            from ..snapshot import choose
+            self._driver = choose(self.root, self._requested_driver)
+        return self._driver
 
     # ---- locks and temp dirs -------------------------------------------------
 

@@ -37,7 +37,7 @@ def collect(store, cache) -> Collected:
                 if result.extra.get("chain"):
                     chains.add(result.extra["chain"])
         out = Collected()
-        for layer_store in (store.layers, store.flats):
+        for layer_store in (store.layers, store.flats, store.vfs_roots):
             for chain in layer_store.list():
                 if chain not in chains:
                     try:

@@ -1,0 +1,1 @@
+"""The fuse driver: a union filesystem of our own over FUSE (pyfuse3)."""
