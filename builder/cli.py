@@ -16,6 +16,8 @@ import sys
 import traceback
 
 from . import __version__
+from . import cli_containers
+from .cli_format import ago, table
 from .errors import Interrupted, PybuildError, UsageError
 
 
@@ -148,7 +150,10 @@ def _args_history(s: argparse.ArgumentParser) -> None:
 
 
 def _args_inspect(s: argparse.ArgumentParser) -> None:
-    s.add_argument("images", metavar="IMAGE", nargs="+", help="name[:tag] or image ID")
+    s.add_argument("images", metavar="NAME", nargs="+",
+                   help="an image (name[:tag] or ID) or a container (name or ID)")
+    s.add_argument("-f", "--format", metavar="TEMPLATE",
+                   help="Go-template subset, e.g. '{{json .RootFS.Layers}}'")
 
 
 def _args_tag(s: argparse.ArgumentParser) -> None:
@@ -161,19 +166,6 @@ def _args_rmi(s: argparse.ArgumentParser) -> None:
                    help="name[:tag] (removes that tag) or image ID")
     s.add_argument("-f", "--force", action="store_true",
                    help="remove an image given by ID even if it has several tags")
-
-
-def _args_run(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--rm", action="store_true", help="accepted for Docker compatibility: "
-                                                     "containers are always removed")
-    s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
-    s.add_argument("-u", "--user", metavar="USER[:GROUP]")
-    s.add_argument("-w", "--workdir", metavar="DIR")
-    s.add_argument("--entrypoint", metavar="CMD")
-    s.add_argument("--network", choices=("host", "none"), default="host")
-    s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
-    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
-                   help="the command (default: the image's Entrypoint and Cmd)")
 
 
 def _args_save(s: argparse.ArgumentParser) -> None:
@@ -205,10 +197,9 @@ _COMMANDS = {
     "build": ("build an image from a Dockerfile", _args_build),
     "images": ("list the images in the store", _args_images),
     "history": ("show the history of an image", _args_history),
-    "inspect": ("show images as JSON", _args_inspect),
+    "inspect": ("show images or containers as JSON", _args_inspect),
     "tag": ("give an image another name", _args_tag),
     "rmi": ("remove images", _args_rmi),
-    "run": ("run a command in a throw-away container of an image", _args_run),
     "save": ("write images to a tar (docker-archive and OCI layout in one)", _args_save),
     "load": ("load images from a docker-archive or OCI archive", _args_load),
     "import": ("make a one-layer image of a root filesystem tarball", _args_import),
@@ -219,6 +210,7 @@ _COMMANDS = {
     "logout": ("forget the credentials for a registry", _args_logout),
     "prune": ("remove build cache and layers nothing needs", _args_prune),
     "version": ("print the version", _args_version),
+    **cli_containers.COMMANDS,
 }
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +282,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         raise UsageError("no command given", hint="for example: pybuild -t NAME -f Dockerfile .")
     if rest[0] in ("-h", "--help", "--version"):
         return make_parser().parse_args(argv)
+    group = cli_containers.GROUPS.get(rest[0])
+    if group is not None:
+        # `pybuild image ls`, `pybuild container rm C`: Docker's grouped names for our commands.
+        if len(rest) < 2 or rest[1] not in group:
+            raise UsageError(f"pybuild {rest[0]}: expected one of: {', '.join(sorted(group))}")
+        argv = argv[:i] + [group[rest[1]]] + rest[2:]
+        rest = argv[i:]
     if rest[0] not in _COMMANDS:
         # `pybuild -t x -f Dockerfile .` is a build.
         argv = argv[:i] + ["build"] + rest
@@ -303,8 +302,8 @@ def _store(args):
 
 
 def _dispatch(args) -> int:
-    cmd = args.command
-    handler = globals()["_cmd_" + cmd.replace("-", "_")]
+    name = args.command.replace("-", "_")
+    handler = globals().get("_cmd_" + name) or getattr(cli_containers, "cmd_" + name)
     return handler(args)
 
 
@@ -417,30 +416,6 @@ def _epoch(given: str | None) -> int | None:
     return int(text)
 
 
-def _ago(created: str) -> str:
-    import datetime as _dt
-    try:
-        when = _dt.datetime.fromisoformat(created.replace("Z", "+00:00")[:26] + "+00:00"
-                                          if "." in created else created.replace("Z", "+00:00"))
-    except ValueError:
-        return "N/A"
-    secs = (_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()
-    for unit, size in (("year", 31536000), ("month", 2592000), ("week", 604800), ("day", 86400),
-                       ("hour", 3600), ("minute", 60)):
-        if secs >= size * (2 if unit != "minute" else 1):
-            n = int(secs // size)
-            return f"{n} {unit}{'s' if n != 1 else ''} ago"
-    if secs < 1:
-        return "Less than a second ago"
-    return f"{int(secs)} second{'s' if int(secs) != 1 else ''} ago"
-
-
-def _table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
-
-
 def _cmd_images(args) -> int:
     from .image import short_id
     from .progress import human_size
@@ -455,9 +430,9 @@ def _cmd_images(args) -> int:
             continue
         for tag in img.tags or ["<none>:<none>"]:
             repo, _, t = tag.rpartition(":")
-            rows.append([repo, t, iid, _ago(img.created), size])
+            rows.append([repo, t, iid, ago(img.created), size])
     if not args.quiet:
-        _table(rows)
+        print(table(rows))
     return 0
 
 
@@ -488,28 +463,66 @@ def _cmd_history(args) -> int:
         iid = "<missing>"
         if n == 0:
             iid = img.id if args.no_trunc else short_id(img.id)
-        rows.append([iid, _ago(h.get("created", "")), created_by, human_size(size),
+        rows.append([iid, ago(h.get("created", "")), created_by, human_size(size),
                      h.get("comment", "")])
-    _table(rows)
+    print(table(rows))
     return 0
 
 
 def _cmd_inspect(args) -> int:
+    from .containers import ContainerNotFound, Containers
+    from .errors import ImageNotFound
+    from .cli_format import render
     store = _store(args)
     out = []
     for name in args.images:
-        img = store.resolve(name)
-        out.append({
-            "id": img.id, "digest": img.digest, "tags": img.tags,
-            "created": img.created,
-            "size": store.content_size(img.diff_ids),
-            "config": img.config, "manifest": img.manifest,
-            "layers": [{"diff_id": l.diff_id, "digest": l.digest, "size": l.size,
-                        "media_type": l.media_type} for l in img.layers],
-        })
+        try:
+            out.append(_image_json(store, store.resolve(name)))
+        except ImageNotFound:
+            try:
+                out.append(_container_json(store, Containers(store).get(name)))
+            except ContainerNotFound:
+                raise ImageNotFound(name) from None
+    if args.format:
+        for obj in out:
+            print(render(args.format, obj))
+        return 0
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
+
+
+def _image_json(store, img) -> dict:
+    """`docker image inspect`'s shape, plus what pybuild adds (Digest, Manifest, Layers)."""
+    cfg = img.config
+    return {
+        "Id": img.id, "RepoTags": img.tags, "RepoDigests": [], "Parent": "",
+        "Comment": "", "Created": img.created, "Author": cfg.get("author", ""),
+        "Config": img.runtime, "Architecture": cfg.get("architecture", ""),
+        "Os": cfg.get("os", ""), "Size": store.content_size(img.diff_ids),
+        "RootFS": {"Type": "layers", "Layers": list(img.diff_ids)},
+        "History": img.history,
+        "Digest": img.digest, "Manifest": img.manifest,
+        "Layers": [{"diff_id": l.diff_id, "digest": l.digest, "size": l.size,
+                    "media_type": l.media_type} for l in img.layers],
+    }
+
+
+def _container_json(store, c) -> dict:
+    import datetime
+    from .containers import Containers
+    when = datetime.datetime.fromtimestamp(c.created, datetime.timezone.utc).isoformat()
+    return {
+        "Id": c.id, "Name": "/" + c.name, "Created": when, "Image": c.image_id,
+        "Config": {"Image": c.image, "Cmd": c.argv, "Env": c.env, "User": c.user,
+                   "WorkingDir": c.workdir},
+        "State": {"Status": "running" if c.running() else c.status, "Running": c.running(),
+                  "Pid": c.pid if c.running() else 0, "ExitCode": c.exit_code or 0},
+        "GraphDriver": {"Name": store.driver,
+                        "Data": {"UpperDir": c.upper, "MergedDir":
+                                 os.path.join(c.dir, "snap", "merged")}},
+        "SizeRw": Containers(store).size(c),
+    }
 
 
 def _cmd_tag(args) -> int:
@@ -522,9 +535,16 @@ def _cmd_rmi(args) -> int:
     from . import reference
     from .cache import StepCache
     from .store import gc
+    from .containers import Containers
     store = _store(args)
+    users = {c.image_id: c for c in Containers(store).list()}
     for name in args.images:
         img = store.resolve(name)
+        user = users.get(img.id)
+        if user is not None and not args.force and len(img.tags) <= 1:
+            raise UsageError(f"image {name} is used by container {user.short_id} ({user.name})",
+                             hint=f"remove the container first (`pybuild rm {user.name}`), "
+                                  "or use rmi -f")
         by_tag = False
         try:
             by_tag = reference.parse(name).tagged in img.tags
@@ -546,14 +566,6 @@ def _cmd_rmi(args) -> int:
     if result.deferred:
         _say("note: a build is using the store; unused layers will be removed by a later rmi")
     return 0
-
-
-def _cmd_run(args) -> int:
-    from . import container
-    store = _store(args)
-    img = store.resolve(args.image)
-    return container.run(store, img, args.args, env=args.env, user=args.user, workdir=args.workdir,
-                         network=args.network, entrypoint=args.entrypoint)
 
 
 def _cmd_save(args) -> int:

@@ -1,19 +1,27 @@
-"""`pybuild run`: a throw-away container, as Docker's storage docs describe one.
+"""`pybuild run` and `pybuild exec`: containers as Docker's storage docs describe them.
 
-A container is a fresh, empty upper dir over the image's read-only layers
-(the "thin writable container layer"); the command runs in the same sandbox
-as a RUN step, with pybuild's own stdin, stdout and stderr, and the upper
-dir is thrown away when it exits.
+A container is a fresh, empty writable layer over the image's read-only
+layers (containers.py keeps its record); the command runs in the same
+sandbox as a RUN step. In the foreground it has pybuild's own stdin, stdout
+and stderr. Detached (`-d`), a monitor process of its own (a daemon: new
+session, no parent to die with) runs it, writes its output to the
+container's log, and records its exit; `pybuild run` returns once the
+container has started. Without `--rm` the container stays, stopped, until
+`pybuild rm`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
+import threading
 
 from . import sandbox
+from .cache import now
+from .containers import Container, Containers
 from .errors import BuildError, UsageError
-from .image import Image
-from . import snapshot
+from .image import Image, chain_ids
 from .store import Store
 
 
@@ -33,22 +41,193 @@ def command_of(image: Image, args: list[str], entrypoint: str | None = None) -> 
     return argv
 
 
-def run(store: Store, image: Image, args: list[str], *, env: list[str] = (), user: str | None = None,
-        workdir: str | None = None, network: str = "host", entrypoint: str | None = None) -> int:
+def run(store: Store, image: Image, image_name: str, args: list[str], *, env: list[str] = (),
+        user: str | None = None, workdir: str | None = None, network: str = "host",
+        entrypoint: str | None = None, name: str | None = None, detach: bool = False,
+        interactive: bool = False, tty: bool = False, remove: bool = False) -> int | str:
+    """Create and start a container; the exit status (foreground) or the container ID (-d)."""
     rt = image.runtime
-    spec = sandbox.RunSpec(argv=command_of(image, args, entrypoint),
-                           env=_merge_env(rt.get("Env") or [], env),
-                           user=rt.get("User") or "" if user is None else user,
-                           workdir=workdir or rt.get("WorkingDir") or "/",
-                           network=network, interactive=True)
-    with store.in_use(), store.tmpdir("container") as tmp:
-        snap = snapshot.prepare(store, image.diff_ids, tmp)
-        scratch = os.path.join(tmp, "scratch")
-        os.mkdir(scratch, 0o700)
+    argv = command_of(image, args, entrypoint)
+    env = _merge_env(rt.get("Env") or [], env)
+    user = rt.get("User") or "" if user is None else user
+    workdir = workdir or rt.get("WorkingDir") or "/"
+    containers = Containers(store)
+    with store.in_use():
+        c = containers.create(image, image_name, argv, name=name, env=env, user=user,
+                              workdir=workdir)
+    spec = sandbox.RunSpec(argv=argv, env=env, user=user, workdir=workdir, network=network,
+                           interactive=True)
+    if detach:
+        return _start_detached(store, containers, c, spec, interactive, tty, remove)
+    try:
+        with store.in_use():
+            code = _run_sandbox(store, containers, c, spec)
+    finally:
+        if remove:
+            containers.remove(containers._load(c.id) or c, force=True)
+    return code
+
+
+def _run_sandbox(store, containers: Containers, c: Container, spec, started=None) -> int:
+    from . import snapshot
+    snap = snapshot.prepare(store, c.diff_ids, os.path.join(c.dir, "snap"))
+
+    def on_start(pid: int) -> None:
+        containers.mark_running(c, pid)
+        if started is not None:
+            started()
+    try:
+        code = sandbox.run(snap, spec, os.path.join(c.dir, "scratch"), started=on_start)
+    except sandbox.SetupError as e:
+        containers.mark_exited(c, 127)
+        raise BuildError(str(e), step=f"container {c.name}", hint=e.hint) from None
+    containers.mark_exited(c, code)
+    return code
+
+
+def _start_detached(store, containers: Containers, c: Container, spec, interactive: bool,
+                    tty: bool, remove: bool) -> str:
+    """Fork the container's monitor (a daemon) and return once the command has started."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
         try:
-            return sandbox.run(snap, spec, scratch)
-        except sandbox.SetupError as e:
-            raise BuildError(str(e), step="run", hint=e.hint) from None
+            os.close(ready_r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _monitor(store, containers, c, spec, interactive, tty, remove, ready_w)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.waitpid(pid, 0)
+    # One message ("started" or what went wrong); not EOF: the container's processes
+    # inherit the pipe from the monitor and keep it open for their whole life.
+    try:
+        answer = os.read(ready_r, 65536).decode(errors="replace")
+    finally:
+        os.close(ready_r)
+    if answer != "started":
+        raise BuildError(answer or "the container's monitor died", step=f"container {c.name}")
+    c = containers._load(c.id) or c
+    sandbox.wait_ready(c.pid)           # in its root: `pybuild exec` may follow at once
+    return c.id
+
+
+def _monitor(store, containers, c, spec, interactive: bool, tty: bool, remove: bool,
+             ready_w: int) -> None:
+    """The detached container's parent: its stdio is the container's log (or a terminal whose
+    output goes there), it waits for the command and records how it ended."""
+    _close_other_fds(keep=ready_w)        # a daemon keeps nothing of the command line's
+    log = os.open(os.path.join(c.dir, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    keep_open = None
+    if tty:
+        master, slave = os.openpty()
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        os.close(slave)
+        threading.Thread(target=_copy_out, args=(master, log), daemon=True).start()
+    else:
+        if interactive:             # stdin stays open (nobody writes to it), as with docker -di
+            stdin_r, keep_open = os.pipe()
+        else:
+            stdin_r = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(stdin_r, 0)
+        os.close(stdin_r)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    sys.stdin = sys.stdout = sys.stderr = open(os.devnull, "w")
+
+    def started() -> None:
+        os.write(ready_w, b"started")
+        os.close(ready_w)
+    try:
+        with store.in_use():
+            _run_sandbox(store, containers, c, spec, started)
+    except BaseException as e:        # told to `pybuild run` if it is still waiting
+        try:
+            os.write(ready_w, str(e).encode())
+        except OSError:
+            pass
+    finally:
+        if keep_open is not None:
+            os.close(keep_open)
+        if remove:
+            try:
+                containers.remove(containers._load(c.id) or c, force=True)
+            except Exception:
+                pass
+
+
+def _close_other_fds(keep: int) -> None:
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _copy_out(master: int, log: int) -> None:
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        os.write(log, data)
+
+
+def exec_in(store: Store, ref: str, args: list[str], *, env: list[str] = (),
+            user: str | None = None, workdir: str | None = None) -> int:
+    """`pybuild exec`: a command in a running container's namespaces and root."""
+    containers = Containers(store)
+    c = containers.get(ref)
+    if not c.running():
+        raise UsageError(f"container {c.name} is not running",
+                         hint="`pybuild ps -a` shows its status")
+    init = sandbox.wait_ready(c.pid)
+    if init is None:
+        raise UsageError(f"container {c.name} is not running")
+    spec = sandbox.RunSpec(argv=list(args), env=_merge_env(c.env, env),
+                           user=c.user if user is None else user,
+                           workdir=workdir or c.workdir or "/", interactive=True)
+    try:
+        return sandbox.exec_in(init, spec)
+    except sandbox.SetupError as e:
+        raise BuildError(str(e), step=f"exec in {c.name}", hint=e.hint) from None
+
+
+def commit(store: Store, ref: str, tag: str | None, message: str = "",
+           author: str = "") -> Image:
+    """`pybuild commit`: the container's writable layer becomes a new image layer."""
+    from .layer import commit as layer_commit
+    from .snapshot import vfs
+    containers = Containers(store)
+    c = containers.get(ref)
+    image = store.resolve(c.image_id)
+    with store.in_use(), store.tmpdir("commit") as tmp:
+        copy_dir = os.path.join(tmp, "layer")
+        # A copy: the layer store takes the dir it is given, and the container keeps its own.
+        vfs.clone_tree(containers.changes_dir(c, tmp), copy_dir)
+        parent = chain_ids(image.diff_ids)[-1] if image.diff_ids else None
+        created_by = " ".join(c.argv)
+        layer = layer_commit.commit_upper(store, copy_dir, parent, created_by=created_by)
+    config = copy.deepcopy(image.config)
+    entry = {"created": now(), "created_by": created_by}
+    if message:
+        entry["comment"] = message
+    if author:
+        config["author"] = author
+    if layer is None:
+        entry["empty_layer"] = True
+    else:
+        config["rootfs"] = {"type": "layers", "diff_ids": list(image.diff_ids) + [layer.diff_id]}
+    config["history"] = list(config.get("history") or []) + [entry]
+    config["created"] = entry["created"]
+    layers = list(image.layers) + ([layer] if layer else [])
+    return store.write_image(config, layers, [tag] if tag else [])
 
 
 def _merge_env(base: list[str], extra: list[str]) -> list[str]:

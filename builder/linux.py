@@ -76,6 +76,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace `fd` refers to (a /proc/PID/ns/* file)."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     if _SYS_PIVOT_ROOT is None:
         raise OSError(errno.ENOSYS, "pivot_root: unknown system call number on this architecture")

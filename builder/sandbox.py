@@ -117,7 +117,8 @@ def kill_all() -> None:
 # ---- the parent's side ----------------------------------------------------------
 
 def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes], None] | None = None,
-        cancel: threading.Event | None = None) -> int:
+        cancel: threading.Event | None = None,
+        started: Callable[[int], None] | None = None) -> int:
     """Run `spec` in `snap`; returns the command's exit status (128+N if killed by signal N).
 
     `scratch` is a temp dir for the init dir and the files bind-mounted over
@@ -135,7 +136,74 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
         os.close(err_w)
         if out_w is not None:
             os.close(out_w)
+    if started is not None:
+        started(pid)         # (a container records it: `pybuild exec` finds the sandbox by it)
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
+
+
+def init_of(sandbox_pid: int) -> int | None:
+    """The PID 1 of a running sandbox (B): the child of its first process (A)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == sandbox_pid:
+            return int(entry)
+    return None
+
+
+def wait_ready(sandbox_pid: int, timeout: float = 10) -> int | None:
+    """Wait until a sandbox's PID 1 has pivoted into its root (so that joining its namespaces
+    lands in the container); its pid, or None if the sandbox went away first."""
+    import time
+    deadline = time.monotonic() + timeout
+    host_root = os.stat("/")
+    while time.monotonic() < deadline:
+        init = init_of(sandbox_pid)
+        if init is not None:
+            try:
+                root = os.stat(f"/proc/{init}/root/")
+                if (root.st_dev, root.st_ino) != (host_root.st_dev, host_root.st_ino):
+                    return init
+            except OSError:
+                pass
+        elif not os.path.exists(f"/proc/{sandbox_pid}"):
+            return None
+        time.sleep(0.01)
+    return init_of(sandbox_pid)
+
+
+def exec_in(init_pid: int, spec: RunSpec) -> int:
+    """Run `spec` inside the namespaces of the running sandbox whose PID 1 is `init_pid`
+    (`pybuild exec`), with pybuild's own stdin/stdout/stderr; returns its exit status."""
+    fds = {}
+    for name in ("ipc", "uts", "net", "pid", "mnt"):
+        try:
+            fds[name] = os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            for fd in fds.values():
+                os.close(fd)
+            raise SetupError("the container is not running") from None
+
+    def enter(err_w: int) -> None:
+        for name in ("ipc", "uts", "net", "pid", "mnt"):      # mnt last: it moves our root
+            linux.setns(fds[name])
+        os.chdir("/")
+        pid = os.fork()             # only a child is inside the PID namespace (where it
+        if pid == 0:                # cannot see its parent's pid: no parent check)
+            _child(err_w, lambda: _sandbox_c(spec, None), None)
+        os._exit(_wait_for(pid))
+
+    pid, err_r = _spawn(enter)
+    try:
+        return _supervise(pid, err_r, None, None, forward=True)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def run_in_root(snap: Snapshot, func: Callable[[], object],
@@ -152,7 +220,7 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
     `after_unmount(result)` runs outside the chroot, free to write into the
     upper dir directly (which is not allowed while it is mounted).
     """
-    def body():
+    def body(err_w: int):
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         snap.mount()
@@ -183,15 +251,21 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
         os.chdir("/")
         snap.unmount()
         after_unmount(marshal.loads(data))
+    pid, err_r = _spawn(body)
+    status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
+    if status != 0:
+        raise SetupError(f"file operation failed with status {status}")
+
+
+def _spawn(body: Callable[[int], None]) -> tuple[int, int]:
+    """Fork a child that runs `body(err_w)`; its pid and the read end of its error pipe."""
     with _fork_lock:
         err_r, err_w = os.pipe()
         pid, parent = _fork()
         if pid == 0:
-            _child(err_w, body, parent)
+            _child(err_w, lambda: body(err_w), parent)
         os.close(err_w)
-    status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
-    if status != 0:
-        raise SetupError(f"file operation failed with status {status}")
+    return pid, err_r
 
 
 def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool,

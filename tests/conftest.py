@@ -168,3 +168,16 @@ def no_leaked_mounts():
     yield
     leaked = set(our_mounts()) - before
     assert not leaked, f"mounts leaked into the host's mount table: {sorted(leaked)}"
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs whose command line contains `marker` (to prove a process is gone)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().replace(b"\0", b" "):
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out

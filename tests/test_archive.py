@@ -96,7 +96,7 @@ def test_load_round_trip_keeps_the_image_id(saved, demo_image, pybuild):
     p = pybuild("load", "-i", saved, check=True)
     assert p.stdout.decode().strip() == "Loaded image: archive-demo:1"
     data = json.loads(pybuild("inspect", "archive-demo:1", check=True).stdout)[0]
-    assert data["id"] == demo_image.id and data["digest"] == demo_image.digest
+    assert data["Id"] == demo_image.id and data["Digest"] == demo_image.digest
     run = pybuild("run", "archive-demo:1", check=True)
     assert run.stdout.decode().splitlines()[0] == "saved from pybuild"
 
@@ -133,7 +133,7 @@ def test_load_legacy_docker_archive_with_plain_layers(saved, demo_image, pybuild
     p = pybuild("load", "-i", legacy, check=True)
     assert "Loaded image: legacy:1" in p.stdout.decode()
     data = json.loads(pybuild("inspect", "legacy:1", check=True).stdout)[0]
-    assert data["id"] == demo_image.id
+    assert data["Id"] == demo_image.id
 
 
 def test_tampered_layer_is_refused_and_the_store_stays_consistent(saved, tmp_path):
@@ -193,6 +193,6 @@ def test_import_rootfs_tarball(pybuild, tmp_path, store):
         t.add(rootfs, arcname=".")
     p = pybuild("import", tarball, "imported:1", check=True)
     data = json.loads(pybuild("inspect", "imported:1", check=True).stdout)[0]
-    assert data["id"] == p.stdout.decode().strip() and len(data["layers"]) == 1
+    assert data["Id"] == p.stdout.decode().strip() and len(data["Layers"]) == 1
     run = pybuild("run", "imported:1", "/bin/sh", "-c", "cat /hello", check=True)
     assert run.stdout == b"imported\n"

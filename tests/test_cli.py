@@ -49,12 +49,12 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
     assert any("COPY --chown=app:app app/ /app/" in h for h in history)
 
     data = json.loads(pybuild("inspect", "listed:1", check=True).stdout)
-    assert data[0]["id"] == image_id and data[0]["tags"] == ["listed:1"]
-    assert [l["diff_id"] for l in data[0]["layers"]] == data[0]["config"]["rootfs"]["diff_ids"]
-    assert data[0]["manifest"]["config"]["digest"] == image_id
+    assert data[0]["Id"] == image_id and data[0]["RepoTags"] == ["listed:1"]
+    assert [l["diff_id"] for l in data[0]["Layers"]] == data[0]["RootFS"]["Layers"]
+    assert data[0]["Manifest"]["config"]["digest"] == image_id
 
     pybuild("tag", "listed:1", "other/name:2", check=True)
-    assert json.loads(pybuild("inspect", "other/name:2", check=True).stdout)[0]["id"] == image_id
+    assert json.loads(pybuild("inspect", "other/name:2", check=True).stdout)[0]["Id"] == image_id
     p = pybuild("rmi", "listed:1", check=True)
     assert "Untagged: listed:1" in p.stdout.decode()
     assert pybuild("inspect", "listed:1").returncode == 5

@@ -11,21 +11,7 @@ import time
 
 import pytest
 
-from conftest import BASE, our_mounts, run_pybuild, write_context
-
-
-def processes_with(marker: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read().replace(b"\0", b" "):
-                    out.append(int(pid))
-        except OSError:
-            continue
-    return out
+from conftest import BASE, our_mounts, processes_with, run_pybuild, write_context
 
 
 def wait_until(cond, timeout: float = 10.0):

@@ -91,12 +91,14 @@ def _mark_dirs(merged: str) -> dict:
 
 
 def _replaced(path: str, rel: str, st, dir_inodes: dict) -> bool:
-    if dir_inodes.get(rel) != st.st_ino:
-        return True
+    """Was this directory removed and made again since the snapshot was cloned?"""
     try:
         return os.getxattr(path, MARK) != rel.encode()
     except OSError as e:
-        return e.errno == errno.ENODATA          # not marked: made during the step
+        if e.errno == errno.ENODATA:
+            return True                          # not marked: made during the step
+    # No trusted xattrs on this filesystem: the inode number is all there is (when known).
+    return rel in dir_inodes and dir_inodes[rel] != st.st_ino
 
 
 def full_root(store, diff_ids: list[str], workdir: str) -> str:

@@ -31,6 +31,8 @@ def collect(store, cache) -> Collected:
         for img in store.images():
             blobs.update([img.digest, img.id] + [l.digest for l in img.layers])
             chains.update(chain_ids(img.diff_ids))
+        from ..containers import Containers
+        chains.update(Containers(store).pinned_chains())     # a container's image layers
         for _key, _used, result in cache.entries():
             if result.layer is not None:
                 blobs.add(result.layer.digest)

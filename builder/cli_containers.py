@@ -1,0 +1,296 @@
+"""Commands for containers and the store's usage: run, exec, ps, stop, rm, diff, commit, logs,
+system df, info. (cli.py holds the parser and the image commands.)"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+from .cli_format import ago, render_all, table
+from .errors import UsageError
+
+
+def store_of(args):
+    from .store import Store
+    return Store(getattr(args, "root", None), driver=getattr(args, "storage_driver", None))
+
+
+# ---- arguments ----------------------------------------------------------------------------
+
+def args_run(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and print the container ID")
+    s.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    s.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    s.add_argument("--name", metavar="NAME", help="name the container")
+    s.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
+    s.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    s.add_argument("-w", "--workdir", metavar="DIR")
+    s.add_argument("--entrypoint", metavar="CMD")
+    s.add_argument("--network", choices=("host", "none"), default="host")
+    s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
+    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
+                   help="the command (default: the image's Entrypoint and Cmd)")
+
+
+def args_exec(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-i", "--interactive", action="store_true", help="accepted (stdin is passed)")
+    s.add_argument("-t", "--tty", action="store_true", help="accepted (the terminal is passed)")
+    s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
+    s.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    s.add_argument("-w", "--workdir", metavar="DIR")
+    s.add_argument("container", metavar="CONTAINER", help="name or ID")
+    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER, help="the command")
+
+
+def args_ps(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-a", "--all", action="store_true", help="also stopped containers")
+    s.add_argument("-s", "--size", action="store_true",
+                   help="SIZE: the writable layer; virtual: it and the image's layers")
+    s.add_argument("-q", "--quiet", action="store_true", help="only container IDs")
+    s.add_argument("--no-trunc", action="store_true", help="full IDs and commands")
+    s.add_argument("--format", metavar="TEMPLATE",
+                   help="Go-template subset: 'table {{.ID}}\\t{{.Names}}\\t{{.Size}}'")
+
+
+def args_stop(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-t", "--time", type=float, default=10, metavar="SECONDS",
+                   help="wait this long after SIGTERM before SIGKILL (default 10)")
+    s.add_argument("containers", metavar="CONTAINER", nargs="+")
+
+
+def args_rm(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    s.add_argument("containers", metavar="CONTAINER", nargs="+")
+
+
+def args_diff(s: argparse.ArgumentParser) -> None:
+    s.add_argument("container", metavar="CONTAINER")
+
+
+def args_commit(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-m", "--message", default="", metavar="TEXT", help="the history comment")
+    s.add_argument("-a", "--author", default="", metavar="NAME")
+    s.add_argument("container", metavar="CONTAINER")
+    s.add_argument("name", metavar="NAME[:TAG]", nargs="?")
+
+
+def args_logs(s: argparse.ArgumentParser) -> None:
+    s.add_argument("container", metavar="CONTAINER")
+
+
+def args_system(s: argparse.ArgumentParser) -> None:
+    s.add_argument("action", choices=("df", "info"), help="df: disk usage; info: as pybuild info")
+    s.add_argument("-v", "--verbose", action="store_true", help="df: per image, container, "
+                                                                 "volume and cache entry")
+
+
+def args_info(s: argparse.ArgumentParser) -> None:
+    pass
+
+
+COMMANDS = {
+    "run": ("run a command in a new container of an image", args_run),
+    "exec": ("run a command in a running container", args_exec),
+    "ps": ("list containers", args_ps),
+    "stop": ("stop running containers", args_stop),
+    "rm": ("remove containers", args_rm),
+    "diff": ("list what a container changed (A added, C changed, D deleted)", args_diff),
+    "commit": ("make an image of a container's changes", args_commit),
+    "logs": ("show what a detached container printed", args_logs),
+    "system": ("disk usage (df) and facts (info)", args_system),
+    "info": ("the storage driver, store, and counts and sizes of what it holds", args_info),
+}
+
+# `pybuild image ls`, `pybuild container rm`, ... as Docker's grouped commands.
+GROUPS = {
+    "image": {"ls": "images", "list": "images", "history": "history", "inspect": "inspect",
+              "rm": "rmi", "tag": "tag", "save": "save", "load": "load", "import": "import",
+              "pull": "pull", "push": "push", "build": "build", "prune": "prune"},
+    "container": {"ls": "ps", "list": "ps", "run": "run", "exec": "exec", "stop": "stop",
+                  "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
+                  "inspect": "inspect"},
+}
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from . import container
+    store = store_of(args)
+    img = store.resolve(args.image)
+    result = container.run(store, img, args.image, args.args, env=args.env, user=args.user,
+                           workdir=args.workdir, network=args.network,
+                           entrypoint=args.entrypoint, name=args.name, detach=args.detach,
+                           interactive=args.interactive, tty=args.tty, remove=args.rm)
+    if args.detach:
+        print(result)
+        return 0
+    return result
+
+
+def cmd_exec(args) -> int:
+    from . import container
+    if not args.args:
+        raise UsageError("pybuild exec: give the command to run", hint="pybuild exec NAME sh")
+    return container.exec_in(store_of(args), args.container, args.args, env=args.env,
+                             user=args.user, workdir=args.workdir)
+
+
+def _command_text(argv: list[str], full: bool) -> str:
+    text = '"' + " ".join(argv) + '"'
+    return text if full or len(text) <= 22 else text[:21] + '…"'
+
+
+def cmd_ps(args) -> int:
+    from .containers import Containers
+    from .progress import human_size
+    store = store_of(args)
+    containers = Containers(store)
+    listed = containers.list(all=args.all)
+    if args.quiet:
+        for c in listed:
+            print(c.id if args.no_trunc else c.short_id)
+        return 0
+    rows = []
+    for c in listed:
+        row = {"ID": c.id if args.no_trunc else c.short_id, "Image": c.image,
+               "Command": _command_text(c.argv, args.no_trunc),
+               "CreatedAt": ago(c.created), "RunningFor": ago(c.created).removesuffix(" ago"),
+               "Status": containers.status_text(c), "Ports": "", "Names": c.name}
+        if args.size or (args.format and ".Size" in args.format):
+            size = containers.size(c)
+            virtual = size + store.content_size(c.diff_ids)
+            row["Size"] = f"{human_size(size)} (virtual {human_size(virtual)})"
+        rows.append(row)
+    headers = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
+               "CreatedAt": "CREATED", "RunningFor": "CREATED", "Status": "STATUS",
+               "Ports": "PORTS", "Names": "NAMES", "Size": "SIZE"}
+    if args.format:
+        print(render_all(args.format, rows, headers))
+        return 0
+    columns = ["ID", "Image", "Command", "CreatedAt", "Status", "Ports", "Names"] + \
+        (["Size"] if args.size else [])
+    print(table([[headers[k] for k in columns]] + [[r[k] for k in columns] for r in rows]))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .containers import Containers
+    containers = Containers(store_of(args))
+    for ref in args.containers:
+        c = containers.get(ref)
+        containers.stop(c, timeout=args.time)
+        print(ref)
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .containers import Containers
+    containers = Containers(store_of(args))
+    for ref in args.containers:
+        containers.remove(containers.get(ref), force=args.force)
+        print(ref)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .containers import Containers, changes
+    store = store_of(args)
+    containers = Containers(store)
+    c = containers.get(args.container)
+    with store.tmpdir("diff") as tmp:
+        for kind, path in changes(store, c.diff_ids, containers.changes_dir(c, tmp)):
+            print(f"{kind} {path}")
+    return 0
+
+
+def cmd_commit(args) -> int:
+    from . import container
+    image = container.commit(store_of(args), args.container, args.name, args.message, args.author)
+    print(image.id)
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from .containers import Containers
+    c = Containers(store_of(args)).get(args.container)
+    try:
+        with open(os.path.join(c.dir, "log"), "rb") as f:
+            sys.stdout.buffer.write(f.read())
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def cmd_system(args) -> int:
+    if args.action == "info":
+        return cmd_info(args)
+    from . import usage
+    from .progress import human_size
+    store = store_of(args)
+    report = usage.disk_usage(store)
+    if not args.verbose:
+        rows = [["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]]
+        for kind in report.summary:
+            pct = f" ({kind.reclaimable * 100 // kind.size}%)" if kind.size else ""
+            rows.append([kind.name, str(kind.total), str(kind.active), human_size(kind.size),
+                         human_size(kind.reclaimable) + pct])
+        print(table(rows))
+        return 0
+    print("Images space usage:\n")
+    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE",
+             "CONTAINERS"]]
+    for i in report.images:
+        rows.append([i.repository, i.tag, i.id[7:19], ago(i.created), human_size(i.size),
+                     human_size(i.shared), human_size(i.size - i.shared), str(i.containers)])
+    print(table(rows))
+    print("\nContainers space usage:\n")
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "LOCAL VOLUMES", "SIZE", "CREATED", "STATUS",
+             "NAMES"]]
+    for c in report.containers:
+        rows.append([c.short_id, c.image, _command_text(c.argv, False), "0",
+                     human_size(c.size), ago(c.created), c.status_text, c.name])
+    print(table(rows))
+    print("\nLocal Volumes space usage:\n")
+    rows = [["VOLUME NAME", "LINKS", "SIZE"]]
+    for v in report.volumes:
+        rows.append([v.name, "0", human_size(v.size)])
+    print(table(rows))
+    print("\nBuild cache usage: " + human_size(report.summary[-1].size) + "\n")
+    rows = [["CACHE ID", "CACHE TYPE", "SIZE", "CREATED", "LAST USED", "USAGE", "SHARED"]]
+    for e in report.cache:
+        rows.append([e.id, e.kind, human_size(e.size), ago(e.created), ago(e.last_used), "1",
+                     "true" if e.shared else "false"])
+    print(table(rows))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import __version__, usage
+    from .progress import human_size
+    store = store_of(args)
+    report = usage.disk_usage(store)
+    images, containers, volumes, cache = report.summary
+    running = sum(1 for c in report.containers if c.running)
+    layers = store.layers.list()
+    lines = [
+        f"Containers: {containers.total}",
+        f" Running: {running}",
+        f" Stopped: {containers.total - running}",
+        f"Images: {images.total}",
+        f"Storage Driver: {store.driver}",
+        f" Backing Filesystem: {usage.filesystem_type(store.root)}",
+        f" Layers: {len(layers)} ({human_size(report.layer_bytes)})",
+        f" Build Cache: {cache.total} entries ({human_size(cache.size)})",
+        f" Cache Mounts: {volumes.total} ({human_size(volumes.size)})",
+        f"Pybuild Root Dir: {store.root}",
+        f"Pybuild Version: {__version__}",
+        f"Kernel Version: {platform.release()}",
+        f"Architecture: {platform.machine()}",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,100 @@
+"""How the command line shows things: Docker's tables, times, and `--format` templates.
+
+`--format` takes the part of Go's text/template that Docker users write:
+`{{.Field}}`, `{{.A.B}}`, `{{json .A}}`, and the `table` prefix (a header
+row, columns separated by `\\t`, aligned as `docker ps` aligns them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import time
+
+_FIELD = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
+
+
+def duration(seconds: float) -> str:
+    """Docker's HumanDuration: `Less than a second`, `5 seconds`, `About a minute`, `3 hours`."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(s / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{hours // 24 // 365} years"
+
+
+def ago(when: float | str) -> str:
+    """`3 minutes ago` for a Unix time or an RFC 3339 timestamp."""
+    if isinstance(when, str):
+        try:
+            text = when.replace("Z", "+00:00")
+            if "." in text:       # nanoseconds: Python reads at most microseconds
+                head, _, rest = text.partition(".")
+                digits = re.match(r"\d*", rest).group(0)
+                text = head + "." + digits[:6].ljust(6, "0") + rest[len(digits):]
+            when = _dt.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            return "N/A"
+    return duration(time.time() - when) + " ago"
+
+
+def table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, three spaces apart, as Docker prints them."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+                     for r in rows)
+
+
+def _lookup(obj, path: str):
+    for part in [p for p in path.split(".") if p]:
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        else:
+            obj = getattr(obj, part, None)
+    return obj
+
+
+def render(template: str, obj) -> str:
+    """One object through a `--format` template."""
+    def field(m: re.Match) -> str:
+        value = _lookup(obj, m.group(2))
+        if m.group(1):
+            return json.dumps(value)
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        return "<no value>" if value is None else str(value)
+    return _FIELD.sub(field, template.replace("\\t", "\t").replace("\\n", "\n"))
+
+
+def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
+    """Every object through the template; with `table`, a header row and aligned columns.
+    `headers` names the column of each field (`ID` -> `CONTAINER ID`)."""
+    if not template.startswith("table"):
+        return "\n".join(render(template, o) for o in objects)
+    body = template[len("table"):].strip() or "\t".join("{{." + k + "}}" for k in headers)
+    head = _FIELD.sub(lambda m: headers.get(m.group(2), m.group(2).upper()),
+                      body.replace("\\t", "\t"))
+    rows = [head.split("\t")] + [render(body, o).split("\t") for o in objects]
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    return table(rows)

@@ -1,0 +1,209 @@
+"""Containers and sizes, as Docker's storage documentation explains them (../shared/reference).
+
+The documentation's walk-through runs as written with `pybuild` for `docker`:
+two images that share layers, five containers from one of them, a file
+written in three, and `ps --size` showing SIZE and virtual size. The base
+image is busybox rather than alpine (the tests have no network), with a
+`bash` that is busybox's sh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import busybox_context, our_mounts, processes_with, run_pybuild, write_context
+
+DOCKERFILE_BASE = ('FROM busybox:demo\n'
+                   'RUN printf "#!/bin/sh\\nexec sh \\"\\$@\\"\\n" > /bin/bash && chmod +x /bin/bash\n')
+DOCKERFILE = ("FROM acme/my-base-image:1.0\nCOPY . /app\nRUN chmod +x /app/hello.sh\n"
+              "CMD /app/hello.sh\n")
+PS_FORMAT = "table {{.ID}}\t{{.Image}}\t{{.Names}}\t{{.Size}}"
+
+
+def store_bytes(root: Path) -> int:
+    """Disk blocks the store uses (what `du` says), in bytes."""
+    out = subprocess.run(["du", "-s", "-B1", str(root)], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.fixture(params=["overlay", "fuse"])
+def walk(request, tmp_path):
+    """A store with busybox:demo, the cow-test directory, and a `pybuild` in it."""
+    root = tmp_path / "store"
+    env = {"PYBUILD_STORAGE_DRIVER": request.param}
+    run_pybuild("build", "-q", "-t", "busybox:demo", busybox_context(tmp_path / "busybox"),
+                root=root, env=env, check=True)
+    cow = write_context(tmp_path / "cow-test", {
+        "hello.sh": '#!/usr/bin/env bash\necho "Hello world"\n',
+        "Dockerfile.base": DOCKERFILE_BASE, "Dockerfile": DOCKERFILE})
+
+    def pybuild(*args, check=True):
+        p = run_pybuild(*args, root=root, env=env, cwd=cow, check=check)
+        return p.stdout.decode() if check else p
+    pybuild.env = env
+    yield pybuild, root
+    ids = pybuild("ps", "-aq").split()
+    if ids:
+        pybuild("rm", "-f", *ids)
+
+
+def test_the_storage_documentation_walk_through(walk):
+    pybuild, root = walk
+    pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")
+    pybuild("build", "-t", "acme/my-final-image:1.0", "-f", "Dockerfile", ".")
+
+    listing = pybuild("image", "ls")
+    assert re.search(r"acme/my-final-image\s+1\.0\s+[0-9a-f]{12}\s+.+\s+(\S+B)$", listing, re.M)
+    final_size = re.search(r"acme/my-final-image\s+1\.0\s+\S+\s+.+?\s+(\S+B)$", listing,
+                           re.M).group(1)
+
+    base_history = pybuild("image", "history", "acme/my-base-image:1.0").splitlines()[1:]
+    final_history = pybuild("image", "history", "acme/my-final-image:1.0").splitlines()[1:]
+    assert 'CMD ["/bin/sh" "-c" "/app/hello.sh"]' in final_history[0]
+    assert "RUN /bin/sh -c chmod +x /app/hello.sh" in final_history[1]
+    assert "COPY . /app" in final_history[2]
+    # Every step of the base image is also a step of the final one.
+    assert [l.split(None, 1)[1][-60:] for l in base_history[1:]] == \
+        [l.split(None, 1)[1][-60:] for l in final_history[4:]]
+
+    base_layers = json.loads(pybuild("image", "inspect", "--format", "{{json .RootFS.Layers}}",
+                                     "acme/my-base-image:1.0"))
+    final_layers = json.loads(pybuild("image", "inspect", "--format", "{{json .RootFS.Layers}}",
+                                      "acme/my-final-image:1.0"))
+    assert final_layers[:len(base_layers)] == base_layers and len(final_layers) == len(base_layers) + 2
+
+    before = store_bytes(root)
+    ids = [pybuild("run", "-dit", "--name", f"my_container_{i}", "acme/my-final-image:1.0",
+                   "bash").strip() for i in range(1, 6)]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", i) for i in ids)
+    table = pybuild("ps", "--size", "--format", PS_FORMAT).splitlines()
+    assert table[0].split() == ["CONTAINER", "ID", "IMAGE", "NAMES", "SIZE"]
+    rows = {line.split()[2]: line for line in table[1:]}
+    assert sorted(rows) == [f"my_container_{i}" for i in range(1, 6)]
+    for line in rows.values():
+        assert line.endswith(f"0B (virtual {final_size})"), line
+
+    for i in range(1, 4):
+        pybuild("exec", f"my_container_{i}", "sh", "-c", "printf hello > /out.txt")
+    rows = {line.split()[2]: line for line in
+            pybuild("ps", "--size", "--format", PS_FORMAT).splitlines()[1:]}
+    for i in range(1, 6):
+        size = "5B" if i <= 3 else "0B"
+        assert rows[f"my_container_{i}"].endswith(f"{size} (virtual {final_size})")
+    # The five containers share the image's layers: the store grew by their records and writes,
+    # not by five copies of a 2 MB image.
+    grown = store_bytes(root) - before
+    assert grown < 5 * 150_000, grown
+    assert pybuild("diff", "my_container_1").splitlines() == ["A /out.txt"]
+    assert pybuild("exec", "my_container_2", "cat", "/out.txt") == "hello"
+
+
+def test_stop_rm_commit_logs_and_statuses(walk):
+    pybuild, root = walk
+    pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")
+    pybuild("run", "-d", "--name", "quick", "acme/my-base-image:1.0", "sh", "-c",
+            "echo to the log; rm /etc/motd; mkdir /made; echo x > /made/f")
+    deadline = time.time() + 10
+    while "Exited (0)" not in pybuild("ps", "-a") and time.time() < deadline:
+        time.sleep(0.05)
+    assert re.search(r"Exited \(0\) .* ago\s+quick", pybuild("ps", "-a"))
+    assert "quick" not in pybuild("ps")                     # not running
+    assert pybuild("logs", "quick") == "to the log\n"
+    assert pybuild("diff", "quick").splitlines() == ["C /etc", "D /etc/motd", "A /made",
+                                                    "A /made/f"]
+    image_id = pybuild("commit", "-m", "made by quick", "quick", "committed:1").strip()
+    assert pybuild("run", "--rm", "committed:1", "sh", "-c",
+                   "cat /made/f; test ! -e /etc/motd && echo gone") == "x\ngone\n"
+    history = pybuild("history", "committed:1").splitlines()
+    assert history[1].startswith(image_id[7:19]) and "made by quick" in history[1]
+
+    pybuild("run", "-dit", "--name", "long", "acme/my-base-image:1.0", "sh")
+    assert re.search(r"Up .*\s+long$", pybuild("ps"), re.M)
+    refused = pybuild("rm", "long", check=False)
+    assert refused.returncode == 2 and b"is running" in refused.stderr
+    in_use = pybuild("rmi", "acme/my-base-image:1.0", check=False)
+    assert in_use.returncode == 2 and b"used by container" in in_use.stderr
+    started = time.time()
+    pybuild("stop", "-t", "1", "long")           # an interactive sh ignores SIGTERM: SIGKILL
+    assert time.time() - started < 8
+    assert re.search(r"Exited \(137\) .*\s+long$", pybuild("ps", "-a"), re.M)
+    pybuild("rm", "long", "quick")
+    assert "long" not in pybuild("ps", "-a")
+    assert pybuild("run", "--rm", "acme/my-base-image:1.0", "true") == ""
+    assert pybuild("ps", "-aq") == ""                # --rm left nothing
+    missing = pybuild("rm", "nobody", check=False)
+    assert missing.returncode == 5 and b"no such container: nobody" in missing.stderr
+
+
+def test_system_df_and_info_show_what_is_shared(walk):
+    pybuild, root = walk
+    pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")
+    pybuild("build", "-t", "acme/my-final-image:1.0", "-f", "Dockerfile", ".")
+    pybuild("run", "-dit", "--name", "c1", "acme/my-final-image:1.0", "bash")
+    pybuild("exec", "c1", "sh", "-c", "head -c 3000 /dev/zero > /big")
+    df = pybuild("system", "df").splitlines()
+    assert df[0].split() == ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+    images = df[1].split()
+    assert images[:3] == ["Images", "3", "1"]
+    containers = df[2].split()
+    assert containers[:4] == ["Containers", "1", "1", "3kB"]
+
+    verbose = pybuild("system", "df", "-v")
+    rows = {(l.split()[0], l.split()[1]): l.split() for l in verbose.splitlines()
+            if l.startswith(("acme/", "busybox"))}
+    base = rows[("acme/my-base-image", "1.0")]
+    final = rows[("acme/my-final-image", "1.0")]
+    # SIZE, SHARED SIZE, UNIQUE SIZE, CONTAINERS (the CREATED column has spaces)
+    assert final[-1] == "1" and base[-1] == "0"
+    assert final[-3] == base[-4], "the final image shares all of the base image's layers"
+    assert final[-2] != "0B" and base[-2] == "0B"
+    assert re.search(r"^[0-9a-f]{12}\s+acme/my-final-image:1\.0\s+\"bash\"\s+0\s+3kB", verbose,
+                     re.M)
+
+    info = pybuild("info")
+    assert re.search(r"^Storage Driver: (overlay|fuse)$", info, re.M)
+    assert re.search(r"^ Backing Filesystem: \w+", info, re.M)
+    assert re.search(r"^Containers: 1\n Running: 1\n Stopped: 0\nImages: 3$", info, re.M)
+    assert f"Pybuild Root Dir: {root}" in info
+    assert pybuild("system", "info") == info
+
+
+def test_kill_9_of_a_foreground_run_leaves_a_container_that_is_accounted_for(walk, tmp_path):
+    pybuild, root = walk
+    pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")
+    marker = f"sleep {time.time_ns() % 10_000_000 / 1000:.3f}"
+    env = dict(os.environ, PYBUILD_ROOT=str(root), **pybuild.env)
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "run", "--name", "victim",
+                             "acme/my-base-image:1.0", "sh", "-c",
+                             f"echo data > /written; {marker}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 15
+    while "Up" not in pybuild("ps") and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and processes_with(marker):
+        time.sleep(0.05)
+    assert not processes_with(marker), "the container died with its parent"
+    assert our_mounts() == []
+    listing = pybuild("ps", "-a")
+    assert re.search(r"Exited \(137\) .*\s+victim$", listing, re.M)
+    assert pybuild("diff", "victim").splitlines() == ["A /written"]
+    df = pybuild("system", "df").splitlines()
+    assert df[2].split()[:4] == ["Containers", "1", "0", "5B"]
+    pybuild("rm", "victim")
+    assert not (root / "containers").exists() or \
+        [n for n in os.listdir(root / "containers") if not n.startswith(".")] == []
