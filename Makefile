@@ -13,7 +13,7 @@ DEMO_DIR := build/demo
 # is built from, and the independent OCI validators the tests use.
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3 \
                 busybox-static skopeo umoci ca-certificates \
-                docker-registry apache2-utils
+                docker-registry apache2-utils uidmap
 
 .PHONY: all demo test test-slow bench docs system venv clean
 

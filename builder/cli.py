@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from . import __version__
-from . import cli_containers
+from . import cli_containers, rootless
 from .cli_format import ago, table
 from .errors import Interrupted, PybuildError, UsageError
 
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        if rootless.needed() and not {"-h", "--help", "--version", "version"} & set(argv[:1]):
+            rootless.enter()          # a non-root user: root of a user namespace of its own
         args = _parse(argv)
         debug = args.debug
         if debug:

@@ -144,9 +144,10 @@ class Builder:
         started = time.monotonic()
         df = self._load_dockerfile()
         if os.geteuid() != 0:
-            raise BuildError("building needs root: RUN steps use kernel overlay mounts and "
-                             "namespaces", hint="run pybuild as root (rootless builds are not "
-                                                "supported yet)")
+            raise BuildError("building needs root, or root of a user namespace: RUN steps use "
+                             "mounts and namespaces",
+                             hint="the pybuild command enters a user namespace by itself; from "
+                                  "Python, call builder.rootless.enter() first (it forks)")
         if self.store is None:
             self.store = Store(self.opts.root, driver=self.opts.storage_driver)
         self.ctx = BuildContext(self.opts.context, self.dockerfile_path,

@@ -29,6 +29,7 @@ _libc.syscall.argtypes = None
 
 # Namespaces (linux/sched.h).
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000

@@ -642,8 +642,13 @@ def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
     for name, major, minor in _DEVICES:
         path = os.path.join(dev, name)
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(path, 0o666)
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+        except PermissionError:
+            # A user namespace may not make devices: the host's own, bind-mounted.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+            linux.mount(f"/dev/{name}", path, None, linux.MS_BIND)
     for name in ("pts", "shm", "mqueue"):
         os.mkdir(os.path.join(dev, name), 0o755)
     linux.mount("devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,

@@ -44,5 +44,12 @@ def make_whiteout(path: str) -> None:
     os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
+def opaque_xattr() -> str:
+    """The name to mark an opaque dir with: `user.overlay.opaque` in a user namespace, where
+    overlayfs is mounted with `userxattr` and trusted.* cannot be written."""
+    from ..rootless import in_user_namespace
+    return OPAQUE_XATTRS[1] if in_user_namespace() else OPAQUE_XATTRS[0]
+
+
 def make_opaque(path: str) -> None:
-    os.setxattr(path, OPAQUE_XATTRS[0], b"y", follow_symlinks=False)
+    os.setxattr(path, opaque_xattr(), b"y", follow_symlinks=False)

@@ -28,7 +28,6 @@ from .. import linux
 from ..errors import StoreError
 from .base import Snapshot
 
-OPTIONS = "index=off,redirect_dir=off,metacopy=off"
 _OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
 _PAGE = 4096
 MAX_STACK = 64           # lower dirs of one mount, at most
@@ -48,10 +47,18 @@ def mount_overlay(target: str, lowers: list[str], upper: str | None = None,
     is only kept once the step has finished and been archived.
     """
     global _new_api, _volatile
+    from ..rootless import in_user_namespace
+    # In a user namespace overlayfs keeps its xattrs (opaque, whiteout) in user.overlay.*.
+    userxattr = in_user_namespace()
     flags = ("volatile",) if upper and _volatile is not False else ()
+    options = _OPTION_DICT
+    if userxattr:
+        flags += ("userxattr",)
+        # redirect_dir=off means "follow old redirects", which needs trusted xattrs.
+        options = {**_OPTION_DICT, "redirect_dir": "nofollow"}
     if _new_api is not False:
         try:
-            linux.mount_overlay(target, lowers, upper, work, _OPTION_DICT, readonly=readonly,
+            linux.mount_overlay(target, lowers, upper, work, options, readonly=readonly,
                                 flags=flags)
             _new_api = True
             _volatile = _volatile or bool(flags)
@@ -68,7 +75,9 @@ def mount_overlay(target: str, lowers: list[str], upper: str | None = None,
     opts = f"lowerdir={':'.join(lowers)}"
     if upper:
         opts += f",upperdir={upper},workdir={work}"
-    opts += "," + OPTIONS
+    opts += "," + ",".join(f"{k}={v}" for k, v in options.items()) + \
+        (",userxattr" if userxattr else "")
+    flags = tuple(f for f in flags if f != "userxattr")
     if flags:
         try:
             linux.mount("overlay", target, "overlay", 0, opts + ",volatile")

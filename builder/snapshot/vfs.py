@@ -280,8 +280,7 @@ def _compare(base: str, merged: str, upper: str, rel: str, skip: set[str],
             was_dir = b_st is not None and stat.S_ISDIR(b_st.st_mode)
             if was_dir and _replaced(m_path, path, m_st, dir_inodes):
                 _copy_subtree(merged, upper, path)
-                os.setxattr(os.path.join(upper, path), whiteout.OPAQUE_XATTRS[0], b"y",
-                            follow_symlinks=False)
+                whiteout.make_opaque(os.path.join(upper, path))
                 changed = True
                 continue
             if not same:

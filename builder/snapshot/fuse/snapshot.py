@@ -91,7 +91,9 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
             signal.signal(sig, signal.SIG_DFL)
         import pyfuse3
         import trio
+        from ...layer import whiteout
         from .unionfs import UnionFS
+        opaque = whiteout.opaque_xattr().encode()     # (nothing is imported after the chroot)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         upper_fd = os.open(snap.upper, flags)
         lower_fds = [os.open(p, flags) for p in lowers]
@@ -99,7 +101,7 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
         linux.mount("pybuild", snap.merged, "fuse.pybuild", 0, f"fd={dev},{MOUNT_OPTIONS}")
         os.chroot(os.path.dirname(snap.merged))
         os.chdir("/")
-        ops = UnionFS(upper_fd, lower_fds)
+        ops = UnionFS(upper_fd, lower_fds, opaque)
         pyfuse3.init(ops, f"/dev/fd/{dev}", {"fsname=pybuild", "default_permissions"})
         os.write(ready_w, b"ok")
         os.close(ready_w)

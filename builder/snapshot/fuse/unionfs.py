@@ -27,11 +27,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import traceback
 from functools import wraps
 
 import pyfuse3
 
-OPAQUE = b"trusted.overlay.opaque"
+OPAQUE_NAMES = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 HIDDEN_XATTRS = (b"trusted.overlay.", b"user.overlay.")
 TIMEOUT = 3600.0          # every change goes through us: the kernel may keep what we told it
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -46,6 +47,11 @@ def _errors(fn):
             return fn(*args, **kwargs)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:          # a bug: one failed request, not a dead filesystem
+            traceback.print_exc()
+            raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
 
 
@@ -65,8 +71,9 @@ class UnionFS(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, upper_fd: int, lower_fds: list[int]):
+    def __init__(self, upper_fd: int, lower_fds: list[int], opaque_xattr: bytes):
         super().__init__()
+        self.opaque_xattr = opaque_xattr          # trusted.overlay.opaque, or user.* (userns)
         self.fds = [upper_fd] + list(lower_fds)     # layer index -> dir fd
         self.path_of: dict[int, bytes] = {pyfuse3.ROOT_INODE: b""}
         self.inode_of: dict[bytes, int] = {b"": pyfuse3.ROOT_INODE}
@@ -98,8 +105,12 @@ class UnionFS(pyfuse3.Operations):
         except OSError:
             return False
         try:
-            return os.getxattr(fd, OPAQUE) == b"y"
-        except OSError:
+            for name in OPAQUE_NAMES:
+                try:
+                    if os.getxattr(fd, name) == b"y":
+                        return True
+                except OSError:
+                    pass
             return False
         finally:
             os.close(fd)
@@ -445,7 +456,7 @@ class UnionFS(pyfuse3.Operations):
             # A directory made where a lower one was deleted must not show its old contents.
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=self.fds[UPPER])
             try:
-                os.setxattr(fd, OPAQUE, b"y")
+                os.setxattr(fd, self.opaque_xattr, b"y")
             finally:
                 os.close(fd)
         self._owner(parent, path, ctx)
