@@ -378,8 +378,9 @@ def _cmd_build(args) -> int:
 def _build(args, context: str, dockerfile: str | None) -> int:
     from .engine import Builder, BuildOptions
     from .progress import make_renderer
-    from . import outputs, remote_cache
     pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
+    if args.cache_to or args.cache_from or args.output:
+        from . import outputs, remote_cache
     opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         network=args.network, target=args.target,

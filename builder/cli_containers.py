@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 from .cli_format import ago, render_all, table
@@ -270,6 +269,7 @@ def cmd_system(args) -> int:
 
 
 def cmd_info(args) -> int:
+    import platform
     from . import __version__, usage
     from .progress import human_size
     store = store_of(args)

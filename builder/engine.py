@@ -21,9 +21,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, explain, outputs, paths, reference, remote_cache, steps
+from . import cache as cachemod, explain, paths, reference, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
@@ -32,9 +33,11 @@ from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, Py
 from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
                        StepStarted)
-from .outputs import OutputSpec
-from .remote_cache import CacheSpec
 from .store import Store
+
+if TYPE_CHECKING:      # (imported when used: a cached build should not pay for them)
+    from .outputs import OutputSpec
+    from .remote_cache import CacheSpec
 
 HISTORY_COMMENT = "pybuild.dockerfile.v0"
 
@@ -189,12 +192,16 @@ class Builder:
         return image
 
     def _import_caches(self):
+        from . import remote_cache
         from .api import insecure_registries
         return remote_cache.CacheImport(self.store, self.opts.cache_from, emit=self.emit,
                                         insecure=insecure_registries(self.opts.insecure_registries))
 
     def _deliver(self, image: Image, plans: list[_StagePlan], target: ins.Stage) -> None:
         """After the image is stored: --cache-to, --output and --push."""
+        if not (self.opts.cache_to or self.opts.outputs or self.opts.push):
+            return
+        from . import outputs, remote_cache
         from .api import insecure_registries
         insecure = insecure_registries(self.opts.insecure_registries)
         plan_of = {p.stage.index: p for p in plans}

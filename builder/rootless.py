@@ -23,12 +23,7 @@ refuses even that.
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import signal
-import subprocess
 
-from . import linux
 from .errors import PybuildError, UsageError
 
 _MARKER = "_PYBUILD_IN_USERNS"
@@ -75,6 +70,10 @@ def subordinate_range(path: str, name: str, uid: int) -> tuple[int, int] | None:
 
 def enter() -> None:
     """Become root of a new user namespace (the child returns; the parent never does)."""
+    import pwd
+    import shutil
+    import signal
+    import subprocess
     uid, gid = os.getuid(), os.getgid()
     name = pwd.getpwuid(uid).pw_name
     subuid = subordinate_range("/etc/subuid", name, uid)
@@ -96,6 +95,7 @@ def enter() -> None:
     if pid == 0:
         os.close(unshared_r)
         os.close(mapped_w)
+        from . import linux
         try:
             linux.unshare(linux.CLONE_NEWUSER)
         except OSError as e:
