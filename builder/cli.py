@@ -17,6 +17,7 @@ import traceback
 
 from . import __version__
 from . import cli_containers, rootless
+from .cli_containers import store_of
 from .cli_format import ago, table
 from .errors import Interrupted, PybuildError, UsageError
 
@@ -108,21 +109,23 @@ def _insecure(s: argparse.ArgumentParser) -> None:
 def _args_pull(s: argparse.ArgumentParser) -> None:
     s.add_argument("name", metavar="NAME[:TAG|@DIGEST]",
                    help="the image (docker.io/library/ and :latest by default)")
-    s.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
-    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
-                   help="how to show progress (auto: bars on a terminal, else plain lines)")
-    _insecure(s)
+    _transfer_options(s, quiet="print only the image ID")
 
 
 def _args_push(s: argparse.ArgumentParser) -> None:
     s.add_argument("name", metavar="IMAGE", help="name[:tag] or image ID in the store")
     s.add_argument("dest", metavar="DEST", nargs="?",
                    help="where to push (default: the image's name)")
-    s.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
-    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
-                   help="how to show progress (auto: bars on a terminal, else plain lines)")
     s.add_argument("--chunk-size", metavar="SIZE", default="0",
                    help="upload layers in chunks of SIZE (default: one request per layer)")
+    _transfer_options(s, quiet="print only the manifest digest")
+
+
+def _transfer_options(s: argparse.ArgumentParser, quiet: str) -> None:
+    """-q, --progress and --insecure-registry, as pull and push take them."""
+    s.add_argument("-q", "--quiet", action="store_true", help=quiet)
+    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
+                   help="how to show progress (auto: bars on a terminal, else plain lines)")
     _insecure(s)
 
 
@@ -298,11 +301,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return make_parser(only=rest[0]).parse_args(argv)
 
 
-def _store(args):
-    from .store import Store
-    return Store(getattr(args, "root", None), driver=getattr(args, "storage_driver", None))
-
-
 def _dispatch(args) -> int:
     name = args.command.replace("-", "_")
     handler = globals().get("_cmd_" + name) or getattr(cli_containers, "cmd_" + name)
@@ -422,7 +420,7 @@ def _epoch(given: str | None) -> int | None:
 def _cmd_images(args) -> int:
     from .image import short_id
     from .progress import human_size
-    store = _store(args)
+    store = store_of(args)
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     images = sorted(store.images(), key=lambda i: i.created, reverse=True)
     for img in images:
@@ -442,7 +440,7 @@ def _cmd_images(args) -> int:
 def _cmd_history(args) -> int:
     from .image import chain_ids, short_id
     from .progress import human_size
-    store = _store(args)
+    store = store_of(args)
     img = store.resolve(args.image)
     chains = chain_ids(img.diff_ids)
     sizes = []
@@ -476,7 +474,7 @@ def _cmd_inspect(args) -> int:
     from .containers import ContainerNotFound, Containers
     from .errors import ImageNotFound
     from .cli_format import render
-    store = _store(args)
+    store = store_of(args)
     out = []
     for name in args.images:
         try:
@@ -529,7 +527,7 @@ def _container_json(store, c) -> dict:
 
 
 def _cmd_tag(args) -> int:
-    store = _store(args)
+    store = store_of(args)
     store.tag(store.resolve(args.source), args.target)
     return 0
 
@@ -539,7 +537,7 @@ def _cmd_rmi(args) -> int:
     from .cache import StepCache
     from .store import gc
     from .containers import Containers
-    store = _store(args)
+    store = store_of(args)
     users = {c.image_id: c for c in Containers(store).list()}
     for name in args.images:
         img = store.resolve(name)
@@ -573,7 +571,7 @@ def _cmd_rmi(args) -> int:
 
 def _cmd_save(args) -> int:
     from . import archive
-    store = _store(args)
+    store = store_of(args)
     if args.output:
         tmp = args.output + ".tmp"
         try:
@@ -593,7 +591,7 @@ def _cmd_save(args) -> int:
 
 def _cmd_load(args) -> int:
     from . import archive
-    store = _store(args)
+    store = store_of(args)
     with store.in_use():
         images = archive.load(store, args.input)
     for img in images:
@@ -609,7 +607,7 @@ def _cmd_load(args) -> int:
 
 def _cmd_import(args) -> int:
     from . import archive
-    store = _store(args)
+    store = store_of(args)
     with store.in_use():
         img = archive.import_rootfs(store, args.file, args.name)
     print(img.id)
@@ -711,7 +709,7 @@ def _cmd_prune(args) -> int:
     from .cache import StepCache
     from .progress import human_size
     from .store import gc
-    store = _store(args)
+    store = store_of(args)
     keep = parse_size(args.keep_storage) if args.keep_storage else None
     result = gc.prune(store, StepCache(store), keep)
     if result.collected.deferred:

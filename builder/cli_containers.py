@@ -201,8 +201,8 @@ def cmd_diff(args) -> int:
     store = store_of(args)
     containers = Containers(store)
     c = containers.get(args.container)
-    with store.tmpdir("diff") as tmp:
-        for kind, path in changes(store, c.diff_ids, containers.changes_dir(c, tmp)):
+    with containers.writable_layer(c) as layer:
+        for kind, path in changes(store, c.diff_ids, layer):
             print(f"{kind} {path}")
     return 0
 

@@ -207,10 +207,10 @@ def commit(store: Store, ref: str, tag: str | None, message: str = "",
     containers = Containers(store)
     c = containers.get(ref)
     image = store.resolve(c.image_id)
-    with store.in_use(), store.tmpdir("commit") as tmp:
+    with store.in_use(), store.tmpdir("commit") as tmp, containers.writable_layer(c) as layer:
         copy_dir = os.path.join(tmp, "layer")
         # A copy: the layer store takes the dir it is given, and the container keeps its own.
-        vfs.clone_tree(containers.changes_dir(c, tmp), copy_dir)
+        vfs.clone_tree(layer, copy_dir)
         parent = chain_ids(image.diff_ids)[-1] if image.diff_ids else None
         created_by = " ".join(c.argv)
         layer = layer_commit.commit_upper(store, copy_dir, parent, created_by=created_by)

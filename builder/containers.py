@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import PybuildError, UsageError
 from .image import Image
 from .store import lock as store_lock, remove_tree
+from .store.lock import write_atomic
 
 
 class ContainerNotFound(PybuildError):
@@ -73,12 +74,11 @@ class Container:
 def _start_ticks(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot); None if it is gone (or a zombie
     nobody has reaped yet: its parent died, and it is dead all the same)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
+    from .linux import proc_stat
+    fields = proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return None
+    return int(fields[19])
 
 
 class Containers:
@@ -123,10 +123,7 @@ class Containers:
     def save(self, c: Container) -> None:
         data = asdict(c)
         data.pop("dir")
-        tmp = os.path.join(c.dir, f"config.json.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, os.path.join(c.dir, "config.json"))
+        write_atomic(os.path.join(c.dir, "config.json"), json.dumps(data, indent=1).encode())
 
     def _load(self, cid: str) -> Container | None:
         path = os.path.join(self.dir, cid, "config.json")
@@ -210,27 +207,28 @@ class Containers:
 
     # ---- sizes and changes ------------------------------------------------------------------
 
-    def changes_dir(self, c: Container, tmp: str) -> str:
-        """The writable layer in overlay form (the vfs driver works it out into `tmp`)."""
+    @contextlib.contextmanager
+    def writable_layer(self, c: Container):
+        """The container's writable layer in overlay form, for the block: its upper dir, or for
+        the vfs driver (no upper dir) its changes worked out into a temp dir."""
         snap = os.path.join(c.dir, "snap")
         if self.store.driver != "vfs" or not os.path.isdir(os.path.join(snap, "merged")):
-            return c.upper
+            yield c.upper
+            return
         from .snapshot import vfs
-        base = vfs.full_root(self.store, c.diff_ids, tmp)
-        upper = os.path.join(tmp, "upper")
-        os.mkdir(upper)
-        skip = set()
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(snap, "work", "init-entries.json"), encoding="utf-8") as f:
-                skip = set(json.load(f))
-        vfs.changes(base, os.path.join(snap, "merged"), upper, skip, {})
-        return upper
+        with self.store.tmpdir("container-layer") as tmp:
+            upper = os.path.join(tmp, "upper")
+            os.mkdir(upper)
+            base = vfs.full_root(self.store, c.diff_ids, tmp)
+            vfs.write_changes(os.path.join(snap, "work"), base, os.path.join(snap, "merged"),
+                              upper, {})
+            yield upper
 
     def size(self, c: Container) -> int:
         """SIZE: the bytes of the files in the writable layer (directories count nothing,
         hard links once), as Docker counts it."""
-        with self.store.tmpdir("container-size") as tmp:
-            return tree_size(self.changes_dir(c, tmp))
+        with self.writable_layer(c) as layer:
+            return tree_size(layer)
 
     def pinned_chains(self) -> set[str]:
         from .image import chain_ids

@@ -17,6 +17,7 @@ engine does is reported as events.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 import time
@@ -129,7 +130,7 @@ class Builder:
         self.steps_cached = 0
         self.cancelled = threading.Event()
         self.executor = None
-        self._pulled: dict[str, Image] = {}
+        self._resolved: dict[str, Image] = {}
         self._resolve_lock = threading.Lock()
         arch = host_architecture()
         platform = f"linux/{arch}"
@@ -191,19 +192,22 @@ class Builder:
                             layers_added=len(state.layers) - base_layers))
         return image
 
+    @functools.cached_property
+    def insecure(self) -> tuple[str, ...]:
+        """Registries reachable over plain HTTP (--insecure-registry, $PYBUILD_INSECURE_REGISTRIES)."""
+        from .api import insecure_registries
+        return insecure_registries(self.opts.insecure_registries)
+
     def _import_caches(self):
         from . import remote_cache
-        from .api import insecure_registries
         return remote_cache.CacheImport(self.store, self.opts.cache_from, emit=self.emit,
-                                        insecure=insecure_registries(self.opts.insecure_registries))
+                                        insecure=self.insecure)
 
     def _deliver(self, image: Image, plans: list[_StagePlan], target: ins.Stage) -> None:
         """After the image is stored: --cache-to, --output and --push."""
         if not (self.opts.cache_to or self.opts.outputs or self.opts.push):
             return
         from . import outputs, remote_cache
-        from .api import insecure_registries
-        insecure = insecure_registries(self.opts.insecure_registries)
         plan_of = {p.stage.index: p for p in plans}
         final_stages, index = set(), target.index       # the target and the stages it is FROM
         while index is not None:
@@ -212,13 +216,13 @@ class Builder:
         for spec in self.opts.cache_to:
             entries = {k: r for stage, used in self.used.items() for k, r in used.items()
                        if spec.mode == "max" or stage in final_stages}
-            remote_cache.export(self.store, spec, entries, insecure=insecure, emit=self.emit)
+            remote_cache.export(self.store, spec, entries, insecure=self.insecure, emit=self.emit)
         for spec in self.opts.outputs:
             outputs.write(self.store, image, spec)
         if self.opts.push or any(o.type == "registry" for o in self.opts.outputs):
             from .registry import transfer
             for tag in self.tags:
-                transfer.push(self.store, tag, insecure=insecure, on_event=self.emit)
+                transfer.push(self.store, tag, insecure=self.insecure, on_event=self.emit)
 
     def _build_parallel(self, plans: list[_StagePlan]) -> None:
         """Independent stages at the same time; a failure or Ctrl-C stops all of them."""
@@ -353,8 +357,8 @@ class Builder:
     def _resolve_image(self, name: str, inst) -> Image:
         """A base or --from image: from the store, pulled when missing (or always, per --pull)."""
         with self._resolve_lock:             # parallel stages may name the same image
-            if name in self._pulled:
-                return self._pulled[name]
+            if name in self._resolved:
+                return self._resolved[name]
             try:
                 if self.opts.pull == "always" and _pullable(name):
                     image = self._pull(name)
@@ -368,15 +372,13 @@ class Builder:
             except PybuildError as e:
                 e.message = f"{self.dockerfile_path}:{inst.line}: {e.message}"
                 raise
-            self._pulled[name] = image
+            self._resolved[name] = image
             return image
 
     def _pull(self, name: str) -> Image:
-        from .api import insecure_registries
         from .registry import transfer
         with self.store.in_use():            # (planning runs before the build holds it)
-            return transfer.pull(self.store, name, on_event=self.emit,
-                                 insecure=insecure_registries(self.opts.insecure_registries))
+            return transfer.pull(self.store, name, on_event=self.emit, insecure=self.insecure)
 
     def _triggers(self, expressions: list[str], base: ins.From) -> list[ins.Instruction]:
         return [ins.parse_trigger(x, filename=self.dockerfile_path, line=base.line,

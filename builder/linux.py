@@ -77,6 +77,16 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None if the
+    process is gone. (The name is in parentheses and may hold spaces: split after it.)"""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def setns(fd: int, nstype: int = 0) -> None:
     """Join the namespace `fd` refers to (a /proc/PID/ns/* file)."""
     _check(_libc.setns(fd, nstype), "setns")

@@ -35,6 +35,7 @@ from .errors import PybuildError, RegistryError, UsageError
 from .image import MEDIA_MANIFEST, canonical_json, chain_ids, digest_of
 from .layer import commit
 from .progress import BuildWarning
+from .store.lock import write_atomic
 
 CACHE_MEDIA = "application/vnd.pybuild.cache.v1+json"
 FORMAT = 1
@@ -95,8 +96,8 @@ class _Registry:
         return data
 
     def read_blob(self, digest: str) -> bytes:
-        from .registry.transfer import _read_blob
-        return _read_blob(self.client, self.ref.repository, digest, limit=256 << 20)
+        from .registry.transfer import read_blob
+        return read_blob(self.client, self.ref.repository, digest, limit=256 << 20)
 
     def ingest_layer(self, store, desc, parent_chain, diff_id, emit):
         from .registry.transfer import pull_layer
@@ -171,23 +172,16 @@ class _Directory:
                 shutil.copyfile(store.blobs.path(digest), tmp)
             os.replace(tmp, target)
         for data in (config, manifest):
-            _write_atomic(self._blob(digest_of(data)), data)
-        _write_atomic(os.path.join(self.path, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+            write_atomic(self._blob(digest_of(data)), data)
+        write_atomic(os.path.join(self.path, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": [{"mediaType": MEDIA_MANIFEST, "artifactType": CACHE_MEDIA,
                                 "digest": digest_of(manifest), "size": len(manifest),
                                 "annotations": {"org.opencontainers.image.ref.name": "cache"}}]}
-        _write_atomic(os.path.join(self.path, "index.json"), canonical_json(index))
+        write_atomic(os.path.join(self.path, "index.json"), canonical_json(index))
 
     def close(self) -> None:
         pass
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _place(spec: CacheSpec, insecure):

@@ -146,12 +146,8 @@ def init_of(sandbox_pid: int) -> int | None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == sandbox_pid:
+        fields = linux.proc_stat(int(entry))
+        if fields is not None and int(fields[1]) == sandbox_pid:
             return int(entry)
     return None
 

@@ -38,24 +38,23 @@ def _number(s: str) -> int | None:
     return int(s) if s.isdigit() else None
 
 
-def _find_user(passwd, spec: str):
-    uid = _number(spec)
-    for f in passwd:
-        if len(f) < 7:
+def _find(entries, spec: str, min_fields: int):
+    """The passwd or group entry `spec` names: by name, or by number (field 3) if numeric."""
+    number = _number(spec)
+    for f in entries:
+        if len(f) < min_fields:
             continue
-        if (uid is None and f[0] == spec) or (uid is not None and _number(f[2]) == uid):
+        if (number is None and f[0] == spec) or (number is not None and _number(f[2]) == number):
             return f
     return None
+
+
+def _find_user(passwd, spec: str):
+    return _find(passwd, spec, 7)
 
 
 def _find_group(groups, spec: str):
-    gid = _number(spec)
-    for f in groups:
-        if len(f) < 3:
-            continue
-        if (gid is None and f[0] == spec) or (gid is not None and _number(f[2]) == gid):
-            return f
-    return None
+    return _find(groups, spec, 3)
 
 
 def exec_user(spec: str, root: str = "/") -> ExecUser:

@@ -107,6 +107,15 @@ def run_pybuild(*args, root: str | None = None, input: bytes | None = None, chec
 
 
 @pytest.fixture
+def demo_ctx(tmp_path, base_image) -> Path:
+    """testdata/demo, built on the test base image."""
+    ctx = tmp_path / "demo"
+    shutil.copytree(TESTDATA / "demo", ctx)
+    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text().replace("busybox:demo", BASE))
+    return ctx
+
+
+@pytest.fixture
 def pybuild(store_root):
     def call(*args, **kw):
         return run_pybuild(*args, root=store_root, **kw)

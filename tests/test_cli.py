@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-
-import pytest
-
-from conftest import BASE, TESTDATA, write_context
 
 
-@pytest.fixture
-def demo_ctx(tmp_path, base_image):
-    ctx = tmp_path / "demo"
-    shutil.copytree(TESTDATA / "demo", ctx)
-    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text().replace("busybox:demo", BASE))
-    return ctx
+from conftest import BASE, write_context
 
 
 def test_docker_form_builds_tags_and_prints_the_id(pybuild, demo_ctx, tmp_path):

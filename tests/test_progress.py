@@ -7,25 +7,15 @@ import json
 import os
 import pty
 import re
-import shutil
 import struct
 import sys
 import termios
 from pathlib import Path
 
-import pytest
 
-from conftest import BASE, TESTDATA, run_pybuild
+from conftest import run_pybuild
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-@pytest.fixture
-def demo(tmp_path, base_image):
-    ctx = tmp_path / "demo"
-    shutil.copytree(TESTDATA / "demo", ctx)
-    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text().replace("busybox:demo", BASE))
-    return ctx
 
 
 def on_terminal(args: list[str], root: str, columns: int = 100, lines: int = 40) -> list[str]:
@@ -51,27 +41,27 @@ def on_terminal(args: list[str], root: str, columns: int = 100, lines: int = 40)
     return [line.rstrip() for line in screen.display if line.strip()]
 
 
-def test_live_view_on_a_terminal(demo, store_root):
-    first = on_terminal(["-t", "tty-demo", "--no-cache", demo], store_root)
+def test_live_view_on_a_terminal(demo_ctx, store_root):
+    first = on_terminal(["-t", "tty-demo", "--no-cache", demo_ctx], store_root)
     text = "\n".join(first)
     assert "pybuild: 10/10 steps" in text
     assert re.search(r"✔ +\d\.\d{3}s \[stage-0 6/10\] RUN ", text), text
     assert re.search(r"built [0-9a-f]{12} as tty-demo:latest in .*9 steps run, 0 cached", text)
     assert "slowest steps:" in text and "first cache miss: #2 LABEL" in text
-    again = "\n".join(on_terminal(["-t", "tty-demo", demo], store_root))
+    again = "\n".join(on_terminal(["-t", "tty-demo", demo_ctx], store_root))
     assert "✔ CACHED [stage-0 5/10] COPY --chown=app:app app/ /app/" in again
     assert re.search(r"0 steps run, 9 cached", again)
 
 
-def test_narrow_terminal_cuts_lines_instead_of_wrapping(demo, store_root):
-    screen = on_terminal(["-t", "tty-narrow", demo], store_root, columns=40)
+def test_narrow_terminal_cuts_lines_instead_of_wrapping(demo_ctx, store_root):
+    screen = on_terminal(["-t", "tty-narrow", demo_ctx], store_root, columns=40)
     assert all(len(line) <= 40 for line in screen)
     steps = [line for line in screen if line.startswith("✔")]
     assert len(steps) >= 8 and all("…" in line or len(line) <= 40 for line in steps)
 
 
-def test_piped_output_is_plain_lines(demo, store_root):
-    p = run_pybuild("-t", "plain-demo", "--no-cache", demo, root=store_root, check=True)
+def test_piped_output_is_plain_lines(demo_ctx, store_root):
+    p = run_pybuild("-t", "plain-demo", "--no-cache", demo_ctx, root=store_root, check=True)
     err = p.stderr.decode()
     assert "#6 [stage-0 6/10] RUN |1 GREETING_WORD=hello /bin/sh -c" in err
     assert re.search(r"^#6 cache miss: --no-cache$", err, re.M)
@@ -80,14 +70,14 @@ def test_piped_output_is_plain_lines(demo, store_root):
     assert p.stdout.decode().startswith("sha256:")
 
 
-def test_dumb_terminal_falls_back_to_plain(demo, store_root):
-    p = run_pybuild("-t", "dumb", "--progress", "tty", demo, root=store_root, env={"TERM": "dumb"},
+def test_dumb_terminal_falls_back_to_plain(demo_ctx, store_root):
+    p = run_pybuild("-t", "dumb", "--progress", "tty", demo_ctx, root=store_root, env={"TERM": "dumb"},
                     check=True)
     assert re.search(r"^#5 \[stage-0 5/10\] COPY", p.stderr.decode(), re.M)
 
 
-def test_quiet_prints_only_the_image_id(demo, store_root):
-    p = run_pybuild("-q", "-t", "quiet", demo, root=store_root, check=True)
+def test_quiet_prints_only_the_image_id(demo_ctx, store_root):
+    p = run_pybuild("-q", "-t", "quiet", demo_ctx, root=store_root, check=True)
     assert p.stderr == b"" and re.fullmatch(rb"sha256:[0-9a-f]{64}\n", p.stdout)
 
 
@@ -116,9 +106,9 @@ def _valid(value, kind: str) -> bool:
     return isinstance(value, expected)
 
 
-def test_json_events_validate_against_the_documented_schema(demo, store_root):
+def test_json_events_validate_against_the_documented_schema(demo_ctx, store_root):
     schema = documented_schema()
-    p = run_pybuild("--progress", "json", "-t", "json-demo", "--no-cache", demo, root=store_root,
+    p = run_pybuild("--progress", "json", "-t", "json-demo", "--no-cache", demo_ctx, root=store_root,
                     check=True)
     events = [json.loads(line) for line in p.stdout.decode().splitlines()]
     assert events[0]["kind"] == "build_started" and events[-1]["kind"] == "build_done"

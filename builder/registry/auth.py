@@ -98,10 +98,7 @@ def logout(registry: str) -> bool:
 
 
 def _save(data: dict) -> None:
+    from ..store.lock import write_atomic
     path = config_path()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1).encode(), mode=0o600)   # it holds passwords

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from .. import reference
 from ..errors import Interrupted, RegistryError, UsageError
-from ..image import Image, LayerDesc, chain_ids, host_architecture
+from ..image import Image, LayerDesc, chain_ids, digest_of, host_architecture
 from ..layer import commit
 from ..progress import Transfer
+from ..store.lock import write_atomic
 from .client import Client
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -105,7 +106,7 @@ def pull(store, name: str, *, insecure: tuple[str, ...] = (), on_event=None) -> 
             descs = manifest["layers"]
         except (KeyError, TypeError):
             raise RegistryError(f"{name}: not an image manifest ({media})") from None
-        config_bytes = _read_blob(client, ref.repository, config_desc["digest"])
+        config_bytes = read_blob(client, ref.repository, config_desc["digest"])
         config = json.loads(config_bytes)
         diff_ids = list(config["rootfs"]["diff_ids"])
         if len(diff_ids) != len(descs):
@@ -133,11 +134,11 @@ def _platform(index: dict, name: str) -> str:
     raise RegistryError(f"{name}: no image for linux/{arch} (the index has: {available})")
 
 
-def _read_blob(client: Client, repo: str, digest: str, limit: int = 16 << 20) -> bytes:
-    import hashlib
+def read_blob(client: Client, repo: str, digest: str, limit: int = 16 << 20) -> bytes:
+    """A small blob (a config, a cache index) in memory, verified against its digest."""
     response = client.blob(repo, digest)
     try:
-        data = b""
+        data = bytearray()
         for chunk in response.iter_raw(1 << 20):
             data += chunk
             if len(data) > limit:
@@ -145,7 +146,8 @@ def _read_blob(client: Client, repo: str, digest: str, limit: int = 16 << 20) ->
                                     "config")
     finally:
         response.close()
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    data = bytes(data)
+    if digest_of(data) != digest:
         raise RegistryError(f"{client.registry}: {repo}: blob {digest} does not match its digest",
                             hint="the registry's copy is corrupt or was tampered with")
     return data
@@ -305,10 +307,7 @@ def _remember(store, digests: list[str], ref: reference.Reference) -> None:
         if where not in places:
             places.append(where)
             del places[:-8]
-    tmp = f"{_locations_path(store)}.{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(known, f)
-        os.replace(tmp, _locations_path(store))
+        write_atomic(_locations_path(store), json.dumps(known).encode())
     except OSError:
-        pass
+        pass          # only a hint for later pushes

@@ -54,12 +54,18 @@ class VfsSnapshot(Snapshot):
         return self.merged
 
     def finish(self) -> None:
-        try:
-            with open(os.path.join(self.work, _INIT_LIST), encoding="utf-8") as f:
-                skip = set(json.load(f))
-        except FileNotFoundError:
-            skip = set()
-        changes(self.base, self.merged, self.upper, skip, self.dir_inodes or {})
+        write_changes(self.work, self.base, self.merged, self.upper, self.dir_inodes or {})
+
+
+def write_changes(work: str, base: str, merged: str, upper: str, dir_inodes: dict) -> None:
+    """`changes()` of a snapshot, leaving out the init entries its mount() recorded in `work`
+    (mount points the sandbox needed, not changes of the step)."""
+    try:
+        with open(os.path.join(work, _INIT_LIST), encoding="utf-8") as f:
+            skip = set(json.load(f))
+    except FileNotFoundError:
+        skip = set()
+    changes(base, merged, upper, skip, dir_inodes)
 
 
 def prepare(store, diff_ids: list[str], workdir: str) -> VfsSnapshot:

@@ -38,6 +38,21 @@ def try_lock(path: str) -> int | None:
     return fd
 
 
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` at once: a reader sees the old file or the new, never half of
+    one (a temp file beside it, renamed over it, and removed if anything fails first)."""
+    fd, tmp = new_temp_file(os.path.dirname(path) or ".", f".{os.path.basename(path)}.")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
     """(fd, path) of a new, empty, private file in `directory` (tempfile.mkstemp, lighter).
 
