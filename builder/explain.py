@@ -41,7 +41,7 @@ class RecipeLog:
     def load(self, position: str) -> dict | None:
         try:
             with open(self._path(position), "rb") as f:
-                recipe = marshal.load(f)
+                recipe = marshal.loads(f.read())
         except (OSError, EOFError, ValueError, TypeError):
             return None
         return recipe if isinstance(recipe, dict) else None
