@@ -74,12 +74,18 @@ class StepCache:
     def _path(self, key: str) -> str:
         return os.path.join(self.dir, key[7:] + ".json")
 
-    def get(self, key: str, parent_diff_ids: list[str]) -> StepResult | None:
-        """The cached result of a step, if its layer is still in the store."""
+    def peek(self, key: str) -> StepResult | None:
+        """The entry as it was stored, whether or not its layer is still there."""
         try:
             with open(self._path(key), encoding="utf-8") as f:
-                result = StepResult.from_json(json.load(f))
+                return StepResult.from_json(json.load(f))
         except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def get(self, key: str, parent_diff_ids: list[str]) -> StepResult | None:
+        """The cached result of a step, if its layer is still in the store."""
+        result = self.peek(key)
+        if result is None:
             return None
         if result.layer is not None:
             chain = chain_ids(parent_diff_ids + [result.layer.diff_id])[-1]

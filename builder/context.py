@@ -283,8 +283,7 @@ class BuildContext:
     # ---- digests ------------------------------------------------------------
 
     def file_digest(self, rel: str, st: os.stat_result) -> str:
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        digest = _content_digests.get(key)
+        digest = known_digest(st)
         if digest is None:
             digest = self.stat_cache.get(rel, st)
             if digest is None:
@@ -296,7 +295,7 @@ class BuildContext:
                         h.update(chunk)
                 digest = h.hexdigest()
                 self.stat_cache.put(rel, st, digest)
-            _content_digests[key] = digest
+            _content_digests[_identity(st)] = digest
         return digest
 
     def digest(self, source: Source) -> str:
@@ -331,6 +330,16 @@ class BuildContext:
     def save(self) -> None:
         """Keep what this build learned about the context's files for the next one."""
         self.stat_cache.save()
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """A file's content is taken to be unchanged while these are (ctime moves on any write)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def known_digest(st: os.stat_result) -> str | None:
+    """The content digest this process computed for the file with this stat, if any."""
+    return _content_digests.get(_identity(st))
 
 
 def filter_excludes(source: Source, rules: IgnoreRules) -> Source | None:

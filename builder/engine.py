@@ -490,7 +490,8 @@ class Builder:
         runtime = steps.apply_to_copy(state.runtime, plan.apply)
         layer = None
         if plan.kind in ("run", "copy", "workdir"):
-            layer = self._filesystem_step(state, inst, plan, inputs, n)
+            layer = self._filesystem_step(state, inst, plan, inputs, n,
+                                          self._donor(plan, previous, diff_ids))
         history = {"created": cachemod.now(self.opts.source_date_epoch),
                    "created_by": plan.created_by,
                    "comment": HISTORY_COMMENT}
@@ -623,12 +624,26 @@ class Builder:
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "StepInputs", n: int):
+    def _donor(self, plan: steps.Plan, previous: dict | None, diff_ids: list[str]) -> str | None:
+        """The layer the last build of this COPY made, for the new one to share files with.
+
+        Not one below this step: a mount must never show one inode under two names.
+        """
+        if plan.kind != "copy" or not previous or not previous.get("key"):
+            return None
+        result = self.cache.peek(previous["key"])
+        chain = result.extra.get("chain") if result is not None else None
+        if not chain or chain in chain_ids(diff_ids) or not self.store.layers.has(chain):
+            return None
+        return chain
+
+    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "StepInputs", n: int,
+                         donor: str | None = None):
         if self.executor is None:
             from .executor import Executor    # only a cache miss pays for mounts and tars
             self.executor = Executor(self)
         try:
-            return self.executor.run_step(state, inst, plan, inputs, n)
+            return self.executor.run_step(state, inst, plan, inputs, n, donor)
         except BuildError as e:
             if e.step:
                 raise

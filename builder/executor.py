@@ -31,19 +31,35 @@ class Executor:
         self.b = builder
         self.store = builder.store
 
-    def run_step(self, state, inst, plan: steps.Plan, inputs, n: int) -> LayerDesc | None:
+    def run_step(self, state, inst, plan: steps.Plan, inputs, n: int,
+                 donor: str | None = None) -> LayerDesc | None:
+        """Run one RUN, COPY/ADD or WORKDIR and commit its layer.
+
+        `donor` is the chain ID of the previous layer of this COPY, whose
+        unchanged files the new layer may share (donor.py).
+        """
         diff_ids = [l.diff_id for l in state.layers]
         stepdir = self.b.stepdir(n)
         locks: list[int] = []
+        record = ""
         try:
             snap = snapshot.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
             try:
                 if plan.kind == "run":
                     self._run(state, inst, plan, snap, inputs, stepdir, n, locks)
                 elif plan.kind == "copy":
+                    # Files written straight into the layer's dir can be shared with the next
+                    # build's layer; a driver that diffs the root afterwards copies them anyway.
+                    shares = snap.direct_dir == snap.upper
+                    record = os.path.join(stepdir, "copied") if shares else ""
+                    if record:
+                        os.mkdir(record)
                     op = fileops.CopyOp(self._groups(inputs, stepdir), plan.dest, plan.dest_is_dir,
                                         plan.chown, plan.chmod, plan.excludes, plan.parents,
-                                        plan.unpack, "ADD" if plan.is_add else "COPY")
+                                        plan.unpack, "ADD" if plan.is_add else "COPY",
+                                        donor=self.store.layers.copied(donor) if shares and donor
+                                        else None,
+                                        record=record)
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
                                         before_chroot=lambda: fileops.prepare(op),
                                         after_unmount=lambda work: fileops.finish_in_upper(
@@ -57,9 +73,12 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            return commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
-                                       compression=self.b.opts.compression,
-                                       clamp_mtime=self.b.opts.source_date_epoch)
+            layer = commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
+                                        compression=self.b.opts.compression,
+                                        clamp_mtime=self.b.opts.source_date_epoch)
+            if layer is not None and record:
+                self.store.layers.keep_copied(commit.chain_of(parent, layer.diff_id), record)
+            return layer
         finally:
             for fd in locks:
                 os.close(fd)

@@ -32,7 +32,8 @@ import zlib  # noqa: F401
 from dataclasses import dataclass
 
 from . import paths, users
-from .context import BuildContext, IgnoreRules, Source, filter_excludes
+from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
+from .donor import Donor, encode_record
 from .sandbox import SetupError
 from .snapshot.overlay import mount_overlay
 
@@ -60,6 +61,8 @@ class CopyOp:
     parents: bool = False
     unpack: bool = False            # ADD: unpack local archives
     instruction: str = "COPY"
+    donor: tuple[str, str] | None = None   # (diff dir, table) of the previous layer (donor.py)
+    record: str = ""                # a dir for the table of what this COPY wrote (donor.py)
 
 
 class CopyError(SetupError):
@@ -122,6 +125,7 @@ def copy_into_root(op: CopyOp) -> dict:
             elif op.unpack and _is_archive(g.fd, src.path):
                 copier.mkdir_parents(base)
                 _untar(g.fd, src.path, base, None if not op.chown else (uid, gid))
+                copier.forget_fresh()
             else:
                 target = os.path.join(base, src.name) if into_dir else base
                 copier.mkdir_parents(os.path.dirname(target) or "/")
@@ -134,7 +138,10 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
     """With the overlay unmounted: write the deferred files into the upper dir, then dir times.
 
     Every parent of a deferred file is a real directory of the upper dir (the
-    chrooted pass created or copied it up); files are created O_NOFOLLOW.
+    chrooted pass created or copied it up); files are created O_NOFOLLOW. A
+    file the previous build of this COPY already wrote, unchanged, is
+    hard-linked from its layer instead (donor.py); every file whose digest
+    is known is recorded in `op.record` for the next build to do the same.
     """
     entries = {}
     for gi, g in enumerate(op.groups):
@@ -142,6 +149,8 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
             for e in s.entries:
                 entries[(gi, e.src)] = e
     copiers = {}
+    donor = Donor(*op.donor) if op.donor else None
+    records: list[bytes] = []
 
     def copy_one(item):
         target, gi, src, perm, owner = item
@@ -157,8 +166,21 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
             if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
                 raise CopyError(f"{target} appeared while it was being copied")
             os.unlink(path)       # a whiteout of a file deleted by an earlier layer
-        copier._copy_file(entries[(gi, src)], path, perm)
-    _in_parallel(work["files"], copy_one)
+        e = entries[(gi, src)]
+        digest = known_digest(e.st)
+        if digest is not None and donor is not None and donor.link(
+                digest, e.st, perm, tuple(owner), f"/proc/self/fd/{copier.ctx}/{src}", target, path):
+            records.append(encode_record(digest, target))
+            return
+        if copier._copy_file(e, path, perm) and digest is not None:
+            records.append(encode_record(digest, target))
+
+    def keep_records(worker: int) -> None:
+        if op.record and records:
+            with open(os.path.join(op.record, f"part-{worker}"), "wb") as f:
+                f.write(b"".join(records))
+
+    _in_parallel(work["files"], copy_one, keep_records)
     for path, mtime in reversed(work["dirs"]):
         os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
 
@@ -192,6 +214,11 @@ class _Copier:
         # target -> (target, group, source path, mode, owner), shared by a COPY's groups
         self.deferred: dict[str, tuple] = {} if deferred is None else deferred
         self.in_upper: set[str] = set()        # directories known to be in the upper dir
+        # Directories this copier created (empty then), and the names it has used in them:
+        # a name not used yet in one of them is free without asking the overlay (an lstat
+        # there costs a lookup in every lower dir).
+        self.fresh: set[str] = set()
+        self.used: set[str] = set()
 
     def mkdir_parents(self, path: str) -> None:
         missing = []
@@ -206,6 +233,19 @@ class _Copier:
             os.chown(d, self.uid, self.gid)
             os.chmod(d, 0o755)
             self.in_upper.add(d)
+            self.fresh.add(d)
+            self.used.add(d)
+
+    def _is_free(self, target: str) -> bool:
+        """True if `target` is known not to exist (it is then taken); False if unknown."""
+        if target in self.used or os.path.dirname(target) not in self.fresh:
+            return False
+        self.used.add(target)
+        return True
+
+    def forget_fresh(self) -> None:
+        """Something else wrote into the tree (an unpacked archive): ask the file system again."""
+        self.fresh.clear()
 
     def copy_tree(self, src: Source, dest: str) -> None:
         if os.path.lexists(dest) and not _is_dir(dest):
@@ -223,12 +263,17 @@ class _Copier:
         mode = st.st_mode
         perm = self.chmod if self.chmod is not None else stat.S_IMODE(mode)
         if stat.S_ISDIR(mode):
-            try:
-                existing = os.lstat(target)
-            except FileNotFoundError:
+            if self._is_free(target):
                 existing = None
+            else:
+                try:
+                    existing = os.lstat(target)
+                except FileNotFoundError:
+                    existing = None
             if existing is None:
                 os.mkdir(target, 0o700)
+                self.fresh.add(target)
+                self.used.add(target)
             elif not stat.S_ISDIR(existing.st_mode):
                 raise CopyError(f"cannot copy the directory {e.src!r} to {target}: a file "
                                 "of that name is in the image")
@@ -236,7 +281,7 @@ class _Copier:
             self.dir_times.append((target, st.st_mtime_ns))
             self.in_upper.add(target)
             return
-        existed = self._clear(target, e)
+        existed = False if self._is_free(target) else self._clear(target, e)
         if stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
@@ -280,8 +325,13 @@ class _Copier:
             self.in_upper.add(parent)
         self.deferred[target] = (target, self.group, e.src, perm, (self.uid, self.gid))
 
-    def _copy_file(self, e, target: str, perm: int | None = None) -> None:
-        """Copy one regular file; with `perm`, also set its owner, mode and time (by fd)."""
+    def _copy_file(self, e, target: str, perm: int | None = None) -> bool:
+        """Copy one regular file; with `perm`, also set its owner, mode and time (by fd).
+
+        True if the copy is exactly the file that was hashed (no extended
+        attributes, not changed since the context was walked): what donor.py
+        may share with a later build.
+        """
         src = os.open(e.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.ctx)
         try:
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -295,22 +345,26 @@ class _Copier:
                         break
                     offset += n
                     left -= n
-                self._copy_xattrs(src, dst)
+                had_xattrs = self._copy_xattrs(src, dst)
                 if perm is not None:
                     os.fchown(dst, self.uid, self.gid)
                     os.fchmod(dst, perm)      # after chown, which clears set-id bits
                     os.utime(dst, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns))
             finally:
                 os.close(dst)
+            now = os.fstat(src)
         finally:
             os.close(src)
+        return not had_xattrs and left == 0 and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+            e.st.st_size, e.st.st_mtime_ns, e.st.st_ctime_ns)
 
     @staticmethod
-    def _copy_xattrs(src: int, dst: int) -> None:
+    def _copy_xattrs(src: int, dst: int) -> bool:
+        """Copy the xattrs a layer may hold; True if the source had any."""
         try:
             names = os.listxattr(src)
         except OSError:
-            return
+            return False
         for name in names:
             if name.startswith(("security.selinux", "trusted.overlay.", "user.overlay.")):
                 continue
@@ -318,6 +372,7 @@ class _Copier:
                 os.setxattr(dst, name, os.getxattr(src, name))
             except OSError:
                 pass
+        return bool(names)
 
     def _finish_entry(self, target: str, perm: int, e, *, is_link: bool) -> None:
         os.chown(target, self.uid, self.gid, follow_symlinks=False)
@@ -330,8 +385,10 @@ class _Copier:
 _PARALLEL_FROM = 256     # below this, forking workers costs more than it saves
 
 
-def _in_parallel(items: list, work) -> None:
+def _in_parallel(items: list, work, done=None) -> None:
     """Run `work(item)` for every item, split over one forked process per CPU.
+
+    `done(worker)` runs in each worker after its last item (numbered from 0).
 
     Creating files is mostly kernel time, and it scales: on ext4, 30,000
     files take 1.9 s in one process and 0.6 s in two. A worker's failure
@@ -341,6 +398,8 @@ def _in_parallel(items: list, work) -> None:
     if len(items) < _PARALLEL_FROM or workers < 2:
         for item in items:
             work(item)
+        if done is not None:
+            done(0)
         return
     # Whole directories per worker: two processes creating files in one directory
     # contend for its lock and were measured slower than one.
@@ -360,6 +419,8 @@ def _in_parallel(items: list, work) -> None:
             try:
                 for item in shares[k]:
                     work(item)
+                if done is not None:
+                    done(k)
             except BaseException as e:      # reported to the parent, which raises it
                 number = e.errno if isinstance(e, OSError) else 0
                 where = getattr(e, "filename", "") or ""

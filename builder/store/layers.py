@@ -7,15 +7,19 @@ diff dir: a mount option string names lower dirs as `l/<id>` relative to the
 store root, so that dozens of layers fit in the kernel's one-page limit.
 
 Layers are installed by renaming a complete staging directory into place,
-so a crash never leaves a half-installed layer under `layers/`.
+so a crash never leaves a half-installed layer under `layers/`. A COPY
+layer also keeps `copied`, the table of the files it wrote (donor.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
+from .. import donor
 from ..errors import StoreError
+from .lock import write_atomic
 
 
 def short_id() -> str:
@@ -96,6 +100,25 @@ class LayerStore:
                 return False
             raise
         return True
+
+    def copied(self, chain_id: str) -> tuple[str, str]:
+        """(diff dir, table of the files a COPY wrote) of a layer, for donor.py."""
+        return self.diff_dir(chain_id), os.path.join(self.path(chain_id), donor.TABLE)
+
+    def keep_copied(self, chain_id: str, parts_dir: str) -> None:
+        """Join the tables a COPY's workers wrote into the layer's (donor.py).
+
+        The first build to produce a layer writes its table; the same layer built
+        again writes the same one.
+        """
+        data = b""
+        for name in sorted(os.listdir(parts_dir)):
+            with open(os.path.join(parts_dir, name), "rb") as f:
+                data += f.read()
+        table = self.copied(chain_id)[1]
+        if data and not os.path.exists(table):
+            with contextlib.suppress(FileNotFoundError):      # removed meanwhile
+                write_atomic(table, data)
 
     def remove(self, chain_id: str) -> None:
         path = self.path(chain_id)

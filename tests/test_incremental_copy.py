@@ -1,0 +1,109 @@
+"""Incremental COPY (builder/donor.py): a rebuilt COPY shares its unchanged files with the last one.
+
+The layer must be exactly the one a plain copy gives (same diff_id as a
+build with no earlier layer to share from), and only files whose content,
+mode, owner and mtime are unchanged may share an inode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import builder
+from builder.image import chain_ids
+from builder.store import Store
+
+from conftest import BASE, layer_files, run_pybuild, write_context
+
+FILES = {f"src/d{i % 3}/f{i}.txt": f"file {i}\n" * (i + 1) for i in range(12)}
+
+
+def copy_layer(store: Store, image) -> tuple[str, str]:
+    """(chain ID, diff dir) of the image's last layer (the COPY)."""
+    chain = chain_ids(image.diff_ids)[-1]
+    return chain, store.layers.diff_dir(chain)
+
+
+def inode(path) -> int:
+    return os.lstat(path).st_ino
+
+
+def build(ctx, store_root, **kw):
+    return builder.build(str(ctx), root=store_root, **kw)
+
+
+def make_context(tmp_path, chown: str = ""):
+    flag = f"--chown={chown} " if chown else ""
+    return write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY {flag}src/ /app/\n",
+                                             **FILES})
+
+
+def test_unchanged_files_are_shared_and_the_layer_is_a_plain_copys(tmp_path, base_image, store_root):
+    store = Store(store_root)
+    ctx = make_context(tmp_path)
+    first = build(ctx, store_root)
+    _, old = copy_layer(store, first)
+    assert os.path.isfile(os.path.join(os.path.dirname(old), "copied"))
+
+    (ctx / "src/d0/f0.txt").write_text("changed content\n")                 # content
+    os.chmod(ctx / "src/d1/f1.txt", 0o600)                                  # mode
+    st = os.stat(ctx / "src/d2/f2.txt")
+    os.utime(ctx / "src/d2/f2.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # mtime only
+    os.unlink(ctx / "src/d0/f3.txt")                                        # removed
+    (ctx / "src/d1/new.txt").write_text("new\n")                            # added
+    second = build(ctx, store_root)
+    assert second.id != first.id
+    chain, new = copy_layer(store, second)
+
+    changed = {"d0/f0.txt", "d1/f1.txt", "d2/f2.txt", "d1/new.txt"}
+    for rel in FILES:
+        name = rel.removeprefix("src/")
+        if name in changed or name == "d0/f3.txt":
+            continue
+        assert inode(f"{new}/app/{name}") == inode(f"{old}/app/{name}"), name
+    for name in changed - {"d1/new.txt"}:
+        assert inode(f"{new}/app/{name}") != inode(f"{old}/app/{name}"), name
+    assert not os.path.lexists(f"{new}/app/d0/f3.txt")
+    assert os.stat(f"{new}/app/d1/f1.txt").st_mode & 0o777 == 0o600
+    assert os.stat(f"{new}/app/d2/f2.txt").st_mtime_ns // 10**9 == (st.st_mtime_ns + 10**9) // 10**9
+
+    # The same sources built where there is no earlier layer to share from give the same layer.
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)          # (times and modes kept)
+    alone = build(plain, store_root, no_cache=True)
+    assert alone.diff_ids[-1] == second.diff_ids[-1]
+    files = layer_files(store, second.layers[-1])
+    assert files["app/d0/f0.txt"] == b"changed content\n"
+    assert files["app/d1/new.txt"] == b"new\n"
+    assert files["app/d1/f4.txt"] == FILES["src/d1/f4.txt"].encode()
+
+
+def test_a_shared_file_outlives_the_layer_it_came_from(tmp_path, base_image, store_root):
+    ctx = make_context(tmp_path)
+    first = build(ctx, store_root, tags=["incremental:one"])
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    second = build(ctx, store_root, tags=["incremental:two"])
+    store = Store(store_root)
+    _, old = copy_layer(store, first)
+    assert run_pybuild("rmi", "incremental:one", root=store_root).returncode == 0
+    run_pybuild("prune", "--keep-storage", "0", root=store_root, check=True)
+    assert not os.path.exists(old), "the first COPY layer is gone"
+    proc = run_pybuild("run", "--rm", "incremental:two", "cat", "/app/d1/f4.txt", root=store_root,
+                       check=True)
+    assert proc.stdout.decode() == FILES["src/d1/f4.txt"]
+    assert build(ctx, store_root).id == second.id
+
+
+def test_a_different_owner_shares_nothing(tmp_path, base_image, store_root):
+    ctx = make_context(tmp_path)
+    first = build(ctx, store_root)
+    (ctx / "Dockerfile").write_text(f"FROM {BASE}\nCOPY --chown=1000:1000 src/ /app/\n")
+    second = build(ctx, store_root)
+    store = Store(store_root)
+    _, old = copy_layer(store, first)
+    _, new = copy_layer(store, second)
+    for rel in FILES:
+        name = rel.removeprefix("src/")
+        assert inode(f"{new}/app/{name}") != inode(f"{old}/app/{name}"), name
+        assert os.stat(f"{new}/app/{name}").st_uid == 1000
