@@ -39,6 +39,17 @@ _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 UPPER = 0                 # layer index of the upper dir; lower dirs are 1..n, topmost first
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+FLUSH_NOT_NEEDED = _kernel_at_least(5, 14)   # "fuse: always flush dirty data on close(2)"
+
+
 def _errors(fn):
     """Handlers may raise only FUSEError: an OSError becomes its errno."""
     @wraps(fn)
@@ -609,7 +620,12 @@ class UnionFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno) from None
 
     async def flush(self, fh):
-        pass
+        # ENOSYS once, and the kernel never sends FLUSH again (fc->no_flush): a close then
+        # costs one request less (a fifth of a small file's). Since Linux 5.14 the kernel
+        # still writes the writeback cache back on close and reports its errors there;
+        # before, it skipped that too, so older kernels keep getting FLUSH.
+        if FLUSH_NOT_NEEDED:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh):
         self.inode_of_fd.pop(fh, None)
