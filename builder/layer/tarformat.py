@@ -88,18 +88,27 @@ def header(name: str, *, typeflag: bytes, mode: int, uid: int = 0, gid: int = 0,
 
 
 # name[100] | mode uid gid size mtime | chksum | type | linkname[100] | magic version | names | dev | prefix
-_HEAD = struct.Struct("100s")
 _NUMBERS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 _MAGIC_AND_NAMES = b"ustar\x0000" + b"\0" * 64
 _TAIL = struct.Struct("155s12x")
+_CHECKSUM_FIELD = 8 * 32                      # the checksum field counts as spaces
+_tails: dict[tuple, tuple[bytes, int]] = {}   # most entries share one tail: built once
 
 
 def _block(name: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            linkname: bytes, devmajor: int, devminor: int, prefix: bytes) -> bytes:
     # Concatenated pieces instead of one struct with sixteen fields: this runs once per
-    # file of every layer, and the fewer Python-level operations the better.
-    head = (_HEAD.pack(name) + _NUMBERS % (mode & 0o7777, uid, gid, size, mtime))
-    tail = (typeflag + linkname.ljust(100, b"\0") + _MAGIC_AND_NAMES +
-            b"%07o\0%07o\0" % (devmajor, devminor) + _TAIL.pack(prefix))
-    checksum = sum(head) + sum(tail) + 8 * 32      # the checksum field counts as spaces
-    return head + b"%06o\0 " % checksum + tail
+    # file of every layer, and the fewer Python-level operations the better. The checksum
+    # is the sum of all bytes; zero padding adds nothing, so only the pieces are summed.
+    name = name[:100]
+    key = (typeflag, linkname, devmajor, devminor, prefix)
+    tail = _tails.get(key)
+    if tail is None:
+        data = (typeflag + linkname.ljust(100, b"\0") + _MAGIC_AND_NAMES +
+                b"%07o\0%07o\0" % (devmajor, devminor) + _TAIL.pack(prefix))
+        tail = (data, sum(data))
+        if len(_tails) < 256:
+            _tails[key] = tail
+    numbers = _NUMBERS % (mode & 0o7777, uid, gid, size, mtime)
+    checksum = sum(name) + sum(numbers) + tail[1] + _CHECKSUM_FIELD
+    return name.ljust(100, b"\0")[:100] + numbers + b"%06o\0 " % checksum + tail[0]
