@@ -11,7 +11,8 @@ A source's digest covers what COPY puts in the image except times and
 owners (COPY sets its own owner; an mtime-only change must hit the cache):
 every entry's relative path, type and mode, and a file's content or a
 link's target. File contents are hashed once per (inode, size, mtime, ctime)
-and remembered for the life of the process.
+and remembered for the life of the process (and by the store's stat cache);
+thousands of files nobody knows yet are hashed on every core (hashing.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from . import paths
+from . import hashing, paths
 from .errors import BuildError
 from .statcache import StatCache
 
@@ -287,19 +288,29 @@ class BuildContext:
         if digest is None:
             digest = self.stat_cache.get(rel, st)
             if digest is None:
-                # One read for the small files that are most files (threads were measured
-                # slower here: per-file work holds the GIL).
-                with open(os.path.join(self.root, rel), "rb", buffering=0) as f:
-                    h = hashlib.sha256(f.read(1 << 20))
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                digest = h.hexdigest()
+                root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    digest = hashing.hash_file(root, rel)
+                finally:
+                    os.close(root)
                 self.stat_cache.put(rel, st, digest)
             _content_digests[_identity(st)] = digest
         return digest
 
+    def _hash_unknown(self, entries) -> None:
+        """Hash, all at once and on every core, the files neither cache knows."""
+        unknown = [e for e in entries if stat.S_ISREG(e.st.st_mode) and known_digest(e.st) is None
+                   and self.stat_cache.get(e.src, e.st) is None]
+        if len(unknown) < hashing.PARALLEL_FROM_FILES:
+            return
+        for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
+            if digest is not None:          # (an unreadable file is reported by file_digest)
+                self.stat_cache.put(e.src, e.st, digest)
+                _content_digests[_identity(e.st)] = digest
+
     def digest(self, source: Source) -> str:
         """What the step cache knows of a source: names, types, modes, contents; no times or owners."""
+        self._hash_unknown(source.entries)
         h = hashlib.sha256()
         for e in source.entries:
             mode = e.st.st_mode

@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import struct
+import threading
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -36,6 +37,11 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
 # Mount flags (linux/mount.h).
+# A forked child keeps every fd its parent had (a sandbox never execs): held while a
+# pipe's write end is open in pybuild, this lock stops another thread's sandbox from
+# inheriting it, which would keep the pipe from ever reaching EOF.
+FORK_LOCK = threading.Lock()
+
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4

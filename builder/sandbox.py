@@ -92,10 +92,7 @@ class RunSpec:
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
 
 
-# A forked child keeps every fd its parent had (it never execs): held while a pipe's
-# write end is open in pybuild, this lock stops another thread's sandbox from
-# inheriting it, which would keep the pipe from ever reaching EOF.
-_fork_lock = threading.Lock()
+_fork_lock = linux.FORK_LOCK
 
 # Sandboxes alive now (their first process), so that a cancelled build can take
 # down the ones its other threads started.

@@ -104,3 +104,42 @@ def test_ignored_file_does_not_change_the_digest(ctx):
     d0 = c.digest(c.sources("src")[0])
     (ctx / "src/secret.key").write_text("rotated")
     assert c.digest(c.sources("src")[0]) == d0
+
+
+def _many_files(root, n: int) -> list[str]:
+    rels = []
+    for i in range(n):
+        rel = f"d{i % 7}/f{i}"
+        os.makedirs(root / f"d{i % 7}", exist_ok=True)
+        (root / rel).write_bytes(f"content {i}\n".encode() * (i % 5 + 1))
+        rels.append(rel)
+    return rels
+
+
+def test_many_files_are_hashed_by_helpers_as_one_process_would(tmp_path):
+    from builder import hashing
+    import hashlib
+    rels = _many_files(tmp_path, hashing.PARALLEL_FROM_FILES * 2)
+    os.symlink("d0/f0", tmp_path / "link")
+    asked = rels + ["missing", "link"]          # unreadable: None, as the caller must retry them
+    got = hashing.hash_files(str(tmp_path), asked)
+    want = [hashlib.sha256((tmp_path / r).read_bytes()).hexdigest() for r in rels]
+    assert got == want + [None, None]
+    assert hashing.hash_files(str(tmp_path), rels[:10]) == want[:10]      # (one process)
+
+
+def test_a_context_digest_does_not_depend_on_how_it_was_hashed(tmp_path, monkeypatch):
+    from builder import context, hashing
+    _many_files(tmp_path / "ctx", hashing.PARALLEL_FROM_FILES + 10)
+    parallel = BuildContext(str(tmp_path / "ctx"))
+    source, = parallel.sources(".")
+    first = parallel.digest(source)
+    context._content_digests.clear()
+    monkeypatch.setattr(hashing, "PARALLEL_FROM_FILES", 10 ** 9)
+    serial = BuildContext(str(tmp_path / "ctx"))
+    assert serial.digest(serial.sources(".")[0]) == first
+    (tmp_path / "ctx/d3/f3").write_text("changed\n")
+    context._content_digests.clear()
+    monkeypatch.setattr(hashing, "PARALLEL_FROM_FILES", 100)
+    again = BuildContext(str(tmp_path / "ctx"))
+    assert again.digest(again.sources(".")[0]) != first

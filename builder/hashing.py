@@ -1,0 +1,107 @@
+"""Content digests of many files, on every core: the first build of a large context.
+
+Hashing a file in Python is mostly per-file overhead that holds the GIL
+(threads were measured slower than one), so a large batch is split with
+helper processes: plain `python -I -S` children started with
+subprocess (no fork of a process that may have other threads), each
+reading its share of relative paths on stdin and answering with one
+record per file. This process hashes its own share meanwhile. A file a
+helper could not read comes back as None, for the caller to hash itself
+and report as it would any unreadable file.
+
+Measured here: 30,000 files, 140 MB in the page cache, 0.29 s in one
+process, 0.16 s in two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+PARALLEL_FROM_FILES = 2000       # below this, starting a helper (~20 ms) costs more than it saves
+_RECORD = 33                     # b"+" + 32-byte digest, or b"-" + 32 bytes of padding
+
+_HELPER = r"""
+import hashlib, os, sys
+root = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+out = []
+for rel in sys.stdin.buffer.read().split(b"\0")[:-1]:
+    try:
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        try:
+            h = hashlib.sha256(os.read(fd, 1 << 20))
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        out.append(b"+" + h.digest())
+    except OSError:
+        out.append(b"-" + bytes(32))
+sys.stdout.buffer.write(b"".join(out))
+"""
+
+
+def hash_file(root_fd: int, rel: str) -> str:
+    """sha256 hex of one file under `root_fd`, not following a symlink in its last component."""
+    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+    try:
+        h = hashlib.sha256(os.read(fd, 1 << 20))
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def hash_files(root: str, rels: list[str]) -> list[str | None]:
+    """sha256 hex of each file (relative to `root`), None where a helper could not read it."""
+    cores = len(os.sched_getaffinity(0))
+    helpers = min(cores - 1, 3, len(rels) // PARALLEL_FROM_FILES)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if helpers < 1:
+            return [_try_hash(root_fd, rel) for rel in rels]
+        from .linux import FORK_LOCK
+        share = -(-len(rels) // (helpers + 1))
+        mine, rest = rels[:share], rels[share:]
+        procs = []
+        try:
+            # Under the lock until stdin is closed: a sandbox forked meanwhile by another
+            # thread would hold the write end open, and the helper would wait for EOF.
+            with FORK_LOCK:
+                for k in range(helpers):
+                    part = rest[k * share:(k + 1) * share]
+                    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER, root],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL)
+                    procs.append((proc, part))
+                    # The helper reads all of stdin before it answers: this does not block long.
+                    proc.stdin.write(b"".join(os.fsencode(r) + b"\0" for r in part))
+                    proc.stdin.close()
+            out = [_try_hash(root_fd, rel) for rel in mine]
+            for proc, part in procs:
+                data = proc.stdout.read()
+                proc.wait()
+                if proc.returncode != 0 or len(data) != _RECORD * len(part):
+                    out += [None] * len(part)      # the caller hashes these itself
+                    continue
+                out += [data[i + 1:i + _RECORD].hex() if data[i] == 0x2B else None
+                        for i in range(0, len(data), _RECORD)]
+            return out
+        finally:
+            for proc, _part in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+    finally:
+        os.close(root_fd)
+
+
+def _try_hash(root_fd: int, rel: str) -> str | None:
+    try:
+        return hash_file(root_fd, rel)
+    except OSError:
+        return None
