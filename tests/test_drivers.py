@@ -139,3 +139,36 @@ def test_probe_picks_overlay_here(tmp_path):
     from builder.snapshot import probe
     os.makedirs(tmp_path / "tmp")
     assert probe(str(tmp_path)) == "overlay"
+
+
+def test_the_fuse_servers_loop_answers_without_suspending_and_refuses_to_hang():
+    """loop.py stands in for trio under pyfuse3: waiting for a readable fd returns, and a
+    coroutine that suspends on anything else is an error, not a hang."""
+    import types
+    from builder.snapshot.fuse import loop
+
+    r, w = os.pipe()
+    os.write(w, b"x")
+    seen = []
+
+    async def session():
+        async with loop.Lock():
+            await loop.lowlevel.wait_readable(r)
+        seen.append(os.read(r, 1))
+
+    async def main():
+        async with loop.open_nursery() as nursery:
+            nursery.start_soon(session, name="one")
+    loop.run(main)
+    assert seen == [b"x"]
+
+    @types.coroutine
+    def suspend():
+        yield "something only a real event loop could resume"
+
+    async def suspends():
+        await suspend()
+    with pytest.raises(RuntimeError, match="suspended"):
+        loop.run(suspends)
+    os.close(r)
+    os.close(w)

@@ -90,8 +90,8 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         import pyfuse3
-        import trio
         from ...layer import whiteout
+        from . import loop
         from .unionfs import UnionFS
         opaque = whiteout.opaque_xattr().encode()     # (nothing is imported after the chroot)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -105,7 +105,7 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
         pyfuse3.init(ops, f"/dev/fd/{dev}", {"fsname=pybuild", "default_permissions"})
         os.write(ready_w, b"ok")
         os.close(ready_w)
-        trio.run(pyfuse3.main, 1, 1)      # one task: the handlers never wait on anything
+        loop.run(pyfuse3.main, 1, 1)      # one task: the handlers never wait on anything
     except BaseException as e:     # told to the mounting process, which raises it
         try:
             os.write(ready_w, f"{type(e).__name__}: {e}".encode())
