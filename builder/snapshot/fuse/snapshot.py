@@ -117,6 +117,10 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
 
 def prepare(store, diff_ids: list[str], workdir: str) -> FuseSnapshot:
     from .. import overlay
+    # Imported here, in the long-lived parent, so that every server forked later has them:
+    # pyfuse3 (with trio) takes ~70 ms to import, which each RUN step paid in its server.
+    import pyfuse3  # noqa: F401
+    from . import loop, unionfs  # noqa: F401
     return overlay.prepare(store, diff_ids, workdir, kind=FuseSnapshot)
 
 
