@@ -323,11 +323,13 @@ def print_table(rows: list[dict]) -> None:
         if r.get("steps"):
             steps = r["steps"]
             last = max(steps)
-            early = [steps[i] for i in range(6, 16) if i in steps]
-            late = [steps[i] for i in range(last - 9, last + 1) if i in steps]
+            # Means over a tenth of the steps (at least 10): single steps vary by +-30 %.
+            k = max(10, (last - 1) // 10)
+            early = [steps[i] for i in range(6, 6 + k) if i in steps]
+            late = [steps[i] for i in range(last - k + 1, last + 1) if i in steps]
             e, l_ = sum(early) / len(early), sum(late) / len(late)
-            note = (f"steps 5-14: {e * 1000:.0f} ms each, last 10: {l_ * 1000:.0f} ms each "
-                    f"({l_ / e:.2f}x)")
+            note = (f"RUN steps 5-{4 + k}: {e * 1000:.0f} ms each, last {k}: {l_ * 1000:.0f} ms "
+                    f"each ({l_ / e:.2f}x)")
         lines.append([r["workload"], r["tool"], _f(r.get("cold")), _f(r.get("cached")), vs_peer,
                       vs_floor, f"{r['rss'] / 1024:.0f}" if r.get("rss") and
                       r["tool"].startswith("pybuild")
