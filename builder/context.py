@@ -297,32 +297,50 @@ class BuildContext:
             _content_digests[_identity(st)] = digest
         return digest
 
-    def _hash_unknown(self, entries) -> None:
-        """Hash, all at once and on every core, the files neither cache knows."""
-        unknown = [e for e in entries if stat.S_ISREG(e.st.st_mode) and known_digest(e.st) is None
-                   and self.stat_cache.get(e.src, e.st) is None]
-        if len(unknown) < hashing.PARALLEL_FROM_FILES:
-            return
-        for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
-            if digest is not None:          # (an unreadable file is reported by file_digest)
-                self.stat_cache.put(e.src, e.st, digest)
+    def _file_digests(self, entries) -> dict[str, str]:
+        """Context path -> content digest of every regular file among `entries`.
+
+        What neither cache knows is hashed all at once, on every core when there
+        are thousands of such files (hashing.py).
+        """
+        out: dict[str, str] = {}
+        unknown = []
+        for e in entries:
+            if not stat.S_ISREG(e.st.st_mode):
+                continue
+            digest = known_digest(e.st)
+            if digest is None:
+                digest = self.stat_cache.get(e.src, e.st)
+                if digest is None:
+                    unknown.append(e)
+                    continue
                 _content_digests[_identity(e.st)] = digest
+            out[e.src] = digest
+        if len(unknown) >= hashing.PARALLEL_FROM_FILES:
+            for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
+                if digest is not None:          # (an unreadable file is reported below)
+                    self.stat_cache.put(e.src, e.st, digest)
+                    _content_digests[_identity(e.st)] = digest
+                    out[e.src] = digest
+        for e in unknown:
+            if e.src not in out:
+                out[e.src] = self.file_digest(e.src, e.st)
+        return out
 
     def digest(self, source: Source) -> str:
         """What the step cache knows of a source: names, types, modes, contents; no times or owners."""
-        self._hash_unknown(source.entries)
-        h = hashlib.sha256()
+        digests = self._file_digests(source.entries)
+        lines = []
         for e in source.entries:
             mode = e.st.st_mode
             if stat.S_ISREG(mode):
-                content = self.file_digest(e.src, e.st)
+                content = digests[e.src]
             elif stat.S_ISLNK(mode):
                 content = os.readlink(os.path.join(self.root, e.src))
             else:
                 content = ""
-            h.update(f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}\n"
-                     .encode("utf-8", "surrogateescape"))
-        return "sha256:" + h.hexdigest()
+            lines.append(f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}\n")
+        return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
     def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
         """path in the context -> (type, mode, content digest or link target), for explain.py."""
