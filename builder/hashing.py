@@ -73,12 +73,18 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
             with FORK_LOCK:
                 for k in range(helpers):
                     part = rest[k * share:(k + 1) * share]
-                    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER, root],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL)
+                    try:
+                        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER, root],
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL)
+                    except OSError:
+                        break                  # (no interpreter to start: this process does it)
                     procs.append((proc, part))
-                    # The helper reads all of stdin before it answers: this does not block long.
-                    proc.stdin.write(b"".join(os.fsencode(r) + b"\0" for r in part))
+                    try:
+                        # The helper reads all of stdin before it answers: this is quick.
+                        proc.stdin.write(b"".join(os.fsencode(r) + b"\0" for r in part))
+                    except OSError:
+                        pass                   # it died: its answer is short, and ignored
                     proc.stdin.close()
             out = [_try_hash(root_fd, rel) for rel in mine]
             for proc, part in procs:
@@ -89,6 +95,7 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
                     continue
                 out += [data[i + 1:i + _RECORD].hex() if data[i] == 0x2B else None
                         for i in range(0, len(data), _RECORD)]
+            out += [None] * (len(rels) - len(out))  # the shares of helpers that never started
             return out
         finally:
             for proc, _part in procs:

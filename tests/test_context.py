@@ -143,3 +143,21 @@ def test_a_context_digest_does_not_depend_on_how_it_was_hashed(tmp_path, monkeyp
     monkeypatch.setattr(hashing, "PARALLEL_FROM_FILES", 100)
     again = BuildContext(str(tmp_path / "ctx"))
     assert again.digest(again.sources(".")[0]) != first
+
+
+def test_hashing_without_helpers_leaves_the_files_to_the_caller(tmp_path, monkeypatch):
+    """No interpreter to start (a rootless user who cannot read it): None for those files."""
+    from builder import hashing
+    import hashlib
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: no helpers are started at all")
+    rels = _many_files(tmp_path, hashing.PARALLEL_FROM_FILES * 2)
+    monkeypatch.setattr(hashing.sys, "executable", str(tmp_path / "no-such-python"))
+    got = hashing.hash_files(str(tmp_path), rels)
+    assert len(got) == len(rels)
+    share = len([g for g in got if g is not None])
+    assert 0 < share < len(rels)             # this process's share, and nothing invented
+    assert all(g == hashlib.sha256((tmp_path / r).read_bytes()).hexdigest()
+               for r, g in zip(rels, got) if g is not None)
+    ctx = BuildContext(str(tmp_path))
+    assert ctx.digest(ctx.sources(".")[0]).startswith("sha256:")   # the caller hashes the rest
