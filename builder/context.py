@@ -300,8 +300,8 @@ class BuildContext:
     def _file_digests(self, entries) -> dict[str, str]:
         """Context path -> content digest of every regular file among `entries`.
 
-        What neither cache knows is hashed all at once, on every core when there
-        are thousands of such files (hashing.py).
+        What neither cache knows is hashed in one batch (hashing.py: on every
+        core when there are thousands of such files).
         """
         out: dict[str, str] = {}
         unknown = []
@@ -316,15 +316,13 @@ class BuildContext:
                     continue
                 _content_digests[_identity(e.st)] = digest
             out[e.src] = digest
-        if len(unknown) >= hashing.PARALLEL_FROM_FILES:
-            for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
-                if digest is not None:          # (an unreadable file is reported below)
-                    self.stat_cache.put(e.src, e.st, digest)
-                    _content_digests[_identity(e.st)] = digest
-                    out[e.src] = digest
-        for e in unknown:
-            if e.src not in out:
-                out[e.src] = self.file_digest(e.src, e.st)
+        for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
+            if digest is None:
+                out[e.src] = self.file_digest(e.src, e.st)     # reports why it cannot be read
+                continue
+            self.stat_cache.put(e.src, e.st, digest)
+            _content_digests[_identity(e.st)] = digest
+            out[e.src] = digest
         return out
 
     def digest(self, source: Source) -> str:

@@ -54,13 +54,11 @@ class Donor:
     def __init__(self, diff: str, table_path: str):
         self.diff = diff
         self.table = read_table(table_path)
-        self.usable = bool(self.table)
-        self.linked = 0
 
     def link(self, digest: str, st: os.stat_result, perm: int, owner: tuple[int, int],
              source_path: str, target: str, path: str) -> bool:
         """Hard-link the donor's copy of `target` to `path` if it is what a copy would give."""
-        if not self.usable or self.table.get(target) != digest:
+        if self.table.get(target) != digest:
             return False
         donor_path = self.diff + target
         try:
@@ -77,5 +75,4 @@ class Donor:
             os.link(donor_path, path, follow_symlinks=False)
         except OSError:
             return False
-        self.linked += 1
         return True

@@ -2,10 +2,10 @@
 
 Hashing a file in Python is mostly per-file overhead that holds the GIL
 (threads were measured slower than one), so a large batch is split with
-helper processes: plain `python -I -S` children started with
-subprocess (no fork of a process that may have other threads), each
-reading its share of relative paths on stdin and answering with one
-record per file. This process hashes its own share meanwhile. A file a
+helper processes: this file run by `python -I -S` (it needs only the
+standard library), started with subprocess (no fork of a process that may
+have other threads), each reading its share of relative paths on stdin
+and answering with one record per file. This process hashes its own share meanwhile. A file a
 helper could not read comes back as None, for the caller to hash itself
 and report as it would any unreadable file.
 
@@ -23,28 +23,9 @@ import sys
 PARALLEL_FROM_FILES = 2000       # below this, starting a helper (~20 ms) costs more than it saves
 _RECORD = 33                     # b"+" + 32-byte digest, or b"-" + 32 bytes of padding
 
-_HELPER = r"""
-import hashlib, os, sys
-root = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-out = []
-for rel in sys.stdin.buffer.read().split(b"\0")[:-1]:
-    try:
-        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
-        try:
-            h = hashlib.sha256(os.read(fd, 1 << 20))
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-        finally:
-            os.close(fd)
-        out.append(b"+" + h.digest())
-    except OSError:
-        out.append(b"-" + bytes(32))
-sys.stdout.buffer.write(b"".join(out))
-"""
 
-
-def hash_file(root_fd: int, rel: str) -> str:
-    """sha256 hex of one file under `root_fd`, not following a symlink in its last component."""
+def _sha256(root_fd: int, rel: str):
+    """The sha256 of one file under `root_fd`, not following a symlink in its last component."""
     fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
     try:
         h = hashlib.sha256(os.read(fd, 1 << 20))
@@ -52,11 +33,32 @@ def hash_file(root_fd: int, rel: str) -> str:
             h.update(chunk)
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return h
+
+
+def hash_file(root_fd: int, rel: str) -> str:
+    """sha256 hex of one file under `root_fd`, not following a symlink in its last component."""
+    return _sha256(root_fd, rel).hexdigest()
+
+
+def _helper(root: str) -> None:
+    """A helper process (this file run as a script): NUL-separated paths in, records out.
+
+    Everything is read before anything is answered, so the parent can hash
+    its own share without reading this one's answers meanwhile.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    out = []
+    for rel in sys.stdin.buffer.read().split(b"\0")[:-1]:
+        try:
+            out.append(b"+" + _sha256(root_fd, rel).digest())
+        except OSError:
+            out.append(b"-" + bytes(32))
+    sys.stdout.buffer.write(b"".join(out))
 
 
 def hash_files(root: str, rels: list[str]) -> list[str | None]:
-    """sha256 hex of each file (relative to `root`), None where a helper could not read it."""
+    """sha256 hex of each file (relative to `root`), None where one could not be read."""
     cores = len(os.sched_getaffinity(0))
     helpers = min(cores - 1, 3, len(rels) // PARALLEL_FROM_FILES)
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -74,7 +76,7 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
                 for k in range(helpers):
                     part = rest[k * share:(k + 1) * share]
                     try:
-                        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER, root],
+                        proc = subprocess.Popen([sys.executable, "-I", "-S", __file__, root],
                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                 stderr=subprocess.DEVNULL)
                     except OSError:
@@ -112,3 +114,7 @@ def _try_hash(root_fd: int, rel: str) -> str | None:
         return hash_file(root_fd, rel)
     except OSError:
         return None
+
+
+if __name__ == "__main__":
+    _helper(sys.argv[1])

@@ -92,8 +92,6 @@ class RunSpec:
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
 
 
-_fork_lock = linux.FORK_LOCK
-
 # Sandboxes alive now (their first process), so that a cancelled build can take
 # down the ones its other threads started.
 _live: set[int] = set()
@@ -122,7 +120,7 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     /etc; raises SetupError when the sandbox could not start the command.
     """
     binds = _write_etc_files(scratch, spec)
-    with _fork_lock:
+    with linux.FORK_LOCK:
         out_r = out_w = None
         if not spec.interactive:
             out_r, out_w = os.pipe()
@@ -252,7 +250,7 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
 
 def _spawn(body: Callable[[int], None]) -> tuple[int, int]:
     """Fork a child that runs `body(err_w)`; its pid and the read end of its error pipe."""
-    with _fork_lock:
+    with linux.FORK_LOCK:
         err_r, err_w = os.pipe()
         pid, parent = _fork()
         if pid == 0:

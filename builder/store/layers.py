@@ -111,10 +111,11 @@ class LayerStore:
         The first build to produce a layer writes its table; the same layer built
         again writes the same one.
         """
-        data = b""
+        parts = []
         for name in sorted(os.listdir(parts_dir)):
             with open(os.path.join(parts_dir, name), "rb") as f:
-                data += f.read()
+                parts.append(f.read())
+        data = b"".join(parts)
         table = self.copied(chain_id)[1]
         if data and not os.path.exists(table):
             with contextlib.suppress(FileNotFoundError):      # removed meanwhile
