@@ -700,6 +700,8 @@ class _Done:
 
 def _kill_sandboxes() -> None:
     import sys
-    sandbox = sys.modules.get(__package__ + ".sandbox")
-    if sandbox is not None:      # none was ever started if it was never imported
+    if __package__ + ".sandbox" in sys.modules:   # none was ever started if it was never imported
+        # Imported again rather than taken from sys.modules: another stage's thread may be
+        # importing it right now, and the import waits until the module is complete.
+        from . import sandbox
         sandbox.kill_all()

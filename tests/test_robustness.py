@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,31 @@ ls {small}/tmp > {tmp_path}/tmp-left
     assert "Traceback" not in err
     assert "busybox" in (tmp_path / "images").read_text()
     assert (tmp_path / "tmp-left").read_text() == ""
+
+
+def test_stopping_sandboxes_waits_for_a_sandbox_module_still_being_imported():
+    """A failing stage stops the others' sandboxes while another stage's thread may still be
+    importing builder.sandbox (imports are lazy): that must wait, not see half a module."""
+    script = r"""
+import importlib, importlib.abc, sys, threading, time
+import builder.engine as engine
+
+class SlowImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "builder.snapshot.overlay":      # imported by builder.sandbox
+            time.sleep(0.5)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+importer = threading.Thread(target=importlib.import_module, args=("builder.sandbox",))
+importer.start()
+while "builder.sandbox" not in sys.modules:
+    time.sleep(0.01)
+engine._kill_sandboxes()
+importer.join()
+print("stopped")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "stopped"
