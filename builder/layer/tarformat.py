@@ -51,8 +51,13 @@ def header(name: str, *, typeflag: bytes, mode: int, uid: int = 0, gid: int = 0,
            mtime: int = 0, linkname: str = "", devmajor: int = 0, devminor: int = 0,
            xattrs: dict[str, bytes] | None = None) -> bytes:
     """The bytes of one entry's header (a PAX header first where needed)."""
-    pax: list[bytes] = []
     raw_name = name.encode("utf-8", "surrogateescape")
+    if (not xattrs and not linkname and len(raw_name) <= 100 and raw_name.isascii()
+            and uid <= _MAX_OCTAL_7 and gid <= _MAX_OCTAL_7 and size <= _MAX_OCTAL_11
+            and 0 <= mtime <= _MAX_OCTAL_11):
+        # Most entries of most layers: one USTAR block, nothing to decide.
+        return _block(raw_name, typeflag, mode, uid, gid, size, mtime, b"", devmajor, devminor, b"")
+    pax: list[bytes] = []
     raw_link = linkname.encode("utf-8", "surrogateescape")
     split = _split_ustar(raw_name) if raw_name.isascii() else None
     if split is None:

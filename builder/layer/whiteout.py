@@ -29,11 +29,12 @@ def is_whiteout(st: os.stat_result, xattrs: list[str] | tuple = ()) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == 0 and any(x in WHITEOUT_XATTRS for x in xattrs)
 
 
-def is_opaque(path: str, xattrs: list[str] | tuple) -> bool:
+def is_opaque(target: str | int, xattrs: list[str] | tuple) -> bool:
+    """Whether the directory at `target` (a path, or an open descriptor) is marked opaque."""
     for name in OPAQUE_XATTRS:
         if name in xattrs:
             try:
-                if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                if os.getxattr(target, name, follow_symlinks=isinstance(target, int)) == b"y":
                     return True
             except OSError:
                 pass
