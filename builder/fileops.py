@@ -152,28 +152,32 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
     donor = Donor(*op.donor) if op.donor else None
     records: list[bytes] = []
 
+    def place(copier, e, target, path, perm, owner):
+        digest = known_digest(e.st)
+        if digest is not None and donor is not None and donor.link(
+                digest, e.st, perm, owner, f"/proc/self/fd/{copier.ctx}/{e.src}", target, path):
+            records.append(encode_record(digest, target))
+            return
+        if copier._copy_file(e, path, perm) and digest is not None:
+            records.append(encode_record(digest, target))
+
     def copy_one(item):
         target, gi, src, perm, owner = item
         copier = copiers.get(gi)
         if copier is None:
             copier = copiers[gi] = _Copier(op.groups[gi].fd, owner[0], owner[1], op.chmod, gi)
         path = upper + target
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                raise CopyError(f"{target} appeared while it was being copied")
-            os.unlink(path)       # a whiteout of a file deleted by an earlier layer
         e = entries[(gi, src)]
-        digest = known_digest(e.st)
-        if digest is not None and donor is not None and donor.link(
-                digest, e.st, perm, tuple(owner), f"/proc/self/fd/{copier.ctx}/{src}", target, path):
-            records.append(encode_record(digest, target))
-            return
-        if copier._copy_file(e, path, perm) and digest is not None:
-            records.append(encode_record(digest, target))
+        try:
+            place(copier, e, target, path, perm, tuple(owner))
+        except FileExistsError:
+            # Only a whiteout of a file an earlier layer deleted may be there (checked
+            # after the fact: asking first cost a lookup per file).
+            st = os.lstat(path)
+            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+                raise CopyError(f"{target} appeared while it was being copied") from None
+            os.unlink(path)
+            place(copier, e, target, path, perm, tuple(owner))
 
     def keep_records(worker: int) -> None:
         if op.record and records:
