@@ -108,12 +108,36 @@ class _Walk:
             if is_dir or entry.is_file(follow_symlinks=False):
                 fd = os.open(entry.name, _O_DIR if is_dir else _O_FILE, dir_fd=dfd)
                 try:
-                    self.entry(name, os.fstat(fd), fd)
+                    st = os.fstat(fd)
+                    if is_dir or not self.plain_file(name, st, fd):
+                        self.entry(name, st, fd)
                 finally:
                     os.close(fd)
             else:
                 # Symlinks, devices (whiteouts among them), fifos: by path; they cannot be opened.
                 self.entry(name, entry.stat(follow_symlinks=False), os.path.join(self.root, name))
+
+    def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
+        """Write a small regular file without xattrs (most of any layer) in one go; False if
+        `fd` is anything else, for entry() to write."""
+        if not (stat.S_ISREG(st.st_mode) and st.st_size <= _READ) or os.listxattr(fd):
+            return False
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in self.links:
+                return False             # a hard link to an earlier entry
+            self.links[key] = name
+        size = st.st_size
+        data = os.read(fd, size) if size else b""
+        if len(data) != size:
+            raise OSError(f"{name} shrank while it was being archived")
+        self.sink.write(tarformat.header(name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777,
+                                         uid=st.st_uid, gid=st.st_gid, size=size,
+                                         mtime=min(int(st.st_mtime), self.clamp))
+                        + data + tarformat.pad(size))
+        self.stats.entries += 1
+        self.stats.content_bytes += size
+        return True
 
     def entry(self, name: str, st: os.stat_result, target) -> None:
         """Write one entry; `target` is its open descriptor (files, dirs) or its path."""
