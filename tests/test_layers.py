@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import stat
+import sys
 import tarfile
+import traceback
 
 import pytest
 
@@ -67,6 +69,35 @@ def test_upper_dir_becomes_oci_entries(tmp_path):
 def test_same_tree_same_bytes(tmp_path):
     make_upper(tmp_path)
     assert tar_of(tmp_path) == tar_of(tmp_path)
+
+
+def test_any_depth_and_the_order_of_a_sorted_walk(tmp_path):
+    """The walk is not recursive: a tree deeper than the recursion limit allows archives
+    (the limit is lowered here so the tree can stay small), entries come in sorted
+    depth-first order, and no descriptor is left open."""
+    depth = 300
+    root = tmp_path / "deep"
+    (root / "/".join(["dd"] * depth)).mkdir(parents=True)
+    (root / "/".join(["dd"] * depth) / "leaf").write_text("bottom\n")
+    (root / "b").mkdir()
+    (root / "b" / "inner").write_text("in b\n")
+    (root / "a.txt").write_text("a\n")
+    (root / "c.txt").write_text("c\n")
+    open_before = len(os.listdir("/proc/self/fd"))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(traceback.extract_stack()) + depth // 2)
+    try:
+        data = tar_of(root)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        members = t.getmembers()
+        names = [m.name for m in members]
+        assert names[:5] == ["a.txt", "b", "b/inner", "c.txt", "dd"]
+        assert len(names) == 4 + depth + 1
+        assert names[-1] == "/".join(["dd"] * depth) + "/leaf"
+        assert t.extractfile(members[-1]).read() == b"bottom\n"
 
 
 def test_extract_round_trip_restores_overlay_form(tmp_path):

@@ -45,11 +45,7 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
                  _MAX_TIME if clamp_mtime is None else clamp_mtime)
-    fd = os.open(root, _O_DIR)
-    try:
-        walk.directory(fd, "")
-    finally:
-        os.close(fd)
+    walk.run(os.open(root, _O_DIR))
     if walk.stats.entries:
         sink.write(tarformat.END_OF_ARCHIVE)
     return walk.stats
@@ -85,6 +81,13 @@ def _xattrs(target, strip: bool) -> tuple[list[str], dict[str, bytes]]:
     return names, keep
 
 
+def _listing(dfd: int) -> list[tuple[str, bool, bool]]:
+    """(name, is a directory, is a regular file) of a directory's entries, sorted by name."""
+    with os.scandir(dfd) as it:
+        return sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                      for e in it)
+
+
 class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
@@ -97,25 +100,49 @@ class _Walk:
         self.stats = DiffStats()
         self.links: dict[tuple[int, int], str] = {}
 
-    def directory(self, dfd: int, rel: str) -> None:
-        with os.scandir(dfd) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            name = f"{rel}/{entry.name}" if rel else entry.name
-            if name in self.exclude:
-                continue
-            is_dir = entry.is_dir(follow_symlinks=False)
-            if is_dir or entry.is_file(follow_symlinks=False):
-                fd = os.open(entry.name, _O_DIR if is_dir else _O_FILE, dir_fd=dfd)
+    def run(self, dfd: int) -> None:
+        """Walk the tree whose directory `dfd` is open (and closed here), in tar order.
+
+        Iterative, with one directory open at a time: a frame per level keeps
+        the sorted names still to write, and going back up opens `..`; so
+        no depth exhausts Python's recursion limit or the descriptor limit.
+        """
+        frames = [("", _listing(dfd), 0)]
+        try:
+            while frames:
+                rel, names, i = frames[-1]
+                if i == len(names):
+                    frames.pop()
+                    if frames:
+                        parent = os.open("..", _O_DIR, dir_fd=dfd)
+                        os.close(dfd)
+                        dfd = parent
+                    continue
+                frames[-1] = (rel, names, i + 1)
+                base, is_dir, is_file = names[i]
+                name = f"{rel}/{base}" if rel else base
+                if name in self.exclude:
+                    continue
+                if not (is_dir or is_file):
+                    # Symlinks, devices (whiteouts among them), fifos: they cannot be opened.
+                    self.entry(name, os.stat(base, dir_fd=dfd, follow_symlinks=False),
+                               os.path.join(self.root, name))
+                    continue
+                fd = os.open(base, _O_DIR if is_dir else _O_FILE, dir_fd=dfd)
                 try:
                     st = os.fstat(fd)
-                    if is_dir or not self.plain_file(name, st, fd):
+                    if is_dir:
+                        self.entry(name, st, fd)
+                        frames.append((name, _listing(fd), 0))
+                        os.close(dfd)
+                        dfd, fd = fd, -1
+                    elif not self.plain_file(name, st, fd):
                         self.entry(name, st, fd)
                 finally:
-                    os.close(fd)
-            else:
-                # Symlinks, devices (whiteouts among them), fifos: by path; they cannot be opened.
-                self.entry(name, entry.stat(follow_symlinks=False), os.path.join(self.root, name))
+                    if fd >= 0:
+                        os.close(fd)
+        finally:
+            os.close(dfd)
 
     def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
         """Write a small regular file without xattrs (most of any layer) in one go; False if
@@ -140,7 +167,8 @@ class _Walk:
         return True
 
     def entry(self, name: str, st: os.stat_result, target) -> None:
-        """Write one entry; `target` is its open descriptor (files, dirs) or its path."""
+        """Write one entry (a directory's contents are run()'s business); `target` is its open
+        descriptor (files, dirs) or its path."""
         sink, stats = self.sink, self.stats
         mode = st.st_mode
         mtime = min(int(st.st_mtime), self.clamp)
@@ -162,7 +190,6 @@ class _Walk:
                 sink.write(tarformat.header(f"{name}/{whiteout.OPAQUE}", typeflag=tarformat.REGULAR,
                                             mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
                                             gid=st.st_gid))
-            self.directory(target, name)
         elif stat.S_ISREG(mode):
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
