@@ -370,7 +370,8 @@ def _cmd_build(args) -> int:
         return _build(args, context, dockerfile)
     finally:
         if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+            from .trees import remove_tree
+            remove_tree(scratch, ignore_errors=True)
 
 
 def _build(args, context: str, dockerfile: str | None) -> int:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import PybuildError, UsageError
 from .image import Image
-from .store import lock as store_lock, remove_tree
+from .store import lock as store_lock
+from .trees import remove_tree
 from .store.lock import write_atomic
 
 
@@ -161,7 +162,7 @@ class Containers:
                 raise UsageError(f"container {c.name} is running",
                                  hint=f"stop it first (`pybuild stop {c.name}`), or use rm -f")
             self.stop(c, timeout=0)
-        remove_tree(c.dir)
+        remove_tree(c.dir, ignore_errors=True)
 
     # ---- state ----------------------------------------------------------------------------
 

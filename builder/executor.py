@@ -23,7 +23,7 @@ from .image import LayerDesc, chain_ids
 from .layer import commit
 from .progress import StepOutput
 from . import snapshot
-from .store import remove_tree
+from .trees import remove_tree
 
 
 class Executor:
@@ -82,7 +82,7 @@ class Executor:
         finally:
             for fd in locks:
                 os.close(fd)
-            remove_tree(stepdir)
+            remove_tree(stepdir, ignore_errors=True)
 
     # ---- COPY / ADD sources -------------------------------------------------------
 
@@ -222,7 +222,7 @@ class Executor:
             try:
                 os.rename(tmp, path)
             except OSError:
-                remove_tree(tmp)      # another build created it first
+                remove_tree(tmp, ignore_errors=True)      # another build created it first
         return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
 
     def _secret(self, m, mounts: list, secret_env: list[str]) -> None:

@@ -187,3 +187,26 @@ print("stopped")
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().strip() == "stopped"
+
+
+def test_a_tree_deeper_than_the_recursion_limit_builds_and_is_removed(tmp_path):
+    """A RUN may nest directories 1,200 deep (PATH_MAX allows ~2,000): the layer commits,
+    and removing the image and pruning deletes it all (no RecursionError, nothing left)."""
+    import builder
+    from builder.image import chain_ids
+    from builder.store import Store
+    from conftest import busybox_context
+    root = str(tmp_path / "store")
+    builder.build(str(busybox_context(tmp_path / "base")), tags=[BASE], root=root)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN p=/deep; i=0; while [ $i -lt 1200 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $p && echo bottom > $p/leaf
+"""})
+    image = builder.build(str(ctx), tags=["deep:test"], root=root)
+    layer_dir = Store(root).layers.diff_dir(chain_ids(image.diff_ids)[-1])
+    with open(os.path.join(layer_dir, "deep", *["d"] * 1200, "leaf")) as f:
+        assert f.read() == "bottom\n"
+    assert run_pybuild("rmi", "deep:test", root=root).returncode == 0
+    p = run_pybuild("prune", "--keep-storage", "0", root=root)
+    assert p.returncode == 0, p.stderr.decode()
+    assert not os.path.exists(layer_dir)
+    assert our_mounts() == []

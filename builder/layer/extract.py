@@ -19,6 +19,7 @@ import stat
 import tarfile
 
 from ..errors import LayerError
+from ..trees import remove_tree
 from . import whiteout
 
 _CHUNK = 1 << 20
@@ -163,7 +164,7 @@ class _Extractor:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
-            _rmtree(path)
+            remove_tree(path)
         else:
             os.unlink(path)
 
@@ -188,8 +189,3 @@ class _Extractor:
         # Directory times last: creating entries inside a directory changes its mtime.
         for path, mtime in reversed(self.dir_times):
             os.utime(path, (mtime, mtime), follow_symlinks=False)
-
-
-def _rmtree(path: str) -> None:
-    import shutil
-    shutil.rmtree(path)

@@ -26,6 +26,7 @@ import os
 
 from .. import linux
 from ..errors import StoreError
+from ..trees import remove_tree
 from .base import Snapshot
 
 _OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
@@ -147,7 +148,6 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
 
 def works(store_root: str) -> bool:
     """Can this host mount an overlay over dirs of this store's filesystem? (a child tries)"""
-    import shutil
     import tempfile
     tmp = tempfile.mkdtemp(prefix="probe-", dir=os.path.join(store_root, "tmp"))
     try:
@@ -168,4 +168,4 @@ def works(store_root: str) -> bool:
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status) == 0
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)

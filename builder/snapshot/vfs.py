@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 import subprocess
 
@@ -26,6 +25,7 @@ from .. import linux
 from ..errors import StoreError
 from ..image import chain_ids
 from ..layer import whiteout
+from ..trees import remove_tree
 from .base import Snapshot
 
 _INIT_LIST = "init-entries.json"     # in the work dir: what mount() added from the init dir
@@ -130,7 +130,7 @@ def full_root(store, diff_ids: list[str], workdir: str) -> str:
             store.vfs_roots.install(chains[i], staging, {"chain": chains[i]}, store.tmp)
         finally:
             if os.path.lexists(staging):
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging, ignore_errors=True)
     return store.vfs_roots.diff_dir(chains[-1])
 
 
@@ -151,16 +151,16 @@ def apply_diff(diff_dir: str, root: str) -> None:
         rel = os.path.relpath(dirpath, diff_dir)
         target_dir = root if rel == "." else os.path.join(root, rel)
         if rel != "." and whiteout.is_opaque(dirpath, os.listxattr(dirpath)):
-            _remove(target_dir)
+            remove_tree(target_dir)
         for name in dirnames + filenames:
             src = os.path.join(dirpath, name)
             target = os.path.join(target_dir, name)
             st = os.lstat(src)
             if whiteout.is_whiteout(st, _xattr_names(src, st)):
-                _remove(target)
+                remove_tree(target)
             elif os.path.lexists(target) and (stat.S_ISDIR(st.st_mode) !=
                                               stat.S_ISDIR(os.lstat(target).st_mode)):
-                _remove(target)
+                remove_tree(target)
     p = subprocess.run(["cp", "-a", "--reflink=auto", "--no-target-directory", diff_dir, root],
                        capture_output=True, text=True)
     if p.returncode != 0:
@@ -188,11 +188,6 @@ def _xattr_names(path: str, st) -> list[str]:
         return []
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
 
 
 def _overlay_entries(extra: str, merged: str) -> list[str]:

@@ -18,13 +18,12 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import time
 
 from ..errors import ImageNotFound, StoreError, UsageError
 from ..image import (Image, LayerDesc, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, canonical_json, chain_ids,
                      manifest_bytes as image_manifest_bytes)
-from .. import reference
+from .. import reference, trees
 from .blobs import BlobStore
 from .index import Index, REF_NAME
 from .layers import LayerStore
@@ -120,7 +119,7 @@ class Store:
         try:
             yield path
         finally:
-            remove_tree(path)
+            trees.remove_tree(path, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock_path)
             os.close(fd)
@@ -137,7 +136,7 @@ class Store:
             if fd is None:
                 continue   # a live build owns it
             try:
-                remove_tree(os.path.join(self.tmp, name))
+                trees.remove_tree(os.path.join(self.tmp, name), ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock_path)
             finally:
@@ -151,7 +150,7 @@ class Store:
             path = os.path.join(self.tmp, name)
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_mtime < time.time() - 3600:
-                    remove_tree(path)
+                    trees.remove_tree(path, ignore_errors=True)
 
     # ---- images ----------------------------------------------------------------
 
@@ -278,25 +277,3 @@ def _tags_of(entries: list[dict], digest: str) -> list[str]:
     """The tags index.json gives the manifest `digest`."""
     tags = [(e.get("annotations") or {}).get(REF_NAME) for e in entries if e["digest"] == digest]
     return [t for t in tags if t]
-
-
-def remove_tree(path: str) -> None:
-    """rm -rf that also copes with overlay work dirs (mode 000) and immutable leftovers."""
-    import shutil
-    def onerror(func, p, exc):
-        try:
-            parent = os.path.dirname(p)
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-        except OSError:
-            pass
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, onerror=onerror)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)

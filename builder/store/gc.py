@@ -123,7 +123,7 @@ def _prune_cache_mounts(store) -> int:
         names = os.listdir(base)
     except FileNotFoundError:
         return 0
-    from . import remove_tree
+    from ..trees import remove_tree
     for name in names:
         if name.endswith(".lock") or ".new-" in name:
             continue
@@ -134,7 +134,7 @@ def _prune_cache_mounts(store) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            remove_tree(os.path.join(base, name))
+            remove_tree(os.path.join(base, name), ignore_errors=True)
             removed += 1
         finally:
             os.close(fd)

@@ -18,6 +18,7 @@ import json
 import os
 
 from .. import donor
+from ..trees import remove_tree
 from ..errors import StoreError
 from .lock import write_atomic
 
@@ -75,7 +76,7 @@ class LayerStore:
         source is then removed: the layer is content-addressed, theirs is ours).
         """
         if self.has(chain_id):
-            _rmtree(diff_source, ignore_errors=True)
+            remove_tree(diff_source, ignore_errors=True)
             return False
         staging = os.path.join(staging_root, "layer-" + chain_id[7:19] + "-" + os.urandom(4).hex())
         os.mkdir(staging)
@@ -95,7 +96,7 @@ class LayerStore:
         except OSError:
             # Another process won the race (the target exists and is not empty).
             os.unlink(link_path)
-            _rmtree(staging, ignore_errors=True)
+            remove_tree(staging, ignore_errors=True)
             if self.has(chain_id):
                 return False
             raise
@@ -128,15 +129,10 @@ class LayerStore:
                 os.unlink(os.path.join(self.links, f.read().strip()))
         except FileNotFoundError:
             pass
-        _rmtree(path, ignore_errors=True)
+        remove_tree(path, ignore_errors=True)
 
     def list(self) -> list[str]:
         try:
             return ["sha256:" + n for n in os.listdir(self.dir)]
         except FileNotFoundError:
             return []
-
-
-def _rmtree(path: str, ignore_errors: bool = True) -> None:
-    import shutil
-    shutil.rmtree(path, ignore_errors=ignore_errors)

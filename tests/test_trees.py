@@ -1,0 +1,68 @@
+"""trees.remove_tree: rm -rf for the store, at any depth, never through a symlink."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import pytest
+
+from builder.trees import remove_tree
+
+
+def test_removes_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    depth = 300
+    deep = tmp_path / "t" / "/".join(["d"] * depth)
+    deep.mkdir(parents=True)
+    (deep / "f").write_text("x")
+    open_before = len(os.listdir("/proc/self/fd"))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(traceback.extract_stack()) + depth // 2)   # shutil.rmtree fails here
+    try:
+        remove_tree(str(tmp_path / "t"))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert not (tmp_path / "t").exists()
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_symlinks_are_removed_not_followed_and_odd_files_go_too(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    t = tmp_path / "t"
+    (t / "a" / "b").mkdir(parents=True)
+    (t / "a" / "to-dir").symlink_to(outside)
+    (t / "to-file").symlink_to(outside / "keep")
+    os.mkfifo(t / "fifo")
+    os.mknod(t / "a" / "whiteout", 0o020000, os.makedev(0, 0))
+    for i in range(50):
+        (t / "a" / "b" / f"f{i}").write_text(str(i))
+    remove_tree(str(t))
+    assert not t.exists()
+    assert (outside / "keep").read_text() == "keep"
+    (tmp_path / "link").symlink_to(outside)
+    remove_tree(str(tmp_path / "link"))
+    assert not os.path.lexists(tmp_path / "link") and (outside / "keep").exists()
+
+
+def test_closed_directories_are_opened_up_and_missing_paths_are_fine(tmp_path):
+    work = tmp_path / "snap" / "work" / "work"
+    work.mkdir(parents=True)
+    (work / "x").write_text("x")
+    os.chmod(work, 0)                        # what overlayfs leaves
+    os.chmod(work.parent, 0o500)
+    remove_tree(str(tmp_path / "snap"))
+    assert not (tmp_path / "snap").exists()
+    remove_tree(str(tmp_path / "never-was"))
+    (tmp_path / "file").write_text("f")
+    remove_tree(str(tmp_path / "file"))
+    assert not (tmp_path / "file").exists()
+
+
+def test_errors_raise_unless_ignored(tmp_path):
+    (tmp_path / "file").write_text("f")
+    with pytest.raises(NotADirectoryError):
+        remove_tree(str(tmp_path / "file" / "x"))
+    remove_tree(str(tmp_path / "file" / "x"), ignore_errors=True)
