@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import PybuildError, UsageError
 from .image import Image
 from .store import lock as store_lock
-from .trees import remove_tree
+from .trees import remove_tree, walk
 from .store.lock import write_atomic
 
 
@@ -241,7 +241,7 @@ class Containers:
 
 def tree_size(root: str) -> int:
     total, seen = 0, set()
-    for dirpath, _dirs, files in os.walk(root):
+    for dirpath, _dirs, files in walk(root):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -262,7 +262,7 @@ def changes(store, diff_ids: list[str], upper: str) -> list[tuple[str, str]]:
     from .layer import whiteout
     lowers = [os.path.join(store.root, p) for p in store.lower_links(diff_ids)] if diff_ids else []
     out: list[tuple[str, str]] = []
-    for dirpath, dirs, files in os.walk(upper):
+    for dirpath, dirs, files in walk(upper):
         dirs.sort()
         rel_dir = os.path.relpath(dirpath, upper)
         for name in sorted(dirs + files):

@@ -254,32 +254,48 @@ class BuildContext:
             self._walk_dir(top, "", out)
         return out
 
-    def _walk_dir(self, src: str, rel: str, out: list[Entry]) -> bool:
-        """Append the entries under `src`; True if anything was appended."""
-        added = False
-        with os.scandir(os.path.join(self.root, src) if src else self.root) as it:
-            children = sorted(it, key=lambda e: e.name)
-        for child in children:
-            csrc = f"{src}/{child.name}" if src else child.name
-            crel = f"{rel}/{child.name}" if rel else child.name
+    def _walk_dir(self, src: str, rel: str, out: list[Entry]) -> None:
+        """Append the entries under `src`, sorted, each directory before its contents.
+
+        Iterative (a frame per level, not a call), so no depth of directories is
+        too deep. An excluded directory is walked only when `.dockerignore` has
+        exceptions, and kept only if something below it was re-included.
+        """
+        # frame: [dir's context path, its path in the source, sorted children, next index,
+        #         where an excluded dir's entry is in `out` (None: not excluded), added anything]
+        stack = [[src, rel, self._children(src), 0, None, False]]
+        while stack:
+            frame = stack[-1]
+            fsrc, frel, children, i, mark, _ = frame
+            if i == len(children):
+                stack.pop()
+                if mark is not None:
+                    if frame[5]:
+                        stack[-1][5] = True
+                    else:
+                        del out[mark:]
+                continue
+            frame[3] = i + 1
+            child = children[i]
+            csrc = f"{fsrc}/{child.name}" if fsrc else child.name
+            crel = f"{frel}/{child.name}" if frel else child.name
             cst = child.stat(follow_symlinks=False)
             if stat.S_ISSOCK(cst.st_mode):
                 continue
             if self.ignore.excluded(csrc):
                 if stat.S_ISDIR(cst.st_mode) and self.ignore.has_exceptions:
                     # An exception may re-include something below an excluded dir.
-                    mark = len(out)
+                    stack.append([csrc, crel, self._children(csrc), 0, len(out), False])
                     out.append(Entry(csrc, crel, cst))
-                    if not self._walk_dir(csrc, crel, out):
-                        del out[mark:]
-                    else:
-                        added = True
                 continue
             out.append(Entry(csrc, crel, cst))
-            added = True
+            frame[5] = True
             if stat.S_ISDIR(cst.st_mode):
-                self._walk_dir(csrc, crel, out)
-        return added
+                stack.append([csrc, crel, self._children(csrc), 0, None, False])
+
+    def _children(self, src: str) -> list:
+        with os.scandir(os.path.join(self.root, src) if src else self.root) as it:
+            return sorted(it, key=lambda e: e.name)
 
     # ---- digests ------------------------------------------------------------
 

@@ -1,19 +1,21 @@
-"""Removing a directory tree of any depth: `rm -rf` for layer dirs, snapshots and temp dirs.
+"""Directory trees of any depth: removing them (`rm -rf`) and walking them (`os.walk`).
 
-A RUN step can leave a tree thousands of levels deep in a layer, and
-`shutil.rmtree` recurses once per level: past Python's recursion limit it
-raises RecursionError, which no `ignore_errors` catches, and the layer is
-left half removed. This walk keeps a list per level (the subdirectories
-still to remove) instead of a stack frame, holds one directory open at a
-time (it goes back up through `..`), never follows a symlink, and opens up
-directories whose mode keeps even their owner out (overlay work dirs are
-created 000).
+A RUN step can leave a tree thousands of levels deep in a layer, and both
+`shutil.rmtree` and Python 3.11's `os.walk` recurse once per level: past
+Python's recursion limit they raise RecursionError, which no
+`ignore_errors` catches (a layer was left half removed). These keep a list
+per level instead of a stack frame.
+
+`remove_tree` holds one directory open at a time (it goes back up through
+`..`), never follows a symlink, and opens up directories whose mode keeps
+even their owner out (overlay work dirs are created 000).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -103,3 +105,35 @@ def _clear(fd: int) -> list[str]:
             os.fchmod(fd, stat.S_IRWXU)
             os.unlink(name, dir_fd=fd)
     return subdirs
+
+
+def walk(top: str, topdown: bool = True) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(top, topdown)` without recursion: the same (dirpath, dirnames, filenames),
+    symlinks to directories listed among the directories but not entered, unreadable
+    directories skipped; top-down, the caller may prune `dirnames` in place."""
+    pending: list = [top]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, tuple):            # bottom-up: its subdirectories are done
+            yield item
+            continue
+        try:
+            with os.scandir(item) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files, enter = [], [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(e.name)
+            if is_dir and not topdown and not e.is_symlink():
+                enter.append(e.path)
+        if topdown:
+            yield item, dirs, files
+            enter = [p for p in (os.path.join(item, d) for d in dirs) if not os.path.islink(p)]
+        else:
+            pending.append((item, dirs, files))
+        pending.extend(reversed(enter))

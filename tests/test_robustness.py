@@ -190,23 +190,41 @@ print("stopped")
 
 
 def test_a_tree_deeper_than_the_recursion_limit_builds_and_is_removed(tmp_path):
-    """A RUN may nest directories 1,200 deep (PATH_MAX allows ~2,000): the layer commits,
-    and removing the image and pruning deletes it all (no RecursionError, nothing left)."""
+    """Directories nested 1,200 deep (PATH_MAX allows ~2,000) in the context and made by a
+    RUN: COPY reads them, the layers commit, and removing the image and pruning deletes
+    it all (no RecursionError, nothing left)."""
     import builder
     from builder.image import chain_ids
     from builder.store import Store
+    from builder.trees import remove_tree
     from conftest import busybox_context
     root = str(tmp_path / "store")
     builder.build(str(busybox_context(tmp_path / "base")), tags=[BASE], root=root)
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+COPY src /src
 RUN p=/deep; i=0; while [ $i -lt 1200 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $p && echo bottom > $p/leaf
 """})
-    image = builder.build(str(ctx), tags=["deep:test"], root=root)
-    layer_dir = Store(root).layers.diff_dir(chain_ids(image.diff_ids)[-1])
-    with open(os.path.join(layer_dir, "deep", *["d"] * 1200, "leaf")) as f:
+    nested = ["d"] * 1200
+    fd = os.open(ctx, os.O_RDONLY | os.O_DIRECTORY)
+    for name in ["src", *nested]:                 # (pathlib's mkdir(parents=True) recurses)
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+        f.write("from the context\n")
+    os.close(fd)
+    try:
+        image = builder.build(str(ctx), tags=["deep:test"], root=root)
+    finally:
+        remove_tree(str(ctx))           # pytest's own clean-up recurses
+    layers = [Store(root).layers.diff_dir(c) for c in chain_ids(image.diff_ids)[-2:]]
+    with open(os.path.join(layers[0], "src", *nested, "leaf")) as f:
+        assert f.read() == "from the context\n"
+    with open(os.path.join(layers[1], "deep", *nested, "leaf")) as f:
         assert f.read() == "bottom\n"
     assert run_pybuild("rmi", "deep:test", root=root).returncode == 0
     p = run_pybuild("prune", "--keep-storage", "0", root=root)
     assert p.returncode == 0, p.stderr.decode()
-    assert not os.path.exists(layer_dir)
+    assert not any(os.path.exists(d) for d in layers)
     assert our_mounts() == []

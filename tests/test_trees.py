@@ -8,7 +8,7 @@ import traceback
 
 import pytest
 
-from builder.trees import remove_tree
+from builder.trees import remove_tree, walk
 
 
 def test_removes_a_tree_deeper_than_the_recursion_limit(tmp_path):
@@ -66,3 +66,29 @@ def test_errors_raise_unless_ignored(tmp_path):
     with pytest.raises(NotADirectoryError):
         remove_tree(str(tmp_path / "file" / "x"))
     remove_tree(str(tmp_path / "file" / "x"), ignore_errors=True)
+
+
+def test_walk_is_os_walk_without_recursion(tmp_path):
+    t = tmp_path / "t"
+    (t / "a" / "b").mkdir(parents=True)
+    (t / "a" / "f").write_text("f")
+    (t / "c").mkdir()
+    (t / "c" / "g").write_text("g")
+    (t / "to-a").symlink_to(t / "a")               # listed among dirs, not entered
+    (t / "dangling").symlink_to(t / "nowhere")
+    for topdown in (True, False):
+        assert list(walk(str(t), topdown)) == list(os.walk(str(t), topdown))
+    pruned = []
+    for dirpath, dirnames, _ in walk(str(t)):
+        dirnames[:] = [d for d in dirnames if d != "a"]
+        pruned.append(dirpath)
+    assert sorted(pruned) == sorted([str(t), str(t / "c")])
+    depth = 300
+    (t / "/".join(["d"] * depth)).mkdir(parents=True)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(traceback.extract_stack()) + depth // 2)      # os.walk fails here
+    try:
+        assert sum(1 for _ in walk(str(t))) == 4 + depth
+        assert sum(1 for _ in walk(str(t), topdown=False)) == 4 + depth
+    finally:
+        sys.setrecursionlimit(limit)

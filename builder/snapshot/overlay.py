@@ -108,11 +108,7 @@ class OverlaySnapshot(Snapshot):
         """Unmount; the snapshot can be mounted again (its upper dir is kept)."""
         linux.umount(self.merged)
         # A volatile overlay marks its work dir; the kernel refuses to remount over the mark.
-        marker = os.path.join(self.work, "work", "incompat")
-        for dirpath, dirnames, filenames in os.walk(marker, topdown=False):
-            for name in filenames:
-                os.unlink(os.path.join(dirpath, name))
-            os.rmdir(dirpath)
+        remove_tree(os.path.join(self.work, "work", "incompat"))
 
 
 def prepare(store, diff_ids: list[str], workdir: str, kind=None) -> Snapshot:

@@ -25,7 +25,7 @@ from .. import linux
 from ..errors import StoreError
 from ..image import chain_ids
 from ..layer import whiteout
-from ..trees import remove_tree
+from ..trees import remove_tree, walk
 from .base import Snapshot
 
 _INIT_LIST = "init-entries.json"     # in the work dir: what mount() added from the init dir
@@ -86,7 +86,7 @@ def _mark_dirs(merged: str) -> dict:
     """Tag every directory with its own path (an xattr), so that one removed and made again
     during the step is told apart even when the filesystem reuses its inode number."""
     out = {}
-    for d, _dirs, _files in os.walk(merged):
+    for d, _dirs, _files in walk(merged):
         rel = os.path.relpath(d, merged)
         out[rel] = os.lstat(d).st_ino
         try:
@@ -147,7 +147,7 @@ def clone_tree(src: str, dest: str, keep_links: bool = True) -> None:
 def apply_diff(diff_dir: str, root: str) -> None:
     """Apply a layer's diff dir (overlay format) to a full root: whiteouts delete, opaque
     directories replace, everything else is copied over."""
-    for dirpath, dirnames, filenames in os.walk(diff_dir):
+    for dirpath, dirnames, filenames in walk(diff_dir):
         rel = os.path.relpath(dirpath, diff_dir)
         target_dir = root if rel == "." else os.path.join(root, rel)
         if rel != "." and whiteout.is_opaque(dirpath, os.listxattr(dirpath)):
@@ -166,7 +166,7 @@ def apply_diff(diff_dir: str, root: str) -> None:
     if p.returncode != 0:
         raise StoreError(f"vfs driver: cannot apply {diff_dir}: {p.stderr.strip()}")
     # The copy brought the markers along: take them out of the full root.
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
@@ -194,7 +194,7 @@ def _overlay_entries(extra: str, merged: str) -> list[str]:
     """Copy the init dir's entries (mount points) into `merged`, leaving their parents' times as
     they were; returns their relative paths."""
     added = []
-    for dirpath, dirnames, filenames in os.walk(extra):
+    for dirpath, dirnames, filenames in walk(extra):
         rel_dir = os.path.relpath(dirpath, extra)
         for name in dirnames + filenames:
             rel = os.path.normpath(os.path.join(rel_dir, name))
@@ -247,7 +247,7 @@ def changes(base: str, merged: str, upper: str, skip: set[str], dir_inodes: dict
     if linked:
         _bring_other_names(merged, upper, linked)
     # Filling a directory of the upper dir moved its mtime: give each back the merged one's.
-    for dirpath, _dirs, _files in os.walk(upper, topdown=False):
+    for dirpath, _dirs, _files in walk(upper, topdown=False):
         rel = os.path.relpath(dirpath, upper)
         if rel != ".":
             st = os.lstat(os.path.join(merged, rel))
@@ -303,7 +303,7 @@ def _compare(base: str, merged: str, upper: str, rel: str, skip: set[str],
 def _bring_other_names(merged: str, upper: str, inodes: set[int]) -> None:
     """A file hard-linked during the step: overlay copied up every name of it (link() copies
     its source up), so all of them go in the layer, as links of one file."""
-    for dirpath, _dirs, files in os.walk(merged):
+    for dirpath, _dirs, files in walk(merged):
         for name in files:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
