@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 
 from . import __version__
 from . import cli_containers, rootless
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return Interrupted.exit_code
     except PybuildError as e:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         _say(f"error: {e}")
         return e.exit_code
     except BrokenPipeError:
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # The system said no (a full disk, a read-only or missing path): say what and where.
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         where = f": {e.filename}" if e.filename else ""
         hint = _OS_HINTS.get(e.errno)
         _say(f"error: {e.strerror or e}{where}" + (f"\n  hint: {hint}" if hint else ""))
@@ -250,19 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         # What still walks a tree by recursion (the vfs driver's copies) met one nested
         # deeper than Python allows.
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         _say("error: a directory tree is nested too deeply to walk (more than about 900 levels)"
              "\n  hint: run again with --debug to see where; the overlay driver copes with such"
              " trees where the vfs driver does not")
         return 1
     except Exception:   # a bug in pybuild: one line, the traceback with --debug
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         else:
             exc = sys.exc_info()[1]
             _say(f"error: internal error: {exc!r}\n  hint: run again with --debug and report "
                  "the traceback")
         return 70
+
+
+def _print_traceback() -> None:
+    import traceback      # (only with --debug: it brings tokenize and linecache along)
+    traceback.print_exc()
 
 
 _OS_HINTS = {
@@ -354,18 +358,20 @@ def _secrets(items: list[str]) -> dict[str, str | bytes]:
 
 
 def _cmd_build(args) -> int:
-    import shutil
-    import tempfile
     if args.context == "-" and args.file == "-":
         raise UsageError("can't use standard input for both the build context and the Dockerfile")
     if args.context != "-" and not os.path.isdir(args.context):
         raise UsageError(f"build context {args.context!r} is not a directory",
                          hint="the last argument is the context directory, for example `.`")
-    scratch = tempfile.mkdtemp(prefix="pybuild-stdin-") if "-" in (args.context, args.file) else None
+    scratch = None
+    if "-" in (args.context, args.file):
+        import tempfile       # (imported here: a build from a directory does not need it)
+        scratch = tempfile.mkdtemp(prefix="pybuild-stdin-")
     try:
         context, dockerfile = args.context, args.file
         if dockerfile == "-":
             dockerfile = os.path.join(scratch, "Dockerfile")
+            import shutil
             with open(dockerfile, "wb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f)
         if context == "-":

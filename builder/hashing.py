@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 
 PARALLEL_FROM_FILES = 2000       # below this, starting a helper (~20 ms) costs more than it saves
@@ -72,6 +71,7 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
         try:
             # Under the lock until stdin is closed: a sandbox forked meanwhile by another
             # thread would hold the write end open, and the helper would wait for EOF.
+            import subprocess       # (only when there are helpers to start)
             with FORK_LOCK:
                 for k in range(helpers):
                     part = rest[k * share:(k + 1) * share]

@@ -11,8 +11,6 @@ JSON. Every error names the file and line.
 
 from __future__ import annotations
 
-import csv
-import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -328,6 +326,7 @@ def parse_duration(text: str) -> int:
 
 
 def _mount(spec: str, need) -> Mount:
+    import csv          # (imported here, like difflib below: most Dockerfiles need neither)
     try:
         fields = next(csv.reader([spec]))
     except (csv.Error, StopIteration):
@@ -397,6 +396,7 @@ def typed(node: syntax.Node, filename: str) -> Instruction:
             raise DockerfileError(msg, file=filename, line=node.start_line, hint=hint)
 
     if kw not in _ALL_KEYWORDS:
+        import difflib
         guess = difflib.get_close_matches(kw.upper(), syntax.KEYWORDS, n=1, cutoff=0.6)
         raise DockerfileError(f"unknown instruction: {kw.upper()}", file=filename,
                               line=node.start_line,
