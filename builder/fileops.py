@@ -32,6 +32,7 @@ import zlib  # noqa: F401
 from dataclasses import dataclass
 
 from . import paths, users
+from .layer import extract
 from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
 from .donor import Donor, encode_record
 from .sandbox import SetupError
@@ -295,9 +296,10 @@ class _Copier:
                 self._defer(e, target, perm)
                 return
             self.deferred.pop(target, None)
-            self._copy_file(e, target)
+            self._copy_file(e, target, perm)
             if st.st_nlink > 1:
                 self.links[key] = target
+            return
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(e.src, dir_fd=self.ctx), target)
         elif stat.S_ISFIFO(mode):
@@ -329,8 +331,8 @@ class _Copier:
             self.in_upper.add(parent)
         self.deferred[target] = (target, self.group, e.src, perm, (self.uid, self.gid))
 
-    def _copy_file(self, e, target: str, perm: int | None = None) -> bool:
-        """Copy one regular file; with `perm`, also set its owner, mode and time (by fd).
+    def _copy_file(self, e, target: str, perm: int) -> bool:
+        """Copy one regular file and set its owner, mode, xattrs and time (by fd).
 
         True if the copy is exactly the file that was hashed (no extended
         attributes, not changed since the context was walked): what donor.py
@@ -349,11 +351,11 @@ class _Copier:
                         break
                     offset += n
                     left -= n
+                os.fchown(dst, self.uid, self.gid)
+                os.fchmod(dst, perm)          # after chown, which clears set-id bits
+                # After chown too, which drops security.capability (file capabilities).
                 had_xattrs = self._copy_xattrs(src, dst)
-                if perm is not None:
-                    os.fchown(dst, self.uid, self.gid)
-                    os.fchmod(dst, perm)      # after chown, which clears set-id bits
-                    os.utime(dst, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns))
+                os.utime(dst, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns))
             finally:
                 os.close(dst)
             now = os.fstat(src)
@@ -512,6 +514,7 @@ def _untar(fd: int, rel: str, dest: str, owner: tuple[int, int] | None) -> None:
                     continue
             uid, gid = owner or (m.uid, m.gid)
             os.chown(target, uid, gid, follow_symlinks=False)
+            extract.set_xattrs(target, m)          # after the chown, as Docker's ADD does
             if not m.issym():
                 os.chmod(target, m.mode & 0o7777)
             os.utime(target, (int(m.mtime), int(m.mtime)), follow_symlinks=False)

@@ -354,3 +354,40 @@ RUN cat /etc/motd && test "$(ls /etc/many | wc -l)" = 300 && grep -q replaced /e
     # the layer dirs hold overlay-ready content: no whiteout device left where a file now is
     diff = os.path.join(store.root, store.layers.link(chain_ids(image.diff_ids)[-2]))
     assert stat.S_ISREG(os.lstat(os.path.join(diff, "etc/motd")).st_mode)
+
+
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")   # v2, cap_net_raw
+
+
+def test_copy_and_add_keep_file_capabilities_and_xattrs(tmp_path, base_image, store_root, store):
+    """COPY (with and without --chown) and ADD of a tar keep security.capability and other
+    xattrs, as Docker does. chown drops file capabilities, so they are set after it."""
+    import io
+    import tarfile
+    bundle = io.BytesIO()
+    with tarfile.open(fileobj=bundle, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("bundle/ping")
+        info.size, info.mode = 3, 0o755
+        info.pax_headers = {
+            "SCHILY.xattr.security.capability": CAP_NET_RAW.decode("utf-8", "surrogateescape"),
+            "SCHILY.xattr.user.origin": "archive"}
+        t.addfile(info, io.BytesIO(b"hi\n"))
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+COPY tool /bin/tool
+COPY --chown=1000:1000 tool /bin/tool-owned
+ADD bundle.tar /opt/
+""", "tool": "#!/bin/sh\n", "bundle.tar": bundle.getvalue()})
+    os.setxattr(ctx / "tool", "security.capability", CAP_NET_RAW)
+    os.setxattr(ctx / "tool", "user.origin", b"context")
+    image = builder.build(str(ctx), root=store_root, no_cache=True)
+
+    def xattrs(layer, name):
+        m = {m.name: m for m in layer_members(store, layer)}[name]
+        return m, {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+                   for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    _, plain = xattrs(image.layers[-3], "bin/tool")
+    owned_entry, owned = xattrs(image.layers[-2], "bin/tool-owned")
+    _, added = xattrs(image.layers[-1], "opt/bundle/ping")
+    assert plain == {"security.capability": CAP_NET_RAW, "user.origin": b"context"}
+    assert owned == plain and (owned_entry.uid, owned_entry.gid) == (1000, 1000)
+    assert added == {"security.capability": CAP_NET_RAW, "user.origin": b"archive"}

@@ -170,16 +170,7 @@ class _Extractor:
 
     def metadata(self, path: str, m: tarfile.TarInfo, *, is_link: bool) -> None:
         os.chown(path, m.uid, m.gid, follow_symlinks=False)
-        for key, value in m.pax_headers.items():
-            if key.startswith(_XATTR_PREFIX):
-                name = key[len(_XATTR_PREFIX):]
-                if name.startswith(whiteout.OVERLAY_XATTR_PREFIXES):
-                    continue   # a layer must not smuggle overlay markers in
-                try:
-                    os.setxattr(path, name, value.encode("utf-8", "surrogateescape"),
-                                follow_symlinks=False)
-                except OSError:
-                    pass  # e.g. security.selinux on a host without it; Docker skips these too
+        set_xattrs(path, m)
         if not is_link:
             # After chown, which clears set-id bits.
             os.chmod(path, m.mode & 0o7777)
@@ -189,3 +180,21 @@ class _Extractor:
         # Directory times last: creating entries inside a directory changes its mtime.
         for path, mtime in reversed(self.dir_times):
             os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+
+def set_xattrs(path: str, m: tarfile.TarInfo) -> None:
+    """The xattrs a tar entry carries (PAX `SCHILY.xattr.*`), set on `path`.
+
+    After the chown, which drops security.capability, and never overlayfs's
+    own markers (a layer must not smuggle them in).
+    """
+    for key, value in m.pax_headers.items():
+        if key.startswith(_XATTR_PREFIX):
+            name = key[len(_XATTR_PREFIX):]
+            if name.startswith(whiteout.OVERLAY_XATTR_PREFIXES):
+                continue
+            try:
+                os.setxattr(path, name, value.encode("utf-8", "surrogateescape"),
+                            follow_symlinks=False)
+            except OSError:
+                pass  # e.g. security.selinux on a host without it; Docker skips these too
