@@ -283,6 +283,7 @@ class _Copier:
                 raise CopyError(f"cannot copy the directory {e.src!r} to {target}: a file "
                                 "of that name is in the image")
             self._finish_entry(target, perm, e, is_link=False)
+            self._copy_dir_xattrs(e, target)
             self.dir_times.append((target, st.st_mtime_ns))
             self.in_upper.add(target)
             return
@@ -379,6 +380,21 @@ class _Copier:
             except OSError:
                 pass
         return bool(names)
+
+    def _copy_dir_xattrs(self, e, target: str) -> None:
+        """A source directory's xattrs on its copy (after its chown), as Docker copies them."""
+        src = os.open(e.src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=self.ctx)
+        try:
+            if not os.listxattr(src):
+                return
+            dst = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._copy_xattrs(src, dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     def _finish_entry(self, target: str, perm: int, e, *, is_link: bool) -> None:
         os.chown(target, self.uid, self.gid, follow_symlinks=False)

@@ -361,7 +361,8 @@ CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")   # v2, 
 
 def test_copy_and_add_keep_file_capabilities_and_xattrs(tmp_path, base_image, store_root, store):
     """COPY (with and without --chown) and ADD of a tar keep security.capability and other
-    xattrs, as Docker does. chown drops file capabilities, so they are set after it."""
+    xattrs, directories' too, as Docker does. chown drops file capabilities, so they are
+    set after it."""
     import io
     import tarfile
     bundle = io.BytesIO()
@@ -379,15 +380,19 @@ ADD bundle.tar /opt/
 """, "tool": "#!/bin/sh\n", "bundle.tar": bundle.getvalue()})
     os.setxattr(ctx / "tool", "security.capability", CAP_NET_RAW)
     os.setxattr(ctx / "tool", "user.origin", b"context")
+    (ctx / "tree" / "sub").mkdir(parents=True)
+    os.setxattr(ctx / "tree" / "sub", "user.kind", b"directory")
+    (ctx / "Dockerfile").write_text((ctx / "Dockerfile").read_text() + "COPY tree /tree\n")
     image = builder.build(str(ctx), root=store_root, no_cache=True)
 
     def xattrs(layer, name):
         m = {m.name: m for m in layer_members(store, layer)}[name]
         return m, {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
                    for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
-    _, plain = xattrs(image.layers[-3], "bin/tool")
-    owned_entry, owned = xattrs(image.layers[-2], "bin/tool-owned")
-    _, added = xattrs(image.layers[-1], "opt/bundle/ping")
+    _, plain = xattrs(image.layers[-4], "bin/tool")
+    owned_entry, owned = xattrs(image.layers[-3], "bin/tool-owned")
+    _, added = xattrs(image.layers[-2], "opt/bundle/ping")
     assert plain == {"security.capability": CAP_NET_RAW, "user.origin": b"context"}
     assert owned == plain and (owned_entry.uid, owned_entry.gid) == (1000, 1000)
     assert added == {"security.capability": CAP_NET_RAW, "user.origin": b"archive"}
+    assert xattrs(image.layers[-1], "tree/sub")[1] == {"user.kind": b"directory"}
