@@ -246,13 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {e.strerror or e}{where}" + (f"\n  hint: {hint}" if hint else ""))
         return 1
     except RecursionError:
-        # What still walks a tree by recursion (the vfs driver's copies) met one nested
-        # deeper than Python allows.
+        # Builds, drivers and the store walk trees without recursion (trees.py); this is
+        # the safety net for whatever still recurses (os.makedirs, for one).
         if debug:
             _print_traceback()
         _say("error: a directory tree is nested too deeply to walk (more than about 900 levels)"
-             "\n  hint: run again with --debug to see where; the overlay driver copes with such"
-             " trees where the vfs driver does not")
+             "\n  hint: run again with --debug to see where, and report it")
         return 1
     except Exception:   # a bug in pybuild: one line, the traceback with --debug
         if debug:

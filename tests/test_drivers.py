@@ -172,3 +172,36 @@ def test_the_fuse_servers_loop_answers_without_suspending_and_refuses_to_hang():
         loop.run(suspends)
     os.close(r)
     os.close(w)
+
+
+def test_vfs_changes_at_any_depth(tmp_path):
+    """The vfs driver works out a step's changes without recursion: a file changed, a tree
+    removed and a tree made, each 300 levels down, with the recursion limit lowered below
+    that depth."""
+    import stat as st_mod
+    import sys
+    import traceback
+    from builder.snapshot import vfs
+    from builder.trees import remove_tree
+    depth = 300
+    base, merged, upper = tmp_path / "base", tmp_path / "merged", tmp_path / "upper"
+    (base / "/".join(["a"] * depth)).mkdir(parents=True)
+    (base / "/".join(["a"] * depth) / "leaf").write_text("old\n")
+    (base / "gone" / "/".join(["g"] * depth)).mkdir(parents=True)
+    upper.mkdir()
+    vfs.clone_tree(str(base), str(merged), keep_links=False)
+    dir_inodes = vfs._mark_dirs(str(merged))
+    (merged / "/".join(["a"] * depth) / "leaf").write_text("new content\n")
+    remove_tree(str(merged / "gone"))
+    (merged / "new" / "/".join(["n"] * depth)).mkdir(parents=True)
+    (merged / "new" / "/".join(["n"] * depth) / "f").write_text("made\n")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(traceback.extract_stack()) + depth // 2)
+    try:
+        vfs.changes(str(base), str(merged), str(upper), set(), dir_inodes)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert (upper / "/".join(["a"] * depth) / "leaf").read_text() == "new content\n"
+    gone = os.lstat(upper / "gone")
+    assert st_mod.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert (upper / "new" / "/".join(["n"] * depth) / "f").read_text() == "made\n"

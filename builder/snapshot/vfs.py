@@ -243,7 +243,7 @@ def changes(base: str, merged: str, upper: str, skip: set[str], dir_inodes: dict
     made again: as on overlay it becomes opaque, with all of its contents.
     """
     linked: set[int] = set()
-    _compare(base, merged, upper, "", skip, dir_inodes, linked)
+    _compare(base, merged, upper, skip, dir_inodes, linked)
     if linked:
         _bring_other_names(merged, upper, linked)
     # Filling a directory of the upper dir moved its mtime: give each back the merged one's.
@@ -254,50 +254,48 @@ def changes(base: str, merged: str, upper: str, skip: set[str], dir_inodes: dict
             os.utime(dirpath, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _compare(base: str, merged: str, upper: str, rel: str, skip: set[str],
-             dir_inodes: dict, linked: set[int]) -> bool:
-    """Compare one directory; True if anything under it changed (it is then in `upper`)."""
-    b_dir, m_dir = os.path.join(base, rel), os.path.join(merged, rel)
-    try:
-        before = set(os.listdir(b_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        before = set()
-    now = set(os.listdir(m_dir))
-    changed = False
-    for name in sorted(now | before):
-        path = f"{rel}/{name}" if rel else name
-        if path in skip:
-            continue
-        m_path, b_path = os.path.join(merged, path), os.path.join(base, path)
-        if name not in now:
-            _ensure_dir(merged, upper, rel)
-            os.mknod(os.path.join(upper, path), stat.S_IFCHR | 0o000, 0)
-            changed = True
-            continue
-        m_st = os.lstat(m_path)
-        b_st = os.lstat(b_path) if name in before else None
-        same = b_st is not None and _signature(m_path, m_st) == _signature(b_path, b_st)
-        if stat.S_ISDIR(m_st.st_mode):
-            was_dir = b_st is not None and stat.S_ISDIR(b_st.st_mode)
-            if was_dir and _replaced(m_path, path, m_st, dir_inodes):
-                _copy_subtree(merged, upper, path)
-                whiteout.make_opaque(os.path.join(upper, path))
-                changed = True
+def _compare(base: str, merged: str, upper: str, skip: set[str], dir_inodes: dict,
+             linked: set[int]) -> None:
+    """Put in `upper` what differs between `base` and `merged`, one directory at a time
+    (a list of directories still to compare, not recursion: any depth)."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        b_dir, m_dir = os.path.join(base, rel), os.path.join(merged, rel)
+        try:
+            before = set(os.listdir(b_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            before = set()
+        now = set(os.listdir(m_dir))
+        for name in sorted(now | before):
+            path = f"{rel}/{name}" if rel else name
+            if path in skip:
                 continue
-            if not same:
-                _ensure_dir(merged, upper, path)
-                changed = True
-            if was_dir:
-                changed |= _compare(base, merged, upper, path, skip, dir_inodes, linked)
-            else:
-                changed |= _copy_subtree(merged, upper, path)
-        elif not same:
-            _ensure_dir(merged, upper, rel)
-            os.link(m_path, os.path.join(upper, path), follow_symlinks=False)
-            if stat.S_ISREG(m_st.st_mode) and m_st.st_nlink > 1:
-                linked.add(m_st.st_ino)
-            changed = True
-    return changed
+            m_path, b_path = os.path.join(merged, path), os.path.join(base, path)
+            if name not in now:
+                _ensure_dir(merged, upper, rel)
+                os.mknod(os.path.join(upper, path), stat.S_IFCHR | 0o000, 0)
+                continue
+            m_st = os.lstat(m_path)
+            b_st = os.lstat(b_path) if name in before else None
+            same = b_st is not None and _signature(m_path, m_st) == _signature(b_path, b_st)
+            if stat.S_ISDIR(m_st.st_mode):
+                was_dir = b_st is not None and stat.S_ISDIR(b_st.st_mode)
+                if was_dir and _replaced(m_path, path, m_st, dir_inodes):
+                    _copy_subtree(merged, upper, path)
+                    whiteout.make_opaque(os.path.join(upper, path))
+                    continue
+                if not same:
+                    _ensure_dir(merged, upper, path)
+                if was_dir:
+                    pending.append(path)
+                else:
+                    _copy_subtree(merged, upper, path)
+            elif not same:
+                _ensure_dir(merged, upper, rel)
+                os.link(m_path, os.path.join(upper, path), follow_symlinks=False)
+                if stat.S_ISREG(m_st.st_mode) and m_st.st_nlink > 1:
+                    linked.add(m_st.st_ino)
 
 
 def _bring_other_names(merged: str, upper: str, inodes: set[int]) -> None:
@@ -314,27 +312,35 @@ def _bring_other_names(merged: str, upper: str, inodes: set[int]) -> None:
                     os.link(path, os.path.join(upper, rel), follow_symlinks=False)
 
 
-def _copy_subtree(merged: str, upper: str, rel: str) -> bool:
+def _copy_subtree(merged: str, upper: str, rel: str) -> None:
     """A directory that is new (or replaced a non-directory): all of it goes in."""
-    _ensure_dir(merged, upper, rel)
-    for name in sorted(os.listdir(os.path.join(merged, rel))):
-        path = f"{rel}/{name}"
-        st = os.lstat(os.path.join(merged, path))
-        if stat.S_ISDIR(st.st_mode):
-            _copy_subtree(merged, upper, path)
-        else:
-            os.link(os.path.join(merged, path), os.path.join(upper, path), follow_symlinks=False)
-    return True
+    pending = [rel]
+    while pending:
+        top = pending.pop()
+        _ensure_dir(merged, upper, top)
+        for name in sorted(os.listdir(os.path.join(merged, top))):
+            path = f"{top}/{name}"
+            st = os.lstat(os.path.join(merged, path))
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(path)
+            else:
+                os.link(os.path.join(merged, path), os.path.join(upper, path),
+                        follow_symlinks=False)
 
 
 def _ensure_dir(merged: str, upper: str, rel: str) -> None:
     """`rel` (and its parents) as directories in `upper`, with the metadata they have in merged."""
-    if not rel:
-        return
+    missing = []
+    while rel and not (os.path.isdir(os.path.join(upper, rel))
+                       and not os.path.islink(os.path.join(upper, rel))):
+        missing.append(rel)
+        rel = os.path.dirname(rel)
+    for rel in reversed(missing):
+        _make_dir_like(merged, upper, rel)
+
+
+def _make_dir_like(merged: str, upper: str, rel: str) -> None:
     target = os.path.join(upper, rel)
-    if os.path.isdir(target) and not os.path.islink(target):
-        return
-    _ensure_dir(merged, upper, os.path.dirname(rel))
     src = os.path.join(merged, rel)
     st = os.lstat(src)
     os.mkdir(target, 0o700)
