@@ -41,7 +41,8 @@ def _remove(path: str) -> None:
         os.unlink(path)
         return
     parent, top = os.path.split(os.path.abspath(path))
-    parent_fd = os.open(parent, _O_DIR)
+    # The parent may be reached through symlinks (a store under a linked path); `top` is not.
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fd = -1
     try:
         fd = _enter(parent_fd, top)

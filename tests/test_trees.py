@@ -47,6 +47,13 @@ def test_symlinks_are_removed_not_followed_and_odd_files_go_too(tmp_path):
     assert not os.path.lexists(tmp_path / "link") and (outside / "keep").exists()
 
 
+def test_a_tree_under_a_linked_parent_goes_and_the_link_stays(tmp_path):
+    (tmp_path / "real" / "t" / "d").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    remove_tree(str(tmp_path / "linked" / "t"))
+    assert not (tmp_path / "real" / "t").exists() and (tmp_path / "linked").is_symlink()
+
+
 def test_closed_directories_are_opened_up_and_missing_paths_are_fine(tmp_path):
     work = tmp_path / "snap" / "work" / "work"
     work.mkdir(parents=True)

@@ -45,7 +45,7 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
                  _MAX_TIME if clamp_mtime is None else clamp_mtime)
-    walk.run(os.open(root, _O_DIR))
+    walk.run(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))   # (root: as named)
     if walk.stats.entries:
         sink.write(tarformat.END_OF_ARCHIVE)
     return walk.stats
