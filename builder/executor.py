@@ -102,7 +102,7 @@ class Executor:
                     root = os.path.join(stepdir, f"from-{len(groups)}")
                     groups.append(fileops.SourceGroup(
                         root, lowers=tuple(self.store.lower_links(list(diff_ids))),
-                        store_root=self.store.root, what=what))
+                        store_root=self.store.root, what=what, keep_owners=True))
                 last = key
             g = groups[-1]
             if kind == "context":

@@ -48,6 +48,7 @@ class SourceGroup:
     lowers: tuple[str, ...] = ()               # a layer stack to mount read-only at `root`
     store_root: str = ""                       # working dir for relative lower paths
     what: str = ""                             # for messages: "stage build", "image x"
+    keep_owners: bool = False                  # another stage's or an image's files (see _Copier)
     fd: int = -1
 
 
@@ -114,7 +115,8 @@ def copy_into_root(op: CopyOp) -> dict:
     deferred: dict[str, tuple] = {}            # target -> work; a later source wins
     dir_times: list[tuple[str, int]] = []
     for gi, g in enumerate(op.groups):
-        copier = _Copier(g.fd, uid, gid, op.chmod, gi, deferred)
+        copier = _Copier(g.fd, uid, gid, op.chmod, gi, deferred,
+                         keep_owners=g.keep_owners and not op.chown)
         for src in g.sources:
             base = dest
             if op.parents:
@@ -159,7 +161,7 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
                 digest, e.st, perm, owner, f"/proc/self/fd/{copier.ctx}/{e.src}", target, path):
             records.append(encode_record(digest, target))
             return
-        if copier._copy_file(e, path, perm) and digest is not None:
+        if copier._copy_file(e, path, perm, owner) and digest is not None:
             records.append(encode_record(digest, target))
 
     def copy_one(item):
@@ -207,11 +209,20 @@ def _is_dir(path: str) -> bool:
 
 
 class _Copier:
+    """Copies one group's sources into the image.
+
+    Owners: 0:0 or --chown's for files from the context (as Docker); files
+    from another stage or an image keep theirs unless --chown is given
+    (`keep_owners`; Docker since 2019, BuildKit and Buildah do the same).
+    Directories the copy has to create around them are 0:0 or --chown's.
+    """
+
     def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | None, group: int = 0,
-                 deferred: dict | None = None):
+                 deferred: dict | None = None, keep_owners: bool = False):
         self.ctx = ctx_fd
         self.uid = uid
         self.gid = gid
+        self.keep_owners = keep_owners
         self.chmod = chmod
         self.group = group
         self.links: dict[tuple[int, int], str] = {}
@@ -330,9 +341,12 @@ class _Copier:
             # would copy it up and set its mtime, which this does.
             os.utime(parent)
             self.in_upper.add(parent)
-        self.deferred[target] = (target, self.group, e.src, perm, (self.uid, self.gid))
+        self.deferred[target] = (target, self.group, e.src, perm, self._owner(e))
 
-    def _copy_file(self, e, target: str, perm: int) -> bool:
+    def _owner(self, e) -> tuple[int, int]:
+        return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
+
+    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int] | None = None) -> bool:
         """Copy one regular file and set its owner, mode, xattrs and time (by fd).
 
         True if the copy is exactly the file that was hashed (no extended
@@ -352,7 +366,7 @@ class _Copier:
                         break
                     offset += n
                     left -= n
-                os.fchown(dst, self.uid, self.gid)
+                os.fchown(dst, *(owner or self._owner(e)))
                 os.fchmod(dst, perm)          # after chown, which clears set-id bits
                 # After chown too, which drops security.capability (file capabilities).
                 had_xattrs = self._copy_xattrs(src, dst)
@@ -397,7 +411,7 @@ class _Copier:
             os.close(src)
 
     def _finish_entry(self, target: str, perm: int, e, *, is_link: bool) -> None:
-        os.chown(target, self.uid, self.gid, follow_symlinks=False)
+        os.chown(target, *self._owner(e), follow_symlinks=False)
         if not is_link:
             os.chmod(target, perm)
         os.utime(target, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns), follow_symlinks=False)

@@ -396,3 +396,31 @@ ADD bundle.tar /opt/
     assert owned == plain and (owned_entry.uid, owned_entry.gid) == (1000, 1000)
     assert added == {"security.capability": CAP_NET_RAW, "user.origin": b"archive"}
     assert xattrs(image.layers[-1], "tree/sub")[1] == {"user.kind": b"directory"}
+
+
+def test_copy_from_a_stage_or_an_image_keeps_owners(tmp_path, base_image, store_root, store):
+    """COPY --from keeps the owners files have in the other stage or image (Docker since
+    moby#38599, BuildKit, Buildah); --chown still sets them; directories the COPY creates
+    around the files are root's; files from the context are 0:0."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE} AS build
+RUN mkdir -p /out/sub && echo x > /out/sub/f && echo y > /out/g && chown -R 1000:1001 /out \\
+ && chown 1002:1003 /out/g && chmod 4755 /out/sub/f
+FROM {BASE}
+COPY --from=build /out /kept/
+COPY --from=build /out/sub/f /new/parent/f
+COPY --from=build --chown=2000:2000 /out /chowned/
+COPY --from=build /out/g /kept-file
+COPY ctxfile /ctxfile
+""", "ctxfile": "from the context\n"})
+    os.chown(ctx / "ctxfile", 1234, 1234)
+    image = builder.build(str(ctx), root=store_root, no_cache=True)
+    owners = {}
+    for layer in image.layers[-5:]:
+        for m in layer_members(store, layer):
+            owners[m.name] = (m.uid, m.gid, m.mode)
+    assert owners["kept/sub"][:2] == (1000, 1001) and owners["kept/g"][:2] == (1002, 1003)
+    assert owners["kept/sub/f"] == (1000, 1001, 0o4755)
+    assert owners["new/parent"][:2] == (0, 0) and owners["new/parent/f"][:2] == (1000, 1001)
+    assert all(owners[n][:2] == (2000, 2000) for n in ("chowned/sub", "chowned/sub/f", "chowned/g"))
+    assert owners["kept-file"][:2] == (1002, 1003)
+    assert owners["ctxfile"][:2] == (0, 0)
