@@ -31,7 +31,7 @@ import tarfile
 import zlib  # noqa: F401
 from dataclasses import dataclass
 
-from . import paths, users
+from . import filemode, paths, users
 from .layer import extract
 from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
 from .donor import Donor, encode_record
@@ -58,7 +58,7 @@ class CopyOp:
     dest: str                       # absolute, inside the image
     dest_is_dir: bool               # the destination ends with / (or several sources)
     chown: str | None = None
-    chmod: int | None = None
+    chmod: int | str | None = None  # filemode.parse()
     excludes: tuple[str, ...] = ()
     parents: bool = False
     unpack: bool = False            # ADD: unpack local archives
@@ -217,7 +217,7 @@ class _Copier:
     Directories the copy has to create around them are 0:0 or --chown's.
     """
 
-    def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | None, group: int = 0,
+    def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | str | None, group: int = 0,
                  deferred: dict | None = None, keep_owners: bool = False):
         self.ctx = ctx_fd
         self.uid = uid
@@ -277,7 +277,8 @@ class _Copier:
     def copy_entry(self, e, target: str) -> None:
         st = e.st
         mode = st.st_mode
-        perm = self.chmod if self.chmod is not None else stat.S_IMODE(mode)
+        perm = stat.S_IMODE(mode) if self.chmod is None else \
+            filemode.apply(self.chmod, mode, stat.S_ISDIR(mode))
         if stat.S_ISDIR(mode):
             if self._is_free(target):
                 existing = None

@@ -19,6 +19,7 @@ import signal as _signal
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
+from . import filemode
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word, expand_words
 from .dockerfile.syntax import go_quote
@@ -112,7 +113,7 @@ class Plan:
     dest: str = ""
     dest_is_dir: bool = False
     chown: str | None = None
-    chmod: int | None = None
+    chmod: int | str | None = None    # filemode.parse(): octal, or a symbolic mode
     excludes: tuple[str, ...] = ()
     parents: bool = False
     unpack: bool = False
@@ -450,13 +451,12 @@ def _copy(state: StageState, inst: ins.Copy) -> Plan:
     if inst.chmod:
         text = expand(state, inst, inst.chmod, env)
         try:
-            chmod = int(text, 8)
-            if not 0 <= chmod <= 0o7777:
-                raise ValueError
+            chmod = filemode.parse(text)
         except ValueError:
             raise DockerfileError(f"invalid chmod parameter: {text!r}: it should be an octal "
-                                  "string between 0 and 7777", line=inst.line,
-                                  hint="for example --chmod=755") from None
+                                  "mode between 0 and 7777 or a symbolic one as chmod(1) takes",
+                                  line=inst.line, hint="for example --chmod=755 or --chmod=a+rX,go-w"
+                                  ) from None
     heredoc_names = {h.name for h in inst.heredocs}
     sources: list[CopySource] = []
     shown: list[str] = []

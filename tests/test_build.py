@@ -424,3 +424,21 @@ COPY ctxfile /ctxfile
     assert all(owners[n][:2] == (2000, 2000) for n in ("chowned/sub", "chowned/sub/f", "chowned/g"))
     assert owners["kept-file"][:2] == (1002, 1003)
     assert owners["ctxfile"][:2] == (0, 0)
+
+
+def test_copy_chmod_takes_symbolic_modes(tmp_path, base_image, store_root, store):
+    """--chmod=a+rX,go-w (Dockerfile 1.14): applied to each entry's own mode, X only to
+    directories and to files someone may already execute."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+COPY --chmod=a+rX,go-w tree /tree
+COPY --chmod=+x tree/plain /plain-exec
+""", "tree/plain": "p\n", "tree/tool": "#!/bin/sh\n", "tree/sub/f": "f\n"})
+    os.chmod(ctx / "tree" / "plain", 0o600)
+    os.chmod(ctx / "tree" / "tool", 0o700)
+    os.chmod(ctx / "tree" / "sub", 0o700)
+    os.chmod(ctx / "tree" / "sub" / "f", 0o666)
+    image = builder.build(str(ctx), root=store_root, no_cache=True)
+    modes = {m.name: m.mode for layer in image.layers[-2:] for m in layer_members(store, layer)}
+    assert modes["tree/plain"] == 0o644 and modes["tree/tool"] == 0o755
+    assert modes["tree/sub"] == 0o755 and modes["tree/sub/f"] == 0o644
+    assert modes["plain-exec"] == 0o711
