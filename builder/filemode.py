@@ -11,6 +11,7 @@ u, g or o after the operator copies that class's permissions.
 
 from __future__ import annotations
 
+import functools
 import stat
 
 _SHIFT = {"u": 6, "g": 3, "o": 0}
@@ -70,8 +71,10 @@ def _bits(classes: str, perms: str, current: int, is_dir: bool) -> int:
     return sum(rwx << _SHIFT[c] for c in classes) | special
 
 
-def _clauses(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
-    """[(classes, [(operator, permissions)])] of a symbolic mode; ValueError if it is not one."""
+@functools.lru_cache(maxsize=32)      # apply() runs once per copied entry: parse once
+def _clauses(text: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """((classes, ((operator, permissions), ...)), ...) of a symbolic mode; ValueError if it is
+    not one."""
     out = []
     for clause in text.split(","):
         i = 0
@@ -94,5 +97,5 @@ def _clauses(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
                 raise ValueError(text)             # a class to copy stands alone
             actions.append((op, perms))
             i = j
-        out.append((classes, actions))
-    return out
+        out.append((classes, tuple(actions)))
+    return tuple(out)

@@ -167,8 +167,8 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
     def copy_one(item):
         target, gi, src, perm, owner = item
         copier = copiers.get(gi)
-        if copier is None:
-            copier = copiers[gi] = _Copier(op.groups[gi].fd, owner[0], owner[1], op.chmod, gi)
+        if copier is None:      # (each file brings its owner; the copier's own is not used)
+            copier = copiers[gi] = _Copier(op.groups[gi].fd, 0, 0, op.chmod, gi)
         path = upper + target
         e = entries[(gi, src)]
         try:
@@ -309,7 +309,7 @@ class _Copier:
                 self._defer(e, target, perm)
                 return
             self.deferred.pop(target, None)
-            self._copy_file(e, target, perm)
+            self._copy_file(e, target, perm, self._owner(e))
             if st.st_nlink > 1:
                 self.links[key] = target
             return
@@ -347,7 +347,7 @@ class _Copier:
     def _owner(self, e) -> tuple[int, int]:
         return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
 
-    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int] | None = None) -> bool:
+    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int]) -> bool:
         """Copy one regular file and set its owner, mode, xattrs and time (by fd).
 
         True if the copy is exactly the file that was hashed (no extended
@@ -367,7 +367,7 @@ class _Copier:
                         break
                     offset += n
                     left -= n
-                os.fchown(dst, *(owner or self._owner(e)))
+                os.fchown(dst, *owner)
                 os.fchmod(dst, perm)          # after chown, which clears set-id bits
                 # After chown too, which drops security.capability (file capabilities).
                 had_xattrs = self._copy_xattrs(src, dst)

@@ -154,16 +154,11 @@ class _Walk:
             if key in self.links:
                 return False             # a hard link to an earlier entry
             self.links[key] = name
-        size = st.st_size
-        data = os.read(fd, size) if size else b""
-        if len(data) != size:
-            raise OSError(f"{name} shrank while it was being archived")
-        self.sink.write(tarformat.header(name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777,
-                                         uid=st.st_uid, gid=st.st_gid, size=size,
-                                         mtime=min(int(st.st_mtime), self.clamp))
-                        + data + tarformat.pad(size))
+        _write_file(fd, name, st.st_size, self.sink, tarformat.header(
+            name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777, uid=st.st_uid,
+            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp)))
         self.stats.entries += 1
-        self.stats.content_bytes += size
+        self.stats.content_bytes += st.st_size
         return True
 
     def entry(self, name: str, st: os.stat_result, target) -> None:
@@ -199,7 +194,8 @@ class _Walk:
                                                 **common))
                     return
                 self.links[key] = name
-            _write_file(target, name, st, common, sink)
+            _write_file(target, name, st.st_size, sink, tarformat.header(
+                name, typeflag=tarformat.REGULAR, size=st.st_size, **common))
             stats.content_bytes += st.st_size
         elif stat.S_ISLNK(mode):
             sink.write(tarformat.header(name, typeflag=tarformat.SYMLINK,
@@ -214,9 +210,8 @@ class _Walk:
             stats.entries -= 1   # sockets are not part of an image, as in Docker
 
 
-def _write_file(fd: int, name: str, st: os.stat_result, common: dict, sink) -> None:
-    size = st.st_size
-    header = tarformat.header(name, typeflag=tarformat.REGULAR, size=size, **common)
+def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
+    """Write a regular file's entry: its `header`, then `size` bytes read from `fd`, padded."""
     if size <= _READ:
         # Most files: one read, one write of header, content and padding.
         data = os.read(fd, size) if size else b""

@@ -188,8 +188,6 @@ def _xattr_names(path: str, st) -> list[str]:
         return []
 
 
-
-
 def _overlay_entries(extra: str, merged: str) -> list[str]:
     """Copy the init dir's entries (mount points) into `merged`, leaving their parents' times as
     they were; returns their relative paths."""
