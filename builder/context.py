@@ -9,8 +9,10 @@ cache.
 
 A source's digest covers what COPY puts in the image except times and
 owners (COPY sets its own owner; an mtime-only change must hit the cache):
-every entry's relative path, type and mode, and a file's content or a
-link's target. File contents are hashed once per (inode, size, mtime, ctime)
+every entry's relative path, type and mode, a file's content or a link's
+target, and the extended attributes COPY copies (file capabilities, say),
+as Docker's and BuildKit's file checksums do. File contents (and xattrs)
+are hashed once per (inode, size, mtime, ctime)
 and remembered for the life of the process (and by the store's stat cache);
 thousands of files nobody knows yet are hashed on every core (hashing.py).
 """
@@ -30,7 +32,8 @@ from .errors import BuildError
 from .statcache import StatCache
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_content_digests: LRUCache = LRUCache(maxsize=262144)
+_content_digests: LRUCache = LRUCache(maxsize=262144)   # identity -> (content, xattr digest)
+XATTRS_MARK = "xattrs:"      # in file_table's content column, before the xattr digest
 
 
 # ---- .dockerignore -----------------------------------------------------------
@@ -299,74 +302,85 @@ class BuildContext:
 
     # ---- digests ------------------------------------------------------------
 
-    def file_digest(self, rel: str, st: os.stat_result) -> str:
-        digest = known_digest(st)
-        if digest is None:
-            digest = self.stat_cache.get(rel, st)
-            if digest is None:
+    def file_digest(self, rel: str, st: os.stat_result) -> tuple[str, str]:
+        """(content digest, xattr digest or "") of one regular file of the context."""
+        known = _content_digests.get(_identity(st))
+        if known is None:
+            known = self.stat_cache.get(rel, st)
+            if known is None:
                 root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
-                    digest = hashing.hash_file(root, rel)
+                    known = hashing.hash_file(root, rel)
                 finally:
                     os.close(root)
-                self.stat_cache.put(rel, st, digest)
-            _content_digests[_identity(st)] = digest
-        return digest
+                self.stat_cache.put(rel, st, *known)
+            _content_digests[_identity(st)] = known
+        return known
 
-    def _file_digests(self, entries) -> dict[str, str]:
-        """Context path -> content digest of every regular file among `entries`.
+    def _file_digests(self, entries) -> dict[str, tuple[str, str]]:
+        """Context path -> file_digest() of every regular file among `entries`.
 
         What neither cache knows is hashed in one batch (hashing.py: on every
         core when there are thousands of such files).
         """
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, str]] = {}
         unknown = []
         for e in entries:
             if not stat.S_ISREG(e.st.st_mode):
                 continue
-            digest = known_digest(e.st)
-            if digest is None:
-                digest = self.stat_cache.get(e.src, e.st)
-                if digest is None:
+            known = _content_digests.get(_identity(e.st))
+            if known is None:
+                known = self.stat_cache.get(e.src, e.st)
+                if known is None:
                     unknown.append(e)
                     continue
-                _content_digests[_identity(e.st)] = digest
-            out[e.src] = digest
-        for e, digest in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
-            if digest is None:
+                _content_digests[_identity(e.st)] = known
+            out[e.src] = known
+        for e, known in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
+            if known is None:
                 out[e.src] = self.file_digest(e.src, e.st)     # reports why it cannot be read
                 continue
-            self.stat_cache.put(e.src, e.st, digest)
-            _content_digests[_identity(e.st)] = digest
-            out[e.src] = digest
+            self.stat_cache.put(e.src, e.st, *known)
+            _content_digests[_identity(e.st)] = known
+            out[e.src] = known
         return out
 
+    def _content(self, e: Entry, digests: dict) -> tuple[str, str]:
+        """(content, xattr digest) of an entry for the cache key: a file's digest, a link's
+        target; a directory has only xattrs."""
+        mode = e.st.st_mode
+        if stat.S_ISREG(mode):
+            return digests[e.src] if digests is not None else self.file_digest(e.src, e.st)
+        if stat.S_ISLNK(mode):
+            return os.readlink(os.path.join(self.root, e.src)), ""
+        if stat.S_ISDIR(mode):
+            return "", hashing.xattr_digest(os.path.join(self.root, e.src)).hex()
+        return "", ""
+
     def digest(self, source: Source) -> str:
-        """What the step cache knows of a source: names, types, modes, contents; no times or owners."""
+        """What the step cache knows of a source: names, types, modes, contents, xattrs; no
+        times or owners."""
         digests = self._file_digests(source.entries)
         lines = []
         for e in source.entries:
             mode = e.st.st_mode
-            if stat.S_ISREG(mode):
-                content = digests[e.src]
-            elif stat.S_ISLNK(mode):
-                content = os.readlink(os.path.join(self.root, e.src))
-            else:
-                content = ""
-            lines.append(f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}\n")
+            content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e, None)
+            line = f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}"
+            # (xattrs only where there are some: keys made before they counted stay valid)
+            lines.append(f"{line}\0xattrs:{xattrs}\n" if xattrs else line + "\n")
         return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
     def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
-        """path in the context -> (type, mode, content digest or link target), for explain.py."""
+        """path in the context -> (type, mode, content digest or link target), for explain.py;
+        xattrs follow the content as ` xattrs:<digest>`."""
         out = {}
         for e in source.entries:
             mode = e.st.st_mode
-            if stat.S_ISREG(mode):
-                kind, content = "file", self.file_digest(e.src, e.st)
-            elif stat.S_ISLNK(mode):
-                kind, content = "symlink", os.readlink(os.path.join(self.root, e.src))
-            else:
-                kind, content = ("dir" if stat.S_ISDIR(mode) else "other"), ""
+            kind = "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else \
+                "dir" if stat.S_ISDIR(mode) else "other"
+            content, xattrs = self._content(e, None)
+            if xattrs:
+                content += f" {XATTRS_MARK}{xattrs}"
             out[e.src or "."] = (kind, f"{stat.S_IMODE(mode):o}", content)
         return out
 
@@ -382,7 +396,8 @@ def _identity(st: os.stat_result) -> tuple:
 
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest this process computed for the file with this stat, if any."""
-    return _content_digests.get(_identity(st))
+    known = _content_digests.get(_identity(st))
+    return None if known is None else known[0]
 
 
 def filter_excludes(source: Source, rules: IgnoreRules) -> Source | None:

@@ -25,6 +25,8 @@ import marshal
 import os
 import threading
 
+from .context import XATTRS_MARK
+
 MAX_FILES_NAMED = 3
 
 
@@ -130,7 +132,8 @@ def _file_changes(prev: dict, cur: dict) -> list[tuple[str, str]]:
         elif a[0] != b[0]:
             changes.append((path, "type"))
         elif a[2] != b[2]:
-            changes.append((path, "content"))
+            same_content = a[2].split(" " + XATTRS_MARK)[0] == b[2].split(" " + XATTRS_MARK)[0]
+            changes.append((path, "xattrs" if same_content else "content"))
         else:
             changes.append((path, "mode"))
     return changes

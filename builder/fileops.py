@@ -35,6 +35,7 @@ from . import filemode, paths, users
 from .layer import extract
 from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
 from .donor import Donor, encode_record
+from .hashing import NOT_COPIED_XATTRS
 from .sandbox import SetupError
 from .snapshot.overlay import mount_overlay
 
@@ -388,7 +389,7 @@ class _Copier:
         except OSError:
             return False
         for name in names:
-            if name.startswith(("security.selinux", "trusted.overlay.", "user.overlay.")):
+            if name.startswith(NOT_COPIED_XATTRS):
                 continue
             try:
                 os.setxattr(dst, name, os.getxattr(src, name))

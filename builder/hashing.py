@@ -11,6 +11,10 @@ and report as it would any unreadable file.
 
 Measured here: 30,000 files, 140 MB in the page cache, 0.29 s in one
 process, 0.16 s in two.
+
+A file's extended attributes are read on the same descriptor: COPY copies
+them, so they are part of what keys its cache (as in Docker's and
+BuildKit's file checksums), kept apart from the content digest.
 """
 
 from __future__ import annotations
@@ -20,24 +24,48 @@ import os
 import sys
 
 PARALLEL_FROM_FILES = 2000       # below this, starting a helper (~20 ms) costs more than it saves
-_RECORD = 33                     # b"+" + 32-byte digest, or b"-" + 32 bytes of padding
+# b"+", the 32-byte content digest, the 32-byte xattr digest (zeros: none); or b"-" and padding
+_RECORD = 65
+_NO_XATTRS = bytes(32)
+NOT_COPIED_XATTRS = ("security.selinux", "trusted.overlay.", "user.overlay.")   # (fileops.py)
 
 
-def _sha256(root_fd: int, rel: str):
-    """The sha256 of one file under `root_fd`, not following a symlink in its last component."""
+def xattr_digest(target) -> bytes:
+    """sha256 of the xattrs COPY copies from `target` (an open fd, or a path whose last
+    component is not followed): sorted names with their values; b"" if it has none."""
+    try:
+        names = os.listxattr(target) if isinstance(target, int) else \
+            os.listxattr(target, follow_symlinks=False)
+        names = sorted(n for n in names if not n.startswith(NOT_COPIED_XATTRS))
+        if not names:
+            return b""
+        h = hashlib.sha256()
+        for name in names:
+            value = os.getxattr(target, name) if isinstance(target, int) else \
+                os.getxattr(target, name, follow_symlinks=False)
+            h.update(b"%s\0%d\0%s" % (name.encode("utf-8", "surrogateescape"), len(value), value))
+    except OSError:
+        return b""
+    return h.digest()
+
+
+def _sha256(root_fd: int, rel: str) -> tuple[bytes, bytes]:
+    """(sha256 of the content, xattr_digest) of one file under `root_fd`, not following a
+    symlink in its last component."""
     fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
     try:
         h = hashlib.sha256(os.read(fd, 1 << 20))
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
+        return h.digest(), xattr_digest(fd)
     finally:
         os.close(fd)
-    return h
 
 
-def hash_file(root_fd: int, rel: str) -> str:
-    """sha256 hex of one file under `root_fd`, not following a symlink in its last component."""
-    return _sha256(root_fd, rel).hexdigest()
+def hash_file(root_fd: int, rel: str) -> tuple[str, str]:
+    """(content sha256 hex, xattr digest hex or "") of one file under `root_fd`."""
+    content, xattrs = _sha256(root_fd, rel)
+    return content.hex(), xattrs.hex()
 
 
 def _helper(root: str) -> None:
@@ -50,14 +78,15 @@ def _helper(root: str) -> None:
     out = []
     for rel in sys.stdin.buffer.read().split(b"\0")[:-1]:
         try:
-            out.append(b"+" + _sha256(root_fd, rel).digest())
+            content, xattrs = _sha256(root_fd, rel)
+            out.append(b"+" + content + (xattrs or _NO_XATTRS))
         except OSError:
-            out.append(b"-" + bytes(32))
+            out.append(b"-" + bytes(_RECORD - 1))
     sys.stdout.buffer.write(b"".join(out))
 
 
-def hash_files(root: str, rels: list[str]) -> list[str | None]:
-    """sha256 hex of each file (relative to `root`), None where one could not be read."""
+def hash_files(root: str, rels: list[str]) -> list[tuple[str, str] | None]:
+    """hash_file() of each file (relative to `root`), None where one could not be read."""
     cores = len(os.sched_getaffinity(0))
     helpers = min(cores - 1, 3, len(rels) // PARALLEL_FROM_FILES)
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -95,8 +124,7 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
                 if proc.returncode != 0 or len(data) != _RECORD * len(part):
                     out += [None] * len(part)      # the caller hashes these itself
                     continue
-                out += [data[i + 1:i + _RECORD].hex() if data[i] == 0x2B else None
-                        for i in range(0, len(data), _RECORD)]
+                out += [_from_record(data[i:i + _RECORD]) for i in range(0, len(data), _RECORD)]
             out += [None] * (len(rels) - len(out))  # the shares of helpers that never started
             return out
         finally:
@@ -109,7 +137,14 @@ def hash_files(root: str, rels: list[str]) -> list[str | None]:
         os.close(root_fd)
 
 
-def _try_hash(root_fd: int, rel: str) -> str | None:
+def _from_record(record: bytes) -> tuple[str, str] | None:
+    if record[0] != 0x2B:
+        return None
+    xattrs = record[33:]
+    return record[1:33].hex(), "" if xattrs == _NO_XATTRS else xattrs.hex()
+
+
+def _try_hash(root_fd: int, rel: str) -> tuple[str, str] | None:
     try:
         return hash_file(root_fd, rel)
     except OSError:

@@ -1,7 +1,9 @@
 """A persistent stat cache for build contexts: unchanged files are never read twice.
 
 For each context directory the store keeps `cache/context/<hash of its
-path>.marshal`: relative path -> (size, mtime_ns, ctime_ns, inode, digest).
+path>.marshal`: relative path -> (size, mtime_ns, ctime_ns, inode, digest,
+xattr digest). An entry without the last (written before xattrs were part
+of the key) is not used.
 A file whose stat still matches is not read again, so an unchanged context
 costs one walk. ctime is part of the key because nothing but the kernel sets
 it: a content change always moves it, even when a tool restores the mtime.
@@ -46,17 +48,20 @@ class StatCache:
             self._entries = entries if isinstance(entries, dict) else {}
         return self._entries
 
-    def get(self, rel: str, st: os.stat_result) -> str | None:
+    def get(self, rel: str, st: os.stat_result) -> tuple[str, str] | None:
+        """(content digest, xattr digest or "") of a file whose stat has not changed."""
         hit = self._load().get(rel)
-        if hit is not None and hit[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
-            return hit[4]
+        if hit is not None and len(hit) == 6 and \
+                hit[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+            return hit[4], hit[5]
         return None
 
-    def put(self, rel: str, st: os.stat_result, digest: str) -> None:
+    def put(self, rel: str, st: os.stat_result, digest: str, xattrs: str) -> None:
         if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
             return
         with self._lock:
-            self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest)
+            self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                                 xattrs)
             self._changed = True
 
     def save(self) -> None:

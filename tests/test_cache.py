@@ -90,6 +90,23 @@ def test_file_mode_misses(ctx, store_root):
     assert LAST_REASONS["COPY"] == "1 file changed: app/other.txt (mode)"
 
 
+def test_xattrs_miss_as_in_docker(ctx, store_root):
+    # COPY copies them (a file capability, say), so they key the cache, as Docker's and
+    # BuildKit's file checksums do; the cached layer would otherwise lack them.
+    os.setxattr(ctx / "app/main.txt", "user.note", b"one")
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert LAST_REASONS["COPY"] == "1 file changed: app/main.txt (xattrs)"
+    os.setxattr(ctx / "app/main.txt", "user.note", b"two")
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+    os.setxattr(ctx / "app", "user.note", b"dir")
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert LAST_REASONS["COPY"] == "1 file changed: app (xattrs)"
+    assert ran(ctx, store_root) == []
+    os.removexattr(ctx / "app", "user.note")
+    os.removexattr(ctx / "app/main.txt", "user.note")
+    assert ran(ctx, store_root) == [], "back as it was: the first build's layers"
+
+
 def test_chown_flag_misses_but_the_context_owner_does_not(ctx, store_root):
     os.chown(ctx / "app/main.txt", 4321, 4321)      # COPY sets its own owner: a hit
     assert ran(ctx, store_root) == []

@@ -121,11 +121,17 @@ def test_many_files_are_hashed_by_helpers_as_one_process_would(tmp_path):
     import hashlib
     rels = _many_files(tmp_path, hashing.PARALLEL_FROM_FILES * 2)
     os.symlink("d0/f0", tmp_path / "link")
+    with_xattr = rels[-1]                       # (in a helper's share)
+    os.setxattr(tmp_path / with_xattr, "user.note", b"v")
     asked = rels + ["missing", "link"]          # unreadable: None, as the caller must retry them
     got = hashing.hash_files(str(tmp_path), asked)
-    want = [hashlib.sha256((tmp_path / r).read_bytes()).hexdigest() for r in rels]
+    want = [(hashlib.sha256((tmp_path / r).read_bytes()).hexdigest(), "") for r in rels]
+    xattrs = hashing.xattr_digest(str(tmp_path / with_xattr)).hex()
+    assert xattrs and xattrs == hashlib.sha256(b"user.note\0" + b"1\0v").hexdigest()
+    want[-1] = (want[-1][0], xattrs)
     assert got == want + [None, None]
     assert hashing.hash_files(str(tmp_path), rels[:10]) == want[:10]      # (one process)
+    assert hashing.hash_files(str(tmp_path), [with_xattr]) == want[-1:]
 
 
 def test_a_context_digest_does_not_depend_on_how_it_was_hashed(tmp_path, monkeypatch):
@@ -157,7 +163,7 @@ def test_hashing_without_helpers_leaves_the_files_to_the_caller(tmp_path, monkey
     assert len(got) == len(rels)
     share = len([g for g in got if g is not None])
     assert 0 < share < len(rels)             # this process's share, and nothing invented
-    assert all(g == hashlib.sha256((tmp_path / r).read_bytes()).hexdigest()
+    assert all(g == (hashlib.sha256((tmp_path / r).read_bytes()).hexdigest(), "")
                for r, g in zip(rels, got) if g is not None)
     ctx = BuildContext(str(tmp_path))
     assert ctx.digest(ctx.sources(".")[0]).startswith("sha256:")   # the caller hashes the rest
