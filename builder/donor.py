@@ -12,6 +12,14 @@ extended attributes on either side. Layer dirs never change once
 installed, so a shared inode is as good as a copy; removing either layer
 only drops one of its names.
 
+Each row also keeps the source file's inode and ctime when it was copied (a
+copy is recorded only if the source had no xattrs). While the source still
+has both, nothing about it has changed since, xattrs included (setting one
+moves the ctime), so the link needs no xattr lookup; that lookup was a
+third of the link pass. Any other source (a fresh checkout, say) is asked.
+Rows are `digest NUL target NUL inode:ctime NUL`; the table is named
+`copied-2` so that an older layer's `copied` (no stamps) is never misread.
+
 What is not the same as a copy: a shared file's link count is 2 or more
 inside later steps (`stat` in a RUN shows it). The donor is never in the
 new layer's own stack (engine.py checks), so no mount shows two names of
@@ -23,11 +31,11 @@ from __future__ import annotations
 import os
 import stat
 
-TABLE = "copied"        # in the layer's directory, beside diff/ and layer.json
+TABLE = "copied-2"      # in the layer's directory, beside diff/ and layer.json
 
 
-def read_table(path: str) -> dict[str, str]:
-    """target -> hex digest, from a table file; empty if it is missing or unreadable."""
+def read_table(path: str) -> dict[str, tuple[str, bytes]]:
+    """target -> (hex digest, source stamp), from a table file; empty if missing or unreadable."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -35,13 +43,18 @@ def read_table(path: str) -> dict[str, str]:
         return {}
     fields = data.split(b"\0")
     out = {}
-    for i in range(0, len(fields) - 1, 2):
-        out[os.fsdecode(fields[i + 1])] = fields[i].decode("ascii", "replace")
+    for i in range(0, len(fields) - 2, 3):
+        out[os.fsdecode(fields[i + 1])] = (fields[i].decode("ascii", "replace"), fields[i + 2])
     return out
 
 
-def encode_record(digest: str, target: str) -> bytes:
-    return digest.encode("ascii") + b"\0" + os.fsencode(target) + b"\0"
+def stamp(st: os.stat_result) -> bytes:
+    """What changes whenever anything about a source file does: its inode and ctime."""
+    return b"%d:%d" % (st.st_ino, st.st_ctime_ns)
+
+
+def encode_record(digest: str, target: str, st: os.stat_result) -> bytes:
+    return digest.encode("ascii") + b"\0" + os.fsencode(target) + b"\0" + stamp(st) + b"\0"
 
 
 class Donor:
@@ -49,20 +62,26 @@ class Donor:
 
     `diff` is its diff dir, `table` what it recorded. A failed link (the
     layer pruned meanwhile, another file system) only means a plain copy.
+    Files come directory by directory, so the donor's and the upper dir's
+    copies of the last directory stay open: each file is then looked up and
+    linked by its name alone, not by a path from the root.
     """
 
     def __init__(self, diff: str, table_path: str):
         self.diff = diff
         self.table = read_table(table_path)
+        self._dir: tuple[str, int, int] | None = None    # (target dir, donor fd, upper fd)
 
     def link(self, digest: str, st: os.stat_result, perm: int, owner: tuple[int, int],
-             source_path: str, target: str, path: str) -> bool:
-        """Hard-link the donor's copy of `target` to `path` if it is what a copy would give."""
-        if self.table.get(target) != digest:
+             source_path: str, target: str, upper: str) -> bool:
+        """Hard-link the donor's copy of `target` into `upper` if it is what a copy would give."""
+        row = self.table.get(target)
+        if row is None or row[0] != digest:
             return False
-        donor_path = self.diff + target
+        parent, _, name = target.rpartition("/")
         try:
-            have = os.lstat(donor_path)
+            donor_dir, upper_dir = self._open_dir(parent, upper)
+            have = os.lstat(name, dir_fd=donor_dir)
         except OSError:
             return False
         if (not stat.S_ISREG(have.st_mode) or have.st_size != st.st_size
@@ -70,9 +89,30 @@ class Donor:
                 or (have.st_uid, have.st_gid) != owner):
             return False
         try:
-            if os.listxattr(source_path, follow_symlinks=False):
+            if row[1] != stamp(st) and os.listxattr(source_path, follow_symlinks=False):
                 return False
-            os.link(donor_path, path, follow_symlinks=False)
+            os.link(name, name, src_dir_fd=donor_dir, dst_dir_fd=upper_dir,
+                    follow_symlinks=False)
         except OSError:
             return False
         return True
+
+    def _open_dir(self, parent: str, upper: str) -> tuple[int, int]:
+        if self._dir is not None and self._dir[0] == parent:
+            return self._dir[1], self._dir[2]
+        self.close()
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        donor_dir = os.open(self.diff + parent, flags)
+        try:
+            upper_dir = os.open(upper + parent, flags)
+        except OSError:
+            os.close(donor_dir)
+            raise
+        self._dir = (parent, donor_dir, upper_dir)
+        return donor_dir, upper_dir
+
+    def close(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir[1])
+            os.close(self._dir[2])
+            self._dir = None

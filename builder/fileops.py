@@ -159,11 +159,11 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
     def place(copier, e, target, path, perm, owner):
         digest = known_digest(e.st)
         if digest is not None and donor is not None and donor.link(
-                digest, e.st, perm, owner, f"/proc/self/fd/{copier.ctx}/{e.src}", target, path):
-            records.append(encode_record(digest, target))
+                digest, e.st, perm, owner, f"/proc/self/fd/{copier.ctx}/{e.src}", target, upper):
+            records.append(encode_record(digest, target, e.st))
             return
         if copier._copy_file(e, path, perm, owner) and digest is not None:
-            records.append(encode_record(digest, target))
+            records.append(encode_record(digest, target, e.st))
 
     def copy_one(item):
         target, gi, src, perm, owner = item
@@ -188,7 +188,11 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
             with open(os.path.join(op.record, f"part-{worker}"), "wb") as f:
                 f.write(b"".join(records))
 
-    _in_parallel(work["files"], copy_one, keep_records)
+    try:
+        _in_parallel(work["files"], copy_one, keep_records)
+    finally:
+        if donor is not None:
+            donor.close()
     for path, mtime in reversed(work["dirs"]):
         os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
 

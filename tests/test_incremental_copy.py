@@ -13,6 +13,7 @@ import shutil
 import tarfile
 
 import builder
+from builder import donor
 from builder.image import chain_ids
 from builder.store import Store
 
@@ -57,7 +58,7 @@ def test_unchanged_files_are_shared_and_the_layer_is_a_plain_copys(tmp_path, bas
     ctx = make_context(tmp_path)
     first = build(ctx, store_root)
     _, old = copy_layer(store, first)
-    assert os.path.isfile(os.path.join(os.path.dirname(old), "copied"))
+    assert os.path.isfile(os.path.join(os.path.dirname(old), donor.TABLE))
 
     (ctx / "src/d0/f0.txt").write_text("changed content\n")                 # content
     os.chmod(ctx / "src/d1/f1.txt", 0o600)                                  # mode
@@ -122,3 +123,41 @@ def test_a_different_owner_shares_nothing(tmp_path, base_image, store_root):
         name = rel.removeprefix("src/")
         assert inode(f"{new}/app/{name}") != inode(f"{old}/app/{name}"), name
         assert os.stat(f"{new}/app/{name}").st_uid == 1000
+
+
+def test_a_source_that_gained_an_xattr_is_copied_and_a_new_inode_alone_is_still_shared(
+        tmp_path, base_image, store_root):
+    # Enough files for the copy to run in parallel workers (fileops._PARALLEL_FROM).
+    many = {f"src/d{i % 4}/g{i}.txt": f"g {i}\n" for i in range(300)}
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n", **many})
+    first = build(ctx, store_root)
+    store = Store(store_root)
+    _, old = copy_layer(store, first)
+
+    # Same content, an xattr more: the table's stamp no longer matches, the source is asked.
+    os.setxattr(ctx / "src/d0/g0.txt", "user.note", b"kept")
+    # Same content, mode and mtime in a new inode (a fresh checkout): no xattr, still shared.
+    fresh = ctx / "src/d1/g1.txt"
+    st = os.stat(fresh)
+    tmp = ctx / "src/d1/g1.new"
+    tmp.write_bytes(fresh.read_bytes())
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, fresh)
+    assert os.stat(fresh).st_ino != st.st_ino
+
+    second = build(ctx, store_root)
+    _, new = copy_layer(store, second)
+    assert second.id != first.id
+    assert inode(f"{new}/app/d0/g0.txt") != inode(f"{old}/app/d0/g0.txt")
+    assert os.getxattr(f"{new}/app/d0/g0.txt", "user.note") == b"kept"
+    for name in ("d1/g1.txt", "d2/g2.txt", "d3/g299.txt"):
+        assert inode(f"{new}/app/{name}") == inode(f"{old}/app/{name}"), name
+    members = {m.name: m for m in tarfile.open(
+        fileobj=io.BytesIO(layer_tar(store, second.layers[-1]))).getmembers()}
+    assert members["app/d0/g0.txt"].pax_headers.get("SCHILY.xattr.user.note") == "kept"
+    assert "SCHILY.xattr.user.note" not in members["app/d1/g1.txt"].pax_headers
+
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)          # (times, modes and xattrs kept)
+    alone = build(plain, store_root, no_cache=True)
+    assert entries(store, alone.layers[-1]) == entries(store, second.layers[-1])

@@ -8,7 +8,7 @@ store root, so that dozens of layers fit in the kernel's one-page limit.
 
 Layers are installed by renaming a complete staging directory into place,
 so a crash never leaves a half-installed layer under `layers/`. A COPY
-layer also keeps `copied`, the table of the files it wrote (donor.py).
+layer also keeps `copied-2`, the table of the files it wrote (donor.py).
 """
 
 from __future__ import annotations
