@@ -363,7 +363,12 @@ class BuildContext:
         if stat.S_ISLNK(mode):
             return os.readlink(os.path.join(self.root, e.src)), ""
         if stat.S_ISDIR(mode):
-            return "", hashing.xattr_digest(os.path.join(self.root, e.src)).hex()
+            # Kept in the stat cache too: a context may have tens of thousands of dirs.
+            known = self.stat_cache.get(e.src + "/", e.st)
+            if known is None:
+                known = ("", hashing.xattr_digest(os.path.join(self.root, e.src)).hex())
+                self.stat_cache.put(e.src + "/", e.st, *known)
+            return known
         return "", ""
 
     def digest(self, source: Source) -> str:

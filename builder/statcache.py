@@ -2,8 +2,9 @@
 
 For each context directory the store keeps `cache/context/<hash of its
 path>.marshal`: relative path -> (size, mtime_ns, ctime_ns, inode, digest,
-xattr digest). An entry without the last (written before xattrs were part
-of the key) is not used.
+xattr digest); a directory's path ends in "/" and has only the xattr
+digest. An entry without the last (written before xattrs were part of the
+key) is not used.
 A file whose stat still matches is not read again, so an unchanged context
 costs one walk. ctime is part of the key because nothing but the kernel sets
 it: a content change always moves it, even when a tool restores the mtime.

@@ -9,6 +9,8 @@ import pytest
 from builder.context import BuildContext, IgnoreRules
 from builder.errors import BuildError
 
+from conftest import write_context
+
 
 @pytest.mark.parametrize("patterns,path,excluded", [
     (["*.go"], "main.go", True),
@@ -167,3 +169,30 @@ def test_hashing_without_helpers_leaves_the_files_to_the_caller(tmp_path, monkey
                for r, g in zip(rels, got) if g is not None)
     ctx = BuildContext(str(tmp_path))
     assert ctx.digest(ctx.sources(".")[0]).startswith("sha256:")   # the caller hashes the rest
+
+
+def test_xattrs_key_the_digest_through_the_stat_cache(tmp_path, monkeypatch):
+    """A file's and a directory's xattrs are remembered with their stat (ctime moves when one is
+    set), so a later build sees a change without the cache hiding it."""
+    from builder import context, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)          # cache even what was just written
+    ctx = write_context(tmp_path / "ctx", {"src/a.txt": "a\n", "src/sub/b.txt": "b\n"})
+    cache = str(tmp_path / "cache")
+
+    def digest() -> str:
+        context._content_digests.clear()                   # a new build process
+        c = BuildContext(str(ctx), cache_dir=cache)
+        d = c.digest(c.sources("src")[0])
+        c.save()
+        return d
+
+    plain = digest()
+    assert digest() == plain
+    os.setxattr(ctx / "src/sub", "user.note", b"dir")
+    with_dir_xattr = digest()
+    assert with_dir_xattr != plain
+    os.setxattr(ctx / "src/a.txt", "user.note", b"file")
+    assert digest() not in (plain, with_dir_xattr)
+    os.removexattr(ctx / "src/a.txt", "user.note")
+    os.removexattr(ctx / "src/sub", "user.note")
+    assert digest() == plain
