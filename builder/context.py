@@ -33,7 +33,7 @@ from .statcache import StatCache
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _content_digests: LRUCache = LRUCache(maxsize=262144)   # identity -> (content, xattr digest)
-XATTRS_MARK = "xattrs:"      # in file_table's content column, before the xattr digest
+XATTRS_MARK = "xattrs:"      # before an xattr digest, in a key line and in file_table
 
 
 # ---- .dockerignore -----------------------------------------------------------
@@ -354,7 +354,7 @@ class BuildContext:
             out[e.src] = known
         return out
 
-    def _content(self, e: Entry, digests: dict) -> tuple[str, str]:
+    def _content(self, e: Entry, digests: dict | None) -> tuple[str, str]:
         """(content, xattr digest) of an entry for the cache key: a file's digest, a link's
         target; a directory has only xattrs."""
         mode = e.st.st_mode
@@ -381,7 +381,7 @@ class BuildContext:
             content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e, None)
             line = f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}"
             # (xattrs only where there are some: keys made before they counted stay valid)
-            lines.append(f"{line}\0xattrs:{xattrs}\n" if xattrs else line + "\n")
+            lines.append(f"{line}\0{XATTRS_MARK}{xattrs}\n" if xattrs else line + "\n")
         return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
     def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
