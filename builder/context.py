@@ -354,12 +354,12 @@ class BuildContext:
             out[e.src] = known
         return out
 
-    def _content(self, e: Entry, digests: dict | None) -> tuple[str, str]:
+    def _content(self, e: Entry) -> tuple[str, str]:
         """(content, xattr digest) of an entry for the cache key: a file's digest, a link's
         target; a directory has only xattrs."""
         mode = e.st.st_mode
         if stat.S_ISREG(mode):
-            return digests[e.src] if digests is not None else self.file_digest(e.src, e.st)
+            return self.file_digest(e.src, e.st)
         if stat.S_ISLNK(mode):
             return os.readlink(os.path.join(self.root, e.src)), ""
         if stat.S_ISDIR(mode):
@@ -378,7 +378,7 @@ class BuildContext:
         lines = []
         for e in source.entries:
             mode = e.st.st_mode
-            content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e, None)
+            content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e)
             line = f"{e.rel}\0{stat.S_IFMT(mode):o}\0{stat.S_IMODE(mode):o}\0{content}"
             # (xattrs only where there are some: keys made before they counted stay valid)
             lines.append(f"{line}\0{XATTRS_MARK}{xattrs}\n" if xattrs else line + "\n")
@@ -392,7 +392,7 @@ class BuildContext:
             mode = e.st.st_mode
             kind = "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else \
                 "dir" if stat.S_ISDIR(mode) else "other"
-            content, xattrs = self._content(e, None)
+            content, xattrs = self._content(e)
             if xattrs:
                 content += f" {XATTRS_MARK}{xattrs}"
             out[e.src or "."] = (kind, f"{stat.S_IMODE(mode):o}", content)

@@ -2,7 +2,7 @@
 
 When a COPY misses the cache because a few of its files changed, writing
 all the others again is most of its cost (30,000 files: 0.7 s of a 2.6 s
-rebuild). Every COPY layer therefore keeps a table, `layers/<id>/copied`,
+rebuild). Every COPY layer therefore keeps a table, `layers/<id>/copied-2`,
 of the plain files it wrote from content the build knows the digest of
 (target path -> sha256). The next build of the same step (the same
 Dockerfile position, engine.py picks it) hard-links a file from that layer

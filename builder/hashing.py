@@ -27,22 +27,23 @@ PARALLEL_FROM_FILES = 2000       # below this, starting a helper (~20 ms) costs 
 # b"+", the 32-byte content digest, the 32-byte xattr digest (zeros: none); or b"-" and padding
 _RECORD = 65
 _NO_XATTRS = bytes(32)
-NOT_COPIED_XATTRS = ("security.selinux", "trusted.overlay.", "user.overlay.")   # (fileops.py)
+# What COPY does not copy (fileops.py): SELinux labels and overlayfs's own markers (as
+# layer/whiteout.py names them; spelled out here, since helpers import nothing of builder).
+NOT_COPIED_XATTRS = ("security.selinux", "trusted.overlay.", "user.overlay.")
 
 
 def xattr_digest(target) -> bytes:
     """sha256 of the xattrs COPY copies from `target` (an open fd, or a path whose last
     component is not followed): sorted names with their values; b"" if it has none."""
+    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(target) if isinstance(target, int) else \
-            os.listxattr(target, follow_symlinks=False)
-        names = sorted(n for n in names if not n.startswith(NOT_COPIED_XATTRS))
+        names = sorted(n for n in os.listxattr(target, **nofollow)
+                       if not n.startswith(NOT_COPIED_XATTRS))
         if not names:
             return b""
         h = hashlib.sha256()
         for name in names:
-            value = os.getxattr(target, name) if isinstance(target, int) else \
-                os.getxattr(target, name, follow_symlinks=False)
+            value = os.getxattr(target, name, **nofollow)
             h.update(b"%s\0%d\0%s" % (name.encode("utf-8", "surrogateescape"), len(value), value))
     except OSError:
         return b""

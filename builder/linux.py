@@ -28,6 +28,11 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.syscall.restype = ctypes.c_long
 _libc.syscall.argtypes = None
 
+# A forked child keeps every fd its parent had (a sandbox never execs): held while a
+# pipe's write end is open in pybuild, this lock stops another thread's sandbox from
+# inheriting it, which would keep the pipe from ever reaching EOF.
+FORK_LOCK = threading.Lock()
+
 # Namespaces (linux/sched.h).
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -37,11 +42,6 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
 # Mount flags (linux/mount.h).
-# A forked child keeps every fd its parent had (a sandbox never execs): held while a
-# pipe's write end is open in pybuild, this lock stops another thread's sandbox from
-# inheriting it, which would keep the pipe from ever reaching EOF.
-FORK_LOCK = threading.Lock()
-
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4

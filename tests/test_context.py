@@ -196,3 +196,9 @@ def test_xattrs_key_the_digest_through_the_stat_cache(tmp_path, monkeypatch):
     os.removexattr(ctx / "src/a.txt", "user.note")
     os.removexattr(ctx / "src/sub", "user.note")
     assert digest() == plain
+
+
+def test_copy_leaves_out_overlays_own_xattrs_in_the_key_too():
+    from builder import hashing
+    from builder.layer import whiteout
+    assert set(whiteout.OVERLAY_XATTR_PREFIXES) <= set(hashing.NOT_COPIED_XATTRS)

@@ -62,12 +62,12 @@ def mount_overlay(target: str, lowers: list[str], upper: str | None = None,
             linux.mount_overlay(target, lowers, upper, work, options, readonly=readonly,
                                 flags=flags)
             _new_api = True
-            _volatile = _volatile or bool(flags)
+            _volatile = _volatile or "volatile" in flags
             return
         except OSError as e:
             if e.errno not in (22, 38):      # EINVAL (no lowerdir+ or volatile), ENOSYS
                 raise
-            if flags and "volatile" in str(e):
+            if "volatile" in flags and "volatile" in str(e):
                 _volatile = False
                 return mount_overlay(target, lowers, upper, work, readonly=readonly)
             if _new_api:

@@ -109,8 +109,9 @@ class LayerStore:
     def keep_copied(self, chain_id: str, parts_dir: str) -> None:
         """Join the tables a COPY's workers wrote into the layer's (donor.py).
 
-        The first build to produce a layer writes its table; the same layer built
-        again writes the same one.
+        The first build to produce a layer writes its table and it is kept: the
+        same layer built again (from another checkout, say) differs at most in
+        the sources' stamps, which only decide whether a source is asked for xattrs.
         """
         parts = []
         for name in sorted(os.listdir(parts_dir)):
