@@ -20,12 +20,14 @@ the first difference that explains the miss is named:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import marshal
 import os
 import threading
 
 from .context import XATTRS_MARK
+from .store.lock import write_atomic
 
 MAX_FILES_NAMED = 3
 
@@ -62,16 +64,8 @@ class RecipeLog:
         os.makedirs(self.dir, exist_ok=True)
         for target, data in ((path, marshal.dumps(recipe)),
                              (path[:-len(".marshal")] + ".key", recipe["key"].encode())):
-            tmp = f"{target}.{os.getpid()}-{threading.get_ident()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            except OSError:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            with contextlib.suppress(OSError):     # (only an explanation for later)
+                write_atomic(target, data)
 
 
 def explain(previous: dict | None, current: dict, *, no_cache: bool,

@@ -17,11 +17,14 @@ and learned, by atomic rename; the worst a race costs is a re-hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import marshal
 import os
 import threading
 import time
+
+from .store.lock import write_atomic
 
 _RACY_NS = 2_000_000_000
 _MAX_ENTRIES = 1_000_000
@@ -72,14 +75,6 @@ class StatCache:
         if len(entries) > _MAX_ENTRIES:
             entries = dict(list(entries.items())[-_MAX_ENTRIES:])
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                marshal.dump(entries, f)
-            os.replace(tmp, self.path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):      # (only a cache: the next build hashes again)
+            write_atomic(self.path, marshal.dumps(entries))
         self._changed = False
