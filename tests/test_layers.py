@@ -182,3 +182,63 @@ def test_truncated_tar_is_a_clear_error(tmp_path):
     data = _tar([_file("big", b"y" * 5000)])
     with pytest.raises(LayerError, match="truncated|corrupt"):
         extract.extract(io.BytesIO(data[:1500]), str(tmp_path), what="layer 2")
+
+
+# ---- the layer sink: hash, compress and write in three threads --------------------------
+
+class FailingBlob:
+    """A blob writer whose disk fills up after `room` bytes."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.written = 0
+
+    def write(self, b):
+        if self.written + len(b) > self.room:
+            raise OSError(28, "No space left on device")
+        self.written += len(b)
+
+
+def test_layer_sink_gives_the_tar_digest_and_a_gzip_of_it(tmp_path):
+    import gzip
+    import hashlib
+    import threading
+    from builder.layer import compress
+    data = [os.urandom(300_000) for _ in range(20)] + [b"x" * 5_000_000, b"", b"tail"]
+    blob = Sink()
+    with compress.LayerSink(blob) as sink:
+        for piece in data:
+            sink.write(piece)
+        sink.close()
+    tar = b"".join(data)
+    assert sink.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert sink.tar_size == len(tar)
+    assert gzip.decompress(bytes(blob.data)) == tar
+    assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]
+
+
+@pytest.mark.parametrize("fail_in", ["write", "compress"])
+def test_layer_sink_failure_reaches_the_caller_and_ends_its_threads(fail_in, monkeypatch):
+    import threading
+    from builder.layer import compress
+    blob = FailingBlob(room=3 << 20 if fail_in == "write" else 1 << 40)
+    if fail_in == "compress":
+        class Broken:
+            calls = 0
+
+            def compress(self, b):
+                Broken.calls += 1
+                if Broken.calls == 3:
+                    raise ValueError("compressor broke")
+                return b
+
+            def flush(self):
+                return b""
+        monkeypatch.setattr(compress, "_compressor", lambda algorithm: Broken())
+    with pytest.raises((OSError, ValueError)) as e:
+        with compress.LayerSink(blob) as sink:
+            for _ in range(64):                      # far more than the queues hold
+                sink.write(os.urandom(1 << 20))
+            sink.close()
+    assert ("No space left" if fail_in == "write" else "compressor broke") in str(e.value)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]
