@@ -242,3 +242,31 @@ def test_layer_sink_failure_reaches_the_caller_and_ends_its_threads(fail_in, mon
             sink.close()
     assert ("No space left" if fail_in == "write" else "compressor broke") in str(e.value)
     assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]
+
+
+def test_read_ahead_reads_the_stream_as_it_is_and_passes_errors_on():
+    import threading
+    from builder.layer import compress
+    data = os.urandom(3 << 20) + b"end"
+    src = io.BytesIO(data)
+    ahead = compress.ReadAhead(src.read, "pybuild-test-read")
+    got = [ahead.read(10240), ahead.read(1), ahead.read(5 << 20), ahead.read()]
+    assert b"".join(got) == data and ahead.read(7) == b""
+    assert len(got[0]) == 10240 and len(got[1]) == 1
+    ahead.close()
+
+    def broken(n, left=[2]):
+        left[0] -= 1
+        if left[0] < 0:
+            raise LayerError("layer: corrupt or truncated data")
+        return b"x" * n
+    ahead = compress.ReadAhead(broken, "pybuild-test-read")
+    with pytest.raises(LayerError, match="corrupt"):
+        while ahead.read(4096):
+            pass
+    ahead.close()
+    # A reader that gives up early: the thread, blocked on its full queue, still ends.
+    ahead = compress.ReadAhead(io.BytesIO(os.urandom(64 << 20)).read, "pybuild-test-read")
+    assert len(ahead.read(100)) == 100
+    ahead.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]

@@ -88,6 +88,14 @@ def _drained(reader: _TeeReader) -> bool:
         return False
 
 
+def _finished(stage: compress.Stage) -> bool:
+    try:
+        stage.finish()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _check_digest(what: str, got: str, expected: str) -> None:
     if got != expected:
         raise LayerError(f"{what}: blob does not match its digest: expected {expected}, "
@@ -112,33 +120,52 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
     compressed = compress.is_compressed(head)
+    blob_writer = read_ahead = None     # threads of their own: compressed layers (ReadAhead)
     with store.blobs.writer() as blob, compress.LayerSink(blob, compress=not compressed) as sink, \
             store.tmpdir("ingest") as staging:
-        if compressed:
-            media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) else MEDIA_LAYER_GZIP
-            outer = _TeeReader(buffered, [blob.write])
-            diff_hash = hashlib.sha256()
-            plain = _TeeReader(compress.open_decompressed(outer, head), [diff_hash.update], what)
-        else:
-            media_type = MEDIA_LAYER_GZIP
-            outer, diff_hash = None, sink.diff_hash
-            plain = _TeeReader(buffered, [sink.write], what)
-        diff_dir = os.path.join(staging, "diff")
-        os.mkdir(diff_dir, 0o755)
         try:
-            content = extract.extract(plain, diff_dir, what=what)
-            plain.drain()
-            if outer is not None:
-                outer.drain()
-        except (LayerError, OSError, EOFError, ValueError) as e:
-            # Bytes that do not decompress or extract: when the blob's digest is known, the
-            # clearer error is that the blob is not the one named (read it to the end to know).
-            if expected_digest and outer is not None and _drained(outer):
-                _check_digest(what, blob.digest, expected_digest)
-            if isinstance(e, LayerError):
-                raise
-            raise LayerError(f"{what}: cannot read the layer ({e})") from None
-        sink.close()
+            if compressed:
+                media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) \
+                    else MEDIA_LAYER_GZIP
+                blob_writer = compress.Stage(blob.write, "pybuild-blob-write")
+                outer = _TeeReader(buffered, [blob_writer.put])
+                diff_hash = hashlib.sha256()
+                # Decompressing and hashing happen in a second thread, writing the blob in a
+                # third, extracting in this one.
+                read_ahead = compress.ReadAhead(_TeeReader(compress.open_decompressed(outer, head),
+                                                           [diff_hash.update], what).read,
+                                                "pybuild-decompress")
+                plain = read_ahead
+            else:
+                media_type = MEDIA_LAYER_GZIP
+                outer, diff_hash = None, sink.diff_hash
+                plain = _TeeReader(buffered, [sink.write], what)
+            diff_dir = os.path.join(staging, "diff")
+            os.mkdir(diff_dir, 0o755)
+            try:
+                content = extract.extract(plain, diff_dir, what=what)
+                plain.drain()
+                if outer is not None:
+                    outer.drain()
+            except (LayerError, OSError, EOFError, ValueError) as e:
+                # Bytes that do not decompress or extract: when the blob's digest is known, the
+                # clearer error is that the blob is not the one named (read it to the end to know).
+                if read_ahead is not None:
+                    read_ahead.close()
+                if expected_digest and outer is not None and _drained(outer) \
+                        and _finished(blob_writer):
+                    _check_digest(what, blob.digest, expected_digest)
+                if isinstance(e, LayerError):
+                    raise
+                raise LayerError(f"{what}: cannot read the layer ({e})") from None
+            if blob_writer is not None:
+                blob_writer.finish()
+            sink.close()
+        finally:
+            if read_ahead is not None:
+                read_ahead.close()
+            if blob_writer is not None:
+                blob_writer.stop()
         diff_id = "sha256:" + diff_hash.hexdigest()
         if expected_digest and compressed:
             _check_digest(what, blob.digest, expected_digest)

@@ -41,19 +41,19 @@ class LayerSink:
         self.tar_size = 0
         self._pieces: list[bytes] = []
         self._pending = 0
-        self._compress: _Stage | None = None
-        self._write: _Stage | None = None
+        self._compress: Stage | None = None
+        self._write: Stage | None = None
         if compress:
             compressor = _compressor(algorithm)
             self._compressor = compressor
-            self._write = _Stage(blob_writer.write, "pybuild-blob-write")
+            self._write = Stage(blob_writer.write, "pybuild-blob-write")
             write = self._write.put
 
             def compress_one(data) -> None:
                 out = compressor.compress(data)
                 if out:
                     write(out)
-            self._compress = _Stage(compress_one, "pybuild-compress")
+            self._compress = Stage(compress_one, "pybuild-compress")
 
     def write(self, data) -> None:
         # Pieces are joined once per megabyte (one copy), big pieces go as they are.
@@ -104,7 +104,7 @@ class LayerSink:
         return "sha256:" + self.diff_hash.hexdigest()
 
 
-class _Stage:
+class Stage:
     """A thread that calls `work(item)` for each item put, in order.
 
     The queue is short (8 MB of tar at most): a slow stage holds up the ones
@@ -143,6 +143,71 @@ class _Stage:
         self.stop()
         if self.error is not None:
             raise self.error
+
+
+class ReadAhead:
+    """A readable stream whose bytes another thread reads from `read`, a few megabytes ahead.
+
+    Loading a layer means decompressing it, hashing the tar, extracting it
+    and writing the blob; in one thread, decompressing and hashing took
+    about as long as extracting. With ReadAhead they run beside it (both
+    release the GIL). An error `read` raises is raised by the next read();
+    close() stops the thread when the reader gives up early.
+    """
+
+    def __init__(self, read, name: str):
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._stopping = False
+        self._chunk = b""
+        self._at = 0
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, args=(read,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, read) -> None:
+        try:
+            while not self._stopping:
+                data = read(_FLUSH_AT)
+                self._queue.put(data)
+                if not data:
+                    return
+        except BaseException as e:
+            self._queue.put(e)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(_FLUSH_AT), b""))
+        if self._at >= len(self._chunk):
+            if self._ended:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if not item:
+                self._ended = True
+                return b""
+            self._chunk, self._at = item, 0
+        data = self._chunk[self._at:self._at + n]
+        self._at += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        while self.read(_FLUSH_AT):
+            pass
+
+    def close(self) -> None:
+        self._stopping = True
+        while self._thread.is_alive():
+            try:                          # make room for a put the thread may be blocked in
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.01)
 
 
 ZSTD_LEVEL = 3          # zstd's default: smaller than gzip -2 and faster to decompress
