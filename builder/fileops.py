@@ -202,8 +202,8 @@ def mkdir_workdir(path: str, user: str) -> None:
     path = os.path.realpath(path)
     if _is_dir(path):
         return
-    who = users.exec_user(user, "/") if user else None
-    _Copier(-1, who.uid if who else 0, who.gid if who else 0, None).mkdir_parents(path)
+    uid, gid = users.chown_ids(user, "/") if user else (0, 0)     # BuildKit: as --chown=USER
+    _Copier(-1, uid, gid, None).mkdir_parents(path)
 
 
 def _is_dir(path: str) -> bool:

@@ -87,15 +87,23 @@ def exec_user(spec: str, root: str = "/") -> ExecUser:
 
 
 def chown_ids(spec: str, root: str = "/") -> tuple[int, int]:
-    """(uid, gid) of `COPY --chown=spec`."""
-    passwd = _read(root.rstrip("/") + "/etc/passwd")
+    """(uid, gid) of `COPY --chown=spec`, and of a directory WORKDIR creates for `USER spec`.
+
+    A user given by number is that number for the group too, whatever the
+    passwd file says of it ("--chown=2000" is 2000:2000 even when passwd
+    gives uid 2000 the group 3000); a user given by name takes its passwd
+    group. That is BuildKit's rule for the files it creates (recorded from
+    Docker: testdata/compat/user-numeric-workdir), and it differs from what
+    a RUN as the same USER gets (exec_user: the passwd group, or 0).
+    """
     user_spec, sep, group_spec = spec.partition(":")
-    entry = _find_user(passwd, user_spec)
-    if entry is None:
-        if _number(user_spec) is None:
-            raise UnknownUser(f"unable to find user {user_spec}: no matching entries in passwd file")
-        uid, gid = int(user_spec), int(user_spec)
+    number = _number(user_spec)
+    if number is not None:
+        uid, gid = number, number
     else:
+        entry = _find_user(_read(root.rstrip("/") + "/etc/passwd"), user_spec)
+        if entry is None:
+            raise UnknownUser(f"unable to find user {user_spec}: no matching entries in passwd file")
         uid, gid = int(entry[2]), int(entry[3] or 0)
     if sep and group_spec:
         g = _find_group(_read(root.rstrip("/") + "/etc/group"), group_spec)

@@ -25,6 +25,10 @@ Normalisation, each rule for a difference that is not a defect:
     ARG that takes its value from --build-arg or the global scope, current
     BuildKit writes `ARG NAME=value` (the values reach RUN's `|N` prefix and
     the files, which are compared).
+  * RUN's `|N NAME=value ...` prefix names each build arg once: BuildKit 0.8
+    repeated an ARG declared a second time (`|3 X=b Y=c X=b`); current
+    BuildKit lists it once, where it was first declared, with its latest
+    value (dockerfile2llb's runCommandString), as pybuild does.
   * An entry whose layer is the empty tar counts as adding no layer: BuildKit
     exports a layer for a step that changed nothing, Docker's classic builder
     and pybuild add none (history says empty_layer).
@@ -153,7 +157,22 @@ def normalize_created_by(text: str) -> str:
     if text.startswith(("COPY ", "ADD ")):
         words = [w for w in text.split(" ") if not w.startswith(("--chown=", "--chmod="))]
         return " ".join(words)
+    m = re.match(r"RUN \|(\d+) ", text)
+    if m:
+        return _once_each_build_arg(text, int(m.group(1)), m.end())
     return text
+
+
+def _once_each_build_arg(text: str, n: int, start: int) -> str:
+    """`RUN |3 X=b Y=c X=b cmd` -> `RUN |2 X=b Y=c cmd` (values without spaces only)."""
+    words = text[start:].split(" ")
+    pairs = [w.partition("=") for w in words[:n]]
+    if len(pairs) < n or not all(sep and re.fullmatch(r"\w+", k) for k, sep, _ in pairs):
+        return text
+    latest = {k: v for k, _, v in pairs}
+    names = list(dict.fromkeys(k for k, _, _ in pairs))
+    shown = " ".join(f"{k}={latest[k]}" for k in names)
+    return f"RUN |{len(names)} {shown} " + " ".join(words[n:])
 
 
 def delta(base: dict[str, dict], final: dict[str, dict]) -> dict[str, dict | None]:
