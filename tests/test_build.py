@@ -442,3 +442,26 @@ COPY --chmod=+x tree/plain /plain-exec
     assert modes["tree/plain"] == 0o644 and modes["tree/tool"] == 0o755
     assert modes["tree/sub"] == 0o755 and modes["tree/sub/f"] == 0o644
     assert modes["plain-exec"] == 0o711
+
+
+def test_add_chown_applies_to_what_an_archive_unpacks(tmp_path, base_image, store_root, store):
+    """`ADD --chown=100:200 t.tar /out/` owns every unpacked entry 100:200, as BuildKit's
+    dockerfile frontend does since 1.17 (testDockerfileAddChownArchive); Docker 20.10's
+    BuildKit kept the archive's owners. Without --chown, the archive's owners stay."""
+    import io
+    import tarfile
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as t:
+        for name, kind in (("d", tarfile.DIRTYPE), ("d/foo", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.uid, info.gid, info.mode = kind, 7, 8, 0o755
+            info.size = 3 if kind == tarfile.REGTYPE else 0
+            t.addfile(info, io.BytesIO(b"hi\n") if info.size else None)
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nADD --chown=100:200 t.tar /out/\nADD t.tar /kept/\n",
+        "t.tar": archive.getvalue()})
+    image = builder.build(str(ctx), root=store_root, no_cache=True)
+    chowned = {m.name.rstrip("/"): (m.uid, m.gid) for m in layer_members(store, image.layers[-2])}
+    kept = {m.name.rstrip("/"): (m.uid, m.gid) for m in layer_members(store, image.layers[-1])}
+    assert chowned["out/d"] == chowned["out/d/foo"] == (100, 200)
+    assert kept["kept/d"] == kept["kept/d/foo"] == (7, 8)
