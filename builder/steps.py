@@ -369,9 +369,15 @@ def _maintainer(state: StageState, inst: ins.Maintainer) -> Plan:
 def _workdir(state: StageState, inst: ins.Workdir) -> Plan:
     path = expand(state, inst, inst.path)
     current = state.runtime.get("WorkingDir") or "/"
-    wd = posixpath.normpath(posixpath.join(current, path))
-    if wd.startswith("//"):
-        wd = "/" + wd.lstrip("/")
+    if path.startswith("/"):
+        # As written, like BuildKit (NormalizeWorkdir): `WORKDIR /app/` is "/app/" in the
+        # config and the history; only a relative path is joined to the current one and
+        # cleaned ("/app/" + "sub/" -> "/app/sub").
+        wd = path
+    else:
+        wd = posixpath.normpath(posixpath.join(current, path))
+        if wd.startswith("//"):
+            wd = "/" + wd.lstrip("/")
 
     def apply(rt: dict) -> None:
         rt["WorkingDir"] = wd
