@@ -223,11 +223,11 @@ class BuildContext:
             if st is None or self.ignore.excluded(resolved):
                 continue
             out.append(Source(spec, resolved, tuple(self._walk(resolved, st)), pivot))
-        if not out:
-            pattern = names != [cleaned]
+        if not out and names == [cleaned] and not _GLOB_CHARS.search(cleaned):
+            # A pattern that matches nothing is no error, as in BuildKit (AllowEmptyWildcard):
+            # `COPY package.json yarn.lock* ./` is how Dockerfiles copy a file that may be absent.
             raise BuildError(
-                f"{instruction} source {spec!r} is not in {where}"
-                + (": no file matches the pattern" if pattern else ""),
+                f"{instruction} source {spec!r} is not in {where}",
                 hint="check the path (it is relative to the context directory), "
                      "and that .dockerignore does not exclude it" if where == "the build context"
                 else f"check the path inside {where}")

@@ -163,6 +163,8 @@ COPY a.txt renamed.txt
 COPY dir /contents/
 COPY dir/ /contents2
 COPY --chown=1234:staff --chmod=640 a.txt /owned
+COPY a.txt yarn.lock* /optional/
+COPY *.nothing /none/
 """,
         "a.txt": "A", "b.conf": "B", "c.txt": "C", "dir/sub/deep.txt": "D", "dir/top": "T"})
     os.chmod(ctx / "dir/top", 0o700)
@@ -182,6 +184,9 @@ COPY --chown=1234:staff --chmod=640 a.txt /owned
     assert (members["contents/top"].uid, members["contents/top"].gid) == (0, 0)
     owned = members["owned"]
     assert (owned.uid, owned.gid, owned.mode) == (1234, 50, 0o640)
+    # A pattern that matches nothing is skipped, as in BuildKit; nothing at all: no dest either.
+    assert files["optional/a.txt"] == b"A"
+    assert not any(name.startswith("none") for name in members)
 
 
 def test_copy_into_symlinked_dir_stays_inside_the_image(tmp_path, base_image, store_root, store):
