@@ -108,11 +108,12 @@ class Image:
 
 
 def empty_config() -> dict:
-    """The config of `FROM scratch`: nothing but the platform and a default PATH (as BuildKit)."""
+    """The config of `FROM scratch`: the platform, a default PATH and WorkingDir "/", as
+    BuildKit's emptyImage (dockerfile2llb/image.go) has them."""
     return {
         "architecture": host_architecture(),
         "os": "linux",
-        "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
+        "config": {"Env": [f"PATH={DEFAULT_PATH}"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": []},
         "history": [],
     }
