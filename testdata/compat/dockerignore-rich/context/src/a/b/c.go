@@ -1,0 +1,1 @@
+src/a/b/c.go
