@@ -245,6 +245,9 @@ def _cmd(state: StageState, inst: ins.Cmd) -> Plan:
 
     def apply(rt: dict) -> None:
         rt["Cmd"] = argv
+        # Deprecated (it matters on Windows only), but BuildKit sets it with every CMD, so
+        # Docker's images carry it and so do ours.
+        rt["ArgsEscaped"] = True
     return _meta({"CMD": argv}, "CMD " + go_list(argv, quote=True), apply)
 
 

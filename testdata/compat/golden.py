@@ -9,7 +9,7 @@ A golden holds, for the final image:
   * rootfs: every path with its type, mode, uid, gid, and for files size and
     sha256, for symlinks the target (no times: they differ on every build);
   * config: Env, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts,
-    Volumes, StopSignal, Healthcheck, OnBuild, Shell, and the author;
+    Volumes, StopSignal, Healthcheck, OnBuild, Shell, ArgsEscaped, and the author;
   * history: created_by and whether the entry added a layer.
 
 Normalisation, each rule for a difference that is not a defect:
@@ -58,7 +58,7 @@ import tarfile
 
 EMPTY_TAR_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 CONFIG_FIELDS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
-                 "Volumes", "StopSignal", "Healthcheck", "OnBuild", "Shell")
+                 "Volumes", "StopSignal", "Healthcheck", "OnBuild", "Shell", "ArgsEscaped")
 BASE_NAME = "busybox:compat"
 BUSYBOX = "/bin/busybox"
 
