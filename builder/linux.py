@@ -54,6 +54,41 @@ MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
 
+# Capabilities (linux/capability.h, linux/prctl.h). What a command in a Docker container
+# or a BuildKit RUN may do as root: Docker's default set (0xa80425fb). Not in it, among
+# others: SYS_ADMIN, NET_ADMIN (the host's network, with --network host), SYS_TIME (the
+# host's clock), SYS_MODULE, and DAC_READ_SEARCH (open_by_handle_at reaches any file of a
+# file system the sandbox has one file of, such as a bind-mounted /etc/hosts).
+DOCKER_DEFAULT_CAPS = frozenset({
+    0,    # CHOWN
+    1,    # DAC_OVERRIDE
+    3,    # FOWNER
+    4,    # FSETID
+    5,    # KILL
+    6,    # SETGID
+    7,    # SETUID
+    8,    # SETPCAP
+    10,   # NET_BIND_SERVICE
+    13,   # NET_RAW
+    18,   # SYS_CHROOT
+    27,   # MKNOD
+    29,   # AUDIT_WRITE
+    31,   # SETFCAP
+})
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
 # pivot_root has no libc wrapper; its number depends on the architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
                    "s390x": 217, "i686": 217, "armv7l": 218}.get(platform.machine())
@@ -107,6 +142,44 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def set_parent_death_signal(sig: int) -> None:
     """Have the kernel send `sig` to this process when its parent thread exits."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+_SYS_CLOSE_RANGE = 436          # the same number on every architecture (Linux 5.9)
+_CLOSE_RANGE_CLOEXEC = 4        # (5.11)
+
+
+def close_on_exec_from(first: int) -> bool:
+    """Mark every descriptor from `first` on close-on-exec, in one call; False if the
+    kernel cannot (the caller then walks /proc/self/fd)."""
+    return _libc.syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF),
+                         ctypes.c_uint(_CLOSE_RANGE_CLOEXEC)) == 0
+
+
+def limit_capabilities(keep: frozenset[int] = DOCKER_DEFAULT_CAPS) -> None:
+    """Leave this process, and whatever it executes, no capability but `keep`, for good.
+
+    The bounding set decides what a program executed as root gets; the
+    effective, permitted and inheritable sets are cut to `keep` as well, and
+    the ambient set emptied. Needs CAP_SETPCAP (in `keep`, as in Docker's).
+    """
+    for cap in range(64):
+        if cap in keep:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:         # past the last capability this kernel knows
+                break
+            raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)    # EINVAL before 4.3: none
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for word in (0, 1):
+        mask = sum(1 << (cap - 32 * word) for cap in keep if cap // 32 == word)
+        data[word].effective &= mask
+        data[word].permitted &= mask
+        data[word].inheritable &= mask
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def loopback_up() -> None:

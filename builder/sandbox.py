@@ -626,6 +626,34 @@ def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: di
             os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
+# What runc does for Docker (moby's default ReadonlyPaths and MaskedPaths). The proc file
+# system shows the host's kernel: writing /proc/sys would set the host's sysctls (and
+# kernel.core_pattern runs a program of the RUN's choosing as the host's root on the next
+# crash), /proc/sysrq-trigger reboots the host; a dropped capability does not stop either.
+_PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
+_PROC_MASKED = ("acpi", "asound", "kcore", "keys", "latency_stats", "sched_debug", "scsi",
+                "timer_list", "timer_stats")
+_SYS_MASKED = ("firmware", "devices/virtual/powercap")
+
+
+def _protect_proc_and_sys(t: dict[str, str], null: str) -> None:
+    """Make the host-wide parts of /proc read-only, and hide the ones that leak the host."""
+    locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC    # kept: a user namespace
+    for name in _PROC_READ_ONLY:                                  # may not drop them
+        path = os.path.join(t["proc"], name)
+        if os.path.exists(path):
+            linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount(None, path, None,
+                        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | locked)
+    masked = [os.path.join(t["proc"], n) for n in _PROC_MASKED]
+    masked += [os.path.join(t["sys"], n) for n in _SYS_MASKED]
+    for path in masked:
+        if os.path.isdir(path):
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY | locked, "size=0")
+        elif os.path.exists(path):
+            linux.mount(null, path, None, linux.MS_BIND)
+
+
 def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", t["proc"], "proc", nosuid_nodev_noexec)
@@ -652,13 +680,27 @@ def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
     except OSError:
         pass
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-                         ("core", "/proc/kcore")):
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
     try:
         linux.mount("sysfs", t["sys"], "sysfs", nosuid_nodev_noexec | linux.MS_RDONLY)
     except OSError:
         pass   # some hosts refuse sysfs in a child namespace; a build rarely needs it
+    _protect_proc_and_sys(t, os.path.join(dev, "null"))
+
+
+def _close_on_exec_beyond_stdio() -> None:
+    """The command gets stdin, stdout and stderr, and no other descriptor (as under runc):
+    whatever pybuild inherited (a CI agent's pipes) stays out of reach of a RUN. Marked
+    close-on-exec rather than closed, so that a failed exec can still be reported."""
+    if linux.close_on_exec_from(3):
+        return
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            try:
+                os.set_inheritable(int(name), False)
+            except OSError:
+                pass            # the listing's own descriptor, closed by now
 
 
 def _sandbox_c(spec: RunSpec, out_w) -> None:
@@ -673,11 +715,15 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
     env = dict(e.split("=", 1) if "=" in e else (e, "") for e in spec.env)
     env.setdefault("HOME", who.home)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    env.setdefault("HOSTNAME", spec.hostname)
+    if spec.interactive:        # `docker run` sets it; a BuildKit RUN does not
+        env.setdefault("HOSTNAME", spec.hostname)
     try:
         os.makedirs(spec.workdir or "/", 0o755, exist_ok=True)
     except OSError:
         pass
+    # Docker's capabilities, no more: the command runs as root in the host's user
+    # namespace (and, by default, its network namespace).
+    linux.limit_capabilities()
     os.setgroups(list(who.groups))
     os.setgid(who.gid)
     os.setuid(who.uid)
@@ -691,6 +737,7 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
         except (OSError, ValueError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    _close_on_exec_beyond_stdio()
     argv = spec.argv
     if not argv:
         raise SetupError("no command to run")

@@ -200,12 +200,38 @@ def test_copy_into_symlinked_dir_stays_inside_the_image(tmp_path, base_image, st
     assert layer_files(store, image.layers[-1])[marker.lstrip("/") + "/f"] == b"x"
 
 
+def test_run_has_dockers_capabilities_and_cannot_change_the_host_kernel(tmp_path, base_image,
+                                                                          store_root):
+    """A RUN as root gets Docker's default capabilities (no SYS_ADMIN, NET_ADMIN, SYS_TIME,
+    DAC_READ_SEARCH, ...), a read-only /proc/sys (host sysctls), masked /proc/keys, no
+    descriptor but 0-2, and BuildKit's environment (no HOSTNAME). A descriptor pybuild
+    itself inherited (as from a CI agent) must not reach the command."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN grep -E '^Cap(Eff|Bnd)' /proc/self/status; \\
+    v=$(cat /proc/sys/vm/swappiness); (echo $v > /proc/sys/vm/swappiness) 2>/dev/null \\
+      && echo sysctl-written || echo sysctl-refused; \\
+    wc -c < /proc/keys; ls /proc/self/fd | tr '\\n' ' '; echo; env | grep -c HOSTNAME; true
+"""})
+    leaked_r, leaked_w = os.pipe()
+    os.set_inheritable(leaked_w, True)
+    try:
+        _, events = build(ctx, store_root, no_cache=True)
+    finally:
+        os.close(leaked_r)
+        os.close(leaked_w)
+    out = output(events)
+    assert out[:2] == ["CapEff:\t00000000a80425fb", "CapBnd:\t00000000a80425fb"], out
+    assert out[2] == "sysctl-refused" and out[3].strip() == "0", out
+    assert out[4].split() == ["0", "1", "2", "3"], out      # 3: ls reading the directory
+    assert out[5] == "0", out
+
+
 def test_run_sees_only_the_image(tmp_path, base_image, store_root, store):
     marker = "/tmp/pybuild-host-only"
     with open(marker, "w") as f:
         f.write("host")
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
-RUN test ! -e {marker} && echo pid=$$ && hostname && cat /etc/hostname && ls /proc/1/exe >/dev/null \\
+RUN test ! -e {marker} && echo pid=$$ && hostname && cat /etc/hostname && cat /proc/1/comm >/dev/null \\
     && touch /etc/hosts-was-writable-here && echo written > /tmp/new
 """})
     image, events = build(ctx, store_root)

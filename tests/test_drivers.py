@@ -49,7 +49,7 @@ CASES = {
     "chmod-chown": ("", "chmod 600 /etc/passwd && chown 5:6 /etc/group && chown -h 7:8 /bin/sh && "
                         "chmod g+s /home && ls -ln /etc/passwd /etc/group /bin/sh && ls -ldn /home",
                     {"etc/passwd", "etc/group", "bin/sh", "home"}),
-    "xattrs": ("", "setx /etc/passwd user.tag hello && setx /home trusted.note dir && "
+    "xattrs": ("", "setx /etc/passwd user.tag hello && setx /home user.note dir && "
                    "echo x > /new && setx /new user.new 1", {"etc/passwd", "home", "new"}),
     "truncate": ("", "truncate -s 3 /etc/group && truncate -s 100000 /sparse && "
                      "wc -c /etc/group /sparse", {"etc/group", "sparse"}),
