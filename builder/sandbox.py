@@ -586,9 +586,8 @@ def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: di
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, m.options or None)
             continue
         linux.mount(src, target, None, linux.MS_BIND | linux.MS_REC)
-        if m.readonly:
-            linux.mount("none", target, None,
-                        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_REC)
+        # nodev: a cache mount keeps what a RUN put there, device nodes included.
+        _remount_bind(target, linux.MS_NODEV | (linux.MS_RDONLY if m.readonly else 0))
     for path, (content, mode) in spec.files.items():
         host = os.path.join(targets["dev"], path[len("/dev/"):])
         os.makedirs(os.path.dirname(host), 0o755, exist_ok=True)
@@ -606,6 +605,7 @@ def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: di
             raise
         os.chroot(".")     # e.g. the host's root is an initramfs, which cannot be pivoted
     os.chdir("/")
+    _remount_bind("/", linux.MS_NODEV)     # device nodes in the image (or made by RUN): inert
     holder: list[int] = []
     _forward_to(holder)
     pid, parent = _fork()
@@ -654,20 +654,37 @@ def _protect_proc_and_sys(t: dict[str, str], null: str) -> None:
             linux.mount(null, path, None, linux.MS_BIND)
 
 
+# statvfs flag -> mount flag, for the flags a remount must repeat (in a user namespace
+# the kernel refuses to clear the ones it locked).
+_KEPT_MOUNT_FLAGS = ((os.ST_RDONLY, linux.MS_RDONLY), (os.ST_NOSUID, linux.MS_NOSUID),
+                     (os.ST_NODEV, linux.MS_NODEV), (os.ST_NOEXEC, linux.MS_NOEXEC),
+                     (os.ST_NOATIME, linux.MS_NOATIME), (os.ST_NODIRATIME, linux.MS_NODIRATIME),
+                     (os.ST_RELATIME, linux.MS_RELATIME))
+
+
+def _remount_bind(path: str, add: int) -> None:
+    """Add mount flags (MS_NODEV, MS_RDONLY) to the mount at `path`, keeping its others."""
+    have = os.statvfs(path).f_flag
+    flags = add | sum(ms for st, ms in _KEPT_MOUNT_FLAGS if have & st)
+    linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
+
+
 def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", t["proc"], "proc", nosuid_nodev_noexec)
     dev = t["dev"]
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
+    # nodev: a device node the command makes (it has CAP_MKNOD, as in Docker, where the
+    # devices cgroup then refuses to open most) cannot be opened; the few a command needs
+    # are the host's own, each bind-mounted on its own.
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755,size=65536k")
     for name, major, minor in _DEVICES:
         path = os.path.join(dev, name)
-        try:
-            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-            os.chmod(path, 0o666)
-        except PermissionError:
-            # A user namespace may not make devices: the host's own, bind-mounted.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
-            linux.mount(f"/dev/{name}", path, None, linux.MS_BIND)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+        host = f"/dev/{name}"
+        st = os.stat(host)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(major, minor):
+            raise SetupError(f"{host} on this host is not the device it should be")
+        linux.mount(host, path, None, linux.MS_BIND)
     for name in ("pts", "shm", "mqueue"):
         os.mkdir(os.path.join(dev, name), 0o755)
     linux.mount("devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,

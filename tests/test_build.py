@@ -226,6 +226,24 @@ RUN grep -E '^Cap(Eff|Bnd)' /proc/self/status; \\
     assert out[5] == "0", out
 
 
+def test_device_nodes_a_run_makes_cannot_be_opened(tmp_path, base_image, store_root, store):
+    """RUN may mknod (CAP_MKNOD, as in Docker, and the node is in the layer), but a node
+    in the image, in /dev or in a cache mount opens nothing: with it, a RUN could read
+    the host's disks (Docker's devices cgroup stops that). /dev/null and co. still work."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN mknod /n c 1 3 && (echo x > /n) 2>/dev/null || echo image-node-refused; \\
+    mknod /dev/n c 1 3 && (echo x > /dev/n) 2>/dev/null || echo dev-node-refused; \\
+    echo x > /dev/null && head -c 3 /dev/zero | wc -c
+RUN --mount=type=cache,target=/c mknod /c/n c 1 3; \\
+    (echo x > /c/n) 2>/dev/null || echo cache-node-refused; rm /c/n
+"""})
+    image, events = build(ctx, store_root, no_cache=True)
+    assert output(events) == ["image-node-refused", "dev-node-refused", "3",
+                              "cache-node-refused"]
+    node = {m.name: m for m in layer_members(store, image.layers[len(base_image.layers)])}["n"]
+    assert node.ischr() and (node.devmajor, node.devminor) == (1, 3)
+
+
 def test_run_sees_only_the_image(tmp_path, base_image, store_root, store):
     marker = "/tmp/pybuild-host-only"
     with open(marker, "w") as f:
