@@ -79,6 +79,13 @@ def prepare_context(case_dir: str, dest: str) -> tuple[str, str]:
         os.makedirs(ctx)
     dockerfile = os.path.join(dest, "Dockerfile")
     shutil.copy(os.path.join(case_dir, "Dockerfile"), dockerfile)
+    # What git cannot hold, or this repository's .gitignore keeps out (build/, __pycache__/).
+    for rel, content in case.get("files", {}).items():
+        os.makedirs(os.path.dirname(os.path.join(ctx, rel)) or ctx, exist_ok=True)
+        with open(os.path.join(ctx, rel), "w", encoding="utf-8") as f:
+            f.write(content)
+    for rel in case.get("empty_dirs", []):
+        os.makedirs(os.path.join(ctx, rel), exist_ok=True)
     for rel, mode in case.get("modes", {}).items():
         os.chmod(os.path.join(ctx, rel), mode)
     for rel, target in case.get("symlinks", {}).items():
