@@ -158,6 +158,11 @@ def close_on_exec_from(first: int) -> bool:
                          ctypes.c_uint(_CLOSE_RANGE_CLOEXEC)) == 0
 
 
+def set_seccomp_filter(prog_address: int) -> None:
+    """Install the seccomp filter whose struct sock_fprog is at `prog_address` (seccomp.py)."""
+    _check(_libc.prctl(22, 2, prog_address, 0, 0), "prctl(PR_SET_SECCOMP)")   # MODE_FILTER
+
+
 def limit_capabilities(keep: frozenset[int] = DOCKER_DEFAULT_CAPS) -> None:
     """Leave this process, and whatever it executes, no capability but `keep`, for good.
 

@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-from . import linux, paths, users
+from . import linux, paths, seccomp, users
 from .errors import BuildError
 from .snapshot.base import Snapshot
 from .snapshot.overlay import mount_overlay
@@ -742,7 +742,9 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
     except OSError:
         pass
     # Docker's capabilities, no more: the command runs as root in the host's user
-    # namespace (and, by default, its network namespace).
+    # namespace (and, by default, its network namespace). The filter goes first: it
+    # needs CAP_SYS_ADMIN.
+    seccomp.install()
     linux.limit_capabilities()
     os.setgroups(list(who.groups))
     os.setgid(who.gid)
