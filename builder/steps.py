@@ -286,9 +286,12 @@ def _expose(state: StageState, inst: ins.Expose) -> Plan:
             if proto not in ("tcp", "udp", "sctp"):
                 raise DockerfileError(f"EXPOSE {word}: invalid protocol {proto!r}", line=inst.line,
                                       hint="use tcp, udp or sctp")
-            lo, _, hi = port.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
-                raise DockerfileError(f"EXPOSE {word}: invalid port", line=inst.line,
+            # [ip:]host:container, which BuildKit accepts (with a warning): the container's.
+            lo, dash, hi = port.rsplit(":", 1)[-1].partition("-")
+            if not lo.isdigit() or (dash and not hi.isdigit()) or int(hi or lo) < int(lo) \
+                    or int(hi or lo) > 65535:
+                raise DockerfileError(f"EXPOSE {word}: invalid port (0-65535, or a range of them)",
+                                      line=inst.line,
                                       hint="EXPOSE 80, EXPOSE 53/udp or EXPOSE 8000-8010")
             for p in range(int(lo), int(hi or lo) + 1):
                 ports.append(f"{p}/{proto}")

@@ -417,7 +417,8 @@ def typed(node: syntax.Node, filename: str) -> Instruction:
         return From(**common, image=a[0], alias=alias, platform=flags.get("platform"))
     if kw == "run":
         flags = _Flags(node, {"network", "mount", "security"}, filename, repeatable={"mount"})
-        need(bool(node.args), "RUN requires a command")
+        # A bare `RUN` is `/bin/sh -c ""` in BuildKit (a build that passes there passes here).
+        need(bool(node.args) or not node.json, "RUN [] has no command to run")
         net = flags.get("network")
         need(net in (None, "default", "host", "none"),
              f"RUN --network={net}: must be default, host or none")
@@ -425,7 +426,7 @@ def typed(node: syntax.Node, filename: str) -> Instruction:
         need(sec in (None, "sandbox"), f"RUN --security={sec}: pybuild runs every RUN sandboxed",
              "remove the flag (insecure mode is not supported)")
         mounts = tuple(_mount(m, need) for m in flags.all("mount"))
-        return Run(**common, command=tuple(node.args), exec_form=node.json,
+        return Run(**common, command=tuple(node.args) or ("",), exec_form=node.json,
                    network=None if net == "default" else net, mounts=mounts,
                    heredocs=_heredocs(node))
     if kw in ("copy", "add"):
