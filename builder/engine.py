@@ -297,8 +297,9 @@ class Builder:
     # ---- planning -----------------------------------------------------------------
 
     def _stage_ref(self, df: ins.Dockerfile, ref: str, before: int) -> int | None:
-        """The stage a `--from` or FROM names (by name, or by index for --from), if any."""
-        for st in df.stages:
+        """The stage a `--from` or FROM names (by name, or by index for --from), if any: of
+        two earlier stages with the name, the later, as in BuildKit."""
+        for st in reversed(df.stages):
             if st.index < before and st.name == ref.lower():
                 return st.index
         if ref.isdigit() and int(ref) < before:

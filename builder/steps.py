@@ -318,13 +318,24 @@ def _volume(state: StageState, inst: ins.Volume) -> Plan:
     return _meta({"VOLUME": paths}, "VOLUME " + go_list(paths), apply)
 
 
-_SIGNALS = {s.name for s in _signal.Signals} | {f"SIGRTMIN+{i}" for i in range(1, 32)}
+_SIGNALS = ({s.name for s in _signal.Signals} | {f"SIGRTMIN+{i}" for i in range(1, 16)}
+            | {f"SIGRTMAX-{i}" for i in range(1, 15)})
+
+
+def _signal_number(text: str) -> int | None:
+    """A number as Go's strconv.Atoi reads it (a sign allowed), else None."""
+    try:
+        return int(text) if text.lstrip("+-").isdigit() else None
+    except ValueError:
+        return None
 
 
 def _stopsignal(state: StageState, inst: ins.Stopsignal) -> Plan:
     sig = expand(state, inst, inst.signal)
     name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
-    if not (sig.isdigit() and 0 < int(sig) < 65) and name not in _SIGNALS:
+    # moby's signal.ParseSignal: any number but 0 (the kernel judges it when the container
+    # stops), or a known name with or without SIG.
+    if _signal_number(sig) in (None, 0) and name not in _SIGNALS:
         raise DockerfileError(f"STOPSIGNAL: invalid signal {sig!r}", line=inst.line,
                               hint="a name such as SIGTERM or SIGQUIT, or a number")
 

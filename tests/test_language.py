@@ -275,3 +275,12 @@ COPY --parents ./src/./lib/util.go /pivot/
     image, _ = build(ctx, store_root)
     files = all_layer_files(store, image, len(base_image.layers))
     assert set(files) == {"app/src/cmd/main.go", "app/src/tool/main.go", "pivot/lib/util.go"}
+
+
+def test_a_duplicate_stage_name_warns_and_means_the_latest_stage():
+    """BuildKit warns (DuplicateStageName) and builds; the name then means the stage that
+    took it last, for --target as for COPY --from (testdata/compat/duplicate-stage-names)."""
+    from builder.dockerfile.instructions import load
+    df = load("FROM scratch AS b\nFROM scratch AS b\nFROM scratch AS c\n")
+    assert any("duplicate stage name 'b'" in w and ":2:" in w for w in df.warnings)
+    assert df.stage("b").index == 1

@@ -199,7 +199,7 @@ class Dockerfile:
     def stage(self, target: str | None) -> Stage:
         if target is None:
             return self.stages[-1]
-        for st in self.stages:
+        for st in reversed(self.stages):        # the latest, if a name is used twice
             if st.name == target.lower():
                 return st
         names = ", ".join(s.name for s in self.stages if s.name) or "none"
@@ -254,8 +254,10 @@ def load(text: str, *, filename: str = "Dockerfile") -> Dockerfile:
     for st in stages:
         if st.name:
             if st.name in seen:
-                raise DockerfileError(f"duplicate stage name {st.name!r}", file=filename,
-                                      line=st.base.line)
+                # BuildKit only warns (its DuplicateStageName check); a name then means the
+                # latest stage that took it (Dockerfile.stage, engine._stage_ref).
+                warnings.append(f"{filename}:{st.base.line}: duplicate stage name {st.name!r}: "
+                                "stage names should be unique")
             seen.add(st.name)
     return Dockerfile(filename, parsed.directives.escape, tuple(meta_args), tuple(stages),
                       tuple(warnings))
