@@ -111,8 +111,9 @@ def copy_into_root(op: CopyOp) -> dict:
     """
     uid, gid = users.chown_ids(op.chown, "/") if op.chown else (0, 0)
     dest = os.path.realpath(op.dest)    # symlinks followed inside the image, as BuildKit does
-    total = sum(len(g.sources) for g in op.groups)
-    into_dir = op.dest_is_dir or total > 1 or _is_dir(dest) or op.parents
+    # Not "more than one match": BuildKit copies each match of `COPY dir/*.txt /x` to /x
+    # itself, so a destination without a slash ends as the last match (recorded from Docker).
+    into_dir = op.dest_is_dir or _is_dir(dest) or op.parents
     deferred: dict[str, tuple] = {}            # target -> work; a later source wins
     dir_times: list[tuple[str, int]] = []
     for gi, g in enumerate(op.groups):
