@@ -411,7 +411,7 @@ def _run(state: StageState, inst: ins.Run) -> Plan:
     argv = args if inst.exec_form else (list(state.runtime.get("Shell") or DEFAULT_SHELL) + args)
     shown = state.run_args()
     prefix = f"|{len(shown)} " + " ".join(f"{k}={v}" for k, v in shown) + " " if shown else ""
-    mounts = tuple(_run_mount(state, inst, m) for m in inst.mounts)
+    mounts = tuple(r for r in (_run_mount(state, inst, m) for m in inst.mounts) if r is not None)
     return Plan("run", {"RUN": argv, "network": inst.network or "",
                         "mounts": [m.canonical() for m in mounts], "files": files},
                 "RUN " + prefix + " ".join(argv),
@@ -433,7 +433,7 @@ def _run_heredocs(inst: ins.Run) -> tuple[list[str], dict]:
     return [text], {}
 
 
-def _run_mount(state: StageState, inst: ins.Run, m: ins.Mount) -> RunMount:
+def _run_mount(state: StageState, inst: ins.Run, m: ins.Mount) -> RunMount | None:
     env = state.env
 
     def x(value):
@@ -447,8 +447,12 @@ def _run_mount(state: StageState, inst: ins.Run, m: ins.Mount) -> RunMount:
                         mode=0o400 if m.mode is None else m.mode, uid=m.uid or 0, gid=m.gid or 0,
                         env=x(m.env))
     if m.type == "ssh":
-        raise DockerfileError("RUN --mount=type=ssh is not supported by pybuild",
-                              line=inst.line, hint="use a secret mount for the key instead")
+        # pybuild forwards no SSH agent. Like BuildKit without --ssh, an optional ssh mount
+        # is just not there (no socket, no SSH_AUTH_SOCK); a required one cannot be.
+        if m.required:
+            raise DockerfileError("RUN --mount=type=ssh,required: pybuild forwards no SSH agent",
+                                  line=inst.line, hint="use a secret mount for the key instead")
+        return None
     workdir = state.runtime.get("WorkingDir") or "/"
     target = posixpath.normpath(posixpath.join(workdir, target))
     if m.type == "tmpfs":

@@ -341,8 +341,14 @@ RUN echo never-built
 
 
 def test_unsupported_feature_fails_clearly(tmp_path, base_image, store_root):
-    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN --mount=type=ssh true\n"})
-    with pytest.raises(builder.DockerfileError, match="Dockerfile:2: RUN --mount=type=ssh is not"):
+    """An optional ssh mount is nothing (Docker without --ssh); a required one cannot be."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN --mount=type=ssh "
+                                                         "test ! -e /run/buildkit && echo none\n"})
+    _, events = build(ctx, store_root)
+    assert output(events) == ["none"]
+    (ctx / "Dockerfile").write_text(f"FROM {BASE}\nRUN --mount=type=ssh,required=true true\n")
+    with pytest.raises(builder.DockerfileError,
+                       match="Dockerfile:2: RUN --mount=type=ssh,required: pybuild forwards no"):
         build(ctx, store_root)
 
 
