@@ -270,3 +270,24 @@ def test_read_ahead_reads_the_stream_as_it_is_and_passes_errors_on():
     assert len(ahead.read(100)) == 100
     ahead.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]
+
+
+def test_read_ahead_close_does_not_wait_for_a_stalled_read():
+    """Ctrl-C during a stalled download must not wait for the HTTP read timeout."""
+    import time
+    from builder.layer import compress
+    r, w = os.pipe()
+    try:
+        with os.fdopen(r, "rb", buffering=0) as stream:
+            ahead = compress.ReadAhead(stream.read, "pybuild-test-stalled")
+            started = time.monotonic()
+            assert ahead.close(wait=0.2) is False
+            assert time.monotonic() - started < 1.0
+            os.write(w, b"late")             # the read returns; the thread then ends
+            os.close(w)
+            w = -1
+            ahead._thread.join(5)
+            assert not ahead._thread.is_alive()
+    finally:
+        if w >= 0:
+            os.close(w)

@@ -150,9 +150,8 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
             except (LayerError, OSError, EOFError, ValueError) as e:
                 # Bytes that do not decompress or extract: when the blob's digest is known, the
                 # clearer error is that the blob is not the one named (read it to the end to know).
-                if read_ahead is not None:
-                    read_ahead.close()
-                if expected_digest and outer is not None and _drained(outer) \
+                stopped = read_ahead is None or read_ahead.close()
+                if expected_digest and outer is not None and stopped and _drained(outer) \
                         and _finished(blob_writer):
                     _check_digest(what, blob.digest, expected_digest)
                 if isinstance(e, LayerError):

@@ -13,6 +13,7 @@ import hashlib
 import io
 import queue
 import threading
+import time
 
 from isal import igzip, isal_zlib
 
@@ -199,8 +200,13 @@ class ReadAhead:
         while self.read(_FLUSH_AT):
             pass
 
-    def close(self) -> None:
+    def close(self, wait: float = 2.0) -> bool:
+        """Stop the thread; True once it has, False if its read is still blocked after
+        `wait` seconds (a stalled download: Ctrl-C should not wait for its timeout). The
+        thread is a daemon; it touches nothing of the caller's once this returns False,
+        except the stream it reads, which the caller must not read any more."""
         self._stopping = True
+        deadline = time.monotonic() + wait
         while self._thread.is_alive():
             try:                          # make room for a put the thread may be blocked in
                 while True:
@@ -208,6 +214,9 @@ class ReadAhead:
             except queue.Empty:
                 pass
             self._thread.join(0.01)
+            if time.monotonic() > deadline:
+                return False
+        return True
 
 
 ZSTD_LEVEL = 3          # zstd's default: smaller than gzip -2 and faster to decompress
