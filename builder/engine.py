@@ -577,6 +577,15 @@ class Builder:
                     src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
                     inputs.add_other(self.ctx.digest(src))
                     inputs.mount_sources[i] = ("context", src)
+                elif m.type == "cache" and m.from_:
+                    # The base a new cache starts from is an input, as in BuildKit.
+                    identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
+                    inputs.add_other(f"cache-from:{identity}:{m.source}")
+                    inputs.mount_sources[i] = ("cache-base", identity, diff_ids)
+                elif m.type == "cache" and m.source:
+                    raise BuildError(f"RUN --mount=type=cache,source={m.source} needs from= "
+                                     "(a stage or an image to take it from)",
+                                     step=self._where(inst, n))
         return inputs
 
     def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:

@@ -148,7 +148,7 @@ class Executor:
             elif m.type == "secret":
                 self._secret(m, mounts, secret_env)
             elif m.type == "cache":
-                mounts.append(self._cache_mount(m, where, locks))
+                mounts.append(self._cache_mount(m, where, locks, inputs.mount_sources.get(i)))
             else:
                 kind, data = inputs.mount_sources[i]
                 mounts.append(self._bind(m, kind, data, where))
@@ -195,14 +195,16 @@ class Executor:
             host = copy
         return sandbox.MountSpec(m.target, "bind", source=host, readonly=m.readonly)
 
-    def _cache_mount(self, m, where: str, locks: list[int]) -> sandbox.MountSpec:
-        """A cache mount: a directory of the store that outlives builds, shared by its id."""
-        if m.from_ or m.source:
-            raise BuildError("RUN --mount=type=cache with from= or source= is not supported by "
-                             "pybuild yet", hint="populate the cache from the RUN itself")
+    def _cache_mount(self, m, where: str, locks: list[int], seed=None) -> sandbox.MountSpec:
+        """A cache mount: a directory of the store that outlives builds, shared by its id.
+
+        With from= (`seed`: ("cache-base", identity, diff_ids)), a new cache starts as a
+        copy of `source` in that stage or image, and each base has a cache of its own (as
+        BuildKit keys a cache by its id and its base)."""
         base = os.path.join(self.store.cache_dir, "mounts")
         os.makedirs(base, exist_ok=True)
-        path = os.path.join(base, hashlib.sha256(m.id.encode()).hexdigest()[:32])
+        key = m.id if seed is None else f"{m.id}\0from:{seed[1]}:{m.source or '/'}"
+        path = os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:32])
         lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         locks.append(lock_fd)
         if m.sharing == "locked":
@@ -217,13 +219,54 @@ class Executor:
         if not os.path.isdir(path):
             tmp = path + f".new-{os.getpid()}-{threading.get_ident()}"
             os.makedirs(tmp, exist_ok=True)
-            os.chown(tmp, m.uid or 0, m.gid or 0)
-            os.chmod(tmp, m.mode if m.mode is not None else 0o755)
             try:
+                if seed is not None:
+                    self._seed_cache(tmp, list(seed[2]), m.source or "/", m.from_, where)
+                else:
+                    os.chown(tmp, m.uid or 0, m.gid or 0)
+                    os.chmod(tmp, m.mode if m.mode is not None else 0o755)
                 os.rename(tmp, path)
             except OSError:
                 remove_tree(tmp, ignore_errors=True)      # another build created it first
+            except BaseException:
+                remove_tree(tmp, ignore_errors=True)
+                raise
         return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
+
+    def _seed_cache(self, dest: str, diff_ids: list[str], source: str, what: str,
+                    where: str) -> None:
+        """Copy `source` of a stage's or image's files into `dest` (a new cache dir)."""
+        def copy_from(root: str) -> None:
+            from .paths import resolve_in_root
+            src = resolve_in_root(root, source)
+            if not os.path.isdir(src):
+                raise sandbox.SetupError(f"RUN --mount=type=cache,from={what}: {source} is not "
+                                         f"a directory in {what}")
+            shutil.copystat(src, dest)
+            st = os.lstat(src)
+            os.chown(dest, st.st_uid, st.st_gid)
+            from .snapshot import vfs
+            vfs.clone_tree(src, dest)
+        if not diff_ids:
+            raise BuildError(f"RUN --mount=type=cache,from={what}: {source} is not in it "
+                             "(it has no files)")
+        if self.store.driver != "overlay":
+            from .snapshot import vfs
+            copy_from(vfs.full_root(self.store, diff_ids, _mkdirs(where, "")))
+            return
+        lowers = self.store.lower_links(diff_ids)
+        mnt, empty = _mkdirs(where, "seed"), _mkdirs(where, "seed-empty")
+        store_root = self.store.root
+
+        def seed() -> None:
+            from .snapshot.overlay import mount_overlay
+            os.chdir(store_root)                    # (the lower links are relative to it)
+            mount_overlay(mnt, lowers if len(lowers) > 1 else lowers + [empty], readonly=True)
+            copy_from(mnt)
+        try:
+            sandbox.in_own_mounts(seed, cancel=self.b.cancelled)
+        except sandbox.SetupError as e:
+            raise BuildError(str(e), hint=e.hint) from None
 
     def _secret(self, m, mounts: list, secret_env: list[str]) -> None:
         src = self.b.opts.secrets.get(m.id)

@@ -248,6 +248,19 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
         raise SetupError(f"file operation failed with status {status}")
 
 
+def in_own_mounts(func: Callable[[], None], cancel: threading.Event | None = None) -> None:
+    """Call `func` in a child with a private mount namespace: whatever it mounts is gone
+    when it ends, however it ends, and never shows in the host's mount table."""
+    def body(err_w: int):
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        func()
+    pid, err_r = _spawn(body)
+    status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
+    if status != 0:
+        raise SetupError(f"file operation failed with status {status}")
+
+
 def _spawn(body: Callable[[int], None]) -> tuple[int, int]:
     """Fork a child that runs `body(err_w)`; its pid and the read end of its error pipe."""
     with linux.FORK_LOCK:

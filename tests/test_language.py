@@ -54,6 +54,41 @@ RUN --mount=type=cache,id={marker},target=/cache,uid=1000,mode=0700 \\
     assert not any(n.startswith("cache") for n in names), names
 
 
+def test_cache_mount_from_a_stage_starts_as_a_copy_of_its_source(tmp_path, base_image,
+                                                                   store_root, store):
+    """`--mount=type=cache,from=deps,source=/root/.m2`: a new cache is a copy of that dir
+    (owners kept), later RUNs share it, another base has a cache of its own, and the
+    stage's own files are untouched."""
+    marker = f"m2-{time.time_ns()}"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE} AS deps
+RUN mkdir -p /root/.m2/repo && echo jar > /root/.m2/repo/lib.jar && chown -R 1000:1000 /root/.m2
+FROM {BASE}
+RUN --mount=type=cache,id={marker},target=/c,from=deps,source=/root/.m2 \\
+    cat /c/repo/lib.jar > /seen && stat -c '%u' /c/repo/lib.jar >> /seen && echo more > /c/more
+RUN --mount=type=cache,id={marker},target=/c,from=deps,source=/root/.m2 ls /c > /shared
+RUN --mount=type=cache,id={marker},target=/c,from={BASE},source=/etc ls /c/passwd /c/more \\
+    > /other 2>&1; true
+"""})
+    image, _ = build(ctx, store_root, no_cache=True)
+    files = all_layer_files(store, image, len(base_image.layers))
+    assert files["seen"] == b"jar\n1000\n"
+    assert files["shared"] == b"more\nrepo\n"
+    assert b"/c/passwd" in files["other"] and b"/c/more: No such file" in files["other"]
+
+
+@pytest.mark.parametrize("mount,message", [
+    ("source=/etc", "needs from="),
+    ("from=nosuchstage,source=/etc", "nosuchstage"),
+    (f"from={BASE},source=/etc/passwd", "is not a directory"),
+])
+def test_cache_mount_from_errors_name_the_step(tmp_path, base_image, store_root, mount, message):
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nRUN --mount=type=cache,target=/c,{mount} true\n"})
+    with pytest.raises(builder.PybuildError) as err:
+        build(ctx, store_root, no_cache=True)
+    assert message in str(err.value) and "Dockerfile:2" in str(err.value), str(err.value)
+
+
 def test_secret_is_readable_in_its_run_and_nowhere_in_the_store(tmp_path, base_image, store_root,
                                                                   store, pybuild):
     import hashlib
