@@ -56,8 +56,10 @@ class StageState:
         return self.config.setdefault("config", {})
 
     def run_args(self) -> list[tuple[str, str]]:
-        """The `|N K=V` of a RUN's history: every declared ARG, with the value the RUN sees."""
-        return [(k, self.env.get(k, v or "")) for k, v in self.args.items() if k not in PROXY_ARGS]
+        """The `|N K=V` of a RUN's history: every declared ARG, with the value the RUN sees.
+        A proxy ARG shows too once it is declared (only undeclared ones stay out, as in
+        BuildKit: testdata/compat/predefined-proxy-args)."""
+        return [(k, self.env.get(k, v or "")) for k, v in self.args.items()]
 
     def arg_env(self) -> list[tuple[str, str]]:
         """ARG values in the RUN environment (they key the cache: they are not in the config)."""
