@@ -428,7 +428,12 @@ class Builder:
         config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         self.emit(StepDone(n, 0.0, cached=True))
         plan.base_layers = len(layers)
-        env = dict(e.partition("=")[::2] for e in config["config"].get("Env") or [])
+        if plan.base_stage is not None:
+            # BuildKit's child stage starts from its base stage's state, whose environment
+            # holds that stage's ARG values too: a RUN here sees them (not the config).
+            env = dict(self._stage_state(plan.base_stage).env)
+        else:
+            env = dict(e.partition("=")[::2] for e in config["config"].get("Env") or [])
         return steps.StageState(plan.label, config, layers, state_id=state_id, env=env,
                                 escape=self.df.escape)
 

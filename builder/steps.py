@@ -36,7 +36,8 @@ PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PRO
 class StageState:
     """The image a stage is building, as it stands before the next step.
 
-    `env` is BuildKit's state environment: it starts as the base image's Env;
+    `env` is BuildKit's state environment: it starts as the base image's Env (or,
+    FROM another stage, as that stage's environment, its ARG values included);
     ENV and ARG (with a value) set names in it in Dockerfile order, so a later
     ARG overrides an earlier ENV for the steps that follow (not in the image's
     config), and a later ENV overrides an ARG. It is what RUN sees and what
