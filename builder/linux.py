@@ -56,6 +56,8 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 
 # Capabilities (linux/capability.h, linux/prctl.h). What a command in a Docker container
 # or a BuildKit RUN may do as root: Docker's default set (0xa80425fb). Not in it, among
@@ -160,7 +162,8 @@ def close_on_exec_from(first: int) -> bool:
 
 def set_seccomp_filter(prog_address: int) -> None:
     """Install the seccomp filter whose struct sock_fprog is at `prog_address` (seccomp.py)."""
-    _check(_libc.prctl(22, 2, prog_address, 0, 0), "prctl(PR_SET_SECCOMP)")   # MODE_FILTER
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog_address, 0, 0),
+           "prctl(PR_SET_SECCOMP)")
 
 
 def limit_capabilities(keep: frozenset[int] = DOCKER_DEFAULT_CAPS) -> None:

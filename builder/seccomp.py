@@ -24,8 +24,6 @@ import platform
 
 from . import linux
 
-CLONE_NEWUSER = 0x10000000
-
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _AUDIT_ARCH_I386 = 0x40000003
 _AUDIT_ARCH_AARCH64 = 0xC00000B7
@@ -63,8 +61,6 @@ _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 _NR, _ARCH, _ARG0_LOW = 0, 4, 16       # offsets in struct seccomp_data (little-endian)
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
 
 
 class _SockFilter(ctypes.Structure):
@@ -91,7 +87,7 @@ def program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
         code.append((_RET_K, 0, 0, _RET_ALLOW))
         code.append(flags)
         code.append((_LD_W_ABS, 0, 0, _ARG0_LOW))
-        code.append((_JSET_K, "eperm", 0, CLONE_NEWUSER))
+        code.append((_JSET_K, "eperm", 0, linux.CLONE_NEWUSER))
         code.append((_RET_K, 0, 0, _RET_ALLOW))
         code.append(skip)
     code.append((_RET_K, 0, 0, _RET_ALLOW))

@@ -10,7 +10,7 @@ import platform
 
 import pytest
 
-from builder import seccomp
+from builder import linux, seccomp
 from conftest import BASE, layer_files, write_context
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
@@ -38,7 +38,7 @@ def _in_child(install: bool) -> dict:
         keyctl, unshare, clone3 = _NUMBERS
         os.write(w, json.dumps({
             "keyctl": call(keyctl, 0, -4, 0),
-            "unshare user": call(unshare, seccomp.CLONE_NEWUSER),
+            "unshare user": call(unshare, linux.CLONE_NEWUSER),
             "unshare mount": call(unshare, 0x00020000),
             "clone3": call(clone3, 0, 0)}).encode())
         os._exit(0)
