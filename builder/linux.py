@@ -144,6 +144,13 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), "pivot_root")
 
 
+def private_mount_namespace() -> None:
+    """Move this process to a mount namespace of its own, where nothing it mounts propagates
+    to the host's (and the kernel unmounts it all when the last process in it ends)."""
+    unshare(CLONE_NEWNS)
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+
+
 def set_parent_death_signal(sig: int) -> None:
     """Have the kernel send `sig` to this process when its parent thread exits."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")

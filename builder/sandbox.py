@@ -212,8 +212,7 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
     upper dir directly (which is not allowed while it is mounted).
     """
     def body(err_w: int):
-        linux.unshare(linux.CLONE_NEWNS)
-        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.private_mount_namespace()
         snap.mount()
         if before_chroot is not None:
             before_chroot()
@@ -252,8 +251,7 @@ def in_own_mounts(func: Callable[[], None], cancel: threading.Event | None = Non
     """Call `func` in a child with a private mount namespace: whatever it mounts is gone
     when it ends, however it ends, and never shows in the host's mount table."""
     def body(err_w: int):
-        linux.unshare(linux.CLONE_NEWNS)
-        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.private_mount_namespace()
         func()
     pid, err_r = _spawn(body)
     status = _supervise(pid, err_r, None, None, forward=False, cancel=cancel)
@@ -461,8 +459,7 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
     os.chdir(snap.store_root)
     # The mount namespace first: a driver may start a helper process when it mounts (FUSE),
     # which must not become PID 1 of the new PID namespace; the command's sandbox must.
-    linux.unshare(linux.CLONE_NEWNS)
-    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.private_mount_namespace()
     snap.mount()
     sources = _prepare_mount_sources(spec.mounts, scratch)
     wanted = [(rel, rel in _DIRS) for rel in _DIRS + _FILES]
@@ -651,13 +648,12 @@ _SYS_MASKED = ("firmware", "devices/virtual/powercap")
 
 def _protect_proc_and_sys(t: dict[str, str], null: str) -> None:
     """Make the host-wide parts of /proc read-only, and hide the ones that leak the host."""
-    locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC    # kept: a user namespace
-    for name in _PROC_READ_ONLY:                                  # may not drop them
+    for name in _PROC_READ_ONLY:
         path = os.path.join(t["proc"], name)
         if os.path.exists(path):
             linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
-            linux.mount(None, path, None,
-                        linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | locked)
+            _remount_bind(path, linux.MS_RDONLY)
+    locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC    # as /proc has them
     masked = [os.path.join(t["proc"], n) for n in _PROC_MASKED]
     masked += [os.path.join(t["sys"], n) for n in _SYS_MASKED]
     for path in masked:

@@ -154,8 +154,7 @@ def works(store_root: str) -> bool:
         if pid == 0:
             code = 1
             try:
-                linux.unshare(linux.CLONE_NEWNS)
-                linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                linux.private_mount_namespace()
                 mount_overlay(dirs[3], [dirs[0]], dirs[1], dirs[2])
                 code = 0
             except BaseException:
