@@ -589,8 +589,7 @@ class Builder:
                     inputs.mount_sources[i] = ("cache-base", identity, diff_ids)
                 elif m.type == "cache" and m.source:
                     raise BuildError(f"RUN --mount=type=cache,source={m.source} needs from= "
-                                     "(a stage or an image to take it from)",
-                                     step=self._where(inst, n))
+                                     "(a stage or an image to take it from)")
         return inputs
 
     def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:

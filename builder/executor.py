@@ -225,12 +225,13 @@ class Executor:
                 else:
                     os.chown(tmp, m.uid or 0, m.gid or 0)
                     os.chmod(tmp, m.mode if m.mode is not None else 0o755)
-                os.rename(tmp, path)
-            except OSError:
-                remove_tree(tmp, ignore_errors=True)      # another build created it first
             except BaseException:
                 remove_tree(tmp, ignore_errors=True)
                 raise
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                remove_tree(tmp, ignore_errors=True)      # another build created it first
         return sandbox.MountSpec(m.target, "bind", source=path, readonly=m.readonly)
 
     def _seed_cache(self, dest: str, diff_ids: list[str], source: str, what: str,
@@ -239,9 +240,9 @@ class Executor:
         def copy_from(root: str) -> None:
             from .paths import resolve_in_root
             src = resolve_in_root(root, source)
-            if not os.path.isdir(src):
-                raise sandbox.SetupError(f"RUN --mount=type=cache,from={what}: {source} is not "
-                                         f"a directory in {what}")
+            if not os.path.isdir(src):      # (BuildError: also reported from a sandbox child)
+                raise BuildError(f"RUN --mount=type=cache,from={what}: {source} is not a "
+                                 f"directory in {what}")
             shutil.copystat(src, dest)
             st = os.lstat(src)
             os.chown(dest, st.st_uid, st.st_gid)

@@ -203,8 +203,8 @@ class ReadAhead:
     def close(self, wait: float = 2.0) -> bool:
         """Stop the thread; True once it has, False if its read is still blocked after
         `wait` seconds (a stalled download: Ctrl-C should not wait for its timeout). The
-        thread is a daemon; it touches nothing of the caller's once this returns False,
-        except the stream it reads, which the caller must not read any more."""
+        thread is a daemon; after False it may still finish that read, and hand the bytes
+        to whatever the stream passes them to: the caller must not read the stream again."""
         self._stopping = True
         deadline = time.monotonic() + wait
         while self._thread.is_alive():
