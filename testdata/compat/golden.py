@@ -41,6 +41,10 @@ Normalisation, each rule for a difference that is not a defect:
     one differ and pybuild follows the current one: `ADD --chown` of a local
     archive (the dockerfile frontend owns the unpacked entries since 1.17;
     0.8 kept the archive's owners; tests/test_build.py checks pybuild's).
+  * Not normalised, and pybuild follows Docker 20.10 here: after `FROM stage`,
+    current BuildKit also lists the base stage's ARGs in RUN's `|N` prefix
+    (dispatchState.init appends base.buildArgs); BuildKit 0.8 does not. Both
+    give the RUN those values (stage-inherits-args).
   * The busybox binary is the host's (Debian's busybox-static); its hash is
     recorded as "<busybox>" and compared with the host's file.
 """
