@@ -10,10 +10,10 @@ STAMP    := $(VENV)/.installed
 DEMO_DIR := build/demo
 
 # System packages: the venv and compilers, the static busybox the test base image
-# is built from, and the independent OCI validators the tests use.
+# is built from, the independent OCI validators the tests use, and ssh-agent (--ssh).
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3 \
                 busybox-static skopeo umoci ca-certificates \
-                docker-registry apache2-utils uidmap
+                docker-registry apache2-utils uidmap openssh-client
 
 .PHONY: all demo test test-slow bench docs system venv clean
 

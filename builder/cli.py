@@ -96,6 +96,16 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--source-date-epoch", metavar="SECONDS",
                    help="reproducible images: every time in the config, history and layers is "
                         "clamped to this (default: $SOURCE_DATE_EPOCH)")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="add a label to the image's config (repeatable)")
+    s.add_argument("--platform", metavar="linux/ARCH",
+                   help="the platform to build for: only this machine's is accepted (RUN "
+                        "steps execute natively)")
+    s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
+                   help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
+                        "$SSH_AUTH_SOCK); ID is usually `default`")
+    s.add_argument("--add-host", action="append", default=[], metavar="NAME:ADDRESS",
+                   help="a line for RUN's /etc/hosts (ADDRESS may be host-gateway: this machine)")
     _insecure(s)
 
 
@@ -332,6 +342,17 @@ def _build_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _labels(items: list[str]) -> dict[str, str]:
+    """Docker's --label forms: KEY=VALUE, or KEY alone for an empty value."""
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        if not k:
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
 def _secrets(items: list[str]) -> dict[str, str | bytes]:
     """Docker's --secret forms: id=x,src=FILE | id=x,env=VAR | id=x (env var or file named x)."""
     out: dict[str, str | bytes] = {}
@@ -389,7 +410,7 @@ def _cmd_build(args) -> int:
 
 
 def _build(args, context: str, dockerfile: str | None) -> int:
-    from .engine import Builder, BuildOptions
+    from .engine import Builder, BuildOptions, parse_add_host
     from .progress import make_renderer
     pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
     if args.cache_to or args.cache_from or args.output:
@@ -405,7 +426,10 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                                          for c in args.cache_from),
                         outputs=tuple(outputs.parse_spec(o) for o in args.output),
                         compression=args.compression,
-                        source_date_epoch=_epoch(args.source_date_epoch))
+                        source_date_epoch=_epoch(args.source_date_epoch),
+                        labels=_labels(args.label), platform=args.platform,
+                        add_hosts=tuple(parse_add_host(h) for h in args.add_host),
+                        ssh=dict(item.partition("=")[::2] for item in args.ssh))
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
     try:

@@ -30,7 +30,8 @@ from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
                      StepFailed, UsageError)
-from .image import Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture
+from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
+                    is_host_platform)
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
                        StepStarted)
 from .store import Store
@@ -64,6 +65,10 @@ class BuildOptions:
     outputs: tuple[OutputSpec, ...] = ()        # also write the image there (outputs.py)
     compression: str = "gzip"                   # of new layers: gzip | zstd
     source_date_epoch: int | None = None        # clamp every time in the image to this (seconds)
+    labels: Mapping[str, str] = field(default_factory=dict)   # added to the image's config
+    platform: str | None = None                 # must be this host's (no emulation): linux/amd64
+    add_hosts: tuple[tuple[str, str], ...] = ()  # (name, address) lines for RUN's /etc/hosts
+    ssh: Mapping[str, str] = field(default_factory=dict)  # agent id -> socket ("": $SSH_AUTH_SOCK)
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
@@ -71,11 +76,13 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           root: str | None = None, secrets=None, pull: str = "missing",
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
           compression: str = "gzip", source_date_epoch: int | None = None,
-          storage_driver: str | None = None, on_event: Callable[[Event], None] | None = None) -> Image:
+          storage_driver: str | None = None, labels=None, platform: str | None = None,
+          add_hosts=(), ssh=None, on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
-    strings (`"type=registry,ref=REF"`, `"type=local,dest=DIR"`, ...).
+    strings (`"type=registry,ref=REF"`, `"type=local,dest=DIR"`, ...); `add_hosts`
+    takes (name, address) pairs or Docker's `NAME:ADDRESS` strings.
     """
     from . import outputs as out_mod, remote_cache
     opts = BuildOptions(
@@ -89,8 +96,31 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
                          for c in cache_from),
         outputs=tuple(out_mod.parse_spec(o) if isinstance(o, str) else o for o in outputs),
         compression=compression, source_date_epoch=source_date_epoch,
-        storage_driver=storage_driver)
+        storage_driver=storage_driver, labels=dict(labels or {}), platform=platform,
+        add_hosts=tuple(parse_add_host(h) if isinstance(h, str) else tuple(h) for h in add_hosts),
+        ssh=dict(ssh or {}))
     return Builder(opts, on_event).run()
+
+
+def parse_add_host(text: str) -> tuple[str, str]:
+    """Docker's `--add-host NAME:ADDRESS` (or NAME=ADDRESS) -> (name, address).
+
+    `host-gateway` is the host itself: with RUN on the host's network (the
+    default here), that is 127.0.0.1.
+    """
+    import ipaddress
+    name, sep, address = text.partition("=") if "=" in text else text.partition(":")
+    if address == "host-gateway":
+        address = "127.0.0.1"
+    try:
+        ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        sep = ""
+    if not (name and sep) or any(c.isspace() for c in name):
+        raise UsageError(f"--add-host {text!r}: expected NAME:ADDRESS",
+                         hint="for example --add-host db.local:10.0.0.5 (an IP address, or "
+                              "host-gateway for this machine)")
+    return name, address.strip("[]")
 
 
 @dataclass
@@ -116,9 +146,19 @@ class Builder:
             raise UsageError(f"--pull {opts.pull}: must be always, missing or never")
         if opts.compression not in ("gzip", "zstd"):
             raise UsageError(f"--compression {opts.compression}: must be gzip or zstd")
+        if opts.platform and not is_host_platform(opts.platform):
+            raise UsageError(f"--platform {opts.platform}: this machine builds "
+                             f"linux/{host_architecture()} images only",
+                             hint="RUN steps execute natively here (no emulation): build on a "
+                                  "machine of that platform, or leave --platform out")
         if (opts.push or any(o.type == "registry" for o in opts.outputs)) and not opts.tags:
             raise UsageError("--push needs a name to push to", hint="add -t REGISTRY/REPO:TAG")
         self.opts = opts
+        if opts.ssh:
+            from .sshagent import agent_socket
+            self.ssh_agents = {k: agent_socket(k, v) for k, v in opts.ssh.items()}
+        else:
+            self.ssh_agents = {}
         self._emit = on_event or (lambda ev: None)
         self._lock = threading.Lock()
         self.store = store
@@ -183,7 +223,13 @@ class Builder:
             if self.remote is not None:
                 self.remote.close()
         self._warn_unused_args()
-        image = self.store.write_image(state.config, state.layers, self.tags)
+        config = state.config
+        if self.opts.labels:
+            # As BuildKit: on the image's config, with no history entry of their own.
+            config = copy.deepcopy(config)
+            runtime = config.setdefault("config", {})
+            runtime["Labels"] = {**(runtime.get("Labels") or {}), **self.opts.labels}
+        image = self.store.write_image(config, state.layers, self.tags)
         self._deliver(image, plans, target)
         base_layers = next(p.base_layers for p in plans if p.stage.index == target.index)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,
@@ -410,7 +456,7 @@ class Builder:
         if stage.base.platform:
             platform = self._expand(stage.base.platform, self._global_env(), stage.base.line)
             host = f"linux/{host_architecture()}"
-            if platform.split("/")[:2] != host.split("/"):
+            if not is_host_platform(platform):
                 raise DockerfileError(f"FROM --platform={platform}: this host builds {host} only",
                                       file=self.dockerfile_path, line=stage.base.line)
         if plan.base_stage is not None:
@@ -573,7 +619,16 @@ class Builder:
         if plan.kind == "copy":
             self._copy_inputs(plan, inst, n, inputs)
         elif plan.kind == "run":
+            if self.opts.add_hosts:
+                # Part of what a RUN sees, so of its key (BuildKit keys its extra hosts too).
+                inputs.add_other("add-host:" + ",".join(f"{n}={a}" for n, a in self.opts.add_hosts))
             for i, m in enumerate(plan.mounts):
+                if m.type == "ssh" and m.required and m.id not in self.ssh_agents:
+                    # Before the cache lookup, as BuildKit checks: a hit would hide it.
+                    raise BuildError(f"RUN --mount=type=ssh,id={m.id} is required, and no agent "
+                                     "was forwarded",
+                                     hint=f"pass one with --ssh {m.id} (the agent of "
+                                          f"$SSH_AUTH_SOCK) or --ssh {m.id}=SOCKET")
                 if m.type == "bind" and m.from_:
                     identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
                     inputs.add_other(f"{identity}:{m.source}")

@@ -121,23 +121,32 @@ class Executor:
         env = [f"{k}={v}" for k, v in state.env.items()]
         env += [f"{k}={v}" for k, v in self.b.opts.build_args.items()
                 if k in steps.PROXY_ARGS and k not in state.env]
-        mounts, secret_env = self._mounts(plan, inputs, stepdir, locks)
-        network = plan.network or self.b.opts.network
-        spec = sandbox.RunSpec(argv=plan.argv, env=env + secret_env, user=rt.get("User") or "",
-                               workdir=rt.get("WorkingDir") or "/",
-                               network="host" if network == "default" else network,
-                               mounts=mounts, files=plan.files)
-        scratch = os.path.join(stepdir, "scratch")
-        os.makedirs(scratch, 0o700, exist_ok=True)
+        agents = [m for m in plan.mounts if m.type == "ssh"]
+        if agents and "SSH_AUTH_SOCK" not in state.env:
+            env.append(f"SSH_AUTH_SOCK={agents[0].target}")   # (as BuildKit: forwarded or not)
+        relays: list = []
+        try:
+            mounts, secret_env = self._mounts(plan, inputs, stepdir, locks, relays)
+            network = plan.network or self.b.opts.network
+            spec = sandbox.RunSpec(argv=plan.argv, env=env + secret_env, user=rt.get("User") or "",
+                                   workdir=rt.get("WorkingDir") or "/",
+                                   network="host" if network == "default" else network,
+                                   mounts=mounts, files=plan.files,
+                                   extra_hosts=[f"{a}\t{n}" for n, a in self.b.opts.add_hosts])
+            scratch = os.path.join(stepdir, "scratch")
+            os.makedirs(scratch, 0o700, exist_ok=True)
 
-        def on_output(line: bytes) -> None:
-            self.b.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
-        status = sandbox.run(snap, spec, scratch, on_output, cancel=self.b.cancelled)
+            def on_output(line: bytes) -> None:
+                self.b.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))
+            status = sandbox.run(snap, spec, scratch, on_output, cancel=self.b.cancelled)
+        finally:
+            for relay in relays:
+                relay.close()
         if status != 0:
             raise StepFailed(step=f"step {n}/{self.b.total}", line=inst.line,
                              file=self.b.dockerfile_path, command=plan.created_by, exit_code=status)
 
-    def _mounts(self, plan, inputs, stepdir: str, locks: list[int]):
+    def _mounts(self, plan, inputs, stepdir: str, locks: list[int], relays: list):
         mounts: list[sandbox.MountSpec] = []
         secret_env: list[str] = []
         for i, m in enumerate(plan.mounts):
@@ -147,6 +156,8 @@ class Executor:
                                                 options=f"size={m.size}" if m.size else ""))
             elif m.type == "secret":
                 self._secret(m, mounts, secret_env)
+            elif m.type == "ssh":
+                self._ssh(m, mounts, where, relays)
             elif m.type == "cache":
                 mounts.append(self._cache_mount(m, where, locks, inputs.mount_sources.get(i)))
             else:
@@ -289,6 +300,21 @@ class Executor:
         if m.target:
             mounts.append(sandbox.MountSpec(m.target, "secret", content=data,
                                             mode=m.mode, uid=m.uid or 0, gid=m.gid or 0))
+
+
+    def _ssh(self, m, mounts: list, where: str, relays: list) -> None:
+        agent = self.b.ssh_agents.get(m.id)
+        if agent is None:
+            return      # an optional one is not there, as in BuildKit without --ssh (a required
+                        # one stopped the build before its cache lookup: engine._inputs)
+        from .sshagent import AgentRelay
+        try:
+            relays.append(AgentRelay(agent, _mkdirs(where, ""), "agent.sock",
+                                     uid=m.uid or 0, gid=m.gid or 0, mode=m.mode))
+        except OSError as e:
+            raise BuildError(f"cannot forward the ssh agent {m.id!r}: {e.strerror}") from None
+        mounts.append(sandbox.MountSpec(m.target, "bind", source=relays[-1].path,
+                                        readonly=False))
 
 
 def _mkdirs(where: str, name: str) -> str:

@@ -63,6 +63,20 @@ def host_architecture() -> str:
             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(m, m)
 
 
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm",
+                 "armel": "arm", "i386": "386", "i686": "386"}
+
+
+def is_host_platform(text: str) -> bool:
+    """True if `text` (`linux/amd64`, `linux/arm64/v8`, `amd64`...) names this machine's
+    platform: the only one pybuild builds for (RUN executes natively, with no emulation)."""
+    parts = text.strip().lower().split("/")
+    if len(parts) == 1:
+        parts = ["linux"] + parts
+    return parts[0] == "linux" and len(parts) <= 3 and \
+        _ARCH_ALIASES.get(parts[1], parts[1]) == host_architecture()
+
+
 @dataclass(frozen=True)
 class LayerDesc:
     """One layer as an image references it."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import posixpath
 import signal as _signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 
 from . import filemode
@@ -414,11 +414,15 @@ def _run(state: StageState, inst: ins.Run) -> Plan:
     argv = args if inst.exec_form else (list(state.runtime.get("Shell") or DEFAULT_SHELL) + args)
     shown = state.run_args()
     prefix = f"|{len(shown)} " + " ".join(f"{k}={v}" for k, v in shown) + " " if shown else ""
-    mounts = tuple(r for r in (_run_mount(state, inst, m) for m in inst.mounts) if r is not None)
+    mounts = [r for r in (_run_mount(state, inst, m) for m in inst.mounts) if r is not None]
+    agents = [i for i, r in enumerate(mounts) if r.type == "ssh"]
+    for n, i in enumerate(agents):
+        if not mounts[i].target:           # BuildKit's names, numbered among the ssh mounts
+            mounts[i] = replace(mounts[i], target=f"/run/buildkit/ssh_agent.{n}")
     return Plan("run", {"RUN": argv, "network": inst.network or "",
                         "mounts": [m.canonical() for m in mounts], "files": files},
                 "RUN " + prefix + " ".join(argv),
-                argv=argv, network=inst.network, mounts=mounts, files=files,
+                argv=argv, network=inst.network, mounts=tuple(mounts), files=files,
                 build_args=tuple(state.arg_env()))
 
 
@@ -449,14 +453,12 @@ def _run_mount(state: StageState, inst: ins.Run, m: ins.Mount) -> RunMount | Non
         return RunMount("secret", target, id=ident, required=m.required,
                         mode=0o400 if m.mode is None else m.mode, uid=m.uid or 0, gid=m.gid or 0,
                         env=x(m.env))
-    if m.type == "ssh":
-        # pybuild forwards no SSH agent. Like BuildKit without --ssh, an optional ssh mount
-        # is just not there (no socket, no SSH_AUTH_SOCK); a required one cannot be.
-        if m.required:
-            raise DockerfileError("RUN --mount=type=ssh,required: pybuild forwards no SSH agent",
-                                  line=inst.line, hint="use a secret mount for the key instead")
-        return None
     workdir = state.runtime.get("WorkingDir") or "/"
+    if m.type == "ssh":
+        # The agent --ssh ID forwards (sshagent.py); the default target is set by _run.
+        return RunMount("ssh", posixpath.normpath(posixpath.join(workdir, target)) if target else "",
+                        id=x(m.id) or "default", required=m.required,
+                        mode=0o600 if m.mode is None else m.mode, uid=m.uid or 0, gid=m.gid or 0)
     target = posixpath.normpath(posixpath.join(workdir, target))
     if m.type == "tmpfs":
         return RunMount("tmpfs", target, size=m.size, readonly=False)

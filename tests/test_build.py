@@ -340,16 +340,88 @@ RUN echo never-built
     assert len(image.layers) == len(base_image.layers) + 1
 
 
-def test_unsupported_feature_fails_clearly(tmp_path, base_image, store_root):
-    """An optional ssh mount is nothing (Docker without --ssh); a required one cannot be."""
+def test_ssh_mount_without_an_agent(tmp_path, base_image, store_root):
+    """An optional ssh mount is nothing but SSH_AUTH_SOCK (BuildKit without --ssh); a required
+    one stops the build at its step, saying how to forward an agent."""
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN --mount=type=ssh "
-                                                         "test ! -e /run/buildkit && echo none\n"})
+                                                         "test ! -e /run/buildkit && "
+                                                         "echo none $SSH_AUTH_SOCK\n"})
     _, events = build(ctx, store_root)
-    assert output(events) == ["none"]
+    assert output(events) == ["none /run/buildkit/ssh_agent.0"]
+    # (`RUN true` is in the cache: the check comes before the lookup)
+    build(write_context(tmp_path / "plain", {"Dockerfile": f"FROM {BASE}\nRUN true\n"}), store_root)
     (ctx / "Dockerfile").write_text(f"FROM {BASE}\nRUN --mount=type=ssh,required=true true\n")
-    with pytest.raises(builder.DockerfileError,
-                       match="Dockerfile:2: RUN --mount=type=ssh,required: pybuild forwards no"):
+    with pytest.raises(builder.BuildError, match=r"Dockerfile:2 \[2/2\] RUN: RUN --mount=type=ssh,"
+                                                 "id=default is required, and no agent was "
+                                                 "forwarded") as e:
         build(ctx, store_root)
+    assert "--ssh default" in e.value.hint
+
+
+def _tool_with_its_libraries(tool: str, dest) -> None:
+    """Copy a host binary and the shared libraries it loads under `dest`, at their paths."""
+    import subprocess
+    path = shutil.which(tool)
+    found = [path] + [word for line in subprocess.run(["ldd", path], capture_output=True,
+                                                      text=True, check=True).stdout.splitlines()
+                      for word in line.split() if word.startswith("/")]
+    for f in found:
+        target = dest / os.path.realpath(f).lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(f), target)
+        if os.path.realpath(f) != f:        # (the name the binary asks for, as a link)
+            link = dest / f.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(os.path.realpath(f))
+
+
+@pytest.mark.skipif(not shutil.which("ssh-agent"), reason="needs openssh-client (make system)")
+def test_ssh_agent_is_forwarded_to_ssh_mounts(tmp_path, base_image, store_root, store):
+    """--ssh: a RUN's ssh-add lists the agent's key through a relay socket with the mount's
+    owner and mode; nothing of it stays in the layer, and the agent is not in any key."""
+    import subprocess
+    import time
+    agent_sock = tmp_path / "agent" / "agent.sock"
+    agent_sock.parent.mkdir()
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if agent_sock.exists():
+                break
+            time.sleep(0.05)
+        key = tmp_path / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pybuild-test",
+                        "-f", str(key)], check=True)
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, capture_output=True,
+                       env=dict(os.environ, SSH_AUTH_SOCK=str(agent_sock)))
+        ctx = tmp_path / "ctx"
+        _tool_with_its_libraries("ssh-add", ctx / "tools")
+        (ctx / "Dockerfile").write_text(
+            f"FROM {BASE}\nCOPY tools/ /\n"
+            "RUN --mount=type=ssh ssh-add -l | cut -d' ' -f3- > /listed && "
+            "stat -c '%a %u %F' $SSH_AUTH_SOCK > /default\n"
+            "RUN --mount=type=ssh,id=deploy,target=/tmp/a.sock,mode=0660,uid=1000 "
+            "ssh-add -l | cut -d' ' -f3- > /deploy && "
+            "stat -c '%a %u %F' /tmp/a.sock >> /deploy && echo $SSH_AUTH_SOCK >> /deploy\n")
+        image, _ = build(ctx, store_root, ssh={"default": str(agent_sock),
+                                               "deploy": str(agent_sock)})
+        first = layer_files(store, image.layers[-2])
+        assert first["listed"] == b"pybuild-test (ED25519)\n"
+        assert first["default"] == b"600 0 socket\n"
+        assert not any(name.startswith(("run/buildkit", "tmp/")) for name in first)
+        second = layer_files(store, image.layers[-1])
+        # SSH_AUTH_SOCK names the RUN's first ssh mount, wherever it is (as BuildKit).
+        assert second["deploy"].decode().splitlines() == [
+            "pybuild-test (ED25519)", "660 1000 socket", "/tmp/a.sock"]
+        assert not any(name.startswith("tmp/a.sock") for name in second)
+        # The agent is outside the build, as the network is: the same steps without it hit
+        # (the mounts themselves are part of the key, as in BuildKit).
+        again, events = build(ctx, store_root)
+        assert again.id == image.id and runs(events) == 0
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 def test_hard_link_copy_up_breaks_the_link_as_in_docker(tmp_path, base_image, store_root, store):
