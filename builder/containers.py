@@ -7,7 +7,7 @@ image's read-only layers, kept until it is removed.
   pid of its sandbox, exited with a code), written by atomic rename;
 * `snap/`: the storage driver's dirs (for overlay and fuse, `snap/upper` is
   the writable layer; the image's layers are shared, never copied);
-* `scratch/`: the files the sandbox bind-mounts (/etc/hosts, ...);
+* `scratch/`: where the sandbox mounts a tmpfs for the files it bind-mounts (/etc/hosts, ...);
 * `log`: what a detached container printed.
 
 A container pins its image's layers (garbage collection keeps them) until

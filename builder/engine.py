@@ -688,6 +688,12 @@ class Builder:
                 found = BuildContext(scratch, ignore=IgnoreRules()).sources(name, instruction=keyword)
                 inputs.copy_parts += [("inline", (scratch, s)) for s in found]
 
+    def sandbox_scratch(self) -> str:
+        """The empty dir every RUN sandbox of this build mounts its own tmpfs on (sandbox.run)."""
+        path = os.path.join(self.workdir, "scratch")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
     def stepdir(self, n: int) -> str:
         path = os.path.join(self.workdir, f"step-{n}")
         os.makedirs(path, mode=0o700, exist_ok=True)

@@ -43,7 +43,7 @@ class Executor:
         locks: list[int] = []
         record = ""
         try:
-            snap = snapshot.prepare(self.store, diff_ids, os.path.join(stepdir, "snap"))
+            snap = snapshot.prepare(self.store, diff_ids, stepdir)    # (upper, work, merged)
             try:
                 if plan.kind == "run":
                     self._run(state, inst, plan, snap, inputs, stepdir, n, locks)
@@ -133,8 +133,7 @@ class Executor:
                                    network="host" if network == "default" else network,
                                    mounts=mounts, files=plan.files,
                                    extra_hosts=[f"{a}\t{n}" for n, a in self.b.opts.add_hosts])
-            scratch = os.path.join(stepdir, "scratch")
-            os.makedirs(scratch, 0o700, exist_ok=True)
+            scratch = self.b.sandbox_scratch()
 
             def on_output(line: bytes) -> None:
                 self.b.emit(StepOutput(n, line.decode("utf-8", "replace").rstrip("\r")))

@@ -116,10 +116,12 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
         started: Callable[[int], None] | None = None) -> int:
     """Run `spec` in `snap`; returns the command's exit status (128+N if killed by signal N).
 
-    `scratch` is a temp dir for the init dir and the files bind-mounted over
-    /etc; raises SetupError when the sandbox could not start the command.
+    `scratch` is an empty dir the sandbox mounts a tmpfs on, in its own mount
+    namespace, for the init dir, secrets and the files bind-mounted over /etc:
+    nothing of a step is created on the host's side of it, so concurrent
+    sandboxes may share one. Raises SetupError when the sandbox could not
+    start the command.
     """
-    binds = _write_etc_files(scratch, spec)
     with linux.FORK_LOCK:
         out_r = out_w = None
         if not spec.interactive:
@@ -127,7 +129,7 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
         err_r, err_w = os.pipe()
         pid, parent = _fork()
         if pid == 0:
-            _child(err_w, lambda: _sandbox_a(snap, spec, scratch, binds, out_w, err_w), parent)
+            _child(err_w, lambda: _sandbox_a(snap, spec, scratch, out_w, err_w), parent)
         os.close(err_w)
         if out_w is not None:
             os.close(out_w)
@@ -447,8 +449,7 @@ def _forward_to(pid_holder: list[int]):
         signal.signal(sig, relay)
 
 
-def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str], out_w,
-               err_w: int) -> None:
+def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int) -> None:
     if not spec.interactive:
         # Keep the terminal's Ctrl-C away from the sandbox: pybuild decides what a
         # build does on SIGINT (it kills the sandbox and cleans up).
@@ -460,6 +461,12 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, binds: dict[str, str
     # The mount namespace first: a driver may start a helper process when it mounts (FUSE),
     # which must not become PID 1 of the new PID namespace; the command's sandbox must.
     linux.private_mount_namespace()
+    # The sandbox's own files live in memory, gone with this namespace: on a disk whose
+    # file creation is slow, the five files and dirs a RUN made there each time cost more
+    # than the rest of starting it.
+    linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                "mode=0700,size=64m")
+    binds = _write_etc_files(scratch, spec)
     snap.mount()
     sources = _prepare_mount_sources(spec.mounts, scratch)
     wanted = [(rel, rel in _DIRS) for rel in _DIRS + _FILES]
@@ -509,16 +516,10 @@ def _wait_for(pid: int) -> int:
 def _prepare_mount_sources(mounts: list[MountSpec], scratch: str) -> list[str]:
     """Mount the layer stacks that `--mount=from=` needs (in A's namespace); their host paths."""
     out = []
-    secrets = None
     for i, m in enumerate(mounts):
         if m.kind == "secret":
-            if secrets is None:
-                # Secrets live in a tmpfs of this namespace: gone with it, never in the store.
-                secrets = os.path.join(scratch, "secrets")
-                os.mkdir(secrets, 0o700)
-                linux.mount("tmpfs", secrets, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                            "mode=0700,size=16m")
-            path = os.path.join(secrets, str(i))
+            # In the tmpfs `scratch` is in this namespace: gone with it, never in the store.
+            path = os.path.join(scratch, f"secret-{i}")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, m.content or b"")
             os.close(fd)
