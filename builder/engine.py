@@ -220,6 +220,7 @@ class Builder:
                 state = self.results[target.index].result()
         finally:
             self.ctx.save()     # what was hashed stays hashed, even if a later step failed
+            self.recipes.flush()
             if self.remote is not None:
                 self.remote.close()
         self._warn_unused_args()
