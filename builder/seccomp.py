@@ -1,4 +1,4 @@
-"""A RUN's seccomp filter: the system calls Docker's default profile refuses that no
+"""A RUN's seccomp filter: system calls Docker's default profile refuses that no
 dropped capability guards.
 
 With Docker's capabilities (linux.limit_capabilities) a RUN can no longer mount,
@@ -7,7 +7,11 @@ kernel's keyrings (keyctl, add_key, request_key; a RUN is in the host's user
 namespace, so root's keys there are the host's root's), and make user namespaces
 (unshare or clone with CLONE_NEWUSER), inside which it holds every capability
 again over new mounts, a large kernel surface. Docker's profile refuses both, and
-so does this filter, with EPERM. clone3 gets ENOSYS, as in Docker, because its
+so does this filter, with EPERM. So are three interfaces no capability guards
+here that Docker's profile refuses too, each with a long list of kernel bugs
+behind it and no use in a build: io_uring (Docker since 25.0), userfaultfd (the
+usual way to win a kernel race) and perf_event_open (measuring the host, at
+perf_event_paranoid 2 or less). clone3 gets ENOSYS, as in Docker, because its
 flags are in memory a filter cannot read: C libraries then fall back to clone.
 
 The filter is classic BPF, assembled here (libseccomp is not a dependency).
@@ -40,17 +44,18 @@ class _Calls:
         self.newuser_in_arg0 = newuser_in_arg0
 
 
-# keyctl, add_key, request_key; unshare, clone (asm/unistd_64.h, unistd_32.h,
-# asm-generic/unistd.h).
-_X86_64 = _Calls((250, 248, 249), (272, 56))
+# keyctl, add_key, request_key, userfaultfd, perf_event_open, io_uring_setup/enter/register;
+# unshare, clone (asm/unistd_64.h, unistd_32.h, asm-generic/unistd.h).
+_IO_URING = (425, 426, 427)             # the same numbers everywhere, as clone3's
+_X86_64 = _Calls((250, 248, 249, 323, 298) + _IO_URING, (272, 56))
 _CONVENTIONS = {
     "x86_64": {
         _AUDIT_ARCH_X86_64: _Calls(_X86_64.refused + tuple(n | _X32_BIT for n in _X86_64.refused),
                                    _X86_64.newuser_in_arg0
                                    + tuple(n | _X32_BIT for n in _X86_64.newuser_in_arg0)),
-        _AUDIT_ARCH_I386: _Calls((288, 286, 287), (310, 120)),
+        _AUDIT_ARCH_I386: _Calls((288, 286, 287, 374, 336) + _IO_URING, (310, 120)),
     },
-    "aarch64": {_AUDIT_ARCH_AARCH64: _Calls((219, 217, 218), (97, 220))},
+    "aarch64": {_AUDIT_ARCH_AARCH64: _Calls((219, 217, 218, 282, 241) + _IO_URING, (97, 220))},
 }
 
 # Classic BPF (linux/filter.h, linux/seccomp.h).

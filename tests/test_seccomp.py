@@ -16,8 +16,10 @@ from conftest import BASE, layer_files, write_context
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
                                 reason="the filter has numbers for x86_64 and aarch64")
 
-# keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING), unshare, clone3
-_NUMBERS = {"x86_64": (250, 272, 435), "aarch64": (219, 97, 435)}[platform.machine()]
+# keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING), unshare, clone3, io_uring_setup,
+# userfaultfd, perf_event_open
+_NUMBERS = {"x86_64": (250, 272, 435, 425, 323, 298),
+            "aarch64": (219, 97, 435, 425, 282, 241)}[platform.machine()]
 
 
 def _in_child(install: bool) -> dict:
@@ -35,9 +37,14 @@ def _in_child(install: bool) -> dict:
             return ctypes.get_errno()
         if install:
             seccomp.install()
-        keyctl, unshare, clone3 = _NUMBERS
+        keyctl, unshare, clone3, io_uring_setup, userfaultfd, perf_event_open = _NUMBERS
         os.write(w, json.dumps({
+            # (no parameters: EFAULT, or EINVAL, from the kernel when let through)
+            "io_uring_setup": call(io_uring_setup, 1, 0),
+            "userfaultfd": call(userfaultfd, 0x80000),          # O_CLOEXEC
+            "perf_event_open": call(perf_event_open, 0, 0, -1, -1, 0),
             "keyctl": call(keyctl, 0, -4, 0),
+            # (last: once in a new user namespace, the child is no longer the host's root)
             "unshare user": call(unshare, linux.CLONE_NEWUSER),
             "unshare mount": call(unshare, 0x00020000),
             "clone3": call(clone3, 0, 0)}).encode())
@@ -49,12 +56,15 @@ def _in_child(install: bool) -> dict:
     return out
 
 
-def test_the_filter_refuses_keyrings_and_user_namespaces_only():
+def test_the_filter_refuses_what_it_names_and_nothing_else():
     before, after = _in_child(False), _in_child(True)
     assert before["keyctl"] == 0 and before["unshare user"] == 0     # the test can fail
+    assert before["userfaultfd"] == 0                                  # (root, not filtered)
+    assert before["io_uring_setup"] not in (0, 1) and before["perf_event_open"] not in (0, 1)
     assert after == {"keyctl": 1, "unshare user": 1,                   # EPERM
                      "unshare mount": 0,                               # not refused
-                     "clone3": 38}                                     # ENOSYS: use clone
+                     "clone3": 38,                                     # ENOSYS: use clone
+                     "io_uring_setup": 1, "userfaultfd": 1, "perf_event_open": 1}
 
 
 def test_the_program_jumps_land_inside_it():
