@@ -20,6 +20,7 @@ thousands of files nobody knows yet are hashed on every core (hashing.py).
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 import re
 import stat
@@ -374,6 +375,14 @@ class BuildContext:
     def digest(self, source: Source) -> str:
         """What the step cache knows of a source: names, types, modes, contents, xattrs; no
         times or owners."""
+        fingerprint, latest = _stat_fingerprint(source.entries)
+        known = self.stat_cache.tree(source.path, fingerprint)
+        if known is None:
+            known = self._digest(source)
+            self.stat_cache.put_tree(source.path, fingerprint, known, latest)
+        return known
+
+    def _digest(self, source: Source) -> str:
         digests = self._file_digests(source.entries)
         lines = []
         for e in source.entries:
@@ -401,6 +410,20 @@ class BuildContext:
     def save(self) -> None:
         """Keep what this build learned about the context's files for the next one."""
         self.stat_cache.save()
+
+
+def _stat_fingerprint(entries) -> tuple[str, int]:
+    """(a digest of every entry's name and stat, the latest mtime or ctime among them).
+
+    What a source's digest depends on moves one of these: content and xattrs
+    move ctime (which only the kernel sets), a replaced file or symlink its
+    inode. marshal's version 0 has no references and no interned strings, so
+    the same rows give the same bytes in every run (and twice as fast as repr).
+    """
+    rows = [(e.src, e.rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+             st.st_dev) for e in entries for st in (e.st,)]
+    latest = max((max(r[4], r[5]) for r in rows), default=0)
+    return hashlib.sha256(marshal.dumps(rows, 0)).hexdigest(), latest
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -121,6 +121,30 @@ def test_mtime_only_hits(ctx, store_root):
     assert ran(ctx, store_root) == []
 
 
+def test_an_unchanged_source_is_answered_by_its_stat_fingerprint(ctx, store_root, monkeypatch):
+    """A COPY source whose entries' stats did not move keeps last build's digest without a
+    lookup per file (statcache trees); a change that keeps size and mtime still misses."""
+    from builder import context, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)          # (the files are seconds old)
+    assert ran(ctx, store_root) == []                       # keeps the source's digest
+    per_file = context.BuildContext._file_digests
+
+    def no_lookups(self, entries):
+        raise AssertionError("the source was digested file by file")
+    monkeypatch.setattr(context.BuildContext, "_file_digests", no_lookups)
+    assert ran(ctx, store_root) == []
+    monkeypatch.setattr(context.BuildContext, "_file_digests", per_file)
+
+    main = ctx / "app/main.txt"
+    before = main.stat()
+    main.write_text("MAIN\n")                               # same size, same mtime after:
+    os.utime(main, ns=(before.st_atime_ns, before.st_mtime_ns))   # only ctime tells
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+    (ctx / "app/other.txt").chmod(0o600)
+    assert ran(ctx, store_root) == ALL_AFTER_COPY
+    assert ran(ctx, store_root) == []
+
+
 def test_file_excluded_by_dockerignore_hits(ctx, store_root):
     (ctx / "app/ignored.log").write_text("a different log\n")
     (ctx / "app/new.log").write_text("new\n")
