@@ -101,6 +101,11 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--platform", metavar="linux/ARCH",
                    help="the platform to build for: only this machine's is accepted (RUN "
                         "steps execute natively)")
+    s.add_argument("--shm-size", metavar="SIZE",
+                   help="size of RUN's /dev/shm (default 64m, as Docker)")
+    s.add_argument("--rm", "--force-rm", action="store_true",
+                   help="accepted as docker build takes them: pybuild keeps no intermediate "
+                        "containers")
     s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
                         "$SSH_AUTH_SOCK); ID is usually `default`")
@@ -429,7 +434,9 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         source_date_epoch=_epoch(args.source_date_epoch),
                         labels=_labels(args.label), platform=args.platform,
                         add_hosts=tuple(parse_add_host(h) for h in args.add_host),
-                        ssh=dict(item.partition("=")[::2] for item in args.ssh))
+                        ssh=dict(item.partition("=")[::2] for item in args.ssh),
+                        shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
+                        else None)
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
     try:
@@ -733,13 +740,14 @@ def _cmd_logout(args) -> int:
     return 0
 
 
-def parse_size(text: str) -> int:
-    """`500MB`, `2GB`, `1.5g`, `1024` (bytes): Docker's units, decimal and binary."""
+def parse_size(text: str, binary: bool = False) -> int:
+    """`500MB`, `2GB`, `1.5g`, `1024` (bytes): Docker's units, decimal and binary (`binary`:
+    k, m and g are 1024-based, as Docker reads memory sizes such as --shm-size)."""
     import re
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
     if not m:
         raise UsageError(f"invalid size {text!r}", hint="for example 500MB or 2GB")
-    base = 1024 if m.group(3) else 1000
+    base = 1024 if m.group(3) or binary else 1000
     power = " kmgt".index(m.group(2) or " ")
     return int(float(m.group(1)) * base ** power)
 

@@ -69,6 +69,7 @@ class BuildOptions:
     platform: str | None = None                 # must be this host's (no emulation): linux/amd64
     add_hosts: tuple[tuple[str, str], ...] = ()  # (name, address) lines for RUN's /etc/hosts
     ssh: Mapping[str, str] = field(default_factory=dict)  # agent id -> socket ("": $SSH_AUTH_SOCK)
+    shm_size: int | None = None                 # bytes of RUN's /dev/shm (None: 64 MiB)
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
@@ -77,7 +78,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
           compression: str = "gzip", source_date_epoch: int | None = None,
           storage_driver: str | None = None, labels=None, platform: str | None = None,
-          add_hosts=(), ssh=None, on_event: Callable[[Event], None] | None = None) -> Image:
+          add_hosts=(), ssh=None, shm_size: int | None = None,
+          on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
@@ -98,7 +100,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         compression=compression, source_date_epoch=source_date_epoch,
         storage_driver=storage_driver, labels=dict(labels or {}), platform=platform,
         add_hosts=tuple(parse_add_host(h) if isinstance(h, str) else tuple(h) for h in add_hosts),
-        ssh=dict(ssh or {}))
+        ssh=dict(ssh or {}), shm_size=shm_size)
     return Builder(opts, on_event).run()
 
 
@@ -146,6 +148,9 @@ class Builder:
             raise UsageError(f"--pull {opts.pull}: must be always, missing or never")
         if opts.compression not in ("gzip", "zstd"):
             raise UsageError(f"--compression {opts.compression}: must be gzip or zstd")
+        if opts.shm_size is not None and opts.shm_size < 4096:
+            raise UsageError(f"--shm-size {opts.shm_size}: too small for /dev/shm",
+                             hint="give a size such as 64m or 1g")
         if opts.platform and not is_host_platform(opts.platform):
             raise UsageError(f"--platform {opts.platform}: this machine builds "
                              f"linux/{host_architecture()} images only",
@@ -623,6 +628,8 @@ class Builder:
             if self.opts.add_hosts:
                 # Part of what a RUN sees, so of its key (BuildKit keys its extra hosts too).
                 inputs.add_other("add-host:" + ",".join(f"{n}={a}" for n, a in self.opts.add_hosts))
+            if self.opts.shm_size is not None:
+                inputs.add_other(f"shm-size:{self.opts.shm_size}")     # (as BuildKit: a mount)
             for i, m in enumerate(plan.mounts):
                 if m.type == "ssh" and m.required and m.id not in self.ssh_agents:
                     # Before the cache lookup, as BuildKit checks: a hit would hide it.

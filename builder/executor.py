@@ -132,7 +132,8 @@ class Executor:
                                    workdir=rt.get("WorkingDir") or "/",
                                    network="host" if network == "default" else network,
                                    mounts=mounts, files=plan.files,
-                                   extra_hosts=[f"{a}\t{n}" for n, a in self.b.opts.add_hosts])
+                                   extra_hosts=[f"{a}\t{n}" for n, a in self.b.opts.add_hosts],
+                                   shm_size=self.b.opts.shm_size or sandbox.SHM_SIZE)
             scratch = self.b.sandbox_scratch()
 
             def on_output(line: bytes) -> None:

@@ -78,6 +78,9 @@ class MountSpec:
     gid: int = 0
 
 
+SHM_SIZE = 64 << 20                  # Docker's default /dev/shm
+
+
 @dataclass
 class RunSpec:
     argv: list[str]
@@ -90,6 +93,7 @@ class RunSpec:
     extra_hosts: list[str] = field(default_factory=list)
     mounts: list[MountSpec] = field(default_factory=list)
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
+    shm_size: int = SHM_SIZE         # bytes of /dev/shm
 
 
 # Sandboxes alive now (their first process), so that a cancelled build can take
@@ -589,7 +593,7 @@ def _make_init_dir(merged: str, init: str, missing: list[tuple[str, bool]]) -> N
 def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: dict[str, str],
                extra: list, out_w, err_w: int) -> None:
     socket.sethostname(spec.hostname)
-    _mount_pseudo_filesystems(targets)
+    _mount_pseudo_filesystems(targets, spec.shm_size)
     for rel, src in binds.items():
         linux.mount(src, targets[rel], None, linux.MS_BIND)
     for m, src, target in extra:
@@ -679,7 +683,7 @@ def _remount_bind(path: str, add: int) -> None:
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
 
 
-def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
+def _mount_pseudo_filesystems(t: dict[str, str], shm_size: int) -> None:
     nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", t["proc"], "proc", nosuid_nodev_noexec)
     dev = t["dev"]
@@ -704,7 +708,7 @@ def _mount_pseudo_filesystems(t: dict[str, str]) -> None:
                 "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid_nodev_noexec,
-                "mode=1777,size=65536k")
+                f"mode=1777,size={shm_size}")
     try:
         linux.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid_nodev_noexec)
     except OSError:

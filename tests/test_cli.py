@@ -126,26 +126,31 @@ def test_debug_shows_the_traceback(pybuild, tmp_path):
 
 
 def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
-    """--label, --platform and --add-host, as `docker build` takes them."""
+    """--label, --platform, --add-host, --shm-size and --rm, as `docker build` takes them."""
     from builder.image import host_architecture
     from conftest import layer_files
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nLABEL a=dockerfile keep=1\n"
-                                                          "RUN cat /etc/hosts > /hosts\n"})
+                                                          "RUN cat /etc/hosts > /hosts && "
+                                                          "df -k /dev/shm | tail -1 > /shm\n"})
     platform = f"linux/{host_architecture()}"
     image_id = pybuild("-q", "-t", "flags", "--label", "a=cli", "--label", "org.example.rev=abc1",
                        "--label", "empty", "--platform", platform,
                        "--add-host", "db.local:10.1.2.3", "--add-host", "gw=host-gateway",
-                       "--add-host", "v6:fd00::1", ctx, check=True).stdout.decode().strip()
+                       "--add-host", "v6:fd00::1", "--shm-size", "128m", "--rm", "--force-rm",
+                       ctx, check=True).stdout.decode().strip()
     data = json.loads(pybuild("inspect", "flags", check=True).stdout)[0]
     assert data["Id"] == image_id
     # The command line's labels win over the Dockerfile's, and add no history (as BuildKit).
     assert data["Config"]["Labels"] == {"a": "cli", "keep": "1", "org.example.rev": "abc1",
                                         "empty": ""}
     assert [h["created_by"] for h in data["History"]][-2:] == [
-        "LABEL a=dockerfile keep=1", "RUN /bin/sh -c cat /etc/hosts > /hosts"]
+        "LABEL a=dockerfile keep=1",
+        "RUN /bin/sh -c cat /etc/hosts > /hosts && df -k /dev/shm | tail -1 > /shm"]
     image = store.resolve("flags")
-    hosts = layer_files(store, image.layers[-1])["hosts"].decode().splitlines()
+    files = layer_files(store, image.layers[-1])
+    hosts = files["hosts"].decode().splitlines()
     assert hosts[-3:] == ["10.1.2.3\tdb.local", "127.0.0.1\tgw", "fd00::1\tv6"]
+    assert files["shm"].split()[1] == b"131072"          # KiB: --shm-size 128m, as Docker reads it
 
     # The hosts a RUN sees are part of its key; labels are not part of any step's.
     p = pybuild("-t", "flags2", "--progress", "plain", ctx, check=True)
@@ -153,6 +158,7 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
     assert "#2 CACHED" in err and "#3 CACHED" not in err
     image2 = store.resolve("flags2")
     assert "db.local" not in layer_files(store, image2.layers[-1])["hosts"].decode()
+    assert layer_files(store, image2.layers[-1])["shm"].split()[1] == b"65536"   # Docker's 64m
     assert image2.config["config"]["Labels"] == {"a": "dockerfile", "keep": "1"}
 
     assert_clean_error(pybuild("-t", "x", "--platform", "linux/s390x" if host_architecture() !=
@@ -161,6 +167,7 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
     assert_clean_error(pybuild("-t", "x", "--add-host", "nocolon", ctx), 2, "--add-host 'nocolon'",
                        "NAME:ADDRESS")
     assert_clean_error(pybuild("-t", "x", "--add-host", "h:not-an-ip", ctx), 2, "NAME:ADDRESS")
+    assert_clean_error(pybuild("-t", "x", "--shm-size", "lots", ctx), 2, "invalid size 'lots'")
     assert_clean_error(pybuild("-t", "x", "--ssh", "default", ctx, env={"SSH_AUTH_SOCK": ""}), 2,
                        "--ssh default: SSH_AUTH_SOCK is not set", "ssh-agent")
     assert_clean_error(pybuild("-t", "x", "--ssh", f"default={tmp_path / 'none'}", ctx), 2,
