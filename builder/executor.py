@@ -301,7 +301,6 @@ class Executor:
             mounts.append(sandbox.MountSpec(m.target, "secret", content=data,
                                             mode=m.mode, uid=m.uid or 0, gid=m.gid or 0))
 
-
     def _ssh(self, m, mounts: list, where: str, relays: list) -> None:
         agent = self.b.ssh_agents.get(m.id)
         if agent is None:
