@@ -19,6 +19,8 @@ import threading
 
 from .errors import UsageError
 
+_SEND_TIMEOUT = 10.0        # seconds a relayed message may wait for its reader
+
 
 def agent_socket(ident: str, given: str) -> str:
     """The agent socket `--ssh ID[=PATH]` names: PATH, or $SSH_AUTH_SOCK without one."""
@@ -103,6 +105,9 @@ class AgentRelay:
             agent.close()
             client.close()      # the step's ssh sees the agent as gone, as it is
             return
+        for s in (client, agent):
+            # A step that stops reading cannot hold the relay (and the build's end) for good.
+            s.settimeout(_SEND_TIMEOUT)
         peers[client], peers[agent] = agent, client
         sel.register(client, selectors.EVENT_READ)
         sel.register(agent, selectors.EVENT_READ)

@@ -592,3 +592,36 @@ def test_add_chown_applies_to_what_an_archive_unpacks(tmp_path, base_image, stor
     kept = {m.name.rstrip("/"): (m.uid, m.gid) for m in layer_members(store, image.layers[-1])}
     assert chowned["out/d"] == chowned["out/d/foo"] == (100, 200)
     assert kept["kept/d"] == kept["kept/d/foo"] == (7, 8)
+
+
+def test_ssh_relay_gives_up_on_a_reader_that_stopped(tmp_path, monkeypatch):
+    """A step that asks the agent and never reads the answer cannot hold the relay, and with
+    it the end of the step, beyond the send timeout."""
+    import socket
+    import threading
+    import time
+    from builder import sshagent
+    monkeypatch.setattr(sshagent, "_SEND_TIMEOUT", 0.2)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "agent.sock"))
+    server.listen()
+
+    def agent():           # answers with far more than the sockets' buffers hold
+        conn, _ = server.accept()
+        try:
+            conn.sendall(b"x" * (16 << 20))
+        except OSError:
+            pass
+        conn.close()
+    threading.Thread(target=agent, daemon=True).start()
+    relay = sshagent.AgentRelay(str(tmp_path / "agent.sock"), str(tmp_path), "relay.sock")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(relay.path)                     # and never reads
+    time.sleep(0.5)
+    closing = threading.Thread(target=relay.close)
+    closing.start()
+    closing.join(3)
+    assert not closing.is_alive(), "the relay waited for a reader that stopped"
+    assert not [t for t in threading.enumerate() if t.name == "pybuild-ssh-agent"]
+    client.close()
+    server.close()
