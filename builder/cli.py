@@ -335,26 +335,25 @@ def _dispatch(args) -> int:
 
 
 def _build_args(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        k, eq, v = item.partition("=")
-        if not k:
-            raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
-        if eq:
-            out[k] = v
-        elif k in os.environ:
-            out[k] = os.environ[k]
-    return out
+    """KEY=VALUE, or KEY alone for the value in the environment (left out when it has none)."""
+    return _key_values(items, "--build-arg", os.environ.get)
 
 
 def _labels(items: list[str]) -> dict[str, str]:
     """Docker's --label forms: KEY=VALUE, or KEY alone for an empty value."""
+    return _key_values(items, "--label", lambda k: "")
+
+
+def _key_values(items: list[str], flag: str, bare) -> dict[str, str]:
+    """KEY=VALUE items; `bare(KEY)` is the value of an item without `=` (None: left out)."""
     out = {}
     for item in items:
-        k, _, v = item.partition("=")
+        k, eq, v = item.partition("=")
         if not k:
-            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
-        out[k] = v
+            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE")
+        value = v if eq else bare(k)
+        if value is not None:
+            out[k] = value
     return out
 
 

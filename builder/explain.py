@@ -27,6 +27,7 @@ import os
 import threading
 
 from .context import XATTRS_MARK
+from .statcache import read_marshal_dict
 from .store.lock import write_atomic
 
 MAX_FILES_NAMED = 3
@@ -55,12 +56,7 @@ class RecipeLog:
     def _read(self, kind: str) -> dict:
         with self._lock:
             if kind not in self._loaded:
-                try:
-                    with open(self._paths[kind], "rb") as f:
-                        data = marshal.loads(f.read())
-                except (OSError, EOFError, ValueError, TypeError):
-                    data = {}
-                self._loaded[kind] = data if isinstance(data, dict) else {}
+                self._loaded[kind] = read_marshal_dict(self._paths[kind])
             return self._loaded[kind]
 
     def load(self, position: str) -> dict | None:

@@ -53,14 +53,17 @@ class StatCache:
 
     def _load(self) -> dict:
         if self._entries is None:
-            self._entries = _read(self.path)
+            self._entries = read_marshal_dict(self.path)
         return self._entries
+
+    def _load_trees(self) -> dict:
+        if self._trees is None:
+            self._trees = read_marshal_dict(self.trees_path)
+        return self._trees
 
     def tree(self, key: str, fingerprint: str) -> str | None:
         """The digest kept for the source `key` if its entries' fingerprint is unchanged."""
-        if self._trees is None:
-            self._trees = _read(self.trees_path)
-        hit = self._trees.get(key)
+        hit = self._load_trees().get(key)
         if isinstance(hit, tuple) and len(hit) == 2 and hit[0] == fingerprint:
             return hit[1]
         return None
@@ -70,12 +73,11 @@ class StatCache:
         if time.time_ns() - latest_ns < _RACY_NS:
             return
         with self._lock:
-            if self._trees is None:
-                self._trees = _read(self.trees_path)
-            self._trees.pop(key, None)
-            self._trees[key] = (fingerprint, digest)
-            while len(self._trees) > _MAX_TREES:
-                del self._trees[next(iter(self._trees))]     # the least recently kept
+            trees = self._load_trees()
+            trees.pop(key, None)
+            trees[key] = (fingerprint, digest)
+            while len(trees) > _MAX_TREES:
+                del trees[next(iter(trees))]     # the least recently kept
             self._trees_changed = True
 
     def get(self, rel: str, st: os.stat_result) -> tuple[str, str] | None:
@@ -111,7 +113,8 @@ class StatCache:
         self._changed = False
 
 
-def _read(path: str | None) -> dict:
+def read_marshal_dict(path: str | None) -> dict:
+    """The dict a cache file holds (written by marshal), or {} when it is missing or damaged."""
     if not path:
         return {}
     try:
