@@ -208,3 +208,28 @@ def test_copy_leaves_out_overlays_own_xattrs_in_the_key_too():
     from builder import hashing
     from builder.layer import whiteout
     assert set(whiteout.OVERLAY_XATTR_PREFIXES) <= set(hashing.NOT_COPIED_XATTRS)
+
+
+def test_the_file_table_a_digest_leaves_behind_is_the_one_asked_for(tmp_path):
+    """digest() hands file_table() the table it made on the way; it must be the table a
+    context that did not hash first makes, xattrs, links and dirs included, and it is used
+    only for the very entries it was made of."""
+    ctx = write_context(tmp_path / "ctx", {"src/a.txt": "a\n", "src/sub/b.txt": "b\n"})
+    os.symlink("a.txt", ctx / "src/link")
+    os.setxattr(ctx / "src/a.txt", "user.note", b"file")
+    os.setxattr(ctx / "src/sub", "user.note", b"dir")
+    hashed = BuildContext(str(ctx))
+    source = hashed.sources("src")[0]
+    hashed.digest(source)
+    assert source.path in hashed._tables                  # (made on the way, handed once)
+    handed = hashed.file_table(source)
+    assert source.path not in hashed._tables
+    asked = BuildContext(str(ctx)).file_table(BuildContext(str(ctx)).sources("src")[0])
+    assert handed == asked
+    assert handed["src/a.txt"][2].endswith(" xattrs:" + asked["src/a.txt"][2].split(":")[-1])
+    assert handed["src/link"] == ("symlink", "777", "a.txt")
+    assert set(handed) == {"src", "src/a.txt", "src/link", "src/sub", "src/sub/b.txt"}
+
+    (ctx / "src/sub/b.txt").write_text("changed\n")      # a new walk: its own table
+    again = hashed.sources("src")[0]
+    assert hashed.file_table(again)["src/sub/b.txt"] != handed["src/sub/b.txt"]
