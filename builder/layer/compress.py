@@ -17,27 +17,6 @@ import time
 
 from isal import igzip, isal_zlib
 
-
-def _return_big_buffers_to_the_system() -> None:
-    """Have malloc map every buffer of 512 KiB or more on its own, and unmap it when freed.
-
-    A layer passes through as megabyte buffers made in three threads. glibc
-    raises its mmap threshold after the first such buffer is freed, and from
-    then on serves them from per-thread arenas that keep the memory: a
-    140 MB commit left the process 35 MB larger at its peak (133 MB instead
-    of 105 MB for the 30,000-file COPY). A fixed threshold stops that; each
-    buffer then costs one mmap and its page faults, which did not show in
-    the commit's time. Not glibc (musl): nothing to do.
-    """
-    try:
-        import ctypes
-        ctypes.CDLL(None).mallopt(-3, 512 << 10)       # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-_return_big_buffers_to_the_system()
-
 GZIP_LEVEL = 2          # ISA-L levels are 0-3; measured here, 2 is as fast as 1 on binaries
                         # (~420 MB/s), twice as fast on incompressible data, and smaller
 _GZIP_WBITS = 31        # zlib convention: 16 + 15 = gzip wrapper, 32K window
