@@ -79,6 +79,9 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--explain-cache", action="store_true",
                    help="for every step that misses the cache, print the full comparison")
     s.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    s.add_argument("--metadata-file", metavar="FILE",
+                   help="write the result as JSON to FILE, with buildx's keys "
+                        "(containerimage.digest, containerimage.config.digest, image.name)")
     s.add_argument("--pull", nargs="?", const="always", default="missing",
                    choices=("always", "missing", "never", "true", "false"),
                    help="pull base images: always, missing (the default: only those not in the "
@@ -438,6 +441,11 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         ssh=dict(item.partition("=")[::2] for item in args.ssh),
                         shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
                         else None)
+    for option, path in (("--iidfile", args.iidfile), ("--metadata-file", args.metadata_file)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            # Said before the build, not after it has run for minutes.
+            raise UsageError(f"{option} {path}: its directory does not exist",
+                             hint="create the directory first, or name a file in an existing one")
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
     try:
@@ -448,9 +456,36 @@ def _build(args, context: str, dockerfile: str | None) -> int:
     if args.iidfile:
         with open(args.iidfile, "w", encoding="ascii") as f:
             f.write(image.id)
+    if args.metadata_file:
+        with open(args.metadata_file, "w", encoding="utf-8") as f:
+            json.dump(build_metadata(image), f, indent=2, sort_keys=True)
+            f.write("\n")
     if mode != "json":
         print(image.id)
     return 0
+
+
+def build_metadata(image) -> dict:
+    """What `docker buildx build --metadata-file` writes of an image, under the same keys
+    (CI jobs read the digests from it); buildx's own keys (buildx.build.*) are left out."""
+    from .image import canonical_json
+    from .reference import DEFAULT_TAG, parse
+    names = []
+    for tag in image.tags:
+        ref = parse(tag)
+        names.append(f"{ref.registry}/{ref.repository}:{ref.tag or DEFAULT_TAG}")
+    out = {
+        "containerimage.config.digest": image.id,
+        "containerimage.digest": image.digest,
+        "containerimage.descriptor": {
+            "mediaType": image.manifest.get("mediaType"), "digest": image.digest,
+            "size": len(canonical_json(image.manifest)),
+            "annotations": {"config.digest": image.id,
+                            "org.opencontainers.image.created": image.created}},
+    }
+    if names:
+        out["image.name"] = ",".join(names)
+    return out
 
 
 def _epoch(given: str | None) -> int | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
+from builder.errors import ImageNotFound
 
 from conftest import BASE, write_context
 
@@ -174,3 +177,30 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
                        "No such file")
     assert_clean_error(pybuild("-t", "x", "--ssh", f"key={ctx / 'Dockerfile'}", ctx), 2,
                        "is not an agent's socket")
+
+
+def test_metadata_file_says_what_buildx_says(pybuild, tmp_path, base_image, store):
+    """--metadata-file: the digests CI jobs read, under buildx's keys; a file in a directory
+    that does not exist is refused before anything is built."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN echo hi > /hi\n"})
+    meta, iid = tmp_path / "meta.json", tmp_path / "iid"
+    pybuild("-q", "-t", "meta", "-t", "localhost:5000/team/app:v1", "--metadata-file", meta,
+            "--iidfile", iid, ctx, check=True)
+    image = store.resolve("meta")
+    data = json.loads(meta.read_text())
+    assert data["containerimage.config.digest"] == image.id == iid.read_text()
+    assert data["containerimage.digest"] == image.digest
+    descriptor = data["containerimage.descriptor"]
+    assert descriptor["digest"] == image.digest
+    assert descriptor["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert descriptor["size"] == len(store.blobs.read(image.digest))
+    assert descriptor["annotations"]["config.digest"] == image.id
+    assert data["image.name"] == "docker.io/library/meta:latest,localhost:5000/team/app:v1"
+
+    missing = tmp_path / "no-such-dir" / "meta.json"
+    for option in ("--metadata-file", "--iidfile"):
+        p = pybuild("-t", "never", option, missing, ctx)
+        assert_clean_error(p, 2, f"{option} {missing}: its directory does not exist")
+        assert b"#2" not in p.stderr                   # (refused before the first step)
+    with pytest.raises(ImageNotFound):
+        store.resolve("never")
