@@ -70,6 +70,8 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
                    help="a secret for RUN --mount=type=secret (never stored in the image)")
     s.add_argument("--no-cache", action="store_true", help="do not use the step cache")
+    s.add_argument("--no-cache-filter", action="append", default=[], metavar="STAGE[,STAGE]",
+                   help="build these stages (by name) without the step cache, the others with it")
     s.add_argument("--network", choices=("host", "none", "default"), default="host",
                    help="network for RUN steps (default: host)")
     s.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
@@ -426,6 +428,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
         from . import outputs, remote_cache
     opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
+                        no_cache_filter=tuple(n for item in args.no_cache_filter
+                                              for n in item.split(",") if n),
                         network=args.network, target=args.target,
                         root=getattr(args, "root", None), secrets=_secrets(args.secret),
                         storage_driver=getattr(args, "storage_driver", None),

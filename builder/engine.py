@@ -52,6 +52,7 @@ class BuildOptions:
     tags: tuple[str, ...] = ()
     build_args: Mapping[str, str] = field(default_factory=dict)
     no_cache: bool = False
+    no_cache_filter: tuple[str, ...] = ()       # stages (by name) built without the cache
     network: str = "host"                       # host | none: the default for RUN
     target: str | None = None
     root: str | None = None                     # the store; default PYBUILD_ROOT or /var/lib/pybuild
@@ -73,7 +74,8 @@ class BuildOptions:
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
-          no_cache: bool = False, network: str = "host", target: str | None = None,
+          no_cache: bool = False, no_cache_filter=(), network: str = "host",
+          target: str | None = None,
           root: str | None = None, secrets=None, pull: str = "missing",
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
           compression: str = "gzip", source_date_epoch: int | None = None,
@@ -89,7 +91,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
     from . import outputs as out_mod, remote_cache
     opts = BuildOptions(
         context=context, dockerfile=dockerfile, tags=tuple(tags or ()),
-        build_args=dict(build_args or {}), no_cache=no_cache, network=network, target=target,
+        build_args=dict(build_args or {}), no_cache=no_cache,
+        no_cache_filter=tuple(no_cache_filter), network=network, target=target,
         root=root, secrets=dict(secrets or {}), pull=pull,
         insecure_registries=tuple(insecure_registries), push=push,
         cache_to=tuple(remote_cache.parse_spec(c, export=True) if isinstance(c, str) else c
@@ -209,6 +212,8 @@ class Builder:
             self.emit(BuildWarning(w))
         self.meta_env = self._meta_args(df)
         target = df.stage(self.opts.target)
+        for name in self.opts.no_cache_filter:
+            df.stage(name, option="--no-cache-filter")       # (a typo is an error, not a no-op)
         plans = self._plan_stages(df, target)
         self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
         self.results: dict = {}      # stage index -> its result (a Future when parallel)
@@ -521,7 +526,8 @@ class Builder:
             build_args=plan.build_args, sources=tuple(inputs.digests),
             source_date_epoch=self.opts.source_date_epoch).digest()
         diff_ids = [l.diff_id for l in state.layers]
-        cached = None if self.opts.no_cache else self.cache.get(key, diff_ids)
+        no_cache = self._no_cache(stage)
+        cached = None if no_cache else self.cache.get(key, diff_ids)
         if cached is None and self.remote is not None:
             cached = self.remote.get(key, diff_ids)      # (downloads its layer)
             if cached is not None:
@@ -540,7 +546,7 @@ class Builder:
             return
         recipe = self._recipe(state, stage, plan, inputs, key)
         previous = self.recipes.load(position)
-        reason, details = explain.explain(previous, recipe, no_cache=self.opts.no_cache,
+        reason, details = explain.explain(previous, recipe, no_cache=no_cache,
                                           parent_missed=stage.first_miss)
         if stage.first_miss is None:
             stage.first_miss = f"step {n}: {reason}"
@@ -569,6 +575,12 @@ class Builder:
             self.steps_run += 1
         self.emit(StepDone(n, time.monotonic() - t0, cached=False,
                            layer_size=layer.size if layer else None))
+
+    def _no_cache(self, stage: _StagePlan) -> bool:
+        """--no-cache, or --no-cache-filter naming this stage (as BuildKit: by name)."""
+        name = stage.stage.name
+        return self.opts.no_cache or (name is not None and
+                                      any(name == f.lower() for f in self.opts.no_cache_filter))
 
     def _used(self, stage: _StagePlan, key: str, result: cachemod.StepResult) -> None:
         with self._lock:

@@ -181,6 +181,30 @@ def test_no_cache_runs_everything(ctx, store_root):
     assert set(LAST_REASONS.values()) == {"--no-cache"}
 
 
+def test_no_cache_filter_runs_only_the_stages_it_names(tmp_path, base_image, store_root):
+    c = write_context(tmp_path / "stages", {"Dockerfile": f"""FROM {BASE} AS deps
+RUN echo deps > /deps
+FROM {BASE} AS app
+COPY --from=deps /deps /deps
+RUN echo app > /app
+"""})
+
+    def texts(**kw) -> list[str]:
+        events = []
+        builder.build(str(c), root=store_root, on_event=events.append, **kw)
+        text = {e.step: e.text for e in events if isinstance(e, progress.StepStarted)}
+        return [text[e.step] for e in events if isinstance(e, progress.StepDone)
+                and not e.cached and not text[e.step].startswith("FROM")]
+
+    texts()
+    assert texts() == []
+    assert texts(no_cache_filter=("App",)) == ["COPY /deps /deps", "RUN /bin/sh -c echo app > /app"]
+    # The other way round: deps runs again, and app after it (it copies from a new result).
+    assert texts(no_cache_filter=("deps",))[0] == "RUN /bin/sh -c echo deps > /deps"
+    with pytest.raises(builder.DockerfileError, match="--no-cache-filter stage 'nosuch' not found"):
+        texts(no_cache_filter=("nosuch",))
+
+
 def test_first_build_of_a_step_says_so(tmp_path, base_image, store_root):
     c = write_context(tmp_path / "fresh", {"Dockerfile": f"FROM {BASE}\nRUN echo first-ever > /x\n"})
     assert ran(c, store_root) == ["RUN"]

@@ -171,6 +171,8 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
                        "NAME:ADDRESS")
     assert_clean_error(pybuild("-t", "x", "--add-host", "h:not-an-ip", ctx), 2, "NAME:ADDRESS")
     assert_clean_error(pybuild("-t", "x", "--shm-size", "lots", ctx), 2, "invalid size 'lots'")
+    assert_clean_error(pybuild("-t", "x", "--no-cache-filter", "base,app", ctx), 3,
+                       "--no-cache-filter stage 'base' not found (named stages: none)")
     assert_clean_error(pybuild("-t", "x", "--ssh", "default", ctx, env={"SSH_AUTH_SOCK": ""}), 2,
                        "--ssh default: SSH_AUTH_SOCK is not set", "ssh-agent")
     assert_clean_error(pybuild("-t", "x", "--ssh", f"default={tmp_path / 'none'}", ctx), 2,

@@ -196,14 +196,15 @@ class Dockerfile:
     stages: tuple[Stage, ...]
     warnings: tuple[str, ...] = field(default=())
 
-    def stage(self, target: str | None) -> Stage:
+    def stage(self, target: str | None, option: str = "target") -> Stage:
+        """The stage named `target` (the last one if None); `option` names the asker in errors."""
         if target is None:
             return self.stages[-1]
         for st in reversed(self.stages):        # the latest, if a name is used twice
             if st.name == target.lower():
                 return st
         names = ", ".join(s.name for s in self.stages if s.name) or "none"
-        raise DockerfileError(f"target stage {target!r} not found (named stages: {names})",
+        raise DockerfileError(f"{option} stage {target!r} not found (named stages: {names})",
                               file=self.filename)
 
 
