@@ -70,6 +70,9 @@ def _args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
                    help="a secret for RUN --mount=type=secret (never stored in the image)")
     s.add_argument("--no-cache", action="store_true", help="do not use the step cache")
+    s.add_argument("--build-context", action="append", default=[], metavar="NAME=VALUE",
+                   help="another context: a directory for COPY --from=NAME and RUN --mount "
+                        "from=NAME, or docker-image://REF to stand in for the image NAME")
     s.add_argument("--no-cache-filter", action="append", default=[], metavar="STAGE[,STAGE]",
                    help="build these stages (by name) without the step cache, the others with it")
     s.add_argument("--network", choices=("host", "none", "default"), default="host",
@@ -444,7 +447,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         add_hosts=tuple(parse_add_host(h) for h in args.add_host),
                         ssh=dict(item.partition("=")[::2] for item in args.ssh),
                         shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
-                        else None)
+                        else None,
+                        build_contexts=_build_contexts(args.build_context))
     for option, path in (("--iidfile", args.iidfile), ("--metadata-file", args.metadata_file)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             # Said before the build, not after it has run for minutes.
@@ -467,6 +471,17 @@ def _build(args, context: str, dockerfile: str | None) -> int:
     if mode != "json":
         print(image.id)
     return 0
+
+
+def _build_contexts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--build-context {item}: expected NAME=VALUE",
+                             hint="for example --build-context docs=./docs")
+        out[name] = value
+    return out
 
 
 def build_metadata(image) -> dict:

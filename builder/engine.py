@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, explain, paths, reference, steps
+from . import cache as cachemod, explain, named_contexts, paths, reference, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
@@ -71,6 +71,7 @@ class BuildOptions:
     add_hosts: tuple[tuple[str, str], ...] = ()  # (name, address) lines for RUN's /etc/hosts
     ssh: Mapping[str, str] = field(default_factory=dict)  # agent id -> socket ("": $SSH_AUTH_SOCK)
     shm_size: int | None = None                 # bytes of RUN's /dev/shm (None: 64 MiB)
+    build_contexts: Mapping[str, str] = field(default_factory=dict)  # name -> dir | docker-image://
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
@@ -80,7 +81,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
           compression: str = "gzip", source_date_epoch: int | None = None,
           storage_driver: str | None = None, labels=None, platform: str | None = None,
-          add_hosts=(), ssh=None, shm_size: int | None = None,
+          add_hosts=(), ssh=None, shm_size: int | None = None, build_contexts=None,
           on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
@@ -103,7 +104,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         compression=compression, source_date_epoch=source_date_epoch,
         storage_driver=storage_driver, labels=dict(labels or {}), platform=platform,
         add_hosts=tuple(parse_add_host(h) if isinstance(h, str) else tuple(h) for h in add_hosts),
-        ssh=dict(ssh or {}), shm_size=shm_size)
+        ssh=dict(ssh or {}), shm_size=shm_size, build_contexts=dict(build_contexts or {}))
     return Builder(opts, on_event).run()
 
 
@@ -179,6 +180,8 @@ class Builder:
         self.cancelled = threading.Event()
         self.executor = None
         self._resolved: dict[str, Image] = {}
+        self.named = named_contexts.parse(opts.build_contexts)     # --build-context
+        self._named_dirs: dict[str, BuildContext] = {}
         self._resolve_lock = threading.Lock()
         arch = host_architecture()
         platform = f"linux/{arch}"
@@ -211,6 +214,11 @@ class Builder:
         for w in df.warnings:
             self.emit(BuildWarning(w))
         self.meta_env = self._meta_args(df)
+        for name in self.named.names():
+            if any(st.name == name.lower() for st in df.stages):
+                raise UsageError(f"--build-context {name}: a stage of {self.dockerfile_path} has "
+                                 "this name, and replacing a stage is not supported",
+                                 hint="rename the stage or the context")
         target = df.stage(self.opts.target)
         for name in self.opts.no_cache_filter:
             df.stage(name, option="--no-cache-filter")       # (a typo is an error, not a no-op)
@@ -229,7 +237,8 @@ class Builder:
                     self._build_parallel(plans)
                 state = self.results[target.index].result()
         finally:
-            self.ctx.save()     # what was hashed stays hashed, even if a later step failed
+            for ctx in (self.ctx, *self._named_dirs.values()):
+                ctx.save()      # what was hashed stays hashed, even if a later step failed
             self.recipes.flush()
             if self.remote is not None:
                 self.remote.close()
@@ -413,7 +422,15 @@ class Builder:
         return out
 
     def _resolve_image(self, name: str, inst) -> Image:
-        """A base or --from image: from the store, pulled when missing (or always, per --pull)."""
+        """A base or --from image: from the store, pulled when missing (or always, per --pull);
+        a --build-context NAME=docker-image://REF stands in for NAME."""
+        if name.lower() in self.named.dirs:
+            raise BuildError(f"{self.dockerfile_path}:{inst.line}: build context {name} is a "
+                             "directory, not an image",
+                             hint="a directory context is read by COPY --from and "
+                                  "RUN --mount=type=bind,from; give FROM an image "
+                                  "(--build-context NAME=docker-image://REF)")
+        name = self.named.image_for(name) or name
         with self._resolve_lock:             # parallel stages may name the same image
             if name in self._resolved:
                 return self._resolved[name]
@@ -649,7 +666,13 @@ class Builder:
                                      "was forwarded",
                                      hint=f"pass one with --ssh {m.id} (the agent of "
                                           f"$SSH_AUTH_SOCK) or --ssh {m.id}=SOCKET")
-                if m.type == "bind" and m.from_:
+                if m.type == "bind" and m.from_ and self._named_dir(m.from_) is not None:
+                    named = self._named_dir(m.from_)
+                    src = named.sources(m.source or ".", instruction="RUN --mount",
+                                        where=f"build context {m.from_}")[0]
+                    inputs.add_other(f"context {m.from_.lower()}:{named.digest(src)}")
+                    inputs.mount_sources[i] = ("local", (named.root, src))
+                elif m.type == "bind" and m.from_:
                     identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
                     inputs.add_other(f"{identity}:{m.source}")
                     inputs.mount_sources[i] = ("rootfs", diff_ids)
@@ -666,6 +689,19 @@ class Builder:
                     raise BuildError(f"RUN --mount=type=cache,source={m.source} needs from= "
                                      "(a stage or an image to take it from)")
         return inputs
+
+    def _named_dir(self, ref: str) -> BuildContext | None:
+        """The --build-context directory `ref` names (when no stage has that name), if any."""
+        root = self.named.dirs.get(ref.lower())
+        if root is None or self._stage_ref(self.df, ref, len(self.df.stages)) is not None:
+            return None
+        with self._lock:
+            ctx = self._named_dirs.get(root)
+            if ctx is None:
+                ctx = self._named_dirs[root] = BuildContext(
+                    root, ignore=IgnoreRules(), cache_dir=os.path.join(self.store.cache_dir,
+                                                                       "context"))
+        return ctx
 
     def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:
         """(identity, diff_ids, what) of the stage or image a `--from` names."""
@@ -688,6 +724,15 @@ class Builder:
                     found = [f for f in (filter_excludes(s, rules) for s in found) if f]
                 inputs.copy_parts += [("context", s) for s in found]
                 inputs.digests += [self.ctx.digest(s) for s in found]
+            elif src.kind == "stage" and self._named_dir(src.ref) is not None:
+                named = self._named_dir(src.ref)
+                found = named.sources(src.spec, instruction=keyword,
+                                      where=f"build context {src.ref}")
+                if rules is not None:
+                    found = [f for f in (filter_excludes(s, rules) for s in found) if f]
+                inputs.copy_parts += [("inline", (named.root, s)) for s in found]
+                for s in found:
+                    inputs.add_other(f"context {src.ref.lower()}:{named.digest(s)}")
             elif src.kind == "stage":
                 identity, diff_ids, what = self._other_rootfs(src.ref, inst)
                 inputs.copy_parts.append(("from", (src.ref, tuple(diff_ids), what, src.spec)))

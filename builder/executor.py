@@ -166,8 +166,13 @@ class Executor:
         return mounts, secret_env
 
     def _bind(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
+        """A bind mount of a stage's or image's files ("rootfs"), or of a directory's: the
+        build context's ("context", Source) or a --build-context's ("local", (root, Source))."""
+        root = self.b.ctx.root
+        if kind == "local":
+            root, data = data
         if self.store.driver != "overlay":
-            return self._bind_copy(m, kind, data, where)
+            return self._bind_copy(m, kind, data, where, root)
         if kind == "rootfs":
             spec = sandbox.MountSpec(m.target, "overlay",
                                      lowers=tuple(self.store.lower_links(list(data))) or
@@ -176,7 +181,7 @@ class Executor:
             if not m.readonly:
                 spec.upper, spec.work = _mkdirs(where, "upper"), _mkdirs(where, "work")
             return spec
-        host = os.path.join(self.b.ctx.root, data.path)
+        host = os.path.join(root, data.path)
         if m.readonly:
             return sandbox.MountSpec(m.target, "bind", source=host, readonly=True)
         if not data.is_dir:
@@ -187,7 +192,7 @@ class Executor:
         return sandbox.MountSpec(m.target, "overlay", lowers=(host,), upper=_mkdirs(where, "upper"),
                                  work=_mkdirs(where, "work"), readonly=False)
 
-    def _bind_copy(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
+    def _bind_copy(self, m, kind: str, data, where: str, root: str) -> sandbox.MountSpec:
         """RUN --mount=type=bind without overlay mounts: a stage's full root (kept by the vfs
         code, shared when read-only), and private copies of what the step may write to."""
         from .paths import resolve_in_root
@@ -199,7 +204,7 @@ class Executor:
                 root = os.path.join(where, "copy")
             return sandbox.MountSpec(m.target, "bind", source=resolve_in_root(root, m.source),
                                      readonly=m.readonly)
-        host = os.path.join(self.b.ctx.root, data.path)
+        host = os.path.join(root, data.path)
         if not m.readonly:
             copy = os.path.join(_mkdirs(where, ""), "copy")
             vfs.clone_tree(host, copy)
