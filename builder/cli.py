@@ -113,6 +113,9 @@ def _args_build(s: argparse.ArgumentParser) -> None:
                         "steps execute natively)")
     s.add_argument("--shm-size", metavar="SIZE",
                    help="size of RUN's /dev/shm (default 64m, as Docker)")
+    s.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
+                   help="a resource limit for RUN steps, as Docker's (nofile=1024:2048; -1 is "
+                        "unlimited); part of their cache key")
     s.add_argument("--rm", "--force-rm", action="store_true",
                    help="accepted as docker build takes them: pybuild keeps no intermediate "
                         "containers")
@@ -424,7 +427,7 @@ def _cmd_build(args) -> int:
 
 
 def _build(args, context: str, dockerfile: str | None) -> int:
-    from .engine import Builder, BuildOptions, parse_add_host
+    from .engine import Builder, BuildOptions, parse_add_host, parse_ulimit
     from .progress import make_renderer
     pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
     if args.cache_to or args.cache_from or args.output:
@@ -448,7 +451,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         ssh=dict(item.partition("=")[::2] for item in args.ssh),
                         shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
                         else None,
-                        build_contexts=_build_contexts(args.build_context))
+                        build_contexts=_build_contexts(args.build_context),
+                        ulimits=tuple(parse_ulimit(u) for u in args.ulimit))
     for option, path in (("--iidfile", args.iidfile), ("--metadata-file", args.metadata_file)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             # Said before the build, not after it has run for minutes.

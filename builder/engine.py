@@ -72,6 +72,7 @@ class BuildOptions:
     ssh: Mapping[str, str] = field(default_factory=dict)  # agent id -> socket ("": $SSH_AUTH_SOCK)
     shm_size: int | None = None                 # bytes of RUN's /dev/shm (None: 64 MiB)
     build_contexts: Mapping[str, str] = field(default_factory=dict)  # name -> dir | docker-image://
+    ulimits: tuple[tuple[str, int, int], ...] = ()   # (nofile, soft, hard) for RUN; -1: unlimited
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
@@ -82,7 +83,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           compression: str = "gzip", source_date_epoch: int | None = None,
           storage_driver: str | None = None, labels=None, platform: str | None = None,
           add_hosts=(), ssh=None, shm_size: int | None = None, build_contexts=None,
-          on_event: Callable[[Event], None] | None = None) -> Image:
+          ulimits=(), on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
@@ -104,8 +105,30 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         compression=compression, source_date_epoch=source_date_epoch,
         storage_driver=storage_driver, labels=dict(labels or {}), platform=platform,
         add_hosts=tuple(parse_add_host(h) if isinstance(h, str) else tuple(h) for h in add_hosts),
-        ssh=dict(ssh or {}), shm_size=shm_size, build_contexts=dict(build_contexts or {}))
+        ssh=dict(ssh or {}), shm_size=shm_size, build_contexts=dict(build_contexts or {}),
+        ulimits=tuple(parse_ulimit(u) if isinstance(u, str) else tuple(u) for u in ulimits))
     return Builder(opts, on_event).run()
+
+
+ULIMITS = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
+           "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+
+def parse_ulimit(text: str) -> tuple[str, int, int]:
+    """Docker's `--ulimit NAME=SOFT[:HARD]` -> (name, soft, hard); -1 is unlimited."""
+    name, sep, value = text.partition("=")
+    soft, _, hard = value.partition(":")
+    try:
+        limits = int(soft), int(hard or soft)
+    except ValueError:
+        sep = ""
+    if not sep or name not in ULIMITS:
+        raise UsageError(f"--ulimit {text!r}: expected NAME=SOFT[:HARD]",
+                         hint=f"NAME is one of {', '.join(ULIMITS)}; for example "
+                              "--ulimit nofile=1024:2048 (-1: unlimited)")
+    if any(n < -1 for n in limits) or (limits[1] != -1 and not 0 <= limits[0] <= limits[1]):
+        raise UsageError(f"--ulimit {text!r}: the soft limit must be at most the hard one")
+    return name, *limits
 
 
 def parse_add_host(text: str) -> tuple[str, str]:
@@ -659,6 +682,9 @@ class Builder:
                 inputs.add_other("add-host:" + ",".join(f"{n}={a}" for n, a in self.opts.add_hosts))
             if self.opts.shm_size is not None:
                 inputs.add_other(f"shm-size:{self.opts.shm_size}")     # (as BuildKit: a mount)
+            if self.opts.ulimits:                                      # (BuildKit keys them too)
+                inputs.add_other("ulimit:" + ",".join(f"{n}={s}:{h}" for n, s, h in
+                                                      self.opts.ulimits))
             for i, m in enumerate(plan.mounts):
                 if m.type == "ssh" and m.required and m.id not in self.ssh_agents:
                     # Before the cache lookup, as BuildKit checks: a hit would hide it.

@@ -29,6 +29,7 @@ import errno
 import json
 import marshal
 import os
+import resource
 import select
 import signal
 import socket
@@ -94,6 +95,7 @@ class RunSpec:
     mounts: list[MountSpec] = field(default_factory=list)
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
     shm_size: int = SHM_SIZE         # bytes of /dev/shm
+    ulimits: list[tuple[str, int, int]] = field(default_factory=list)   # (nofile, soft, hard)
 
 
 # Sandboxes alive now (their first process), so that a cancelled build can take
@@ -755,6 +757,16 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
         os.makedirs(spec.workdir or "/", 0o755, exist_ok=True)
     except OSError:
         pass
+    for name, soft, hard in spec.ulimits:     # (raising a hard limit needs CAP_SYS_RESOURCE)
+        limit = getattr(resource, "RLIMIT_" + name.upper())
+        try:
+            resource.setrlimit(limit, (resource.RLIM_INFINITY if soft == -1 else soft,
+                                       resource.RLIM_INFINITY if hard == -1 else hard))
+        except (ValueError, OSError) as e:
+            current = resource.getrlimit(limit)[1]
+            raise SetupError(f"--ulimit {name}={soft}:{hard}: {e}",
+                             hint=f"the hard limit here is {current}; raising one needs "
+                                  "CAP_SYS_RESOURCE, which pybuild does not have") from None
     # Docker's capabilities, no more: the command runs as root in the host's user
     # namespace (and, by default, its network namespace). The filter goes first: it
     # needs CAP_SYS_ADMIN.

@@ -625,3 +625,20 @@ def test_ssh_relay_gives_up_on_a_reader_that_stopped(tmp_path, monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "pybuild-ssh-agent"]
     client.close()
     server.close()
+
+
+def test_ulimits_reach_run_and_its_cache_key(tmp_path, base_image, store_root, store):
+    """--ulimit, as Docker's: RUN sees the limits, and a different set is a different step.
+    (Raising a hard limit needs CAP_SYS_RESOURCE, which root lacks on this machine.)"""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\n"
+                                                         "RUN ulimit -Sn > /n && ulimit -Hn >> /n\n"})
+    image = builder.build(str(ctx), root=store_root, ulimits=["nofile=512:1024"])
+    assert layer_files(store, image.layers[-1])["n"] == b"512\n1024\n"
+    again = builder.build(str(ctx), root=store_root, ulimits=[("nofile", 512, 1024)])
+    assert again.id == image.id                                     # the same limits: a hit
+    other = builder.build(str(ctx), root=store_root, ulimits=["nofile=256"])
+    assert layer_files(store, other.layers[-1])["n"] == b"256\n256\n"
+    for bad, message in (("nofile", "expected NAME=SOFT"), ("files=1", "expected NAME=SOFT"),
+                         ("nofile=9:8", "soft limit must be at most the hard one")):
+        with pytest.raises(builder.UsageError, match=message):
+            builder.build(str(ctx), root=store_root, ulimits=[bad])
