@@ -100,7 +100,8 @@ def _args_build(s: argparse.ArgumentParser) -> None:
                    help="use a step cache exported by --cache-to (layers download on a hit)")
     s.add_argument("-o", "--output", action="append", default=[], metavar="type=TYPE[,dest=PATH]",
                    help="also write the result: type=oci|docker,dest=FILE (archive), "
-                        "type=registry (push), type=local,dest=DIR (the root filesystem)")
+                        "type=registry (push), type=local,dest=DIR (the root filesystem), "
+                        "type=tar,dest=FILE (the same as one tar; - or dest=-: on stdout)")
     s.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
                    help="compression of new layers (default gzip)")
     s.add_argument("--source-date-epoch", metavar="SECONDS",
@@ -472,8 +473,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
         with open(args.metadata_file, "w", encoding="utf-8") as f:
             json.dump(build_metadata(image), f, indent=2, sort_keys=True)
             f.write("\n")
-    if mode != "json":
-        print(image.id)
+    if mode != "json" and not any(o.dest == "-" for o in opts.outputs):
+        print(image.id)     # (not into a tar that goes to standard output: -o -)
     return 0
 
 

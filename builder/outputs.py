@@ -5,17 +5,22 @@
   so either reader loads either type);
 * `type=registry`: push every `-t` name (as `--push`);
 * `type=local,dest=DIR`: the final root filesystem as a directory (owners,
-  modes, links and xattrs kept; whiteouts applied, so deleted files are gone).
+  modes, links and xattrs kept; whiteouts applied, so deleted files are gone);
+* `type=tar,dest=FILE`: the same root filesystem as one tar (`dest=-`, or a
+  bare `-o -`: on standard output, as buildx writes it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 
 from .errors import UsageError
 
-TYPES = ("oci", "docker", "registry", "local")
+TYPES = ("oci", "docker", "registry", "local", "tar")
+STDOUT = "-"
 
 
 @dataclass(frozen=True)
@@ -25,18 +30,23 @@ class OutputSpec:
 
 
 def parse_spec(text: str) -> OutputSpec:
-    """`type=oci,dest=FILE`; a bare `DIR` is `type=local,dest=DIR`, as Docker reads it."""
+    """`type=oci,dest=FILE`; a bare `DIR` is `type=local,dest=DIR` and a bare `-` is
+    `type=tar,dest=-`, as buildx reads them."""
+    if text == STDOUT:
+        return OutputSpec("tar", STDOUT)
     if "=" not in text:
         return OutputSpec("local", os.path.abspath(text))
     fields = dict(f.partition("=")[::2] for f in text.split(",") if f)
     kind = fields.get("type", "local")
     if kind not in TYPES:
         raise UsageError(f"--output {text}: unknown type {kind!r}",
-                         hint="use type=oci, type=docker, type=registry or type=local")
+                         hint="use type=oci, type=docker, type=registry, type=local or type=tar")
     dest = fields.get("dest")
     if kind != "registry" and not dest:
         raise UsageError(f"--output {text}: needs dest=" + ("DIR" if kind == "local" else "FILE"))
-    return OutputSpec(kind, os.path.abspath(dest) if dest else None)
+    if dest == STDOUT and kind != "tar":
+        raise UsageError(f"--output {text}: only type=tar can go to standard output")
+    return OutputSpec(kind, dest if dest in (None, STDOUT) else os.path.abspath(dest))
 
 
 def write(store, image, spec: OutputSpec) -> None:
@@ -44,6 +54,8 @@ def write(store, image, spec: OutputSpec) -> None:
         write_archive(store, image, spec.dest)
     elif spec.type == "local":
         write_rootfs(store, image, spec.dest)
+    elif spec.type == "tar":
+        write_rootfs_tar(store, image, spec.dest)
 
 
 def write_archive(store, image, dest: str) -> None:
@@ -68,3 +80,25 @@ def write_rootfs(store, image, dest: str) -> None:
         tar_path = flatten.union_tar(store, image.diff_ids, tmp)
         with open(tar_path, "rb") as f:
             extract.extract(f, dest, what=f"--output type=local,dest={dest}", whiteouts=False)
+
+
+def write_rootfs_tar(store, image, dest: str) -> None:
+    """The merged view of the image's layers as one tar, to `dest` (STDOUT: standard output)."""
+    from .snapshot import flatten
+    with store.tmpdir("output") as tmp:
+        tar_path = flatten.union_tar(store, image.diff_ids, tmp)
+        if dest == STDOUT:
+            with open(tar_path, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+            return
+        try:
+            os.replace(tar_path, dest)         # (the store and dest on one file system)
+        except OSError:
+            partial = f"{dest}.tmp-{os.getpid()}"
+            try:
+                shutil.copyfile(tar_path, partial)
+                os.replace(partial, dest)
+            finally:
+                if os.path.exists(partial):
+                    os.unlink(partial)

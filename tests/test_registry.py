@@ -402,6 +402,30 @@ def test_outputs_oci_docker_local_and_registry(registry, base_image, store_root,
     assert remote["Digest"] == image.digest
 
 
+def test_output_tar_is_the_root_filesystem_in_a_file_or_on_stdout(base_image, store_root, tmp_path):
+    import io
+    import tarfile
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nRUN echo out > /out && chown 123:45 /out && rm /bin/ls\n",
+    })
+    as_file = tmp_path / "rootfs.tar"
+    proc = run_pybuild("build", "-q", "-t", "tarout", "-o", f"type=tar,dest={as_file}", ctx,
+                       root=store_root)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == builder.Store(store_root).resolve("tarout").id
+    piped = run_pybuild("build", "-q", "-o", "-", ctx, root=store_root)
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert piped.stdout == as_file.read_bytes()          # (and no image ID mixed into it)
+    with tarfile.open(fileobj=io.BytesIO(piped.stdout)) as t:
+        members = {m.name: m for m in t.getmembers()}
+        assert t.extractfile("out").read() == b"out\n"
+    assert (members["out"].uid, members["out"].gid) == (123, 45)
+    assert "bin/sh" in members and "bin/ls" not in members       # deletions applied
+    assert not any(".wh." in name for name in members)
+    p = run_pybuild("build", "-o", "type=oci,dest=-", ctx, root=store_root)
+    assert p.returncode == 2 and b"only type=tar can go to standard output" in p.stderr
+
+
 def test_zstd_layers_have_the_zstd_media_type_and_round_trip(registry, base_image, store_root,
                                                              tmp_path):
     ctx = write_context(tmp_path / "ctx", {
