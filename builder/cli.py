@@ -114,6 +114,9 @@ def _args_build(s: argparse.ArgumentParser) -> None:
                         "steps execute natively)")
     s.add_argument("--shm-size", metavar="SIZE",
                    help="size of RUN's /dev/shm (default 64m, as Docker)")
+    s.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                   help="an annotation on the image's manifest (buildx's manifest: prefix may "
+                        "be given); the manifest's digest changes, the image ID does not")
     s.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
                    help="a resource limit for RUN steps, as Docker's (nofile=1024:2048; -1 is "
                         "unlimited); part of their cache key")
@@ -453,7 +456,8 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                         shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
                         else None,
                         build_contexts=_build_contexts(args.build_context),
-                        ulimits=tuple(parse_ulimit(u) for u in args.ulimit))
+                        ulimits=tuple(parse_ulimit(u) for u in args.ulimit),
+                        annotations=_annotations(args.annotation))
     for option, path in (("--iidfile", args.iidfile), ("--metadata-file", args.metadata_file)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             # Said before the build, not after it has run for minutes.
@@ -476,6 +480,27 @@ def _build(args, context: str, dockerfile: str | None) -> int:
     if mode != "json" and not any(o.dest == "-" for o in opts.outputs):
         print(image.id)     # (not into a tar that goes to standard output: -o -)
     return 0
+
+
+def _annotations(items: list[str]) -> dict[str, str]:
+    """`--annotation [manifest:]KEY=VALUE`: buildx's other levels (index, descriptors) need a
+    multi-platform index, which pybuild does not make."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        level, colon, rest = key.partition(":")
+        level = level.split("[", 1)[0]          # (manifest[linux/amd64]: one platform here)
+        if colon and level in ("manifest", "index", "manifest-descriptor", "index-descriptor"):
+            if level != "manifest":
+                raise UsageError(f"--annotation {item}: only manifest annotations are supported",
+                                 hint="pybuild writes one manifest and no image index")
+            key = rest
+        if not sep or not key:
+            raise UsageError(f"--annotation {item}: expected KEY=VALUE",
+                             hint="for example --annotation org.opencontainers.image.source="
+                                  "https://example.com/repo")
+        out[key] = value
+    return out
 
 
 def _build_contexts(items: list[str]) -> dict[str, str]:

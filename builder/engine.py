@@ -73,6 +73,7 @@ class BuildOptions:
     shm_size: int | None = None                 # bytes of RUN's /dev/shm (None: 64 MiB)
     build_contexts: Mapping[str, str] = field(default_factory=dict)  # name -> dir | docker-image://
     ulimits: tuple[tuple[str, int, int], ...] = ()   # (nofile, soft, hard) for RUN; -1: unlimited
+    annotations: Mapping[str, str] = field(default_factory=dict)   # on the image's manifest
 
 
 def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
@@ -83,7 +84,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
           compression: str = "gzip", source_date_epoch: int | None = None,
           storage_driver: str | None = None, labels=None, platform: str | None = None,
           add_hosts=(), ssh=None, shm_size: int | None = None, build_contexts=None,
-          ulimits=(), on_event: Callable[[Event], None] | None = None) -> Image:
+          ulimits=(), annotations=None,
+          on_event: Callable[[Event], None] | None = None) -> Image:
     """Build an image from a Dockerfile and return it (already stored and tagged).
 
     `cache_to`, `cache_from` and `outputs` take specs or their command-line
@@ -106,7 +108,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         storage_driver=storage_driver, labels=dict(labels or {}), platform=platform,
         add_hosts=tuple(parse_add_host(h) if isinstance(h, str) else tuple(h) for h in add_hosts),
         ssh=dict(ssh or {}), shm_size=shm_size, build_contexts=dict(build_contexts or {}),
-        ulimits=tuple(parse_ulimit(u) if isinstance(u, str) else tuple(u) for u in ulimits))
+        ulimits=tuple(parse_ulimit(u) if isinstance(u, str) else tuple(u) for u in ulimits),
+        annotations=dict(annotations or {}))
     return Builder(opts, on_event).run()
 
 
@@ -272,7 +275,8 @@ class Builder:
             config = copy.deepcopy(config)
             runtime = config.setdefault("config", {})
             runtime["Labels"] = {**(runtime.get("Labels") or {}), **self.opts.labels}
-        image = self.store.write_image(config, state.layers, self.tags)
+        image = self.store.write_image(config, state.layers, self.tags,
+                                       annotations=dict(self.opts.annotations))
         self._deliver(image, plans, target)
         base_layers = next(p.base_layers for p in plans if p.stage.index == target.index)
         self.emit(BuildDone(image.id, tuple(self.tags), time.monotonic() - started,

@@ -8,6 +8,8 @@ content always gives the same ID.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import hashlib
 import json
 import os
@@ -139,8 +141,10 @@ def serialise(config: dict, layers: list[LayerDesc]) -> tuple[bytes, bytes]:
     return config_bytes, manifest_bytes(config_bytes, layers)
 
 
-def manifest_bytes(config_bytes: bytes, layers: list[LayerDesc]) -> bytes:
-    """The OCI manifest of a config (as stored, byte for byte) and its layers."""
+def manifest_bytes(config_bytes: bytes, layers: list[LayerDesc],
+                   annotations: Mapping[str, str] | None = None) -> bytes:
+    """The OCI manifest of a config (as stored, byte for byte) and its layers; `annotations`
+    (`--annotation`) change the manifest's digest, never the image ID."""
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
@@ -148,6 +152,8 @@ def manifest_bytes(config_bytes: bytes, layers: list[LayerDesc]) -> bytes:
                    "size": len(config_bytes)},
         "layers": [layer.descriptor() for layer in layers],
     }
+    if annotations:
+        manifest["annotations"] = dict(annotations)
     return canonical_json(manifest)
 
 

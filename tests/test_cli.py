@@ -206,3 +206,23 @@ def test_metadata_file_says_what_buildx_says(pybuild, tmp_path, base_image, stor
         assert b"#2" not in p.stderr                   # (refused before the first step)
     with pytest.raises(ImageNotFound):
         store.resolve("never")
+
+
+def test_annotations_go_on_the_manifest_and_leave_the_image_id(pybuild, tmp_path, base_image,
+                                                               store):
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN echo a > /a\n"})
+    plain = pybuild("-q", "-t", "annotated:plain", ctx, check=True).stdout.decode().strip()
+    annotated = pybuild("-q", "-t", "annotated:yes", "--annotation",
+                        "org.opencontainers.image.source=https://example.com/repo",
+                        "--annotation", "manifest:org.example.empty=", ctx,
+                        check=True).stdout.decode().strip()
+    assert annotated == plain                           # the config, and so the ID, is the same
+    a, p = store.resolve("annotated:yes"), store.resolve("annotated:plain")
+    assert a.digest != p.digest
+    manifest = json.loads(store.blobs.read(a.digest))
+    assert manifest["annotations"] == {"org.opencontainers.image.source": "https://example.com/repo",
+                                       "org.example.empty": ""}
+    assert "annotations" not in json.loads(store.blobs.read(p.digest))
+    assert_clean_error(pybuild("-t", "x", "--annotation", "index:k=v", ctx), 2,
+                       "only manifest annotations are supported")
+    assert_clean_error(pybuild("-t", "x", "--annotation", "novalue", ctx), 2, "expected KEY=VALUE")

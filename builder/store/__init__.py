@@ -155,15 +155,17 @@ class Store:
     # ---- images ----------------------------------------------------------------
 
     def write_image(self, config: dict, layers: list[LayerDesc], tags: list[str] = (), *,
-                    config_bytes: bytes | None = None, manifest: bytes | None = None) -> Image:
+                    config_bytes: bytes | None = None, manifest: bytes | None = None,
+                    annotations: dict[str, str] | None = None) -> Image:
         """Store an image and point `tags` at it.
 
         `config_bytes` and `manifest` keep an image's exact bytes (and so its
-        ID and digest) when it comes from an archive or a registry.
+        ID and digest) when it comes from an archive or a registry;
+        `annotations` go into a new manifest.
         """
         if config_bytes is None:
             config_bytes = canonical_json(config)
-        manifest_bytes = manifest or image_manifest_bytes(config_bytes, layers)
+        manifest_bytes = manifest or image_manifest_bytes(config_bytes, layers, annotations)
         config_digest = self.blobs.put_bytes(config_bytes)
         manifest_digest = self.blobs.put_bytes(manifest_bytes)
         parsed = json.loads(manifest_bytes)
