@@ -12,6 +12,8 @@ import json
 import re
 import time
 
+from .errors import UsageError
+
 _FIELD = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 
@@ -98,3 +100,14 @@ def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
     return table(rows)
+
+
+def parse_size(text: str, binary: bool = False) -> int:
+    """`500MB`, `2GB`, `1.5g`, `1024` (bytes): Docker's units, decimal and binary (`binary`:
+    k, m and g are 1024-based, as Docker reads memory sizes such as --shm-size)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise UsageError(f"invalid size {text!r}", hint="for example 500MB or 2GB")
+    base = 1024 if m.group(3) or binary else 1000
+    power = " kmgt".index(m.group(2) or " ")
+    return int(float(m.group(1)) * base ** power)

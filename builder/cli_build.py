@@ -1,0 +1,297 @@
+"""`pybuild build`: its arguments, and how they become a build and what it prints or writes.
+
+The command itself is `cli.py`'s (errors, exit codes, the other commands);
+this module turns the build's options into `BuildOptions` (`--build-arg`,
+`--secret`, `--label`, `--annotation`, `--build-context`, `--ulimit`, ...)
+and writes what a CI job reads afterwards (`--iidfile`, `--metadata-file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .cli_format import parse_size
+from .errors import UsageError
+
+
+def insecure_option(s: argparse.ArgumentParser) -> None:
+    """--insecure-registry, of build, pull and push."""
+    s.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP to this registry (localhost always is; also "
+                        "$PYBUILD_INSECURE_REGISTRIES)")
+
+
+def args_build(s: argparse.ArgumentParser) -> None:
+    s.add_argument("context", metavar="CONTEXT",
+                   help="the build context directory (- : a tar, plain or compressed, on stdin)")
+    s.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+                   help="name the image (repeatable)")
+    s.add_argument("-f", "--file", metavar="FILE",
+                   help="the Dockerfile (default: CONTEXT/Dockerfile; - : read it from stdin)")
+    s.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set a build-time variable (without =VALUE: from the environment)")
+    s.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
+                   help="a secret for RUN --mount=type=secret (never stored in the image)")
+    s.add_argument("--no-cache", action="store_true", help="do not use the step cache")
+    s.add_argument("--build-context", action="append", default=[], metavar="NAME=VALUE",
+                   help="another context: a directory for COPY --from=NAME and RUN --mount "
+                        "from=NAME, or docker-image://REF to stand in for the image NAME")
+    s.add_argument("--no-cache-filter", action="append", default=[], metavar="STAGE[,STAGE]",
+                   help="build these stages (by name) without the step cache, the others with it")
+    s.add_argument("--network", choices=("host", "none", "default"), default="host",
+                   help="network for RUN steps (default: host)")
+    s.add_argument("--target", metavar="STAGE", help="build this stage and what it needs")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
+    s.add_argument("--progress", choices=("auto", "tty", "plain", "json", "quiet"), default="auto",
+                   help="how to show progress (auto: tty on a terminal, else plain)")
+    s.add_argument("--explain-cache", action="store_true",
+                   help="for every step that misses the cache, print the full comparison")
+    s.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    s.add_argument("--metadata-file", metavar="FILE",
+                   help="write the result as JSON to FILE, with buildx's keys "
+                        "(containerimage.digest, containerimage.config.digest, image.name)")
+    s.add_argument("--pull", nargs="?", const="always", default="missing",
+                   choices=("always", "missing", "never", "true", "false"),
+                   help="pull base images: always, missing (the default: only those not in the "
+                        "store) or never; --pull alone is always")
+    s.add_argument("--push", action="store_true", help="push every -t name after the build")
+    s.add_argument("--cache-to", action="append", default=[], metavar="type=registry,ref=REF|"
+                   "type=local,dest=DIR[,mode=min|max]",
+                   help="export the build's step cache (mode=max: every stage's steps)")
+    s.add_argument("--cache-from", action="append", default=[], metavar="type=registry,ref=REF|"
+                   "type=local,src=DIR",
+                   help="use a step cache exported by --cache-to (layers download on a hit)")
+    s.add_argument("-o", "--output", action="append", default=[], metavar="type=TYPE[,dest=PATH]",
+                   help="also write the result: type=oci|docker,dest=FILE (archive), "
+                        "type=registry (push), type=local,dest=DIR (the root filesystem), "
+                        "type=tar,dest=FILE (the same as one tar; - or dest=-: on stdout)")
+    s.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
+                   help="compression of new layers (default gzip)")
+    s.add_argument("--source-date-epoch", metavar="SECONDS",
+                   help="reproducible images: every time in the config, history and layers is "
+                        "clamped to this (default: $SOURCE_DATE_EPOCH)")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="add a label to the image's config (repeatable)")
+    s.add_argument("--platform", metavar="linux/ARCH",
+                   help="the platform to build for: only this machine's is accepted (RUN "
+                        "steps execute natively)")
+    s.add_argument("--shm-size", metavar="SIZE",
+                   help="size of RUN's /dev/shm (default 64m, as Docker)")
+    s.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                   help="an annotation on the image's manifest (buildx's manifest: prefix may "
+                        "be given); the manifest's digest changes, the image ID does not")
+    s.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
+                   help="a resource limit for RUN steps, as Docker's (nofile=1024:2048; -1 is "
+                        "unlimited); part of their cache key")
+    s.add_argument("--rm", "--force-rm", action="store_true",
+                   help="accepted as docker build takes them: pybuild keeps no intermediate "
+                        "containers")
+    s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
+                   help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
+                        "$SSH_AUTH_SOCK); ID is usually `default`")
+    s.add_argument("--add-host", action="append", default=[], metavar="NAME:ADDRESS",
+                   help="a line for RUN's /etc/hosts (ADDRESS may be host-gateway: this machine)")
+    insecure_option(s)
+
+
+def _build_args(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE, or KEY alone for the value in the environment (left out when it has none)."""
+    return _key_values(items, "--build-arg", os.environ.get)
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    """Docker's --label forms: KEY=VALUE, or KEY alone for an empty value."""
+    return _key_values(items, "--label", lambda k: "")
+
+
+def _key_values(items: list[str], flag: str, bare) -> dict[str, str]:
+    """KEY=VALUE items; `bare(KEY)` is the value of an item without `=` (None: left out)."""
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE")
+        value = v if eq else bare(k)
+        if value is not None:
+            out[k] = value
+    return out
+
+
+def _secrets(items: list[str]) -> dict[str, str | bytes]:
+    """Docker's --secret forms: id=x,src=FILE | id=x,env=VAR | id=x (env var or file named x)."""
+    out: dict[str, str | bytes] = {}
+    for item in items:
+        fields = dict(f.partition("=")[::2] for f in item.split(","))
+        ident = fields.get("id")
+        if not ident:
+            raise UsageError(f"--secret {item!r}: needs id=NAME")
+        src = fields.get("src") or fields.get("source")
+        env = fields.get("env")
+        if src:
+            out[ident] = src
+        elif env or fields.get("type") == "env":
+            var = env or ident
+            if var not in os.environ:
+                raise UsageError(f"--secret {item!r}: the environment variable {var} is not set")
+            out[ident] = os.environ[var].encode()
+        elif ident in os.environ:
+            out[ident] = os.environ[ident].encode()
+        else:
+            raise UsageError(f"--secret {item!r}: give src=FILE or env=VAR")
+    return out
+
+
+def cmd_build(args) -> int:
+    if args.context == "-" and args.file == "-":
+        raise UsageError("can't use standard input for both the build context and the Dockerfile")
+    if args.context != "-" and not os.path.isdir(args.context):
+        raise UsageError(f"build context {args.context!r} is not a directory",
+                         hint="the last argument is the context directory, for example `.`")
+    scratch = None
+    if "-" in (args.context, args.file):
+        import tempfile       # (imported here: a build from a directory does not need it)
+        scratch = tempfile.mkdtemp(prefix="pybuild-stdin-")
+    try:
+        context, dockerfile = args.context, args.file
+        if dockerfile == "-":
+            dockerfile = os.path.join(scratch, "Dockerfile")
+            import shutil
+            with open(dockerfile, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f)
+        if context == "-":
+            from .layer import extract
+            context = os.path.join(scratch, "context")
+            os.mkdir(context)
+            extract.extract(sys.stdin.buffer, context, what="build context from stdin",
+                            whiteouts=False, compressed=True)
+            if dockerfile:
+                dockerfile = os.path.join(context, dockerfile)
+        return _build(args, context, dockerfile)
+    finally:
+        if scratch:
+            from .trees import remove_tree
+            remove_tree(scratch, ignore_errors=True)
+
+
+def _build(args, context: str, dockerfile: str | None) -> int:
+    from .engine import Builder, BuildOptions, parse_add_host, parse_ulimit
+    from .progress import make_renderer
+    pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
+    if args.cache_to or args.cache_from or args.output:
+        from . import outputs, remote_cache
+    opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
+                        build_args=_build_args(args.build_arg), no_cache=args.no_cache,
+                        no_cache_filter=tuple(n for item in args.no_cache_filter
+                                              for n in item.split(",") if n),
+                        network=args.network, target=args.target,
+                        root=getattr(args, "root", None), secrets=_secrets(args.secret),
+                        storage_driver=getattr(args, "storage_driver", None),
+                        pull=pull, push=args.push, insecure_registries=tuple(args.insecure_registry),
+                        cache_to=tuple(remote_cache.parse_spec(c, export=True) for c in args.cache_to),
+                        cache_from=tuple(remote_cache.parse_spec(c, export=False)
+                                         for c in args.cache_from),
+                        outputs=tuple(outputs.parse_spec(o) for o in args.output),
+                        compression=args.compression,
+                        source_date_epoch=_epoch(args.source_date_epoch),
+                        labels=_labels(args.label), platform=args.platform,
+                        add_hosts=tuple(parse_add_host(h) for h in args.add_host),
+                        ssh=dict(item.partition("=")[::2] for item in args.ssh),
+                        shm_size=parse_size(args.shm_size, binary=True) if args.shm_size
+                        else None,
+                        build_contexts=_build_contexts(args.build_context),
+                        ulimits=tuple(parse_ulimit(u) for u in args.ulimit),
+                        annotations=_annotations(args.annotation))
+    for option, path in (("--iidfile", args.iidfile), ("--metadata-file", args.metadata_file)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            # Said before the build, not after it has run for minutes.
+            raise UsageError(f"{option} {path}: its directory does not exist",
+                             hint="create the directory first, or name a file in an existing one")
+    mode = "quiet" if args.quiet else args.progress
+    renderer = make_renderer(mode, explain=args.explain_cache)
+    try:
+        image = Builder(opts, renderer).run()
+    finally:
+        if hasattr(renderer, "close"):
+            renderer.close()
+    if args.iidfile:
+        with open(args.iidfile, "w", encoding="ascii") as f:
+            f.write(image.id)
+    if args.metadata_file:
+        with open(args.metadata_file, "w", encoding="utf-8") as f:
+            json.dump(build_metadata(image), f, indent=2, sort_keys=True)
+            f.write("\n")
+    if mode != "json" and not any(o.dest == "-" for o in opts.outputs):
+        print(image.id)     # (not into a tar that goes to standard output: -o -)
+    return 0
+
+
+def _annotations(items: list[str]) -> dict[str, str]:
+    """`--annotation [manifest:]KEY=VALUE`: buildx's other levels (index, descriptors) need a
+    multi-platform index, which pybuild does not make."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        level, colon, rest = key.partition(":")
+        level = level.split("[", 1)[0]          # (manifest[linux/amd64]: one platform here)
+        if colon and level in ("manifest", "index", "manifest-descriptor", "index-descriptor"):
+            if level != "manifest":
+                raise UsageError(f"--annotation {item}: only manifest annotations are supported",
+                                 hint="pybuild writes one manifest and no image index")
+            key = rest
+        if not sep or not key:
+            raise UsageError(f"--annotation {item}: expected KEY=VALUE",
+                             hint="for example --annotation org.opencontainers.image.source="
+                                  "https://example.com/repo")
+        out[key] = value
+    return out
+
+
+def _build_contexts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--build-context {item}: expected NAME=VALUE",
+                             hint="for example --build-context docs=./docs")
+        out[name] = value
+    return out
+
+
+def build_metadata(image) -> dict:
+    """What `docker buildx build --metadata-file` writes of an image, under the same keys
+    (CI jobs read the digests from it); buildx's own keys (buildx.build.*) are left out."""
+    from .image import canonical_json
+    from .reference import DEFAULT_TAG, parse
+    names = []
+    for tag in image.tags:
+        ref = parse(tag)
+        names.append(f"{ref.registry}/{ref.repository}:{ref.tag or DEFAULT_TAG}")
+    out = {
+        "containerimage.config.digest": image.id,
+        "containerimage.digest": image.digest,
+        "containerimage.descriptor": {
+            "mediaType": image.manifest.get("mediaType"), "digest": image.digest,
+            "size": len(canonical_json(image.manifest)),
+            "annotations": {"config.digest": image.id,
+                            "org.opencontainers.image.created": image.created}},
+    }
+    if names:
+        out["image.name"] = ",".join(names)
+    return out
+
+
+def _epoch(given: str | None) -> int | None:
+    text = given if given is not None else os.environ.get("SOURCE_DATE_EPOCH") or None
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        where = "--source-date-epoch" if given is not None else "SOURCE_DATE_EPOCH"
+        raise UsageError(f"{where}={text!r}: expected whole seconds since 1970",
+                         hint="for example the last commit's time: $(git log -1 --format=%ct)")
+    return int(text)
+
+
+COMMANDS = {"build": ("build an image from a Dockerfile", args_build)}
