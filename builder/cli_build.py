@@ -177,7 +177,8 @@ def cmd_build(args) -> int:
 
 
 def _build(args, context: str, dockerfile: str | None) -> int:
-    from .engine import Builder, BuildOptions, parse_add_host, parse_ulimit
+    from .engine import Builder, BuildOptions
+    from .run_options import parse_add_host, parse_ulimit
     from .progress import make_renderer
     pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
     if args.cache_to or args.cache_from or args.output:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
 from . import cache as cachemod, explain, named_contexts, paths, reference, steps
+from .run_options import parse_add_host, parse_ulimit
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
@@ -111,48 +112,6 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
         ulimits=tuple(parse_ulimit(u) if isinstance(u, str) else tuple(u) for u in ulimits),
         annotations=dict(annotations or {}))
     return Builder(opts, on_event).run()
-
-
-ULIMITS = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
-           "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
-
-
-def parse_ulimit(text: str) -> tuple[str, int, int]:
-    """Docker's `--ulimit NAME=SOFT[:HARD]` -> (name, soft, hard); -1 is unlimited."""
-    name, sep, value = text.partition("=")
-    soft, _, hard = value.partition(":")
-    try:
-        limits = int(soft), int(hard or soft)
-    except ValueError:
-        sep = ""
-    if not sep or name not in ULIMITS:
-        raise UsageError(f"--ulimit {text!r}: expected NAME=SOFT[:HARD]",
-                         hint=f"NAME is one of {', '.join(ULIMITS)}; for example "
-                              "--ulimit nofile=1024:2048 (-1: unlimited)")
-    if any(n < -1 for n in limits) or (limits[1] != -1 and not 0 <= limits[0] <= limits[1]):
-        raise UsageError(f"--ulimit {text!r}: the soft limit must be at most the hard one")
-    return name, *limits
-
-
-def parse_add_host(text: str) -> tuple[str, str]:
-    """Docker's `--add-host NAME:ADDRESS` (or NAME=ADDRESS) -> (name, address).
-
-    `host-gateway` is the host itself: with RUN on the host's network (the
-    default here), that is 127.0.0.1.
-    """
-    import ipaddress
-    name, sep, address = text.partition("=") if "=" in text else text.partition(":")
-    if address == "host-gateway":
-        address = "127.0.0.1"
-    try:
-        ipaddress.ip_address(address.strip("[]"))
-    except ValueError:
-        sep = ""
-    if not (name and sep) or any(c.isspace() for c in name):
-        raise UsageError(f"--add-host {text!r}: expected NAME:ADDRESS",
-                         hint="for example --add-host db.local:10.0.0.5 (an IP address, or "
-                              "host-gateway for this machine)")
-    return name, address.strip("[]")
 
 
 @dataclass
