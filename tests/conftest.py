@@ -34,7 +34,8 @@ def pytest_sessionstart(session):
 
 DRIVERS = ("overlay", "fuse", "vfs")
 # The foundation's build tests run on every storage driver; the rest on the default one.
-EVERY_DRIVER = {"test_named_contexts", "test_build", "test_reproducible", "test_drivers", "test_robustness"}
+EVERY_DRIVER = {"test_build", "test_reproducible", "test_drivers", "test_robustness",
+                "test_named_contexts"}
 
 
 def pytest_generate_tests(metafunc):
