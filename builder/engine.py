@@ -447,8 +447,17 @@ class Builder:
 
     def _warn_unused_args(self) -> None:
         unused = sorted(set(self.opts.build_args) - self.used_args - set(steps.PROXY_ARGS))
+        # BuildKit's own switches (CI jobs pass BUILDKIT_INLINE_CACHE=1 to every builder): not
+        # "not consumed", but without effect here, and said so once.
+        buildkit = [a for a in unused if a.startswith("BUILDKIT_")]
+        unused = [a for a in unused if a not in buildkit]
         if unused:
             self.emit(BuildWarning(f"one or more build args were not consumed: {', '.join(unused)}"))
+        if buildkit:
+            hint = (" (a step cache others can use: --cache-to type=registry,ref=REF)"
+                    if "BUILDKIT_INLINE_CACHE" in buildkit else "")
+            self.emit(BuildWarning(f"BuildKit's own build args have no effect on pybuild: "
+                                   f"{', '.join(buildkit)}{hint}"))
 
     # ---- one stage ------------------------------------------------------------------
 

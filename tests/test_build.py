@@ -142,6 +142,11 @@ def test_unconsumed_build_arg_warns(tmp_path, base_image, store_root):
     _, events = build(ctx, store_root, build_args={"NOPE": "1"})
     warnings = [e.message for e in events if isinstance(e, progress.BuildWarning)]
     assert warnings and "NOPE" in warnings[0]
+    _, events = build(ctx, store_root, build_args={"BUILDKIT_INLINE_CACHE": "1", "HTTP_PROXY": "x"})
+    warnings = [e.message for e in events if isinstance(e, progress.BuildWarning)]
+    assert warnings == ["BuildKit's own build args have no effect on pybuild: "
+                        "BUILDKIT_INLINE_CACHE (a step cache others can use: "
+                        "--cache-to type=registry,ref=REF)"]
 
 
 def test_run_exec_form_and_output_streams(tmp_path, base_image, store_root):
