@@ -696,9 +696,8 @@ class Builder:
         with self._lock:
             ctx = self._named_dirs.get(root)
             if ctx is None:
-                ctx = self._named_dirs[root] = BuildContext(
-                    root, ignore=IgnoreRules(), cache_dir=os.path.join(self.store.cache_dir,
-                                                                       "context"))
+                ctx = self._named_dirs[root] = BuildContext(      # (its own .dockerignore)
+                    root, cache_dir=os.path.join(self.store.cache_dir, "context"))
         return ctx
 
     def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:

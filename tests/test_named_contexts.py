@@ -30,8 +30,7 @@ def test_a_directory_context_is_read_by_copy_from_and_bind_mounts(tmp_path, base
                                                                   store_root, store):
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": DOCKERFILE.format(base=BASE)})
     assets = write_context(tmp_path / "assets", {"conf/app.conf": "port=80\n",
-                                                 "data/a.txt": "a\n", "data/b.txt": "b\n",
-                                                 ".dockerignore": "data\n"})
+                                                 "data/a.txt": "a\n", "data/b.txt": "b\n"})
     os.chmod(assets / "conf/app.conf", 0o640)
     image, ran = steps_run(ctx, store_root, build_contexts={"assets": str(assets)})
     assert ran == ["COPY", "RUN"]
@@ -39,7 +38,6 @@ def test_a_directory_context_is_read_by_copy_from_and_bind_mounts(tmp_path, base
     assert copied == {"etc/app.conf": b"port=80\n"}
     member = {m.name: m for m in layer_members(store, image.layers[-2])}
     assert (member["etc/app.conf"].mode, member["etc/app.conf"].uid) == (0o640, 0)
-    # A named context has no .dockerignore: data/ is there for the mount.
     assert layer_files(store, image.layers[-1])["joined"] == b"a\nb\n"
 
     assert steps_run(ctx, store_root, build_contexts={"assets": str(assets)})[1] == []
@@ -51,6 +49,19 @@ def test_a_directory_context_is_read_by_copy_from_and_bind_mounts(tmp_path, base
     assert steps_run(ctx, store_root, build_contexts={"assets": str(assets)})[1] == []
     (assets / "conf/app.conf").write_text("port=81\n")
     assert steps_run(ctx, store_root, build_contexts={"assets": str(assets)})[1] == ["COPY", "RUN"]
+
+
+def test_a_directory_context_has_its_own_dockerignore(tmp_path, base_image, store_root, store):
+    """As BuildKit: the .dockerignore at the root of the named directory (not the build
+    context's) leaves files out, and changing an ignored file changes nothing."""
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY --from=assets . /a/\n",
+                                           ".dockerignore": "keep.txt\n"})
+    assets = write_context(tmp_path / "assets", {"keep.txt": "k\n", "debug.log": "noise\n",
+                                                 "sub/x.log": "noise\n", ".dockerignore": "**/*.log\n"})
+    image, ran = steps_run(ctx, store_root, build_contexts={"assets": str(assets)})
+    assert sorted(layer_files(store, image.layers[-1])) == ["a/.dockerignore", "a/keep.txt"]
+    (assets / "debug.log").write_text("more noise\n")
+    assert steps_run(ctx, store_root, build_contexts={"assets": str(assets)})[1] == []
 
 
 def test_an_image_context_stands_in_for_the_image_it_names(tmp_path, base_image, store_root,
