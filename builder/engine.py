@@ -17,6 +17,7 @@ engine does is reported as events.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import threading
@@ -199,11 +200,11 @@ class Builder:
         for w in df.warnings:
             self.emit(BuildWarning(w))
         self.meta_env = self._meta_args(df)
-        for name in self.named.names():
-            if any(st.name == name.lower() for st in df.stages):
+        for name in self.named.dirs:
+            if any(st.name == name for st in df.stages):
                 raise UsageError(f"--build-context {name}: a stage of {self.dockerfile_path} has "
-                                 "this name, and replacing a stage is not supported",
-                                 hint="rename the stage or the context")
+                                 "this name, and only an image (docker-image://) can replace a "
+                                 "stage here", hint="rename the stage or the context")
         target = df.stage(self.opts.target)
         for name in self.opts.no_cache_filter:
             df.stage(name, option="--no-cache-filter")       # (a typo is an error, not a no-op)
@@ -367,7 +368,7 @@ class Builder:
             index = todo.pop()
             if index in plans:
                 continue
-            st = df.stages[index]
+            st = self._replaced(df.stages[index])
             base_name = self._expand(st.base.image, genv, st.base.line)
             deps: set[int] = set()
             base_stage = None
@@ -383,9 +384,11 @@ class Builder:
             base_image, triggers = None, []
             if base_stage is None and base_name != "scratch":
                 base_image = self._resolve_image(base_name, st.base)
-                triggers = self._triggers(base_image.runtime.get("OnBuild") or [], st.base)
+                if st is df.stages[index]:          # (a replaced stage is the image, as it is)
+                    triggers = self._triggers(base_image.runtime.get("OnBuild") or [], st.base)
             elif base_stage is not None:
-                triggers = self._triggers([i.expression for i in df.stages[base_stage].instructions
+                base = self._replaced(df.stages[base_stage])
+                triggers = self._triggers([i.expression for i in base.instructions
                                            if isinstance(i, ins.Onbuild)], st.base)
             plans[index] = _StagePlan(st, st.name or f"stage-{st.index}", base_name, base_stage,
                                       base_image, triggers, deps)
@@ -398,6 +401,15 @@ class Builder:
             n += count
         self.total = n
         return ordered
+
+    def _replaced(self, st: ins.Stage) -> ins.Stage:
+        """The stage, or what a --build-context NAME=docker-image://REF with its name makes of
+        it, as in BuildKit: `FROM REF AS NAME` and nothing else (its steps never run)."""
+        ref = self.named.images.get(st.name) if st.name else None
+        if ref is None:
+            return st
+        return ins.Stage(st.index, dataclasses.replace(st.base, image=ref,
+                                                       text=f"FROM {ref} AS {st.name}"), ())
 
     def _refs(self, inst: ins.Instruction, genv: dict) -> list[str]:
         out = []

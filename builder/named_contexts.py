@@ -5,14 +5,16 @@ Two kinds are understood. A local directory (`NAME=path`) is read by
 context is (its file contents and modes are keyed, never its times; the
 .dockerignore at its root applies, as in BuildKit). An image (`NAME=docker-image://REF`) stands in for the
 image NAME wherever the Dockerfile names one: FROM, `COPY --from`,
-`RUN --mount from=`. As in BuildKit, an image name is matched in its short
-form: `FROM alpine:latest` and `FROM docker.io/library/alpine` are both
-`alpine`, `FROM alpine:3.20` is `alpine:3.20`.
+`RUN --mount from=`, and replaces the stage NAME if the Dockerfile has one
+(the stage is then that image; its own steps never run). As in BuildKit, an
+image name is matched in its short form: `FROM alpine:latest` and
+`FROM docker.io/library/alpine` are both `alpine`, `FROM alpine:3.20` is
+`alpine:3.20`.
 
 Not understood, and refused with a message rather than ignored: git and
-HTTP URLs, `oci-layout://`, bake's `target:`, a local directory as a FROM
-base, and a name that is also a stage of the Dockerfile (BuildKit would
-replace the stage).
+HTTP URLs, `oci-layout://`, bake's `target:`, and a local directory as a
+FROM base or in place of a stage (BuildKit would use its files as a root
+filesystem).
 """
 
 from __future__ import annotations

@@ -83,6 +83,23 @@ RUN /opt/busybox true && echo ran > /ran
         builder.build(str(ctx), root=store_root, pull="never")     # (without it: not found)
 
 
+def test_an_image_context_with_a_stages_name_replaces_the_stage(tmp_path, base_image, store_root,
+                                                                   store):
+    """As BuildKit: the stage becomes the image, and its own steps never run."""
+    marker = write_context(tmp_path / "marker", {"Dockerfile": f"FROM {BASE}\nRUN echo m > /marker\n"})
+    builder.build(str(marker), tags=["marker:1"], root=store_root)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE} AS builder
+RUN echo never > /never
+FROM {BASE}
+COPY --from=builder /marker /m
+"""})
+    image, ran = steps_run(ctx, store_root, build_contexts={"builder": "docker-image://marker:1"})
+    assert ran == ["COPY"]                                   # (not the builder stage's RUN)
+    assert layer_files(store, image.layers[-1]) == {"m": b"m\n"}
+    with pytest.raises(builder.BuildError, match="'/marker' is not in stage builder"):
+        builder.build(str(ctx), root=store_root)            # without it: the stage as written
+
+
 @pytest.mark.parametrize("value,message", [
     ("https://github.com/x/y.git", "only local directories and docker-image:// are supported"),
     ("oci-layout:///tmp/layout", "only local directories and docker-image:// are supported"),
