@@ -167,7 +167,8 @@ def test_a_step_after_a_miss_misses(ctx, store_root):
 def test_moved_base_tag_misses(tmp_path, base_image, store_root):
     ctx = busybox_context(tmp_path / "bb")
     builder.build(str(ctx), tags=["movable:1"], root=store_root)
-    c = write_context(tmp_path / "ctx", {"Dockerfile": "FROM movable:1\nRUN echo hi > /hi\n"})
+    # (A step of its own: the docs' examples build `RUN echo hi > /hi` on this same base image.)
+    c = write_context(tmp_path / "ctx", {"Dockerfile": "FROM movable:1\nRUN echo moved > /hi\n"})
     assert ran(c, store_root) == ["RUN"]
     assert ran(c, store_root) == []
     (ctx / "rootfs/etc/motd").write_text("a different base\n")
