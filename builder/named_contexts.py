@@ -2,12 +2,13 @@
 
 Two kinds are understood. A local directory (`NAME=path`) is read by
 `COPY --from=NAME` and `RUN --mount=type=bind,from=NAME` as the build
-context is (its file contents and modes are keyed, never its times; the
-.dockerignore at its root applies, as in BuildKit). An image (`NAME=docker-image://REF`) stands in for the
-image NAME wherever the Dockerfile names one: FROM, `COPY --from`,
-`RUN --mount from=`, and replaces the stage NAME if the Dockerfile has one
-(the stage is then that image; its own steps never run). As in BuildKit, an
-image name is matched in its short form: `FROM alpine:latest` and
+context is: its file contents and modes are keyed, never its times, and the
+.dockerignore at its root applies, as in BuildKit. An image
+(`NAME=docker-image://REF`) stands in for the image NAME wherever the
+Dockerfile names one (FROM, `COPY --from`, `RUN --mount from=`), and
+replaces the stage NAME if the Dockerfile has one: the stage is then that
+image, and its own steps never run. As in BuildKit, an image name is
+matched in its short form: `FROM alpine:latest` and
 `FROM docker.io/library/alpine` are both `alpine`, `FROM alpine:3.20` is
 `alpine:3.20`.
 
