@@ -676,20 +676,20 @@ class Builder:
                                      "was forwarded",
                                      hint=f"pass one with --ssh {m.id} (the agent of "
                                           f"$SSH_AUTH_SOCK) or --ssh {m.id}=SOCKET")
-                if m.type == "bind" and m.from_ and self._named_dir(m.from_) is not None:
-                    named = self._named_dir(m.from_)
-                    src = named.sources(m.source or ".", instruction="RUN --mount",
-                                        where=f"build context {m.from_}")[0]
-                    inputs.add_other(f"context {m.from_.lower()}:{named.digest(src)}")
-                    inputs.mount_sources[i] = ("local", (named.root, src))
-                elif m.type == "bind" and m.from_:
+                named = self._named_dir(m.from_) if m.type == "bind" and m.from_ else None
+                if m.type == "bind" and (named is not None or not m.from_):
+                    # The build context's files, or a --build-context directory's.
+                    ctx = named or self.ctx
+                    src = ctx.sources(m.source, instruction="RUN --mount",
+                                      where=f"build context {m.from_}" if named
+                                      else "the build context")[0]
+                    digest = ctx.digest(src)
+                    inputs.add_other(f"context {m.from_.lower()}:{digest}" if named else digest)
+                    inputs.mount_sources[i] = ("context", (ctx.root, src))
+                elif m.type == "bind":
                     identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
                     inputs.add_other(f"{identity}:{m.source}")
                     inputs.mount_sources[i] = ("rootfs", diff_ids)
-                elif m.type == "bind":
-                    src = self.ctx.sources(m.source, instruction="RUN --mount")[0]
-                    inputs.add_other(self.ctx.digest(src))
-                    inputs.mount_sources[i] = ("context", src)
                 elif m.type == "cache" and m.from_:
                     # The base a new cache starts from is an input, as in BuildKit.
                     identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
@@ -727,21 +727,22 @@ class Builder:
         keyword = "ADD" if plan.is_add else "COPY"
         scratch = None
         for src in plan.sources:
-            if src.kind == "context":
-                found = self.ctx.sources(src.spec, instruction=keyword)
+            named = self._named_dir(src.ref) if src.kind == "stage" else None
+            if src.kind == "context" or named is not None:
+                # The build context's files, or a --build-context directory's.
+                ctx = named or self.ctx
+                found = ctx.sources(src.spec, instruction=keyword,
+                                    where=f"build context {src.ref}" if named
+                                    else "the build context")
                 if rules is not None:
                     found = [f for f in (filter_excludes(s, rules) for s in found) if f]
-                inputs.copy_parts += [("context", s) for s in found]
-                inputs.digests += [self.ctx.digest(s) for s in found]
-            elif src.kind == "stage" and self._named_dir(src.ref) is not None:
-                named = self._named_dir(src.ref)
-                found = named.sources(src.spec, instruction=keyword,
-                                      where=f"build context {src.ref}")
-                if rules is not None:
-                    found = [f for f in (filter_excludes(s, rules) for s in found) if f]
-                inputs.copy_parts += [("inline", (named.root, s)) for s in found]
-                for s in found:
-                    inputs.add_other(f"context {src.ref.lower()}:{named.digest(s)}")
+                if named is None:
+                    inputs.copy_parts += [("context", s) for s in found]
+                    inputs.digests += [self.ctx.digest(s) for s in found]
+                else:
+                    inputs.copy_parts += [("inline", (named.root, s)) for s in found]
+                    for s in found:
+                        inputs.add_other(f"context {src.ref.lower()}:{named.digest(s)}")
             elif src.kind == "stage":
                 identity, diff_ids, what = self._other_rootfs(src.ref, inst)
                 inputs.copy_parts.append(("from", (src.ref, tuple(diff_ids), what, src.spec)))
@@ -829,7 +830,7 @@ class StepInputs:
     other: list[str] = field(default_factory=list)    # the digests of what is not a context file
     # ("context", Source) | ("from", (ref, diff_ids, what, spec)) | ("inline", (dir, Source))
     copy_parts: list[tuple[str, object]] = field(default_factory=list)
-    # RUN --mount=type=bind: mount index -> ("context", Source) | ("rootfs", diff_ids)
+    # RUN --mount=type=bind: mount index -> ("context", (root dir, Source)) | ("rootfs", diff_ids)
     mount_sources: dict[int, tuple] = field(default_factory=dict)
 
     def add_other(self, digest: str) -> None:

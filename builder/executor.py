@@ -167,10 +167,10 @@ class Executor:
         return mounts, secret_env
 
     def _bind(self, m, kind: str, data, where: str) -> sandbox.MountSpec:
-        """A bind mount of a stage's or image's files ("rootfs"), or of a directory's: the
-        build context's ("context", Source) or a --build-context's ("local", (root, Source))."""
-        root = self.b.ctx.root
-        if kind == "local":
+        """A bind mount of a stage's or image's files ("rootfs"), or of a directory's:
+        ("context", (root, Source)), the build context's or a --build-context's."""
+        root = None
+        if kind == "context":
             root, data = data
         if self.store.driver != "overlay":
             return self._bind_copy(m, kind, data, where, root)
