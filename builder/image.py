@@ -8,11 +8,10 @@ content always gives the same ID.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -60,10 +60,15 @@ def write(store, image, spec: OutputSpec) -> None:
 
 def write_archive(store, image, dest: str) -> None:
     from . import archive
+    _write_then_move(dest, lambda f: archive.save(store, [image.id], f))
+
+
+def _write_then_move(dest: str, fill) -> None:
+    """`fill(file)` writes `dest` beside it first: a failure leaves no half-written `dest`."""
     tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            archive.save(store, [image.id], f)
+            fill(f)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -87,18 +92,15 @@ def write_rootfs_tar(store, image, dest: str) -> None:
     from .snapshot import flatten
     with store.tmpdir("output") as tmp:
         tar_path = flatten.union_tar(store, image.diff_ids, tmp)
-        if dest == STDOUT:
+
+        def copy_to(out) -> None:
             with open(tar_path, "rb") as f:
-                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+                shutil.copyfileobj(f, out, 1 << 20)
+        if dest == STDOUT:
+            copy_to(sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
         try:
             os.replace(tar_path, dest)         # (the store and dest on one file system)
         except OSError:
-            partial = f"{dest}.tmp-{os.getpid()}"
-            try:
-                shutil.copyfile(tar_path, partial)
-                os.replace(partial, dest)
-            finally:
-                if os.path.exists(partial):
-                    os.unlink(partial)
+            _write_then_move(dest, copy_to)
