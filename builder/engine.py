@@ -405,7 +405,7 @@ class Builder:
     def _replaced(self, st: ins.Stage) -> ins.Stage:
         """The stage, or what a --build-context NAME=docker-image://REF with its name makes of
         it, as in BuildKit: `FROM REF AS NAME` and nothing else (its steps never run)."""
-        ref = self.named.images.get(st.name) if st.name else None
+        ref = self.named.image_for(st.name) if st.name else None
         if ref is None:
             return st
         return ins.Stage(st.index, dataclasses.replace(st.base, image=ref,

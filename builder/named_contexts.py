@@ -43,9 +43,6 @@ class NamedContexts:
             return None
         return self.images.get(short_name(name))
 
-    def names(self) -> list[str]:
-        return sorted({*self.images, *self.dirs})
-
 
 def short_name(name: str) -> str:
     """An image name as BuildKit matches named contexts: no docker.io/library/, no :latest."""
