@@ -66,6 +66,23 @@ RUN echo step-started && touch /in-upper && sleep {marker}
     return ctx, f"sleep {marker}"
 
 
+def test_step_dirs_keep_only_small_overlay_dirs_until_the_build_ends(tmp_path):
+    # Freeing inodes after every step slowed later steps on journal-less ext4 (executor.py):
+    # a step that worked leaves its snapshot's empty dirs for the build's end, nothing more.
+    from builder.executor import _clear_step_dir
+    from builder.snapshot.overlay import OverlaySnapshot
+    from builder.snapshot.vfs import VfsSnapshot
+    for kept in (OverlaySnapshot.small_dirs, VfsSnapshot.small_dirs, frozenset()):
+        step = tmp_path / f"step-{len(kept)}"
+        for d in ("upper", "work/work/incompat/volatile", "merged", "mount-0/copy", "copied"):
+            (step / d).mkdir(parents=True)
+        (step / "mount-0" / "copy" / "big").write_bytes(b"x" * 4096)
+        _clear_step_dir(str(step), kept)
+        left = sorted(os.listdir(step)) if step.exists() else None
+        assert left == (sorted({"upper", "work", "merged"}) if kept else None), (kept, left)
+    assert VfsSnapshot.small_dirs == frozenset()     # its merged dir is a whole root's copy
+
+
 def test_failing_run_leaves_nothing_behind(tmp_path, base_image, store_root, store, pybuild):
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN touch /x && false\n"})
     before = tmp_entries(store_root)

@@ -35,6 +35,9 @@ class Snapshot:
     extra_lowers: list[str] = field(default_factory=list)   # e.g. the init dir, above the rest
 
     driver = "base"
+    # The dirs a used snapshot leaves in its step dir that are small enough to be left for the
+    # build's end (executor.py says why); a driver that copies the root keeps none.
+    small_dirs: frozenset[str] = frozenset()
 
     def mount(self) -> None:
         raise NotImplementedError

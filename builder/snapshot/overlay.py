@@ -98,17 +98,22 @@ class OverlaySnapshot(Snapshot):
     """The kernel does the copy-on-write: `upper` is the change set as soon as the step ends."""
 
     driver = "overlay"
+    small_dirs = frozenset({"upper", "work", "merged", "empty"})   # (upper: moved, or empty)
 
     def mount(self) -> None:
         """Mount at `merged`; only in a process that has its own mount namespace."""
         os.chdir(self.store_root)
+        # A volatile overlay marks its work dir, and the kernel refuses to mount over the
+        # mark: a second mount removes it first. (Not every unmount: most snapshots are
+        # mounted once, and their dirs are left for the build's end, see executor.py.)
+        incompat = os.path.join(self.work, "work", "incompat")
+        if os.path.lexists(incompat):
+            remove_tree(incompat)
         mount_overlay(self.merged, self.extra_lowers + self.lowers, self.upper, self.work)
 
     def unmount(self) -> None:
         """Unmount; the snapshot can be mounted again (its upper dir is kept)."""
         linux.umount(self.merged)
-        # A volatile overlay marks its work dir; the kernel refuses to remount over the mark.
-        remove_tree(os.path.join(self.work, "work", "incompat"))
 
 
 def prepare(store, diff_ids: list[str], workdir: str, kind=None) -> Snapshot:

@@ -30,6 +30,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class FuseSnapshot(Snapshot):
     driver = "fuse"
+    small_dirs = frozenset({"upper", "work", "merged", "empty"})   # (as overlay's)
     server: int = 0          # F's pid while mounted
     mount_fd: int = -1       # an fd of the mounted root, for syncfs after the sandbox pivots
 
