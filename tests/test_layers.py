@@ -291,3 +291,26 @@ def test_read_ahead_close_does_not_wait_for_a_stalled_read():
     finally:
         if w >= 0:
             os.close(w)
+
+
+def test_chain_ids_of_growing_and_branching_stacks_follow_the_oci_definition():
+    # chain_ids remembers whole stacks and extends a remembered one by a hash: whatever
+    # order stacks are asked in, the answer must be the spec's recursion.
+    import hashlib
+    from builder.image import chain_ids
+
+    def by_definition(diff_ids):
+        out = []
+        for d in diff_ids:
+            out.append(d if not out else
+                       "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+        return out
+    ids = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(80)]
+    other = ids[:40] + ["sha256:" + "e" * 64] + ids[41:]
+    asked = [ids[:n] for n in range(81)] + [other[:n] for n in range(81)] + \
+        [ids[:n] for n in range(80, -1, -7)] + [other[:70], ids[:70]]
+    for stack in asked:
+        got = chain_ids(stack)
+        assert got == by_definition(stack)
+        got.append("x")                          # a caller's list is its own
+        assert chain_ids(stack) == by_definition(stack)

@@ -143,7 +143,7 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
     flat_depth = (len(diff_ids) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
     chains = chain_ids(diff_ids)
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
-    top = store.lower_links(diff_ids)[:len(diff_ids) - flat_depth]
+    top = store.lower_links(diff_ids, top=len(diff_ids) - flat_depth)
     return top + [flat]
 
 

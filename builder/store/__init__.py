@@ -256,10 +256,12 @@ class Store:
     def layer_info(self, chain_id: str) -> dict:
         return self.layers.meta(chain_id)
 
-    def lower_links(self, diff_ids: list[str]) -> list[str]:
-        """`l/<id>` of each layer of a stack, topmost first, as overlay's lowerdir wants them."""
+    def lower_links(self, diff_ids: list[str], top: int | None = None) -> list[str]:
+        """`l/<id>` of each layer of a stack (or of its `top` topmost ones), topmost first, as
+        overlay's lowerdir wants them."""
         links = []
-        for chain in chain_ids(diff_ids):
+        chains = chain_ids(diff_ids)
+        for chain in chains if top is None else chains[len(chains) - top:]:
             if not self.layers.known(chain) and not self.layers.has(chain):
                 raise StoreError(f"layer {chain} is missing from the store",
                                  hint="the store was pruned under a running build, or damaged; "
