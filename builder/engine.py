@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, explain, named_contexts, paths, reference, steps
+from . import cache as cachemod, explain, named_contexts, paths, reference, snapshot, steps
 from .run_options import parse_add_host, parse_ulimit
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .dockerfile import instructions as ins
@@ -214,14 +214,17 @@ class Builder:
         self.remote = None
         try:
             with self.store.in_use(), self.store.tmpdir("build") as workdir:
-                if self.opts.cache_from and not self.opts.no_cache:
-                    self.remote = self._import_caches()
-                self.workdir = workdir
-                if len(plans) == 1:
-                    self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
-                else:
-                    self._build_parallel(plans)
-                state = self.results[target.index].result()
+                try:
+                    if self.opts.cache_from and not self.opts.no_cache:
+                        self.remote = self._import_caches()
+                    self.workdir = workdir
+                    if len(plans) == 1:
+                        self.results[plans[0].stage.index] = _Done(self._build_stage(plans[0]))
+                    else:
+                        self._build_parallel(plans)
+                    state = self.results[target.index].result()
+                finally:
+                    snapshot.finish_background_work()
         finally:
             for ctx in (self.ctx, *self._named_dirs.values()):
                 ctx.save()      # what was hashed stays hashed, even if a later step failed

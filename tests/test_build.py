@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
 
 import pytest
 
@@ -12,7 +13,7 @@ import builder
 from builder import progress
 from builder.image import chain_ids
 
-from conftest import BASE, TESTDATA, layer_files, layer_members, write_context
+from conftest import BASE, TESTDATA, layer_files, layer_members, our_mounts, write_context
 
 
 def build(ctx, store_root, **kw):
@@ -647,3 +648,46 @@ def test_ulimits_reach_run_and_its_cache_key(tmp_path, base_image, store_root, s
                          ("nofile=9:8", "soft limit must be at most the hard one")):
         with pytest.raises(builder.UsageError, match=message):
             builder.build(str(ctx), root=store_root, ulimits=[bad])
+
+
+def test_a_build_deeper_than_one_mount_holds_sees_every_layer_through_flattened_snapshots(
+        tmp_path, base_image, store_root, store, monkeypatch):
+    # Beyond MAX_STACK layers, the oldest are mounted as flattened snapshots: the first
+    # made in the step that needs it, the next ones ahead of time in a thread. Small
+    # numbers make a 40-step build go through several of both.
+    from builder.snapshot import flatten, overlay
+    monkeypatch.setattr(overlay, "MAX_STACK", 8)
+    monkeypatch.setattr(overlay, "FLATTEN_CHUNK", 4)
+    makers = []
+    make = flatten._make
+
+    def recording_make(*args):
+        makers.append(threading.current_thread().name)
+        make(*args)
+    monkeypatch.setattr(flatten, "_make", recording_make)
+    marker = os.urandom(4).hex()
+    lines = [f"FROM {BASE}",
+             f"RUN echo {marker} > /first && mkdir /d && echo keep > /d/keep && echo x > /d/gone",
+             "RUN rm /d/gone && ln -s /first /d/link"]
+    lines += [f"RUN echo {i} >> /log && echo {i} > /s{i % 3}" for i in range(3, 40)]
+    lines += ["RUN cat /first /d/keep /d/link && test ! -e /d/gone && wc -l < /log && cat /s0 /s1 /s2"]
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "\n".join(lines) + "\n"})
+    before = set(os.listdir(os.path.join(store_root, "flat"))) \
+        if os.path.isdir(os.path.join(store_root, "flat")) else set()
+    image, events = build(ctx, store_root)
+    assert [line.strip() for line in output(events)] == [marker, "keep", marker, "37", "39",
+                                                         "37", "38"]
+    if store.driver != "vfs":                   # (vfs copies whole roots: nothing to stack)
+        made = set(os.listdir(os.path.join(store_root, "flat"))) - before
+        # The last steps' stacks of 41 layers mount prefixes of 4, 8, ... 36 layers flattened.
+        assert len(made) >= 9
+        # The first in the step that needed it; most of the others ahead, beside the steps.
+        assert makers[0] == threading.main_thread().name
+        assert makers.count("pybuild-flatten") >= 6, makers
+    assert not flatten._pending                 # nothing is still being made after the build
+    assert our_mounts() == []
+    # The image keeps its real layers (the last RUN changes nothing): the deletion is a
+    # whiteout in its own layer.
+    base = len(base_image.diff_ids)
+    assert len(image.diff_ids) == base + 39
+    assert ".wh.gone" in [os.path.basename(m.name) for m in layer_members(store, image.layers[base + 1])]

@@ -17,6 +17,7 @@ existing one. Without either, a probe picks the first that works here.
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import StoreError, UsageError
 
@@ -34,6 +35,13 @@ def prepare(store, diff_ids: list[str], workdir: str):
         return snapshot.prepare(store, diff_ids, workdir)
     from . import vfs
     return vfs.prepare(store, diff_ids, workdir)
+
+
+def finish_background_work() -> None:
+    """Wait for the flattened snapshots still being made ahead of time (flatten.py)."""
+    flatten = sys.modules.get(__name__ + ".flatten")     # (never imported by a shallow build)
+    if flatten is not None:
+        flatten.finish_pending()
 
 
 def choose(store_root: str, requested: str | None) -> str:

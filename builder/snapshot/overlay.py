@@ -143,6 +143,9 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
     flat_depth = (len(diff_ids) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
     chains = chain_ids(diff_ids)
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
+    ahead = flat_depth + FLATTEN_CHUNK       # what this stack's steps will need next
+    if ahead <= len(diff_ids):
+        flatten.make_ahead(store, diff_ids[:ahead], chains[ahead - 1])
     top = store.lower_links(diff_ids, top=len(diff_ids) - flat_depth)
     return top + [flat]
 
