@@ -128,6 +128,7 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     sandboxes may share one. Raises SetupError when the sandbox could not
     start the command.
     """
+    seccomp.prepare()
     with linux.FORK_LOCK:
         out_r = out_w = None
         if not spec.interactive:

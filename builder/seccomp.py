@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import platform
 
 from . import linux
@@ -121,12 +122,26 @@ def _resolve(code: list) -> list[tuple[int, int, int, int]]:
     return [(c, offset(jt, i), offset(jf, i), k) for i, (c, jt, jf, k) in enumerate(out)]
 
 
+@functools.cache
+def _compiled() -> tuple | None:
+    """(the instruction table, the sock_fprog pointing at it), or None where this module has
+    no numbers for the machine. Kept, so that the table stays alive with its pointer."""
+    instructions = program()
+    if len(instructions) <= 1:
+        return None
+    table = (_SockFilter * len(instructions))(*(_SockFilter(*i) for i in instructions))
+    return table, _SockFprog(len(instructions), table)
+
+
+def prepare() -> None:
+    """Build the filter in this long-lived process, before it forks sandboxes: each then only
+    hands it to the kernel (building it in the sandbox cost 0.4-1 ms of every RUN)."""
+    _compiled()
+
+
 def install() -> None:
     """Filter this process and everything it starts (needs CAP_SYS_ADMIN: call it before
     linux.limit_capabilities)."""
-    instructions = program()
-    if len(instructions) <= 1:
-        return                  # a machine this module has no numbers for
-    table = (_SockFilter * len(instructions))(*(_SockFilter(*i) for i in instructions))
-    prog = _SockFprog(len(instructions), table)
-    linux.set_seccomp_filter(ctypes.addressof(prog))
+    compiled = _compiled()
+    if compiled is not None:
+        linux.set_seccomp_filter(ctypes.addressof(compiled[1]))
