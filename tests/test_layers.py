@@ -217,6 +217,26 @@ def test_layer_sink_gives_the_tar_digest_and_a_gzip_of_it(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("pybuild-")]
 
 
+@pytest.mark.parametrize("size", [0, 1, 700_000, (1 << 20) - 1, 1 << 20, 3_000_000])
+def test_layer_sink_starts_its_threads_only_for_a_layer_of_a_megabyte_or_more(size, monkeypatch):
+    import gzip
+    import hashlib
+    from builder.layer import compress
+    started = []
+    monkeypatch.setattr(compress.Stage, "__init__", lambda self, work, name, init=compress.Stage.__init__:
+                        (started.append(name), init(self, work, name))[1])
+    data = os.urandom(size)
+    blob = Sink()
+    with compress.LayerSink(blob) as sink:
+        for i in range(0, size, 300_000):
+            sink.write(data[i:i + 300_000])
+        sink.close()
+        sink.close()                             # (a second close writes nothing more)
+    assert gzip.decompress(bytes(blob.data)) == data
+    assert sink.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert sorted(started) == ([] if size < 1 << 20 else ["pybuild-blob-write", "pybuild-compress"])
+
+
 @pytest.mark.parametrize("fail_in", ["write", "compress"])
 def test_layer_sink_failure_reaches_the_caller_and_ends_its_threads(fail_in, monkeypatch):
     import threading

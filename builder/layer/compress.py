@@ -28,7 +28,8 @@ class LayerSink:
 
     Three stages, each in its own thread, overlap: the caller's thread hashes
     the tar (diff_id), a second compresses it, a third hashes and writes the
-    compressed bytes to the blob. All three release the GIL. Writing is a
+    compressed bytes to the blob (the two threads start with the first
+    megabyte; a smaller layer is compressed and written by close()). All three release the GIL. Writing is a
     stage of its own because on this kind of machine (a VM, 2 cores) putting
     256 MB into the page cache costs as much as compressing it: with both in
     one thread, that thread was the slowest part of a commit by far.
@@ -42,19 +43,24 @@ class LayerSink:
         self.tar_size = 0
         self._pieces: list[bytes] = []
         self._pending = 0
+        self._compressor = _compressor(algorithm) if compress else None
+        self._closed = False
+        # Started with the first megabyte: a layer smaller than that (most RUN steps of a
+        # deep build) is compressed by close() in the caller's thread, which costs less
+        # than starting and ending two threads.
         self._compress: Stage | None = None
         self._write: Stage | None = None
-        if compress:
-            compressor = _compressor(algorithm)
-            self._compressor = compressor
-            self._write = Stage(blob_writer.write, "pybuild-blob-write")
-            write = self._write.put
 
-            def compress_one(data) -> None:
-                out = compressor.compress(data)
-                if out:
-                    write(out)
-            self._compress = Stage(compress_one, "pybuild-compress")
+    def _start_stages(self) -> None:
+        compressor = self._compressor
+        self._write = Stage(self.out.write, "pybuild-blob-write")
+        write = self._write.put
+
+        def compress_one(data) -> None:
+            out = compressor.compress(data)
+            if out:
+                write(out)
+        self._compress = Stage(compress_one, "pybuild-compress")
 
     def write(self, data) -> None:
         # Pieces are joined once per megabyte (one copy), big pieces go as they are.
@@ -63,7 +69,7 @@ class LayerSink:
         if self._pending >= _FLUSH_AT:
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
         if not self._pieces:
             return
         data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
@@ -71,23 +77,37 @@ class LayerSink:
         self._pending = 0
         self.diff_hash.update(data)
         self.tar_size += len(data)
-        if self._compress is None:
+        if self._compressor is None:
             self.out.write(data)
+        elif last and self._compress is None:
+            out = self._compressor.compress(data)
+            if out:
+                self.out.write(out)
         else:
+            if self._compress is None:
+                self._start_stages()
             self._compress.put(data)
 
     def close(self) -> None:
-        self._flush()
-        if self._compress is not None:
-            compress, write = self._compress, self._write
-            self._compress = self._write = None
-            try:
-                compress.finish()
-                write.put(self._compressor.flush())
-            finally:
-                write.finish()
+        if self._closed:
+            return
+        self._closed = True
+        self._flush(last=True)
+        if self._compressor is None:
+            return
+        if self._compress is None:
+            self.out.write(self._compressor.flush())
+            return
+        compress, write = self._compress, self._write
+        self._compress = self._write = None
+        try:
+            compress.finish()
+            write.put(self._compressor.flush())
+        finally:
+            write.finish()
 
     def abort(self) -> None:
+        self._closed = True
         self._pieces = []
         for stage in (self._compress, self._write):
             if stage is not None:
