@@ -552,7 +552,7 @@ class Builder:
             parent=state.state_id, instruction=plan.instruction,
             build_args=plan.build_args, sources=tuple(inputs.digests),
             source_date_epoch=self.opts.source_date_epoch).digest()
-        diff_ids = [l.diff_id for l in state.layers]
+        diff_ids = state.diff_ids()
         no_cache = self._no_cache(stage)
         cached = None if no_cache else self.cache.get(key, diff_ids)
         if cached is None and self.remote is not None:
@@ -640,16 +640,17 @@ class Builder:
         """
         state.state_id = digest_of(canonical_json({"parent": state.state_id,
                                                    "result": result.to_json()}))
-        cfg = state.config
+        cfg = state.config        # (the state's own: a stage starts from a deep copy)
         cfg["config"] = copy.deepcopy(result.runtime)
         if "author" in result.extra:
             cfg["author"] = result.extra["author"]
         if not result.extra.get("no_history"):
-            cfg["history"] = list(cfg.get("history") or []) + [dict(result.history)]
+            if cfg.get("history") is None:
+                cfg["history"] = []
+            cfg["history"].append(dict(result.history))
             cfg["created"] = result.history["created"]
         if result.layer is not None:
-            cfg["rootfs"] = {"type": "layers",
-                             "diff_ids": list(cfg["rootfs"]["diff_ids"]) + [result.layer.diff_id]}
+            cfg["rootfs"]["diff_ids"].append(result.layer.diff_id)
             state.layers.append(result.layer)
 
     # ---- what a step reads: sources, mounts, downloads ---------------------------------

@@ -38,7 +38,7 @@ class Executor:
         `donor` is the chain ID of the previous layer of this COPY, whose
         unchanged files the new layer may share (donor.py).
         """
-        diff_ids = [l.diff_id for l in state.layers]
+        diff_ids = state.diff_ids()
         stepdir = self.b.stepdir(n)
         locks: list[int] = []
         record = ""

@@ -51,6 +51,18 @@ class StageState:
     env: dict[str, str] = field(default_factory=dict)
     cmd_set: bool = False
     escape: str = "\\"
+    _diff_ids: list = field(default_factory=list, repr=False)
+
+    def diff_ids(self) -> list[str]:
+        """The layers' diff IDs, bottom first (a new list). Kept from step to step: layers
+        are only ever added, and listing 1,000 of them twice a step was a part of a deep
+        build's step time that grew with its depth."""
+        known = self._diff_ids
+        if len(known) > len(self.layers) or (known and
+                                              known[-1] != self.layers[len(known) - 1].diff_id):
+            known = self._diff_ids = []
+        known.extend(layer.diff_id for layer in self.layers[len(known):])
+        return list(known)
 
     @property
     def runtime(self) -> dict:

@@ -691,3 +691,20 @@ def test_a_build_deeper_than_one_mount_holds_sees_every_layer_through_flattened_
     base = len(base_image.diff_ids)
     assert len(image.diff_ids) == base + 39
     assert ".wh.gone" in [os.path.basename(m.name) for m in layer_members(store, image.layers[base + 1])]
+
+
+def test_a_stage_states_diff_ids_follow_its_layers():
+    # Kept between steps (a deep build asked for them twice a step): they must still be
+    # the layers' own, whatever happened to the list, and never a list a caller can spoil.
+    from builder.image import LayerDesc
+    from builder.steps import StageState
+    layer = [LayerDesc(f"sha256:{i:064x}", f"sha256:{i + 100:064x}", 1, "m") for i in range(5)]
+    state = StageState("s", {}, list(layer[:2]))
+    assert state.diff_ids() == [l.diff_id for l in layer[:2]]
+    state.diff_ids().append("spoiled")
+    state.layers.append(layer[2])
+    assert state.diff_ids() == [l.diff_id for l in layer[:3]]
+    state.layers = [layer[3], layer[4]]                # replaced, not grown
+    assert state.diff_ids() == [layer[3].diff_id, layer[4].diff_id]
+    state.layers = [layer[0]]
+    assert state.diff_ids() == [layer[0].diff_id]
