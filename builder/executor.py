@@ -136,7 +136,7 @@ class Executor:
                                    mounts=mounts, files=plan.files,
                                    extra_hosts=[f"{a}\t{n}" for n, a in self.b.opts.add_hosts],
                                    shm_size=self.b.opts.shm_size or sandbox.SHM_SIZE,
-                                   ulimits=list(self.b.opts.ulimits))
+                                   ulimits=list(self.b.opts.ulimits), init=False)
             scratch = self.b.sandbox_scratch()
 
             def on_output(line: bytes) -> None:

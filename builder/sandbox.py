@@ -1,11 +1,16 @@
 """Running a step inside a snapshot: namespaces, mounts, the image's user, and nothing of the host.
 
-Three processes per RUN, all forked (no helper binary):
+Three processes per container, two per RUN, all forked (no helper binary):
 
     pybuild ── A: own mount (+pid, uts, ipc[, net]) namespace; mounts the overlay
                   └─ B: PID 1 of the new pid namespace: /proc, /dev, /sys,
                         /etc/{hosts,resolv.conf,hostname}; pivot_root; reaps zombies
                         └─ C: the image's user and groups, env, workdir; exec the command
+
+A Dockerfile RUN has no C: B itself takes the image's user and execs the
+command, which is then PID 1 of its namespace, as under BuildKit's runc
+(`RUN echo $$` says 1), and a step starts one process fewer. A container
+(`pybuild run`) keeps B as its init, which relays signals (`pybuild stop`).
 
 Every mount is made in A's private mount namespace, so the host's mount
 table never sees one, and the kernel drops them all when the namespace's
@@ -91,6 +96,7 @@ class RunSpec:
     network: str = "host"            # host | none
     hostname: str = HOSTNAME
     interactive: bool = False        # inherit pybuild's stdin/stdout/stderr (pybuild run)
+    init: bool = True                # B runs the command as its child; False: B execs it
     extra_hosts: list[str] = field(default_factory=list)
     mounts: list[MountSpec] = field(default_factory=list)
     files: dict[str, tuple[str, int]] = field(default_factory=dict)   # written under /dev
@@ -497,8 +503,8 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int) -
     pid = os.fork()
     if pid == 0:
         os.close(life_w)
-        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w), None,
-               lifeline=life_r)
+        _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w,
+                                         life_r), None, lifeline=life_r)
     os.close(life_r)
     holder.append(pid)
     if out_w is not None:
@@ -594,7 +600,7 @@ def _make_init_dir(merged: str, init: str, missing: list[tuple[str, bool]]) -> N
 
 
 def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: dict[str, str],
-               extra: list, out_w, err_w: int) -> None:
+               extra: list, out_w, err_w: int, lifeline: int) -> None:
     socket.sethostname(spec.hostname)
     _mount_pseudo_filesystems(targets, spec.shm_size)
     for rel, src in binds.items():
@@ -624,6 +630,8 @@ def _sandbox_b(snap: Snapshot, spec: RunSpec, targets: dict[str, str], binds: di
         os.chroot(".")     # e.g. the host's root is an initramfs, which cannot be pivoted
     os.chdir("/")
     _remount_bind("/", linux.MS_NODEV)     # device nodes in the image (or made by RUN): inert
+    if not spec.init and not _exec_drops_death_signal(spec):
+        _sandbox_c(spec, out_w, lifeline)   # the command becomes PID 1 (it never returns)
     holder: list[int] = []
     _forward_to(holder)
     pid, parent = _fork()
@@ -740,7 +748,39 @@ def _close_on_exec_beyond_stdio() -> None:
                 pass            # the listing's own descriptor, closed by now
 
 
-def _sandbox_c(spec: RunSpec, out_w) -> None:
+def _exec_drops_death_signal(spec: RunSpec) -> bool:
+    """Would exec'ing the command clear its parent-death signal (a set-user-ID or set-group-ID
+    program, or one with file capabilities: prctl(2))? As PID 1 of its namespace, nothing
+    else would then end it if pybuild died, so it gets B as its init after all."""
+    if not spec.argv:
+        return False
+    name = spec.argv[0]
+    path_env = next((e[5:] for e in reversed(spec.env) if e.startswith("PATH=")), _DEFAULT_PATH)
+    workdir = spec.workdir or "/"
+    candidates = [os.path.join(workdir, name)] if "/" in name else \
+        [os.path.join(workdir, d, name) for d in path_env.split(":")]
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            return True
+        try:
+            return "security.capability" in os.listxattr(path)
+        except OSError:
+            return False
+    return False
+
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _sandbox_c(spec: RunSpec, out_w, lifeline: int | None = None) -> None:
+    """Become the image's user in its environment and exec the command. `lifeline` (when
+    this is B, PID 1 of the namespace) is the pipe whose end A holds: see below."""
     if out_w is not None:
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
@@ -751,7 +791,7 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
     who = users.exec_user(spec.user, "/")
     env = dict(e.split("=", 1) if "=" in e else (e, "") for e in spec.env)
     env.setdefault("HOME", who.home)
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("PATH", _DEFAULT_PATH)
     if spec.interactive:        # `docker run` sets it; a BuildKit RUN does not
         env.setdefault("HOSTNAME", spec.hostname)
     try:
@@ -776,6 +816,13 @@ def _sandbox_c(spec: RunSpec, out_w) -> None:
     os.setgroups(list(who.groups))
     os.setgid(who.gid)
     os.setuid(who.uid)
+    if lifeline is not None:
+        # Taking another user clears the parent-death signal (prctl(2)), and as PID 1 of
+        # the namespace nothing else would end this process if A died: set it again, then
+        # make sure A did not die meanwhile.
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if select.select([lifeline], [], [], 0)[0]:
+            os._exit(1)
     try:
         os.chdir(spec.workdir or "/")
     except OSError as e:

@@ -259,12 +259,27 @@ RUN test ! -e {marker} && echo pid=$$ && hostname && cat /etc/hostname && cat /p
     && touch /etc/hosts-was-writable-here && echo written > /tmp/new
 """})
     image, events = build(ctx, store_root)
-    # the command runs under our PID 1 in a new pid namespace, with its own hostname
-    assert output(events) == ["pid=2", "pybuild", "pybuild"]
+    # the command is PID 1 of a new pid namespace (as under BuildKit), with its own hostname
+    assert output(events) == ["pid=1", "pybuild", "pybuild"]
     files = layer_files(store, image.layers[-1])
     assert files["tmp/new"] == b"written\n"
     assert not any(n in files for n in ("etc/hosts", "etc/hostname", "etc/resolv.conf"))
     assert open(marker).read() == "host"
+
+
+def test_a_run_whose_program_drops_the_parent_death_signal_gets_an_init(tmp_path, base_image,
+                                                                         store_root):
+    # Exec'ing a set-user-ID program clears the signal that ends the command with pybuild
+    # (prctl(2)); as PID 1 nothing else would: such a command runs under pybuild's PID 1.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN mkdir /suid && cp /bin/busybox /suid/busybox && chmod 4755 /suid/busybox
+RUN ["/suid/busybox", "sh", "-c", "echo suid=$$"]
+RUN ["/bin/busybox", "sh", "-c", "echo plain=$$"]
+USER app
+RUN echo app=$$ && id -u
+"""})
+    _, events = build(ctx, store_root)
+    assert output(events) == ["suid=2", "plain=1", "app=1", "1000"]
 
 
 def test_users_and_groups_come_from_the_image(tmp_path, base_image, store_root):

@@ -130,6 +130,24 @@ def test_kill_9_during_run_leaves_no_process_or_mount_and_next_build_works(long_
     run_pybuild("-t", "after-kill", ok, root=store_root, check=True)
 
 
+def test_kill_9_ends_a_run_that_took_another_user(tmp_path, base_image, store_root):
+    # The RUN's command is PID 1 of its namespace; taking the image's user cleared its
+    # parent-death signal (prctl(2)), which the sandbox sets again: nothing else ends it.
+    marker = f"{time.time_ns() % 10_000_000 / 1000 + 1:.3f}"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+USER app
+RUN echo step-started && exec sleep {marker}
+"""})
+    proc = start_build(ctx, store_root)
+    wait_for_line(proc, b"step-started")
+    assert wait_until(lambda: processes_with(f"sleep {marker}")), "the RUN is running"
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_until(lambda: not processes_with(f"sleep {marker}")), \
+        "the command must die with pybuild"
+    assert our_mounts() == []
+
+
 def test_concurrent_builds_share_one_store(tmp_path, base_image, store_root, store):
     procs = []
     for i in range(4):
