@@ -8,11 +8,12 @@ and is reused by every later step and build; it is not a layer of any image
 (images keep their real layers), only a shortcut for mounting them.
 
 A deep build needs a new one every FLATTEN_CHUNK steps, and can make it
-before it is needed: make_ahead() starts it in a thread while the steps go
-on (on another core), and the step that needs it waits only for what is
-left. Made in the step itself, each cost 60-80 ms, 2-3 ms of every step of
-a 1,000-step build. The engine waits for what is still being made when a
-build ends (finish_pending).
+before it is needed: make_ahead() starts it in a thread FLATTEN_LEAD steps
+ahead (late enough that a build which ends first rarely made it for
+nothing) while the steps go on, on another core, and the step that needs
+it waits only for what is left. Made in the step itself, each cost 60-80
+ms, 2-3 ms of every step of a 1,000-step build. The engine waits for what
+is still being made when a build ends (finish_pending).
 """
 
 from __future__ import annotations

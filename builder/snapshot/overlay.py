@@ -33,6 +33,7 @@ _OPTION_DICT = {"index": "off", "redirect_dir": "off", "metacopy": "off"}
 _PAGE = 4096
 MAX_STACK = 64           # lower dirs of one mount, at most
 FLATTEN_CHUNK = 32       # flattened prefixes are multiples of this many layers
+FLATTEN_LEAD = 16        # steps before it is needed that a prefix starts being made (flatten.py)
 
 _new_api: bool | None = None     # does the kernel take `lowerdir+`? (probed on first mount)
 _volatile: bool | None = None    # and `volatile` (Linux 5.10)?
@@ -144,7 +145,7 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
     chains = chain_ids(diff_ids)
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
     ahead = flat_depth + FLATTEN_CHUNK       # what this stack's steps will need next
-    if ahead <= len(diff_ids):
+    if len(diff_ids) >= max(ahead, ahead + MAX_STACK // 2 - FLATTEN_LEAD):
         flatten.make_ahead(store, diff_ids[:ahead], chains[ahead - 1])
     top = store.lower_links(diff_ids, top=len(diff_ids) - flat_depth)
     return top + [flat]
