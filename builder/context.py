@@ -24,6 +24,7 @@ import marshal
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -34,6 +35,27 @@ from .statcache import StatCache
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _content_digests: LRUCache = LRUCache(maxsize=262144)   # identity -> (content, xattr digest)
+_digests_lock = threading.Lock()     # (stages hash their sources in threads; LRUCache is not safe)
+
+
+def _new_lock_after_fork() -> None:
+    """A forked child (the copy workers) gets a free lock: another thread may have held this
+    one at the fork, and nothing in the child would ever release it."""
+    global _digests_lock
+    _digests_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
+def _known(st: os.stat_result) -> tuple[str, str] | None:
+    with _digests_lock:
+        return _content_digests.get(_identity(st))
+
+
+def _remember(st: os.stat_result, known: tuple[str, str]) -> None:
+    with _digests_lock:
+        _content_digests[_identity(st)] = known
 XATTRS_MARK = "xattrs:"      # before an xattr digest, in a key line and in file_table
 
 
@@ -316,7 +338,7 @@ class BuildContext:
 
     def file_digest(self, rel: str, st: os.stat_result) -> tuple[str, str]:
         """(content digest, xattr digest or "") of one regular file of the context."""
-        known = _content_digests.get(_identity(st))
+        known = _known(st)
         if known is None:
             known = self.stat_cache.get(rel, st)
             if known is None:
@@ -326,7 +348,7 @@ class BuildContext:
                 finally:
                     os.close(root)
                 self.stat_cache.put(rel, st, *known)
-            _content_digests[_identity(st)] = known
+            _remember(st, known)
         return known
 
     def _file_digests(self, entries) -> dict[str, tuple[str, str]]:
@@ -340,20 +362,20 @@ class BuildContext:
         for e in entries:
             if not stat.S_ISREG(e.st.st_mode):
                 continue
-            known = _content_digests.get(_identity(e.st))
+            known = _known(e.st)
             if known is None:
                 known = self.stat_cache.get(e.src, e.st)
                 if known is None:
                     unknown.append(e)
                     continue
-                _content_digests[_identity(e.st)] = known
+                _remember(e.st, known)
             out[e.src] = known
         for e, known in zip(unknown, hashing.hash_files(self.root, [e.src for e in unknown])):
             if known is None:
                 out[e.src] = self.file_digest(e.src, e.st)     # reports why it cannot be read
                 continue
             self.stat_cache.put(e.src, e.st, *known)
-            _content_digests[_identity(e.st)] = known
+            _remember(e.st, known)
             out[e.src] = known
         return out
 
@@ -451,7 +473,7 @@ def _identity(st: os.stat_result) -> tuple:
 
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest this process computed for the file with this stat, if any."""
-    known = _content_digests.get(_identity(st))
+    known = _known(st)
     return None if known is None else known[0]
 
 

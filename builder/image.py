@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +39,16 @@ def digest_of(data: bytes) -> str:
 
 _chain_step: dict[tuple[str, str], str] = {}
 _stacks: LRUCache = LRUCache(maxsize=64)      # tuple(diff_ids) -> tuple(chain IDs)
+_stacks_lock = threading.Lock()                # (stages build in threads; LRUCache is not safe)
+
+
+def _new_lock_after_fork() -> None:
+    """A forked child gets a free lock (another thread may have held this one at the fork)."""
+    global _stacks_lock
+    _stacks_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -51,14 +62,16 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     build's step time that grew with its depth.
     """
     key = tuple(diff_ids)
-    known = _stacks.get(key)
+    with _stacks_lock:
+        known = _stacks.get(key)
+        shorter = _stacks.get(key[:-1]) if known is None and len(key) > 1 else None
     if known is None:
-        shorter = _stacks.get(key[:-1]) if len(key) > 1 else None
         if shorter is not None:
             known = shorter + (digest_of(f"{shorter[-1]} {key[-1]}".encode()),)
         else:
             known = tuple(_walk_chain(key))
-        _stacks[key] = known
+        with _stacks_lock:
+            _stacks[key] = known
     return list(known)
 
 

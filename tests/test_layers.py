@@ -334,3 +334,37 @@ def test_chain_ids_of_growing_and_branching_stacks_follow_the_oci_definition():
         assert got == by_definition(stack)
         got.append("x")                          # a caller's list is its own
         assert chain_ids(stack) == by_definition(stack)
+
+
+def test_chain_ids_from_many_threads_at_once():
+    # Stages build in threads; the stacks chain_ids remembers (cachetools' LRUCache, which
+    # is not thread-safe) are shared. Without its lock this raised KeyError and "OrderedDict
+    # mutated during iteration" within a few thousand calls.
+    import hashlib
+    import random
+    import threading
+    from builder.image import _walk_chain, chain_ids
+    ids = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(120)]
+    errors = []
+
+    def work(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(4000):
+                start = rnd.randrange(0, 5)
+                stack = ids[start:start + rnd.randrange(1, 115)]
+                if chain_ids(stack) != _walk_chain(stack):
+                    errors.append("a wrong chain")
+        except Exception as e:      # (reported below, from the test's own thread)
+            errors.append(f"{type(e).__name__}: {str(e)[:60]}")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
