@@ -56,6 +56,8 @@ def _known(st: os.stat_result) -> tuple[str, str] | None:
 def _remember(st: os.stat_result, known: tuple[str, str]) -> None:
     with _digests_lock:
         _content_digests[_identity(st)] = known
+
+
 XATTRS_MARK = "xattrs:"      # before an xattr digest, in a key line and in file_table
 
 
