@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import platform
+import os
 
 from . import linux
 
@@ -81,7 +81,7 @@ class _SockFprog(ctypes.Structure):
 def program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
     """The filter for this machine's conventions, as (code, jt, jf, k) instructions."""
     code: list[tuple] = []      # (code, jt, jf, k); jt/jf are label names or 0
-    for n, (arch, calls) in enumerate(_CONVENTIONS.get(machine or platform.machine(),
+    for n, (arch, calls) in enumerate(_CONVENTIONS.get(machine or os.uname().machine,
                                                        {}).items()):
         skip, flags = f"next{n}", f"flags{n}"
         code.append((_LD_W_ABS, 0, 0, _ARCH))
