@@ -755,7 +755,7 @@ def _exec_drops_death_signal(spec: RunSpec) -> bool:
     if not spec.argv:
         return False
     name = spec.argv[0]
-    path_env = next((e[5:] for e in reversed(spec.env) if e.startswith("PATH=")), _DEFAULT_PATH)
+    path_env = _spec_env(spec).get("PATH", _DEFAULT_PATH)      # (as execvpe will search it)
     workdir = spec.workdir or "/"
     candidates = [os.path.join(workdir, name)] if "/" in name else \
         [os.path.join(workdir, d, name) for d in path_env.split(":")]
@@ -778,6 +778,11 @@ def _exec_drops_death_signal(spec: RunSpec) -> bool:
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def _spec_env(spec: RunSpec) -> dict[str, str]:
+    """The command's environment as given (`NAME` alone is NAME set to "")."""
+    return dict(e.split("=", 1) if "=" in e else (e, "") for e in spec.env)
+
+
 def _sandbox_c(spec: RunSpec, out_w, lifeline: int | None = None) -> None:
     """Become the image's user in its environment and exec the command. `lifeline` (when
     this is B, PID 1 of the namespace) is the pipe whose end A holds: see below."""
@@ -789,7 +794,7 @@ def _sandbox_c(spec: RunSpec, out_w, lifeline: int | None = None) -> None:
         os.close(null)
         os.close(out_w)
     who = users.exec_user(spec.user, "/")
-    env = dict(e.split("=", 1) if "=" in e else (e, "") for e in spec.env)
+    env = _spec_env(spec)
     env.setdefault("HOME", who.home)
     env.setdefault("PATH", _DEFAULT_PATH)
     if spec.interactive:        # `docker run` sets it; a BuildKit RUN does not

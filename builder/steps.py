@@ -56,7 +56,8 @@ class StageState:
     def diff_ids(self) -> list[str]:
         """The layers' diff IDs, bottom first (a new list). Kept from step to step: layers
         are only ever added, and listing 1,000 of them twice a step was a part of a deep
-        build's step time that grew with its depth."""
+        build's step time that grew with its depth. It updates the kept list: for the
+        stage's own thread (another stage reading a finished one lists its layers)."""
         known = self._diff_ids
         if len(known) > len(self.layers) or (known and
                                               known[-1] != self.layers[len(known) - 1].diff_id):
