@@ -25,13 +25,14 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 
-from . import cache as cachemod, explain, named_contexts, paths, reference, snapshot, steps
+from . import cache as cachemod, explain, named_contexts, reference, snapshot, steps
 from .run_options import parse_add_host, parse_ulimit
-from .context import BuildContext, IgnoreRules, filter_excludes
+from .context import BuildContext
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
                      StepFailed, UsageError)
+from .inputs import StepInputs, read_inputs
 from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
                     is_host_platform)
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
@@ -543,7 +544,7 @@ class Builder:
         self.emit(StepStarted(n, self.total, stage.label, plan.created_by, inst.line))
         t0 = time.monotonic()
         try:
-            inputs = self._inputs(state, plan, inst, n)
+            inputs = read_inputs(self, plan, inst, n)
         except BuildError as e:
             if e.step:
                 raise
@@ -653,58 +654,9 @@ class Builder:
             cfg["rootfs"]["diff_ids"].append(result.layer.diff_id)
             state.layers.append(result.layer)
 
-    # ---- what a step reads: sources, mounts, downloads ---------------------------------
+    # ---- what `--from` and --build-context names mean (asked by inputs.py) ------------
 
-    def _inputs(self, state, plan: steps.Plan, inst, n: int) -> "StepInputs":
-        """Everything a step reads besides its parent, digested for the cache key.
-
-        Nothing here mounts or runs anything: on a cache hit this is all the work
-        a COPY or RUN costs.
-        """
-        inputs = StepInputs()
-        if plan.kind == "copy":
-            self._copy_inputs(plan, inst, n, inputs)
-        elif plan.kind == "run":
-            if self.opts.add_hosts:
-                # Part of what a RUN sees, so of its key (BuildKit keys its extra hosts too).
-                inputs.add_other("add-host:" + ",".join(f"{n}={a}" for n, a in self.opts.add_hosts))
-            if self.opts.shm_size is not None:
-                inputs.add_other(f"shm-size:{self.opts.shm_size}")     # (as BuildKit: a mount)
-            if self.opts.ulimits:                                      # (BuildKit keys them too)
-                inputs.add_other("ulimit:" + ",".join(f"{n}={s}:{h}" for n, s, h in
-                                                      self.opts.ulimits))
-            for i, m in enumerate(plan.mounts):
-                if m.type == "ssh" and m.required and m.id not in self.ssh_agents:
-                    # Before the cache lookup, as BuildKit checks: a hit would hide it.
-                    raise BuildError(f"RUN --mount=type=ssh,id={m.id} is required, and no agent "
-                                     "was forwarded",
-                                     hint=f"pass one with --ssh {m.id} (the agent of "
-                                          f"$SSH_AUTH_SOCK) or --ssh {m.id}=SOCKET")
-                named = self._named_dir(m.from_) if m.type == "bind" and m.from_ else None
-                if m.type == "bind" and (named is not None or not m.from_):
-                    # The build context's files, or a --build-context directory's.
-                    ctx = named or self.ctx
-                    src = ctx.sources(m.source, instruction="RUN --mount",
-                                      where=f"build context {m.from_}" if named
-                                      else "the build context")[0]
-                    digest = ctx.digest(src)
-                    inputs.add_other(f"context {m.from_.lower()}:{digest}" if named else digest)
-                    inputs.mount_sources[i] = ("context", (ctx.root, src))
-                elif m.type == "bind":
-                    identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
-                    inputs.add_other(f"{identity}:{m.source}")
-                    inputs.mount_sources[i] = ("rootfs", diff_ids)
-                elif m.type == "cache" and m.from_:
-                    # The base a new cache starts from is an input, as in BuildKit.
-                    identity, diff_ids, _ = self._other_rootfs(m.from_, inst)
-                    inputs.add_other(f"cache-from:{identity}:{m.source}")
-                    inputs.mount_sources[i] = ("cache-base", identity, diff_ids)
-                elif m.type == "cache" and m.source:
-                    raise BuildError(f"RUN --mount=type=cache,source={m.source} needs from= "
-                                     "(a stage or an image to take it from)")
-        return inputs
-
-    def _named_dir(self, ref: str) -> BuildContext | None:
+    def named_dir(self, ref: str) -> BuildContext | None:
         """The --build-context directory `ref` names (when no stage has that name), if any."""
         root = self.named.dirs.get(ref.lower())
         if root is None or self._stage_ref(self.df, ref, len(self.df.stages)) is not None:
@@ -716,7 +668,7 @@ class Builder:
                     root, cache_dir=os.path.join(self.store.cache_dir, "context"))
         return ctx
 
-    def _other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:
+    def other_rootfs(self, ref: str, inst) -> tuple[str, list[str], str]:
         """(identity, diff_ids, what) of the stage or image a `--from` names."""
         index = self._stage_ref(self.df, ref, len(self.df.stages))
         if index is not None:
@@ -725,47 +677,6 @@ class Builder:
                     f"stage {ref}")
         image = self._resolve_image(ref, inst)
         return image.id, image.diff_ids, f"image {ref}"
-
-    def _copy_inputs(self, plan: steps.Plan, inst, n: int, inputs: "StepInputs") -> None:
-        rules = IgnoreRules(list(plan.excludes)) if plan.excludes else None
-        keyword = "ADD" if plan.is_add else "COPY"
-        scratch = None
-        for src in plan.sources:
-            named = self._named_dir(src.ref) if src.kind == "stage" else None
-            if src.kind == "context" or named is not None:
-                # The build context's files, or a --build-context directory's.
-                ctx = named or self.ctx
-                found = ctx.sources(src.spec, instruction=keyword,
-                                    where=f"build context {src.ref}" if named
-                                    else "the build context")
-                if rules is not None:
-                    found = [f for f in (filter_excludes(s, rules) for s in found) if f]
-                if named is None:
-                    inputs.copy_parts += [("context", s) for s in found]
-                    inputs.digests += [self.ctx.digest(s) for s in found]
-                else:
-                    inputs.copy_parts += [("inline", (named.root, s)) for s in found]
-                    for s in found:
-                        inputs.add_other(f"context {src.ref.lower()}:{named.digest(s)}")
-            elif src.kind == "stage":
-                identity, diff_ids, what = self._other_rootfs(src.ref, inst)
-                inputs.copy_parts.append(("from", (src.ref, tuple(diff_ids), what, src.spec)))
-                inputs.add_other(f"{identity}:{src.spec}")
-            else:
-                if scratch is None:
-                    scratch = os.path.join(self.stepdir(n), "inline")
-                    os.makedirs(scratch, exist_ok=True)
-                if src.kind == "heredoc":
-                    name = _write_inline(scratch, src.spec, src.content.encode(), 0o644)
-                else:
-                    from . import download
-                    try:
-                        name, digest = download.fetch(src.spec, scratch, plan.checksum)
-                    except download.DownloadError as e:
-                        raise BuildError(str(e), hint=e.hint) from None
-                    inputs.add_other(digest)
-                found = BuildContext(scratch, ignore=IgnoreRules()).sources(name, instruction=keyword)
-                inputs.copy_parts += [("inline", (scratch, s)) for s in found]
 
     def sandbox_scratch(self) -> str:
         """The empty dir every RUN sandbox of this build mounts its own tmpfs on (sandbox.run)."""
@@ -791,7 +702,7 @@ class Builder:
             return None
         return chain
 
-    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: "StepInputs", n: int,
+    def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: StepInputs, n: int,
                          donor: str | None = None):
         if self.executor is None:
             from .executor import Executor    # only a cache miss pays for mounts and tars
@@ -815,31 +726,6 @@ def _pullable(name: str) -> bool:
     except UsageError:
         return False
     return True
-
-
-def _write_inline(scratch: str, name: str, data: bytes, mode: int) -> str:
-    name = paths.clean(name) or "__unnamed__"
-    path = os.path.join(scratch, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-    return name
-
-
-@dataclass
-class StepInputs:
-    """What a step reads besides its parent: keyed into the cache, handed to the executor."""
-    digests: list[str] = field(default_factory=list)
-    other: list[str] = field(default_factory=list)    # the digests of what is not a context file
-    # ("context", Source) | ("from", (ref, diff_ids, what, spec)) | ("inline", (dir, Source))
-    copy_parts: list[tuple[str, object]] = field(default_factory=list)
-    # RUN --mount=type=bind: mount index -> ("context", (root dir, Source)) | ("rootfs", diff_ids)
-    mount_sources: dict[int, tuple] = field(default_factory=dict)
-
-    def add_other(self, digest: str) -> None:
-        self.digests.append(digest)
-        self.other.append(digest)
 
 
 class _Done:

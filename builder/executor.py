@@ -2,7 +2,7 @@
 
 The narrow interface between the engine and the sandbox (DESIGN.md's
 executor): the engine hands over a planned step and what it reads
-(`StepInputs`); this module prepares an overlay snapshot of the parent's
+(`inputs.StepInputs`); this module prepares an overlay snapshot of the parent's
 layers, turns the inputs into source groups and mounts, runs the step in the
 sandbox (or the chrooted file-op child), and commits the upper dir as a
 layer. It is imported only when a step actually runs, so a fully cached
@@ -313,7 +313,7 @@ class Executor:
         agent = self.b.ssh_agents.get(m.id)
         if agent is None:
             return      # an optional one is not there, as in BuildKit without --ssh (a required
-                        # one stopped the build before its cache lookup: engine._inputs)
+                        # one stopped the build before its cache lookup: inputs.read_inputs)
         from .sshagent import AgentRelay
         try:
             relays.append(AgentRelay(agent, _mkdirs(where, ""), "agent.sock",
