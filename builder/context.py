@@ -70,6 +70,9 @@ class _Pattern:
     exclusion: bool
 
 
+_EVERYTHING = re.compile(".*", re.S)     # what a "." line matches
+
+
 def _compile(pattern: str) -> re.Pattern:
     out = "^"
     i, n = 0, len(pattern)
@@ -128,6 +131,13 @@ class IgnoreRules:
                 cleaned = "."
             self.patterns.append(_Pattern(cleaned, _compile(cleaned), exclusion))
         self.has_exceptions = any(p.exclusion for p in self.patterns)
+        # One regex of all the patterns: most paths match none, and one call (per parent)
+        # says so; a call per pattern made a 12-line .dockerignore cost a 30,000-file walk
+        # 0.3 s. Without exceptions, a match is the answer.
+        self._any: re.Pattern | None = None
+        if self.patterns:
+            self._any = _EVERYTHING if any(p.text == "." for p in self.patterns) else \
+                re.compile("|".join(f"(?:{p.regex.pattern})" for p in self.patterns), re.S)
 
     @classmethod
     def for_context(cls, root: str, dockerfile: str | None = None) -> "IgnoreRules":
@@ -145,8 +155,35 @@ class IgnoreRules:
 
     def excluded(self, rel: str) -> bool:
         """Is the context path `rel` (slash-separated, no leading /) excluded?"""
-        if not self.patterns or rel == "":
+        if self._any is None or rel == "":
             return False
+        if not self._matches_or_parent_matches(rel):
+            return False
+        return not self.has_exceptions or self._last_match_excludes(rel)
+
+    def excluded_in_walk(self, rel: str) -> bool:
+        """excluded(rel) for a walk that enters an excluded directory only when there are
+        exceptions. Without exceptions, the walk reached `rel` through parents no pattern
+        matches, so only `rel` itself is tried."""
+        if self._any is None or self.has_exceptions:
+            return self.excluded(rel)
+        return self._any.match(rel) is not None
+
+    def _matches_or_parent_matches(self, rel: str) -> bool:
+        """Does some pattern match `rel` or one of its parents?"""
+        match = self._any.match
+        if match(rel):
+            return True
+        cut = rel.find("/")
+        while cut != -1:
+            if match(rel, 0, cut):       # (as if the string ended there: `$` matches)
+                return True
+            cut = rel.find("/", cut + 1)
+        return False
+
+    def _last_match_excludes(self, rel: str) -> bool:
+        """Docker's rule with exceptions: the last pattern that matches `rel` or a parent
+        of it decides."""
         parents = rel.split("/")[:-1]
         matched = False
         for p in self.patterns:
@@ -311,7 +348,7 @@ class BuildContext:
             crel = f"{frel}/{name}" if frel else name
             if stat.S_ISSOCK(cst.st_mode):
                 continue
-            if self.ignore.excluded(csrc):
+            if self.ignore.excluded_in_walk(csrc):
                 if stat.S_ISDIR(cst.st_mode) and self.ignore.has_exceptions:
                     # An exception may re-include something below an excluded dir.
                     stack.append([csrc, crel, self._children(csrc), 0, len(out), False])

@@ -37,6 +37,61 @@ def test_dockerignore_patterns(patterns, path, excluded):
     assert IgnoreRules(patterns).excluded(path) is excluded
 
 
+_NAMES = ["a", "b", "dir", "docs", "x.md", "README.md", "main.go", "a*b", "keep"]
+_PATTERNS = ["*.md", "!README.md", "docs", "!docs/keep", "**/*.go", "dir/**", "a", "/b",
+             "d?r", "d[a-j]cs", "!keep", "*", "a/**/x.md", "**/dir", "!dir/a", "a\\*b", "."]
+
+
+def _random_rules(rng) -> IgnoreRules:
+    return IgnoreRules(rng.sample(_PATTERNS, rng.randint(1, 5)))
+
+
+def _random_path(rng) -> str:
+    return "/".join(rng.choice(_NAMES) for _ in range(rng.randint(1, 4)))
+
+
+def test_one_regex_of_all_patterns_answers_as_the_last_matching_line():
+    """excluded() asks one regex of all the patterns first (the fast way for paths nothing
+    matches); Docker's rule, the last line that matches the path or a parent, decides."""
+    import random
+    rng = random.Random(5)
+    checked = excluded = 0
+    for _ in range(400):
+        rules = _random_rules(rng)
+        for _ in range(25):
+            path = _random_path(rng)
+            got = rules.excluded(path)
+            assert got == rules._last_match_excludes(path), (
+                [p.text + ("!" if p.exclusion else "") for p in rules.patterns], path)
+            checked += 1
+            excluded += got
+    assert 0.2 * checked < excluded < 0.8 * checked      # (both answers were tried)
+
+
+def test_a_walk_keeps_exactly_the_files_no_pattern_excludes(tmp_path):
+    """The walk tries only the entry itself against the patterns when its parent was entered
+    (without exceptions no pattern can match that parent): the files it keeps are the ones
+    the whole rule keeps, with and without exceptions."""
+    import random
+    rng = random.Random(7)
+    files = sorted({_random_path(rng) for _ in range(60)})
+    made = []
+    for f in files:
+        if any(m.startswith(f + "/") or f.startswith(m + "/") for m in made):
+            continue           # (a name cannot be both a file and a directory)
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text(f)
+        made.append(f)
+    for _ in range(60):
+        rules = _random_rules(rng)
+        (src,) = BuildContext(str(tmp_path), ignore=rules).sources(".") or (None,)
+        if src is None:
+            continue
+        walked = {e.src for e in src.entries if not e.is_dir}
+        assert walked == {f for f in made if not rules._last_match_excludes(f)}, \
+            [p.text + ("!" if p.exclusion else "") for p in rules.patterns]
+
+
 @pytest.fixture
 def ctx(tmp_path):
     (tmp_path / "src/sub").mkdir(parents=True)
