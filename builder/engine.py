@@ -226,6 +226,8 @@ class Builder:
                     state = self.results[target.index].result()
                 finally:
                     snapshot.finish_background_work()
+                    if self.executor is not None:
+                        self.executor.close()
         finally:
             for ctx in (self.ctx, *self._named_dirs.values()):
                 ctx.save()      # what was hashed stays hashed, even if a later step failed

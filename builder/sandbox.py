@@ -1,6 +1,8 @@
 """Running a step inside a snapshot: namespaces, mounts, the image's user, and nothing of the host.
 
-Three processes per container, two per RUN, all forked (no helper binary):
+Three processes per container, two per RUN, all forked (no helper binary);
+from a build's second RUN on, by the fork server (forkserver.py) rather than
+by pybuild itself, which then only holds the sandbox's pipes and pid:
 
     pybuild ── A: own mount (+pid, uts, ipc[, net]) namespace; mounts the overlay
                   └─ B: PID 1 of the new pid namespace: /proc, /dev, /sys,
@@ -125,8 +127,12 @@ def kill_all() -> None:
 
 def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes], None] | None = None,
         cancel: threading.Event | None = None,
-        started: Callable[[int], None] | None = None) -> int:
+        started: Callable[[int], None] | None = None, server=None) -> int:
     """Run `spec` in `snap`; returns the command's exit status (128+N if killed by signal N).
+
+    With `server` (a forkserver.ForkServer that is ready), the server forks the
+    sandbox instead of this process (a build step's output and status come
+    back the same way).
 
     `scratch` is an empty dir the sandbox mounts a tmpfs on, in its own mount
     namespace, for the init dir, secrets and the files bind-mounted over /etc:
@@ -135,6 +141,12 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     start the command.
     """
     seccomp.prepare()
+    if server is not None and started is None and not spec.interactive:
+        remote = server.start(snap, spec, scratch)
+        if remote is not None:
+            pid, out_r, err_r, proc = remote
+            return _supervise(pid, err_r, out_r, on_output, forward=False, cancel=cancel,
+                              proc=proc)
     with linux.FORK_LOCK:
         out_r = out_w = None
         if not spec.interactive:
@@ -149,6 +161,18 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     if started is not None:
         started(pid)         # (a container records it: `pybuild exec` finds the sandbox by it)
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
+
+
+def fork_in_server(snap: Snapshot, spec: RunSpec, scratch: str, out_w: int, err_w: int,
+                   status_fd: int) -> int:
+    """In the fork server (forkserver.py): fork a sandbox as run() does; its first process's
+    pid. That process says its exit status on `status_fd` when it ends."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _child(err_w, lambda: _sandbox_a(snap, spec, scratch, out_w, err_w, status_fd), parent,
+               status_fd=status_fd)
+    return pid
 
 
 def init_of(sandbox_pid: int) -> int | None:
@@ -285,23 +309,44 @@ def _spawn(body: Callable[[int], None]) -> tuple[int, int]:
     return pid, err_r
 
 
+class _Forked:
+    """A sandbox's first process, forked by this process: waited for as a child."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def wait(self) -> int:
+        """Its exit status (128+N if a signal N ended it)."""
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
+            128 + os.WTERMSIG(status)
+
+    def reap(self) -> None:
+        """After it was killed: wait until it is gone."""
+        _reap(self.pid)
+
+
 def _supervise(pid: int, err_r: int, out_r: int | None, on_output, *, forward: bool,
-               cancel: threading.Event | None = None) -> int:
-    """Pump output, wait for the child, turn its report into an exception or a status."""
+               cancel: threading.Event | None = None, proc=None) -> int:
+    """Pump output, wait for the child, turn its report into an exception or a status.
+
+    `proc` waits for it (wait(), reap()); by default as this process's child."""
+    proc = proc or _Forked(pid)
     with _live_lock:
         _live.add(pid)
     if cancel is not None and cancel.is_set():
         # The build was cancelled between the caller's last check and the fork.
         os.kill(pid, signal.SIGKILL)
     try:
-        return _supervise_registered(pid, err_r, out_r, on_output, forward=forward)
+        return _supervise_registered(proc, err_r, out_r, on_output, forward=forward)
     finally:
         with _live_lock:
             _live.discard(pid)
 
 
-def _supervise_registered(pid: int, err_r: int, out_r: int | None, on_output, *,
+def _supervise_registered(proc, err_r: int, out_r: int | None, on_output, *,
                           forward: bool) -> int:
+    pid = proc.pid
     old_handlers = {}
     if forward and threading.current_thread() is threading.main_thread():
         def relay(signum, _frame):
@@ -314,7 +359,7 @@ def _supervise_registered(pid: int, err_r: int, out_r: int | None, on_output, *,
     try:
         if out_r is not None:
             _pump(out_r, on_output)
-        _, status = os.waitpid(pid, 0)
+        status = proc.wait()
     except BaseException:
         # Ctrl-C, SIGTERM turned into an exception, or a failing output callback:
         # take the whole sandbox down (B and C follow A through PDEATHSIG).
@@ -322,7 +367,7 @@ def _supervise_registered(pid: int, err_r: int, out_r: int | None, on_output, *,
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        _reap(pid)
+        proc.reap()
         raise
     finally:
         for sig, h in old_handlers.items():
@@ -334,8 +379,7 @@ def _supervise_registered(pid: int, err_r: int, out_r: int | None, on_output, *,
     if report:
         data = json.loads(report.decode("utf-8", "replace"))
         raise SetupError(data["error"], data.get("hint"))
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
-        128 + os.WTERMSIG(status)
+    return status
 
 
 def _reap(pid: int) -> None:
@@ -402,9 +446,12 @@ def _fork() -> tuple[int, int]:
     return os.fork(), parent
 
 
-def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: int | None = None
-           ) -> None:
-    """The first thing a forked child runs: never returns, reports failures on `err_w`."""
+def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: int | None = None,
+           status_fd: int = -1) -> None:
+    """The first thing a forked child runs: never returns, reports failures on `err_w`.
+
+    `status_fd`: a sandbox forked by the fork server tells its exit status there (its
+    parent, the server, is not the process that waits for it)."""
     code = 0
     try:
         for sig in _FORWARDED:
@@ -441,6 +488,16 @@ def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: i
         _report(err_w, f"internal error in the sandbox: {e!r}",
                 "".join(traceback.format_exception(e))[-2000:])
         code = 125
+    _exit(code, status_fd)
+
+
+def _exit(code: int, status_fd: int = -1) -> None:
+    """os._exit(code), saying `code` on `status_fd` first (forkserver.py) if there is one."""
+    if status_fd >= 0:
+        try:
+            os.write(status_fd, b"S%d" % code)
+        except OSError:
+            pass
     os._exit(code)
 
 
@@ -462,7 +519,8 @@ def _forward_to(pid_holder: list[int]):
         signal.signal(sig, relay)
 
 
-def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int) -> None:
+def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int,
+               status_fd: int = -1) -> None:
     if not spec.interactive:
         # Keep the terminal's Ctrl-C away from the sandbox: pybuild decides what a
         # build does on SIGINT (it kills the sandbox and cleans up).
@@ -503,6 +561,8 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int) -
     pid = os.fork()
     if pid == 0:
         os.close(life_w)
+        if status_fd >= 0:
+            os.close(status_fd)      # (A's to say, not B's)
         _child(err_w, lambda: _sandbox_b(snap, spec, targets, binds, extra, out_w, err_w,
                                          life_r), None, lifeline=life_r)
     os.close(life_r)
@@ -511,7 +571,7 @@ def _sandbox_a(snap: Snapshot, spec: RunSpec, scratch: str, out_w, err_w: int) -
         os.close(out_w)
     status = _wait_for(pid)
     snap.stop()            # every change in the upper dir before this process says it is done
-    os._exit(status)
+    _exit(status, status_fd)
 
 
 def _wait_for(pid: int) -> int:

@@ -191,3 +191,21 @@ def processes_with(marker: str) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def forked_by_fork_server(pid: int) -> bool:
+    """Is a fork server (forkserver.py) among the ancestors of `pid`?"""
+    for _ in range(5):
+        pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        if pid <= 1:
+            return False
+        if b"builder.forkserver" in open(f"/proc/{pid}/cmdline", "rb").read():
+            return True
+    return False
+
+
+def fork_servers_of(pybuild_pid: int) -> list[int]:
+    """The fork servers that pybuild process `pybuild_pid` started and that still run (their
+    command line ends `serve(<fd>, <pybuild's pid>)`)."""
+    return [p for p in processes_with(f", {pybuild_pid})")
+            if p in processes_with("from builder.forkserver import serve")]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, our_mounts, processes_with, run_pybuild, write_context
+from conftest import (BASE, fork_servers_of, forked_by_fork_server, our_mounts, processes_with,
+                      run_pybuild, write_context)
 
 
 def wait_until(cond, timeout: float = 10.0):
@@ -56,14 +57,21 @@ def wait_for_line(proc: subprocess.Popen, needle: bytes, timeout: float = 30) ->
     assert found.wait(timeout), f"never saw {needle!r}: {b''.join(seen)!r}"
 
 
-@pytest.fixture
-def long_ctx(tmp_path, base_image):
+@pytest.fixture(params=["forked-by-pybuild", "forked-by-the-fork-server"])
+def long_ctx(request, tmp_path, base_image, driver):
+    """A build whose RUN runs until it is stopped; and whether the fork server started it.
+
+    With two RUN steps before it (new ones, the second long enough for the fork server to
+    be ready), the long step's sandbox is forked by the server (forkserver.py), on the
+    overlay driver; the other drivers' always by pybuild."""
     # A unique sleep so that we can find the process (and prove it is gone).
     marker = f"{time.time_ns() % 10_000_000 / 1000:.3f}"
+    by_server = request.param == "forked-by-the-fork-server"
+    before = f"RUN echo {marker}\nRUN sleep 0.4\n" if by_server else ""
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
-RUN echo step-started && touch /in-upper && sleep {marker}
+{before}RUN echo step-started && touch /in-upper && sleep {marker}
 """})
-    return ctx, f"sleep {marker}"
+    return ctx, f"sleep {marker}", by_server and driver == "overlay"
 
 
 def test_step_dirs_keep_only_small_overlay_dirs_until_the_build_ends(tmp_path):
@@ -95,15 +103,18 @@ def test_failing_run_leaves_nothing_behind(tmp_path, base_image, store_root, sto
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_during_run_cleans_up(long_ctx, store_root, store, sig):
-    ctx, marker = long_ctx
+    ctx, marker, by_server = long_ctx
     before = tmp_entries(store_root)
     proc = start_build(ctx, store_root)
     wait_for_line(proc, b"step-started")
-    assert wait_until(lambda: processes_with(marker)), "the RUN is running"
+    running = wait_until(lambda: processes_with(marker))
+    assert running, "the RUN is running"
+    assert forked_by_fork_server(running[0]) == by_server
     assert our_mounts() == [], "the step's overlay is not in the host's mount table"
     proc.send_signal(sig)
     assert proc.wait(timeout=20) == 130
     assert wait_until(lambda: not processes_with(marker)), "the RUN's processes outlived the build"
+    assert wait_until(lambda: not fork_servers_of(proc.pid)), "the fork server outlived the build"
     assert tmp_entries(store_root) == before
     assert our_mounts() == []
     store_is_consistent(store)
@@ -111,14 +122,17 @@ def test_interrupt_during_run_cleans_up(long_ctx, store_root, store, sig):
 
 def test_kill_9_during_run_leaves_no_process_or_mount_and_next_build_works(long_ctx, store_root,
                                                                            store, tmp_path):
-    ctx, marker = long_ctx
+    ctx, marker, by_server = long_ctx
     before = tmp_entries(store_root)
     proc = start_build(ctx, store_root)
     wait_for_line(proc, b"step-started")
-    assert wait_until(lambda: processes_with(marker)), "the RUN is running"
+    running = wait_until(lambda: processes_with(marker))
+    assert running, "the RUN is running"
+    assert forked_by_fork_server(running[0]) == by_server
     proc.kill()
     proc.wait(timeout=10)
     assert wait_until(lambda: not processes_with(marker)), "the sandbox must die with pybuild"
+    assert wait_until(lambda: not fork_servers_of(proc.pid)), "the fork server outlived pybuild"
     # Every process forked by pybuild (sandbox, FUSE server) has its command line.
     assert wait_until(lambda: not processes_with(str(ctx))), "a helper outlived pybuild"
     assert our_mounts() == []
