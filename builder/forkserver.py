@@ -14,9 +14,14 @@ snapshot and RunSpec; cancellation kills the sandbox by pid as before; the
 exit status comes back on a socket pair of its own, written by the
 sandbox's first process as it exits (`sandbox._exit`), since the server,
 not the build, is its parent. A killed sandbox closes that socket without
-a word: 128 + SIGKILL, as a wait would say. The server reaps a sandbox only
-when the build says it is done with its pid, so the pid cannot be reused
-while the build may still signal it.
+a word: 128 + SIGKILL, as a wait would say. The status comes before the
+sandbox's mount namespace is torn down (the kernel waits for RCU grace
+periods there, a few ms on this VM), so the build commits the step's layer
+meanwhile. The server reaps a sandbox when the build says it is done with
+its pid (so the pid cannot be reused while the build may still signal it),
+and handles requests in order: the next sandbox is forked only after the
+last one's mounts are gone. When the build closes its socket, the server
+waits for every sandbox still ending, then exits.
 
 The server dies with the build process (PR_SET_PDEATHSIG), its sandboxes
 with it (the same signal, armed against their parent), and it ends when
@@ -205,7 +210,10 @@ def serve(fd: int, parent: int) -> None:
     while True:
         header, fds = _receive_header(sock)
         if header is None:
-            os._exit(0)           # the build closed its end (nothing to tidy: no finalizing)
+            # The build closed its end: wait for the sandboxes still ending (their mounts go
+            # with them), then go, without finalizing the interpreter (nothing to tidy).
+            _reap(-1, every=True)
+            os._exit(0)
         kind, number = header[:1], int.from_bytes(header[1:], "big")
         if kind == _DONE:
             _reap(number)
@@ -251,8 +259,12 @@ def _receive_exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+def _reap(pid: int, every: bool = False) -> None:
+    """Wait for the sandbox `pid` (for any, until none is left, with `every`)."""
+    while True:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        if not every:
+            return
