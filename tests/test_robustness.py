@@ -91,6 +91,30 @@ def test_step_dirs_keep_only_small_overlay_dirs_until_the_build_ends(tmp_path):
     assert VfsSnapshot.small_dirs == frozenset()     # its merged dir is a whole root's copy
 
 
+def test_a_build_leaves_its_steps_small_dirs_until_it_ends(tmp_path, base_image, store_root,
+                                                          driver):
+    """What the executor is told to keep is the driver's set: a dataclass field of the same
+    name once gave every snapshot an empty one, and each step removed its dirs at once."""
+    import builder
+    from builder import progress
+    marker = time.time_ns()
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN echo {marker} > /a
+RUN echo {marker} > /b
+"""})
+    left = {}
+
+    def on_event(ev):
+        if isinstance(ev, progress.StepDone) and ev.step == 2:
+            builds = [d for d in os.listdir(os.path.join(store_root, "tmp"))
+                      if d.startswith("build-") and not d.endswith(".lock")]
+            steps = [os.path.join(store_root, "tmp", b, "step-2") for b in builds]
+            left["dirs"] = [sorted(os.listdir(s)) for s in steps if os.path.isdir(s)]
+    builder.build(str(ctx), root=store_root, on_event=on_event)
+    expected = [] if driver == "vfs" else [["merged", "work"]]
+    assert left["dirs"] == expected
+
+
 def test_failing_run_leaves_nothing_behind(tmp_path, base_image, store_root, store, pybuild):
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN touch /x && false\n"})
     before = tmp_entries(store_root)

@@ -36,8 +36,10 @@ class Snapshot:
 
     driver = "base"
     # The dirs a used snapshot leaves in its step dir that are small enough to be left for the
-    # build's end (executor.py says why); a driver that copies the root keeps none.
-    small_dirs: frozenset[str] = frozenset()
+    # build's end (executor.py says why); a driver that copies the root keeps none. (Not
+    # annotated: an annotation would make it a dataclass field, whose default every
+    # instance would get, hiding a driver's own set.)
+    small_dirs = frozenset()
 
     def mount(self) -> None:
         raise NotImplementedError
