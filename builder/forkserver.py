@@ -200,11 +200,11 @@ class _Remote:
 
 def serve(fd: int, parent: int) -> None:
     """The server's main loop (run by `python -I -S -c`): fork a sandbox for each request."""
-    from builder import linux, sandbox, seccomp
+    from builder import linux, sandbox
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)               # the build died before the signal was armed
-    seccomp.prepare()             # (once, here: each sandbox inherits it)
+    sandbox.prepare()             # (once, here: each sandbox inherits it)
     sock = socket.socket(fileno=fd)
     sock.sendall(b"R")
     while True:
