@@ -27,7 +27,7 @@ The server dies with the build process (PR_SET_PDEATHSIG), its sandboxes
 with it (the same signal, armed against their parent), and it ends when
 the build closes its socket. It runs in a process group of its own, so a
 Ctrl-C at the terminal reaches pybuild, which stops the build as it always
-does. Until the server says it is ready (~60 ms after it starts), and for
+does. Until the server says it is ready (40-60 ms after it starts), and for
 anything but a build's RUN on the overlay driver (a container, the fuse
 driver's server process, vfs), the build forks as before.
 """
@@ -114,16 +114,20 @@ class ForkServer:
             os.close(err_r)
             if waiter is None:
                 return None       # the server was gone: the caller forks the sandbox itself
-            # It took the request and ended without a pid: a sandbox may have begun, so the
-            # step's root is not known to be clean, and nothing is tried again in it.
+            # It took the request and answered no pid (it failed, or ended): a sandbox may
+            # have begun, so the step's root is not known to be clean, and nothing is tried
+            # again in it. Later steps fork their sandboxes themselves.
             self._state = "broken"
             from .sandbox import SetupError
-            raise SetupError("the sandbox server ended while it was starting this step",
-                             hint="run the build again (PYBUILD_DEBUG_SANDBOX=1 shows why)")
+            raise SetupError("the fork server could not start this step's sandbox",
+                             hint="run the build again (PYBUILD_DEBUG_SANDBOX=1 shows the "
+                                  "server's own errors)")
         return waiter.pid, out_r, err_r, waiter
 
     def done(self, pid: int) -> None:
         """The build has finished with the sandbox `pid`: the server may reap it."""
+        if self._state != "ready":
+            return                # (a server that has ended has no children left to reap)
         try:
             with self._lock:
                 self._sock.sendall(_DONE + pid.to_bytes(8, "big"))
@@ -227,7 +231,10 @@ def serve(fd: int, parent: int) -> None:
             pid = sandbox.fork_in_server(snap, spec, scratch, out_w, err_w, status_fd)
             os.write(status_fd, b"P%d" % pid)
         except Exception:
-            pass                  # (the build sees its socket end without a pid)
+            if os.environ.get("PYBUILD_DEBUG_SANDBOX"):
+                import traceback
+                traceback.print_exc()
+            # (the build sees its socket end without a pid, and says so)
         finally:
             for f in fds:
                 os.close(f)

@@ -93,3 +93,25 @@ def test_a_sandbox_setup_error_comes_back_as_one_clear_message(
     assert "unable to find user ghost" in str(err.value)
     assert "Dockerfile:5" in str(err.value)
     _no_server_left()
+
+
+class _OnlyHere:
+    """A class the fork server cannot import (it runs with only pybuild on its path)."""
+
+
+def test_a_request_the_server_cannot_carry_out_is_an_error_and_later_ones_fork_here(tmp_path):
+    from builder.forkserver import ForkServer
+    from builder.sandbox import RunSpec, SetupError
+    server = ForkServer()
+    try:
+        deadline = time.time() + 10
+        while not server.ready() and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.ready()
+        with pytest.raises(SetupError, match="fork server could not start"):
+            server.start(_OnlyHere(), RunSpec(argv=["true"], env=[]), str(tmp_path))
+        assert not server.ready()
+        assert server.start(_OnlyHere(), RunSpec(argv=["true"], env=[]), str(tmp_path)) is None
+    finally:
+        server.close()
+    _no_server_left()
