@@ -45,7 +45,7 @@ class Executor:
         """The fork server for this RUN's sandbox, or None (forked by this process).
 
         Started at a build's second RUN on the overlay driver: starting it costs
-        more than it saves a build of one RUN, and it is ready some 60 ms later.
+        more than it saves a build of one RUN, and it is ready 40-60 ms later.
         """
         if snap.driver != "overlay":
             return None
