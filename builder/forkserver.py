@@ -208,7 +208,7 @@ def serve(fd: int, parent: int) -> None:
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)               # the build died before the signal was armed
-    sandbox.prepare()             # (once, here: each sandbox inherits it)
+    sandbox.prepare_to_fork()     # (once, here: each sandbox inherits it)
     sock = socket.socket(fileno=fd)
     sock.sendall(b"R")
     while True:

@@ -140,7 +140,7 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     sandboxes may share one. Raises SetupError when the sandbox could not
     start the command.
     """
-    prepare()
+    prepare_to_fork()
     if server is not None and started is None and not spec.interactive:
         remote = server.start(snap, spec, scratch)
         if remote is not None:
@@ -163,7 +163,7 @@ def run(snap: Snapshot, spec: RunSpec, scratch: str, on_output: Callable[[bytes]
     return _supervise(pid, err_r, out_r, on_output, forward=spec.interactive, cancel=cancel)
 
 
-def prepare() -> None:
+def prepare_to_fork() -> None:
     """What every sandbox would otherwise work out for itself, done once in the process that
     forks them: the seccomp filter, and whether this is a user namespace (overlay's xattrs;
     reading it in each sandbox imported the rootless module there, 1-2 ms a RUN)."""
@@ -259,7 +259,7 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
     `after_unmount(result)` runs outside the chroot, free to write into the
     upper dir directly (which is not allowed while it is mounted).
     """
-    prepare()
+    prepare_to_fork()
 
     def body(err_w: int):
         linux.private_mount_namespace()
