@@ -8,10 +8,7 @@ crash leaves at most a stray temp file (cleaned by the store).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import mmap
 import os
 import re
 
@@ -109,83 +106,22 @@ class BlobStore:
         return ["sha256:" + n for n in os.listdir(self.dir) if len(n) == 64]
 
 
-_CHUNK = 4 << 20       # a big blob is written in pieces of this size, each aligned for O_DIRECT
-
-
 class BlobWriter:
-    """Streams bytes to a temp file while hashing them.
-
-    A blob bigger than one 4 MB piece bypasses the page cache (O_DIRECT, in
-    page-aligned pieces): on this VM, writing 140 MB into new page cache
-    cost 0.34-0.37 s of CPU (memory the guest had not touched yet), and
-    0.07-0.09 s, nearly none of it CPU, written directly. A layer's blob is
-    rarely read soon after (save, push), and the build's CPU is what a
-    commit waits for. The last piece, smaller than a page or not, is written
-    the ordinary way; a file system that refuses O_DIRECT gets only ordinary
-    writes.
-    """
+    """Streams bytes to a temp file while hashing them."""
 
     def __init__(self, blobs: BlobStore):
         self.blobs = blobs
-        self.fd, self.tmp = new_temp_file(blobs.tmp_dir, "blob-")
+        fd, self.tmp = new_temp_file(blobs.tmp_dir, "blob-")
+        self.f = os.fdopen(fd, "wb")
         self.hash = hashlib.sha256()
         self.size = 0
         self.new = False
-        self._piece: mmap.mmap | None = None     # page-aligned memory for the next piece
-        self._fill = 0
-        self._direct: bool | None = None          # decided with the first full piece
 
     def write(self, data) -> int:
-        n = len(data)
         self.hash.update(data)
-        self.size += n
-        if self._piece is None:
-            self._piece = mmap.mmap(-1, _CHUNK)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), _CHUNK - self._fill)
-            self._piece[self._fill:self._fill + take] = view[:take]
-            self._fill += take
-            view = view[take:]
-            if self._fill == _CHUNK:
-                self._write_piece()
-        return n
-
-    def _write_piece(self) -> None:
-        """Write the piece gathered so far: directly when it is a whole one (and the file system
-        takes it), the ordinary way when it is the last, shorter one."""
-        whole = self._fill == _CHUNK
-        if whole and self._direct is None:
-            self._direct = _set_direct(self.fd, True)
-        elif not whole and self._direct:
-            self._direct = _set_direct(self.fd, False)
-        piece = memoryview(self._piece)[:self._fill]
-        while piece:
-            try:
-                n = os.write(self.fd, piece)
-            except OSError as e:
-                if not (self._direct and e.errno == errno.EINVAL):
-                    raise
-                # Took the flag, refused the write (an alignment it wants bigger than a page).
-                self._direct = _set_direct(self.fd, False)
-                continue
-            piece = piece[n:]
-            if piece and self._direct and n % mmap.PAGESIZE:
-                self._direct = _set_direct(self.fd, False)     # (what is left is not aligned)
-        self._fill = 0
-
-    def _close(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            if self._fill:
-                self._write_piece()
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-            if self._piece is not None:
-                self._piece.close()
-                self._piece = None
+        self.f.write(data)
+        self.size += len(data)
+        return len(data)
 
     @property
     def digest(self) -> str:
@@ -193,7 +129,7 @@ class BlobWriter:
 
     def commit(self, expected: str | None = None) -> str:
         """Verify and install the blob; `self.new` tells whether the store lacked it."""
-        self._close()
+        self.f.close()
         digest = self.digest
         if expected and expected != digest:
             self.abort()
@@ -203,12 +139,8 @@ class BlobWriter:
         return digest
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self._piece is not None:
-            self._piece.close()
-            self._piece = None
+        if not self.f.closed:
+            self.f.close()
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
@@ -217,13 +149,3 @@ class BlobWriter:
 
     def __exit__(self, *exc):
         self.abort()
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for `fd`; whether it is now on."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-    except OSError:
-        return False        # (a file system without direct I/O)
-    return on
