@@ -167,6 +167,8 @@ class _Remote:
             msg = self.sock.recv(32)
         except InterruptedError:
             return True
+        except OSError:
+            return False          # (as good as the end: nothing more will come)
         if not msg:
             return False
         if msg[:1] == b"P":
