@@ -38,10 +38,27 @@ def store_is_consistent(store) -> None:
             assert store.blobs.has(layer.digest)
 
 
+_started: list[subprocess.Popen] = []
+
+
 def start_build(ctx, root: str) -> subprocess.Popen:
     env = dict(os.environ, PYBUILD_ROOT=root)
-    return subprocess.Popen([sys.executable, "-m", "builder", "-t", "long", str(ctx)],
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "-t", "long", str(ctx)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_build_outlives_its_test():
+    """A test that fails before it stops its build must not leave it running (the long RUN
+    would sleep for hours): kill -9 takes pybuild and its sandboxes down."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def wait_for_line(proc: subprocess.Popen, needle: bytes, timeout: float = 30) -> None:
