@@ -115,3 +115,24 @@ def test_a_request_the_server_cannot_carry_out_is_an_error_and_later_ones_fork_h
     finally:
         server.close()
     _no_server_left()
+
+
+def test_parallel_stages_share_one_server(tmp_path, base_image, store_root, store, marker):
+    """Two stages built at once each run their RUN steps through the same server (its
+    requests come from two threads): every step's file is in its own stage."""
+    runs = "\n".join(f"RUN sleep 0.1 && echo {marker}-{{s}}{i} > /{{s}}{i}" for i in range(5))
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE} AS a
+{runs.format(s="a")}
+FROM {BASE} AS b
+{runs.format(s="b")}
+FROM {BASE}
+COPY --from=a /a0 /a1 /a2 /a3 /a4 /from-a/
+COPY --from=b /b0 /b1 /b2 /b3 /b4 /from-b/
+"""})
+    image = builder.build(str(ctx), root=store_root)
+    files = {}
+    for layer in image.layers[-2:]:
+        files.update(layer_files(store, layer))
+    assert {k: v for k, v in files.items() if not k.endswith("/")} == {
+        f"from-{s}/{s}{i}": f"{marker}-{s}{i}\n".encode() for s in "ab" for i in range(5)}
+    _no_server_left()
