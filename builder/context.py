@@ -24,28 +24,19 @@ import marshal
 import os
 import re
 import stat
-import threading
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
 from . import hashing, paths
 from .errors import BuildError
+from .forksafe import ForkSafeLock
 from .statcache import StatCache
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _content_digests: LRUCache = LRUCache(maxsize=262144)   # identity -> (content, xattr digest)
-_digests_lock = threading.Lock()     # (stages hash their sources in threads; LRUCache is not safe)
-
-
-def _new_lock_after_fork() -> None:
-    """A forked child (the copy workers) gets a free lock: another thread may have held this
-    one at the fork, and nothing in the child would ever release it."""
-    global _digests_lock
-    _digests_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+_digests_lock = ForkSafeLock()       # (stages hash their sources in threads; LRUCache is not safe;
+                                     # the copy workers, forked, read it too)
 
 
 def _known(st: os.stat_result) -> tuple[str, str] | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
+
+from .forksafe import ForkSafeLock
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -39,16 +40,7 @@ def digest_of(data: bytes) -> str:
 
 _chain_step: dict[tuple[str, str], str] = {}
 _stacks: LRUCache = LRUCache(maxsize=64)      # tuple(diff_ids) -> tuple(chain IDs)
-_stacks_lock = threading.Lock()                # (stages build in threads; LRUCache is not safe)
-
-
-def _new_lock_after_fork() -> None:
-    """A forked child gets a free lock (another thread may have held this one at the fork)."""
-    global _stacks_lock
-    _stacks_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+_stacks_lock = ForkSafeLock()                  # (stages build in threads; LRUCache is not safe)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
