@@ -328,9 +328,7 @@ class _Forked:
 
     def wait(self) -> int:
         """Its exit status (128+N if a signal N ended it)."""
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
-            128 + os.WTERMSIG(status)
+        return _wait_for(self.pid)
 
     def reap(self) -> None:
         """After it was killed: wait until it is gone."""
