@@ -196,11 +196,13 @@ def processes_with(marker: str) -> list[int]:
 def forked_by_fork_server(pid: int) -> bool:
     """Is a fork server (forkserver.py) among the ancestors of `pid`?"""
     for _ in range(5):
-        pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
         if pid <= 1:
             return False
-        if b"builder.forkserver" in open(f"/proc/{pid}/cmdline", "rb").read():
-            return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"builder.forkserver" in f.read():
+                return True
     return False
 
 
