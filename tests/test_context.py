@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -288,3 +289,21 @@ def test_the_file_table_a_digest_leaves_behind_is_the_one_asked_for(tmp_path):
     (ctx / "src/sub/b.txt").write_text("changed\n")      # a new walk: its own table
     again = hashed.sources("src")[0]
     assert hashed.file_table(again)["src/sub/b.txt"] != handed["src/sub/b.txt"]
+
+
+def test_the_process_digest_memo_forgets_its_oldest_files_when_full(tmp_path, monkeypatch):
+    """A long-lived process (an orchestrator building many contexts) keeps a bounded memo:
+    past the bound the oldest quarter goes, the newest stay, and a forgotten file's digest
+    comes back right (from the file, here there is no stat cache)."""
+    from builder import context
+    monkeypatch.setattr(context, "_content_digests", {})
+    monkeypatch.setattr(context, "_MEMO_MAX", 40)
+    ctx = write_context(tmp_path / "ctx", {f"f{i:02d}": f"{i}\n" for i in range(60)})
+    c = BuildContext(str(ctx))
+    entries = c.sources(".")[0].entries[1:]
+    digests = {e.src: c.file_digest(e.src, e.st)[0] for e in entries}
+    assert len(context._content_digests) <= 40
+    assert context.known_digest(entries[-1].st) == digests["f59"]       # the newest stayed
+    assert context.known_digest(entries[0].st) is None                  # the oldest went
+    assert c.file_digest("f00", entries[0].st)[0] == digests["f00"] == \
+        hashlib.sha256(b"0\n").hexdigest()
