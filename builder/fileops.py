@@ -207,6 +207,12 @@ def mkdir_workdir(path: str, user: str) -> None:
     _Copier(-1, uid, gid, None).mkdir_parents(path)
 
 
+def _parent(path: str) -> str:
+    """The directory an absolute, normalised image path is in: os.path.dirname without its
+    generality, which cost a third of the chrooted pass over 30,000 files."""
+    return path.rpartition("/")[0] or "/"
+
+
 def _is_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.stat(path).st_mode)
@@ -260,7 +266,7 @@ class _Copier:
 
     def _is_free(self, target: str) -> bool:
         """True if `target` is known not to exist (it is then taken); False if unknown."""
-        if target in self.used or os.path.dirname(target) not in self.fresh:
+        if target in self.used or _parent(target) not in self.fresh:
             return False
         self.used.add(target)
         return True
@@ -342,7 +348,7 @@ class _Copier:
         return True
 
     def _defer(self, e, target: str, perm: int) -> None:
-        parent = os.path.dirname(target) or "/"
+        parent = _parent(target)
         if parent not in self.in_upper:
             # An existing directory the overlay has not copied up yet: adding a file
             # would copy it up and set its mtime, which this does.
@@ -448,7 +454,7 @@ def _in_parallel(items: list, work, done=None) -> None:
     # contend for its lock and were measured slower than one.
     by_dir: dict[str, list] = {}
     for item in items:
-        by_dir.setdefault(posixpath.dirname(item[0]), []).append(item)
+        by_dir.setdefault(_parent(item[0]), []).append(item)
     shares: list[list] = [[] for _ in range(workers)]
     for group in sorted(by_dir.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
