@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 TABLE = "copied-2"      # in the layer's directory, beside diff/ and layer.json
+_FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())   # os.fsencode's
 
 
 def read_table(path: str) -> dict[str, tuple[str, bytes]]:
@@ -53,8 +55,9 @@ def stamp(st: os.stat_result) -> bytes:
     return b"%d:%d" % (st.st_ino, st.st_ctime_ns)
 
 
-def encode_record(digest: str, target: str, st: os.stat_result) -> bytes:
-    return digest.encode("ascii") + b"\0" + os.fsencode(target) + b"\0" + stamp(st) + b"\0"
+def encode_record(digest: str, target: str, source_stamp: bytes) -> bytes:
+    """One row of the table; `source_stamp` is stamp() of the source as it was copied."""
+    return b"%s\0%s\0%s\0" % (digest.encode("ascii"), target.encode(*_FS_ENCODING), source_stamp)
 
 
 class Donor:
@@ -72,9 +75,13 @@ class Donor:
         self.table = read_table(table_path)
         self._dir: tuple[str, int, int] | None = None    # (target dir, donor fd, upper fd)
 
-    def link(self, digest: str, st: os.stat_result, perm: int, owner: tuple[int, int],
-             source_path: str, target: str, upper: str) -> bool:
-        """Hard-link the donor's copy of `target` into `upper` if it is what a copy would give."""
+    def link(self, digest: str, st: os.stat_result, source_stamp: bytes, perm: int,
+             owner: tuple[int, int], source: tuple[int, str], target: str, upper: str) -> bool:
+        """Hard-link the donor's copy of `target` into `upper` if it is what a copy would give.
+
+        `source` is (directory fd, path under it) of the file the copy would read, asked
+        for xattrs only when `source_stamp` is not the one recorded.
+        """
         row = self.table.get(target)
         if row is None or row[0] != digest:
             return False
@@ -89,7 +96,8 @@ class Donor:
                 or (have.st_uid, have.st_gid) != owner):
             return False
         try:
-            if row[1] != stamp(st) and os.listxattr(source_path, follow_symlinks=False):
+            if row[1] != source_stamp and os.listxattr(f"/proc/self/fd/{source[0]}/{source[1]}",
+                                                       follow_symlinks=False):
                 return False
             os.link(name, name, src_dir_fd=donor_dir, dst_dir_fd=upper_dir,
                     follow_symlinks=False)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from . import filemode, paths, users
 from .layer import extract
 from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
-from .donor import Donor, encode_record
+from .donor import Donor, encode_record, stamp
 from .hashing import NOT_COPIED_XATTRS
 from .sandbox import SetupError
 from .snapshot.overlay import mount_overlay
@@ -159,12 +159,14 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
 
     def place(copier, e, target, path, perm, owner):
         digest = known_digest(e.st)
-        if digest is not None and donor is not None and donor.link(
-                digest, e.st, perm, owner, f"/proc/self/fd/{copier.ctx}/{e.src}", target, upper):
-            records.append(encode_record(digest, target, e.st))
+        if digest is None:
+            copier._copy_file(e, path, perm, owner)
             return
-        if copier._copy_file(e, path, perm, owner) and digest is not None:
-            records.append(encode_record(digest, target, e.st))
+        source_stamp = stamp(e.st)
+        if (donor is not None and donor.link(digest, e.st, source_stamp, perm, owner,
+                                             (copier.ctx, e.src), target, upper)) \
+                or copier._copy_file(e, path, perm, owner):
+            records.append(encode_record(digest, target, source_stamp))
 
     def copy_one(item):
         target, gi, src, perm, owner = item
