@@ -43,6 +43,22 @@ def read_table(path: str) -> dict[str, tuple[str, bytes]]:
             data = f.read()
     except OSError:
         return {}
+    return _parse(data)
+
+
+def read_parts(parts_dir: str) -> dict[str, bytes]:
+    """target -> hex digest (bytes) of every file a COPY's workers recorded (the parts of its
+    table, before store.layers.keep_copied joins them), for the commit (layer/segments.py)."""
+    out: dict[str, bytes] = {}
+    for name in os.listdir(parts_dir):
+        with open(os.path.join(parts_dir, name), "rb") as f:
+            fields = f.read().split(b"\0")
+        rows = len(fields) // 3                  # (a torn last row is left out)
+        out.update(zip([t.decode(*_FS_ENCODING) for t in fields[1:3 * rows:3]], fields[0:3 * rows:3]))
+    return out
+
+
+def _parse(data: bytes) -> dict[str, tuple[str, bytes]]:
     fields = data.split(b"\0")
     out = {}
     for i in range(0, len(fields) - 2, 3):

@@ -18,9 +18,10 @@ import shutil
 import threading
 
 from . import fileops, sandbox, steps
-from .errors import BuildError, StepFailed
-from .image import LayerDesc, chain_ids
-from .layer import commit
+from .donor import read_parts
+from .errors import BuildError, StepFailed, StoreError
+from .image import MEDIA_LAYER_GZIP, LayerDesc, chain_ids
+from .layer import commit, segments
 from .progress import StepOutput
 from . import snapshot
 from .trees import remove_tree
@@ -99,9 +100,17 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            layer = commit.commit_upper(self.store, snap.upper, parent, created_by=plan.created_by,
-                                        compression=self.b.opts.compression,
-                                        clamp_mtime=self.b.opts.source_date_epoch)
+            digests = read_parts(record) if record else None
+            members = self._members_of(donor) if digests and donor else None
+            try:
+                layer = commit.commit_upper(
+                    self.store, snap.upper, parent, created_by=plan.created_by,
+                    compression=self.b.opts.compression,
+                    clamp_mtime=self.b.opts.source_date_epoch,
+                    segmented=plan.kind == "copy", digests=digests, donor=members)
+            finally:
+                if members is not None:
+                    members.close()
             if layer is not None and record:
                 self.store.layers.keep_copied(commit.chain_of(parent, layer.diff_id), record)
             kept = snap.small_dirs
@@ -110,6 +119,17 @@ class Executor:
             for fd in locks:
                 os.close(fd)
             _clear_step_dir(stepdir, kept)
+
+    def _members_of(self, chain: str) -> segments.Donor | None:
+        """The gzip members of the donor layer's blob that a new COPY layer may copy."""
+        try:
+            meta = self.store.layers.meta(chain)
+        except StoreError:
+            return None                  # removed meanwhile
+        if meta.get("media_type") != MEDIA_LAYER_GZIP:
+            return None
+        return segments.Donor.open(self.store.layers.path(chain),
+                                   self.store.blobs.path(meta["digest"]), meta["digest"])
 
     # ---- COPY / ADD sources -------------------------------------------------------
 

@@ -7,14 +7,21 @@ mode, owner and mtime are unchanged may share an inode.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import random
 import shutil
+import subprocess
 import tarfile
+
+import pytest
 
 import builder
 from builder import donor
 from builder.image import chain_ids
+from builder.layer import segments
 from builder.store import Store
 
 from conftest import BASE, layer_files, layer_tar, run_pybuild, write_context
@@ -161,3 +168,100 @@ def test_a_source_that_gained_an_xattr_is_copied_and_a_new_inode_alone_is_still_
     shutil.copytree(ctx, plain)          # (times, modes and xattrs kept)
     alone = build(plain, store_root, no_cache=True)
     assert entries(store, alone.layers[-1]) == entries(store, second.layers[-1])
+
+
+# ---- the gzip members of a COPY layer's blob (builder/layer/segments.py) -----------------
+
+EPOCH = dict(source_date_epoch=1_700_000_000)     # (so that /app's own time is the same too)
+
+
+@pytest.fixture
+def copies(monkeypatch) -> list[bool]:
+    """Whether each member a commit looked up in its donor was copied from the donor's blob."""
+    looked_up: list[bool] = []
+    real = segments.Donor.member
+
+    def member(self, *args):
+        found = real(self, *args)
+        looked_up.append(found is not None)
+        return found
+    monkeypatch.setattr(segments.Donor, "member", member)
+    return looked_up
+
+
+def big_context(tmp_path):
+    """~8 MB of incompressible files: a COPY layer of several gzip members."""
+    rnd = random.Random(7)
+    files = {f"src/d{i % 4}/b{i:03d}.bin": rnd.randbytes(15_000 + 37 * i) for i in range(400)}
+    return write_context(tmp_path / "big", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n",
+                                            **files})
+
+
+def index_of(store: Store, image) -> dict:
+    chain, _ = copy_layer(store, image)
+    with open(os.path.join(store.layers.path(chain), segments.INDEX), "rb") as f:
+        return json.loads(f.read())
+
+
+def test_a_rebuilt_copy_copies_the_members_it_shares_and_its_blob_is_a_cold_commits(
+        tmp_path, base_image, store_root, copies):
+    store = Store(store_root)
+    ctx = big_context(tmp_path)
+    first = build(ctx, store_root, **EPOCH)
+    members = index_of(store, first)["members"]
+    assert len(members) >= 4 and all(signature for signature, _, _ in members)
+    assert sum(blob for _, _, blob in members) == first.layers[-1].size
+    assert copies == []                                   # nothing to copy from yet
+
+    (ctx / "src/d2/b202.bin").write_bytes(b"changed")
+    second = build(ctx, store_root, **EPOCH)
+    assert copies.count(True) >= len(members) - 2        # all but the members around the change
+    layer = second.layers[-1]
+    # A series of gzip members is one gzip file to every reader: here an independent one.
+    tar = subprocess.run(["gzip", "-dc", store.blobs.path(layer.digest)], capture_output=True,
+                         check=True).stdout
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == layer.diff_id
+    assert layer_files(store, layer)["app/d2/b202.bin"] == b"changed"
+
+    # The same files where there is no earlier layer: compressed from scratch, the same blob.
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)          # (times and modes kept)
+    copies.clear()
+    alone = build(plain, store_root, no_cache=True, **EPOCH)
+    assert copies == []
+    assert alone.layers[-1].diff_id == layer.diff_id
+    assert alone.layers[-1].digest == layer.digest
+
+
+def test_an_index_that_does_not_describe_its_blob_costs_a_compression_not_a_wrong_blob(
+        tmp_path, base_image, store_root, copies):
+    store = Store(store_root)
+    ctx = big_context(tmp_path)
+    first = build(ctx, store_root, **EPOCH)
+    chain, _ = copy_layer(store, first)
+    path = os.path.join(store.layers.path(chain), segments.INDEX)
+    index = index_of(store, first)
+    members = index["members"]
+    # The first member's signature and tar size, put on the second member's bytes.
+    (s1, t1, b1), (_, _, b2) = members[0], members[1]
+    members[0], members[1] = [None, t1, b1], [s1, t1, b2]
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+    again = build(ctx, store_root, no_cache=True, **EPOCH)
+    # Neither of the two is copied: the forged one's gzip trailer (CRC-32, length) is not that
+    # of the bytes it would replace, and the second member's signature is gone.
+    assert copies.count(False) == 2 and copies.count(True) == len(members) - 2
+    assert again.layers[-1].digest == first.layers[-1].digest
+
+
+def test_a_member_too_big_to_hold_back_is_compressed_and_the_blob_is_the_same(
+        tmp_path, base_image, store_root, copies, monkeypatch):
+    """A member is held back only up to segments.HOLD_MAX (a 100 MB file is not kept in
+    memory on the chance that it is shared); past it, it is compressed as it comes."""
+    ctx = big_context(tmp_path)
+    first = build(ctx, store_root, **EPOCH)
+    monkeypatch.setattr(segments, "HOLD_MAX", 64 << 10)
+    again = build(ctx, store_root, no_cache=True, **EPOCH)
+    assert copies == []
+    assert again.layers[-1].digest == first.layers[-1].digest

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import LayerError
 from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
-from . import compress, diff, extract
+from . import compress, diff, extract, segments
 
 
 def chain_of(parent_chain: str | None, diff_id: str) -> str:
@@ -25,11 +25,23 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 
 
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
-                 compression: str = "gzip", clamp_mtime: int | None = None) -> LayerDesc | None:
-    """Archive `upper` into a blob and move it into the layer store; None if it holds no change."""
+                 compression: str = "gzip", clamp_mtime: int | None = None,
+                 segmented: bool = False, digests: dict[str, bytes] | None = None,
+                 donor: segments.Donor | None = None) -> LayerDesc | None:
+    """Archive `upper` into a blob and move it into the layer store; None if it holds no change.
+
+    `segmented` (COPY layers, gzip only): the blob is a series of gzip members
+    (segments.py); with `digests` (image path -> hex content digest of the files
+    the COPY wrote, as bytes) the layer keeps an index of them, and members `donor`, the
+    last layer of the same COPY, already has are copied from its blob.
+    """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
-    with store.blobs.writer() as blob, compress.LayerSink(blob, algorithm=compression) as sink:
-        stats = diff.write_tar(upper, sink, clamp_mtime=clamp_mtime)
+    segmented = segmented and compression == "gzip"
+    with store.blobs.writer() as blob, (
+            segments.SegmentedSink(blob, donor) if segmented
+            else compress.LayerSink(blob, algorithm=compression)) as sink:
+        stats = diff.write_tar(upper, sink, clamp_mtime=clamp_mtime,
+                               segmenter=segments.Segmenter(sink, digests) if segmented else None)
         if stats.empty:
             return None
         sink.close()
@@ -39,6 +51,8 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     store.layers.install(chain, upper, _meta(sink.diff_id, digest, size, media_type,
                                              stats.content_bytes, parent_chain, created_by),
                          store.tmp)
+    if segmented and digests is not None:
+        store.layers.keep_file(chain, segments.INDEX, segments.encode_index(digest, sink.members))
     return LayerDesc(sink.diff_id, digest, size, media_type)
 
 

@@ -36,18 +36,22 @@ class DiffStats:
 
 
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
-              exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None) -> DiffStats:
+              exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
+              segmenter=None) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
     `exclude` names relative paths that are left out (with their contents).
     `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
-    later ones get it, as BuildKit's rewrite-timestamp does.
+    later ones get it, as BuildKit's rewrite-timestamp does. `segmenter`
+    (segments.py) is told of every entry written, and of the end.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
-                 _MAX_TIME if clamp_mtime is None else clamp_mtime)
+                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter)
     walk.run(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))   # (root: as named)
     if walk.stats.entries:
         sink.write(tarformat.END_OF_ARCHIVE)
+        if segmenter is not None:
+            segmenter.end()
     return walk.stats
 
 
@@ -91,8 +95,10 @@ def _listing(dfd: int) -> list[tuple[str, bool, bool]]:
 class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
-    def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int):
+    def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
+                 segmenter=None):
         self.root = root
+        self.seg = segmenter
         self.sink = sink
         self.strip = strip
         self.exclude = exclude
@@ -154,9 +160,12 @@ class _Walk:
             if key in self.links:
                 return False             # a hard link to an earlier entry
             self.links[key] = name
-        _write_file(fd, name, st.st_size, self.sink, tarformat.header(
+        header = tarformat.header(
             name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777, uid=st.st_uid,
-            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp)))
+            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp))
+        _write_file(fd, name, st.st_size, self.sink, header)
+        if self.seg is not None:
+            self.seg.entry(name, header, st.st_size)
         self.stats.entries += 1
         self.stats.content_bytes += st.st_size
         return True
@@ -168,46 +177,54 @@ class _Walk:
         mode = st.st_mode
         mtime = min(int(st.st_mtime), self.clamp)
         names, xattrs = _xattrs(target, self.strip)
+        size = 0
         if whiteout.is_whiteout(st, names):
             parent, _, base = name.rpartition("/")
-            wh = f"{parent}/{whiteout.PREFIX}{base}" if parent else whiteout.PREFIX + base
-            sink.write(tarformat.header(wh, typeflag=tarformat.REGULAR, mode=0o600, uid=st.st_uid,
-                                        gid=st.st_gid, mtime=mtime))
-            stats.entries += 1
-            return
-        common = dict(mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-                      mtime=mtime, xattrs=xattrs)
-        stats.entries += 1
-        if stat.S_ISDIR(mode):
-            sink.write(tarformat.header(name + "/", typeflag=tarformat.DIRECTORY, **common))
-            if whiteout.is_opaque(target, names):
-                # Docker's form: the marker inherits the dir's mode and owner, no time.
-                sink.write(tarformat.header(f"{name}/{whiteout.OPAQUE}", typeflag=tarformat.REGULAR,
-                                            mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
-                                            gid=st.st_gid))
-        elif stat.S_ISREG(mode):
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                first = self.links.get(key)
-                if first is not None:
-                    sink.write(tarformat.header(name, typeflag=tarformat.HARDLINK, linkname=first,
-                                                **common))
-                    return
-                self.links[key] = name
-            _write_file(target, name, st.st_size, sink, tarformat.header(
-                name, typeflag=tarformat.REGULAR, size=st.st_size, **common))
-            stats.content_bytes += st.st_size
-        elif stat.S_ISLNK(mode):
-            sink.write(tarformat.header(name, typeflag=tarformat.SYMLINK,
-                                        linkname=os.readlink(target), **common))
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            sink.write(tarformat.header(
-                name, typeflag=tarformat.CHARDEV if stat.S_ISCHR(mode) else tarformat.BLOCKDEV,
-                devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), **common))
-        elif stat.S_ISFIFO(mode):
-            sink.write(tarformat.header(name, typeflag=tarformat.FIFO, **common))
+            name = f"{parent}/{whiteout.PREFIX}{base}" if parent else whiteout.PREFIX + base
+            header = tarformat.header(name, typeflag=tarformat.REGULAR, mode=0o600,
+                                      uid=st.st_uid, gid=st.st_gid, mtime=mtime)
+            sink.write(header)
         else:
-            stats.entries -= 1   # sockets are not part of an image, as in Docker
+            common = dict(mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
+                          mtime=mtime, xattrs=xattrs)
+            if stat.S_ISDIR(mode):
+                header = tarformat.header(name + "/", typeflag=tarformat.DIRECTORY, **common)
+                if whiteout.is_opaque(target, names):
+                    # Docker's form: the marker inherits the dir's mode and owner, no time.
+                    header += tarformat.header(f"{name}/{whiteout.OPAQUE}",
+                                               typeflag=tarformat.REGULAR,
+                                               mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
+                                               gid=st.st_gid)
+            elif stat.S_ISREG(mode):
+                first = self.links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+                if first is not None:
+                    header = tarformat.header(name, typeflag=tarformat.HARDLINK, linkname=first,
+                                              **common)
+                else:
+                    if st.st_nlink > 1:
+                        self.links[(st.st_dev, st.st_ino)] = name
+                    size = st.st_size
+                    header = tarformat.header(name, typeflag=tarformat.REGULAR, size=size,
+                                              **common)
+            elif stat.S_ISLNK(mode):
+                header = tarformat.header(name, typeflag=tarformat.SYMLINK,
+                                          linkname=os.readlink(target), **common)
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                header = tarformat.header(
+                    name, typeflag=tarformat.CHARDEV if stat.S_ISCHR(mode) else tarformat.BLOCKDEV,
+                    devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), **common)
+            elif stat.S_ISFIFO(mode):
+                header = tarformat.header(name, typeflag=tarformat.FIFO, **common)
+            else:
+                return           # sockets are not part of an image, as in Docker
+            if size:
+                _write_file(target, name, size, sink, header)
+                stats.content_bytes += size
+            else:
+                sink.write(header)
+        stats.entries += 1
+        if self.seg is not None:
+            self.seg.entry(name, header, size)
 
 
 def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:

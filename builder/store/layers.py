@@ -8,7 +8,8 @@ store root, so that dozens of layers fit in the kernel's one-page limit.
 
 Layers are installed by renaming a complete staging directory into place,
 so a crash never leaves a half-installed layer under `layers/`. A COPY
-layer also keeps `copied-2`, the table of the files it wrote (donor.py).
+layer also keeps `copied-2`, the table of the files it wrote (donor.py), and
+`segments`, the index of its blob's gzip members (layer/segments.py).
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ class LayerStore:
         if data and not os.path.exists(table):
             with contextlib.suppress(FileNotFoundError):      # removed meanwhile
                 write_atomic(table, data)
+
+    def keep_file(self, chain_id: str, name: str, data: bytes) -> None:
+        """Keep `data` as the file `name` beside the layer's diff (the index of its blob,
+        layer/segments.py), unless the layer has one: the same layer gives the same file."""
+        path = os.path.join(self.path(chain_id), name)
+        if not os.path.exists(path):
+            with contextlib.suppress(FileNotFoundError):      # removed meanwhile
+                write_atomic(path, data)
 
     def remove(self, chain_id: str) -> None:
         path = self.path(chain_id)
