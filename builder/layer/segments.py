@@ -158,9 +158,11 @@ HOLD_MAX = 8 << 20          # tar bytes of one member held back while it may sti
 class SegmentedSink(compress.LayerSink):
     """A gzip LayerSink whose stream is cut into members where a Segmenter says.
 
+    The compressing thread hashes the tar (diff_id): when members are copied
+    it has little else to do, and the walking thread is the slowest.
     With a `donor`, the caller's thread holds back the pieces of the current
     member (up to HOLD_MAX) until its cut; a member the donor has is then
-    copied from the donor's blob, and the held pieces are dropped. Either
+    copied from the donor's blob, and the held pieces are only hashed. Either
     way the compressing thread is fed the same pieces of a member, from its
     first byte, so what it makes does not depend on how the layer was made.
     `members` lists (signature, tar bytes, blob bytes) per member, for the index.
@@ -190,7 +192,6 @@ class SegmentedSink(compress.LayerSink):
         data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
         self._pieces = []
         self._pending = 0
-        self.diff_hash.update(data)
         self.tar_size += len(data)
         self._member_tar += len(data)
         if self._held is None:
@@ -216,6 +217,8 @@ class SegmentedSink(compress.LayerSink):
         if self._held is not None and signature is not None and self._member_tar:
             found = self.donor.member(signature, self._member_tar, self._crc)
         if found is not None:
+            for piece in self._held:
+                self._compress.put(("hash", piece))
             self._compress.put(("copy", signature, self._member_tar, found))
             self.reused += 1
         else:
@@ -246,6 +249,9 @@ class SegmentedSink(compress.LayerSink):
 
     def _compress_one(self, item) -> None:
         if isinstance(item, tuple):
+            if item[0] == "hash":              # a piece of a member copied from the donor
+                self.diff_hash.update(item[1])
+                return
             if item[0] == "cut":
                 out = self._compressor.flush()
                 self._compressor = compress._compressor("gzip")
@@ -253,6 +259,7 @@ class SegmentedSink(compress.LayerSink):
                     self._write.put(out)
             self._write.put(item)
             return
+        self.diff_hash.update(item)
         out = self._compressor.compress(item)
         if out:
             self._write.put(out)
