@@ -87,10 +87,13 @@ class Executor:
                                         donor=self.store.layers.copied(donor) if shares and donor
                                         else None,
                                         record=record)
+                    prepared = []
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
                                         before_chroot=lambda: fileops.prepare(op),
+                                        meanwhile=lambda: prepared.append(
+                                            fileops.prepare_finish(op)),
                                         after_unmount=lambda work: fileops.finish_in_upper(
-                                            op, work, snap.direct_dir),
+                                            op, work, snap.direct_dir, *prepared),
                                         cancel=self.b.cancelled)
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")

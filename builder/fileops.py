@@ -139,7 +139,20 @@ def copy_into_root(op: CopyOp) -> dict:
     return {"files": list(deferred.values()), "dirs": dir_times}
 
 
-def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
+def prepare_finish(op: CopyOp) -> tuple[dict, Donor | None]:
+    """What finish_in_upper needs of the op alone: every source entry by (group, path), and
+    the donor's table. Made while the chrooted pass runs (sandbox.run_in_root's
+    `meanwhile`), on the core that would wait for it: 0.05 s for 30,000 files."""
+    entries = {}
+    for gi, g in enumerate(op.groups):
+        for s in g.sources:
+            for e in s.entries:
+                entries[(gi, e.src)] = e
+    return entries, Donor(*op.donor) if op.donor else None
+
+
+def finish_in_upper(op: CopyOp, work: dict, upper: str,
+                    prepared: tuple[dict, Donor | None] | None = None) -> None:
     """With the overlay unmounted: write the deferred files into the upper dir, then dir times.
 
     Every parent of a deferred file is a real directory of the upper dir (the
@@ -147,14 +160,10 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str) -> None:
     file the previous build of this COPY already wrote, unchanged, is
     hard-linked from its layer instead (donor.py); every file whose digest
     is known is recorded in `op.record` for the next build to do the same.
+    `prepared` is what prepare_finish(op) gave, if it ran already.
     """
-    entries = {}
-    for gi, g in enumerate(op.groups):
-        for s in g.sources:
-            for e in s.entries:
-                entries[(gi, e.src)] = e
+    entries, donor = prepared if prepared is not None else prepare_finish(op)
     copiers = {}
-    donor = Donor(*op.donor) if op.donor else None
     records: list[bytes] = []
 
     def place(copier, e, target, path, perm, owner):

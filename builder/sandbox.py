@@ -248,6 +248,7 @@ def exec_in(init_pid: int, spec: RunSpec) -> int:
 def run_in_root(snap: Snapshot, func: Callable[[], object],
                 before_chroot: Callable[[], None] | None = None,
                 after_unmount: Callable[[object], None] | None = None,
+                meanwhile: Callable[[], None] | None = None,
                 cancel: threading.Event | None = None) -> None:
     """Mount `snap`, chroot into it in a child process and call `func` there.
 
@@ -257,7 +258,9 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
     visible in the chroot). With `after_unmount`, `func` runs in a grandchild,
     its (marshal-able) result comes back, the overlay is unmounted, and
     `after_unmount(result)` runs outside the chroot, free to write into the
-    upper dir directly (which is not allowed while it is mounted).
+    upper dir directly (which is not allowed while it is mounted); and
+    `meanwhile()`, work that needs neither the chroot nor its result, runs
+    in the child while the grandchild works.
     """
     prepare_to_fork()
 
@@ -283,6 +286,8 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
                     f.write(data)
             _child(err_w, chrooted, parent)
         os.close(result_w)
+        if meanwhile is not None:
+            meanwhile()
         with open(result_r, "rb") as f:
             data = f.read()
         status = _wait_for(pid)
