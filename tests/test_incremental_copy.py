@@ -214,14 +214,19 @@ def test_a_rebuilt_copy_copies_the_members_it_shares_and_its_blob_is_a_cold_comm
     assert copies == []                                   # nothing to copy from yet
 
     (ctx / "src/d2/b202.bin").write_bytes(b"changed")
-    second = build(ctx, store_root, **EPOCH)
+    second = build(ctx, store_root, tags=["segmented:2"], **EPOCH)
     assert copies.count(True) >= len(members) - 2        # all but the members around the change
     layer = second.layers[-1]
-    # A series of gzip members is one gzip file to every reader: here an independent one.
+    # A series of gzip members is one gzip file to every reader: here independent ones.
     tar = subprocess.run(["gzip", "-dc", store.blobs.path(layer.digest)], capture_output=True,
                          check=True).stdout
     assert "sha256:" + hashlib.sha256(tar).hexdigest() == layer.diff_id
     assert layer_files(store, layer)["app/d2/b202.bin"] == b"changed"
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{store_root}:segmented:2", str(bundle)],
+                   capture_output=True, check=True)
+    assert (bundle / "rootfs/app/d2/b202.bin").read_bytes() == b"changed"
+    assert (bundle / "rootfs/app/d3/b399.bin").read_bytes() == (ctx / "src/d3/b399.bin").read_bytes()
 
     # The same files where there is no earlier layer: compressed from scratch, the same blob.
     plain = tmp_path / "plain"
