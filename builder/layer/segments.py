@@ -165,7 +165,8 @@ class SegmentedSink(compress.LayerSink):
     copied from the donor's blob, and the held pieces are only hashed. Either
     way the compressing thread is fed the same pieces of a member, from its
     first byte, so what it makes does not depend on how the layer was made.
-    `members` lists (signature, tar bytes, blob bytes) per member, for the index.
+    `members` lists (signature, tar bytes, blob bytes) per member, for the index;
+    `reused` counts the members copied.
     """
 
     def __init__(self, blob_writer, donor: Donor | None = None):
