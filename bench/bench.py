@@ -269,17 +269,7 @@ def main() -> None:
                          DockerClassic(), Buildah(os.path.join(args.work, "buildah")))
              if t.name in wanted and t.available()]
 
-    base_tar = os.path.join(args.work, "base.tar")
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from conftest import busybox_context
-    from pathlib import Path
-    bb = os.path.join(args.work, "busybox")
-    shutil.rmtree(bb, ignore_errors=True)
-    busybox_context(Path(bb))
-    store = os.path.join(args.work, "base-store")
-    cmd = [sys.executable, "-m", "builder", "--root", store]
-    timed(cmd + ["build", "-q", "-t", BASE, bb], cwd=REPO)
-    timed(cmd + ["save", BASE, "-o", base_tar], cwd=REPO)
+    base_tar = make_base_tar(args.work)
     for t in tools:
         t.prepare(base_tar)
 
@@ -291,6 +281,22 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def make_base_tar(work: str) -> str:
+    """Build the busybox base image the workloads start FROM and save it: the tar's path."""
+    base_tar = os.path.join(work, "base.tar")
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from conftest import busybox_context
+    from pathlib import Path
+    bb = os.path.join(work, "busybox")
+    shutil.rmtree(bb, ignore_errors=True)
+    busybox_context(Path(bb))
+    store = os.path.join(work, "base-store")
+    cmd = [sys.executable, "-m", "builder", "--root", store]
+    timed(cmd + ["build", "-q", "-t", BASE, bb], cwd=REPO)
+    timed(cmd + ["save", BASE, "-o", base_tar], cwd=REPO)
+    return base_tar
 
 
 def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
