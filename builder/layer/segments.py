@@ -47,7 +47,8 @@ from . import compress, tarformat
 INDEX = "segments"          # in the layer's directory, beside diff/ and layer.json
 SEGMENT_MIN = 1 << 20       # tar bytes: gzip restarts its dictionary at each member
 _CUT_MASK = 7               # then a cut after one entry in eight, on average
-COMPRESSOR = f"isal {isal.__version__} gzip level {compress.GZIP_LEVEL}"
+# What a member's bytes depend on besides its tar bytes: a member made otherwise is not copied.
+COMPRESSOR = f"isal {isal.__version__} gzip level {compress.GZIP_LEVEL} pieces {compress._FLUSH_AT}"
 
 
 class Segmenter:
