@@ -69,14 +69,19 @@ class LayerSink:
         if self._pending >= _FLUSH_AT:
             self._flush()
 
-    def _flush(self, last: bool = False) -> None:
-        if not self._pieces:
-            return
+    def _take(self) -> bytes:
+        """The pieces written since the last flush, as one bytes object (b"" if none)."""
         data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
         self._pieces = []
         self._pending = 0
-        self.diff_hash.update(data)
         self.tar_size += len(data)
+        return data
+
+    def _flush(self, last: bool = False) -> None:
+        if not self._pieces:
+            return
+        data = self._take()
+        self.diff_hash.update(data)
         if self._compressor is None:
             self.out.write(data)
         elif last and self._compress is None:

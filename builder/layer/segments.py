@@ -191,10 +191,7 @@ class SegmentedSink(compress.LayerSink):
     def _flush(self, last: bool = False) -> None:
         if not self._pieces:
             return
-        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-        self._pieces = []
-        self._pending = 0
-        self.tar_size += len(data)
+        data = self._take()
         self._member_tar += len(data)
         if self._held is None:
             self._compress.put(data)
