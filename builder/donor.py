@@ -43,27 +43,32 @@ def read_table(path: str) -> dict[str, tuple[str, bytes]]:
             data = f.read()
     except OSError:
         return {}
-    return _parse(data)
+    digests, targets, stamps = _columns(data)
+    return dict(zip(targets, zip([d.decode("ascii", "replace") for d in digests], stamps)))
 
 
-def read_parts(parts_dir: str) -> dict[str, bytes]:
-    """target -> hex digest (bytes) of every file a COPY's workers recorded (the parts of its
-    table, before store.layers.keep_copied joins them), for the commit (layer/segments.py)."""
-    out: dict[str, bytes] = {}
-    for name in os.listdir(parts_dir):
+def join_parts(parts_dir: str) -> bytes:
+    """The table a COPY's workers wrote in parts (one each), joined in their order."""
+    parts = []
+    for name in sorted(os.listdir(parts_dir)):
         with open(os.path.join(parts_dir, name), "rb") as f:
-            fields = f.read().split(b"\0")
-        rows = len(fields) // 3                  # (a torn last row is left out)
-        out.update(zip([t.decode(*_FS_ENCODING) for t in fields[1:3 * rows:3]], fields[0:3 * rows:3]))
-    return out
+            parts.append(f.read())
+    return b"".join(parts)
 
 
-def _parse(data: bytes) -> dict[str, tuple[str, bytes]]:
+def digests_in(table: bytes) -> dict[str, bytes]:
+    """target -> hex digest (as bytes) of every row of a table, for the commit
+    (layer/segments.py)."""
+    digests, targets, _ = _columns(table)
+    return dict(zip(targets, digests))
+
+
+def _columns(data: bytes) -> tuple[list[bytes], list[str], list[bytes]]:
+    """(digests, targets, stamps) of a table's rows; a torn last row is left out."""
     fields = data.split(b"\0")
-    out = {}
-    for i in range(0, len(fields) - 2, 3):
-        out[os.fsdecode(fields[i + 1])] = (fields[i].decode("ascii", "replace"), fields[i + 2])
-    return out
+    end = len(fields) // 3 * 3
+    return (fields[0:end:3], [t.decode(*_FS_ENCODING) for t in fields[1:end:3]],
+            fields[2:end:3])
 
 
 def stamp(st: os.stat_result) -> bytes:

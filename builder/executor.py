@@ -18,7 +18,7 @@ import shutil
 import threading
 
 from . import fileops, sandbox, steps
-from .donor import read_parts
+from .donor import digests_in, join_parts
 from .errors import BuildError, StepFailed, StoreError
 from .image import MEDIA_LAYER_GZIP, LayerDesc, chain_ids
 from .layer import commit, segments
@@ -103,7 +103,8 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            digests = read_parts(record) if record else None
+            table = join_parts(record) if record else None
+            digests = digests_in(table) if table is not None else None
             members = self._members_of(donor) if digests and donor else None
             try:
                 layer = commit.commit_upper(
@@ -115,7 +116,7 @@ class Executor:
                 if members is not None:
                     members.close()
             if layer is not None and record:
-                self.store.layers.keep_copied(commit.chain_of(parent, layer.diff_id), record)
+                self.store.layers.keep_copied(commit.chain_of(parent, layer.diff_id), table)
             kept = snap.small_dirs
             return layer
         finally:

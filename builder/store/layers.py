@@ -107,26 +107,19 @@ class LayerStore:
         """(diff dir, table of the files a COPY wrote) of a layer, for donor.py."""
         return self.diff_dir(chain_id), os.path.join(self.path(chain_id), donor.TABLE)
 
-    def keep_copied(self, chain_id: str, parts_dir: str) -> None:
-        """Join the tables a COPY's workers wrote into the layer's (donor.py).
+    def keep_copied(self, chain_id: str, table: bytes) -> None:
+        """Keep the table of the files a COPY wrote (donor.py) with its layer.
 
         The first build to produce a layer writes its table and it is kept: the
         same layer built again (from another checkout, say) differs at most in
         the sources' stamps, which only decide whether a source is asked for xattrs.
         """
-        parts = []
-        for name in sorted(os.listdir(parts_dir)):
-            with open(os.path.join(parts_dir, name), "rb") as f:
-                parts.append(f.read())
-        data = b"".join(parts)
-        table = self.copied(chain_id)[1]
-        if data and not os.path.exists(table):
-            with contextlib.suppress(FileNotFoundError):      # removed meanwhile
-                write_atomic(table, data)
+        if table:
+            self.keep_file(chain_id, donor.TABLE, table)
 
     def keep_file(self, chain_id: str, name: str, data: bytes) -> None:
-        """Keep `data` as the file `name` beside the layer's diff (the index of its blob,
-        layer/segments.py), unless the layer has one: the same layer gives the same file."""
+        """Keep `data` as the file `name` beside the layer's diff (a COPY's table, the index
+        of its blob), unless the layer has one: the same layer gives the same file."""
         path = os.path.join(self.path(chain_id), name)
         if not os.path.exists(path):
             with contextlib.suppress(FileNotFoundError):      # removed meanwhile
