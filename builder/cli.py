@@ -168,6 +168,31 @@ _COMMANDS = {
     **cli_containers.COMMANDS,
 }
 
+def run() -> None:
+    """The `pybuild` command (and `python -m builder`): main(), then leave at once.
+
+    Tearing the interpreter down frees every object one by one, and after a
+    build that forked its sandboxes each page it touches is a copy-on-write
+    fault first: 0.04 s of a 30,000-file COPY's 1.4 s. Nothing is left for
+    it to do: files are written under `with` and closed, the threads still
+    alive are daemons that have finished (a build waits for them), and the
+    store's locks are descriptors the kernel releases. Only what is buffered
+    for stdout and stderr is flushed here.
+    """
+    code = main() or 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:       # (`pybuild images | head`)
+        code = code or 141
+    except OSError:
+        code = code or 1
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
