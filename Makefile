@@ -10,10 +10,11 @@ STAMP    := $(VENV)/.installed
 DEMO_DIR := build/demo
 
 # System packages: the venv and compilers, the static busybox the test base image
-# is built from, the independent OCI validators the tests use, and ssh-agent (--ssh).
+# is built from, the independent OCI validators the tests use, ssh-agent (--ssh),
+# and xfsprogs (a test's XFS on a loop device, where COPY makes reflinks).
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3 \
                 busybox-static skopeo umoci ca-certificates \
-                docker-registry apache2-utils uidmap openssh-client
+                docker-registry apache2-utils uidmap openssh-client xfsprogs
 
 .PHONY: all demo test test-slow bench docs system venv clean
 
