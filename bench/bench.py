@@ -13,8 +13,10 @@ Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
 `tar -c DIR | sha256sum` of the same tree, the least work a builder that
 hashes what it stores can do, timed with the tree in the page cache (as the
 builds find it); as root, the cold COPY is also run, and the floor timed,
-right after dropping the page cache. Old stores are deleted after the last
-measurement, not before a cold build (see discard()).
+right after dropping the page cache. The cold COPY's note also gives `cp -a`
+of its tree, timed the same way: what writing those files costs the machine
+at all. Old stores are deleted after the last measurement, not before a
+cold build (see discard()).
 
 Prints one table: workload, tool, cold s, cached s, ratio to the best peer
 (cached, or cold where a workload has no cached run), ratio to the floor,
@@ -221,6 +223,18 @@ def many_runs(work: str, n: int) -> str:
     return ctx
 
 
+def copy_time(path: str, work: str) -> float:
+    """`cp -a` of the tree into a new dir of `work` (the median of REPEAT runs): what writing
+    its files costs this machine, the least a COPY that stores them as files can take on top
+    of the floor. Each copy is discarded (deleted at the end, see discard())."""
+    def once():
+        dest = os.path.join(work, f"cp-a-{time.time_ns()}")
+        seconds = timed(["cp", "-a", path, dest])[0]
+        discard(dest)
+        return (seconds,)
+    return median_run(once)[0][0]
+
+
 def floor(path: str, *, cold_cache: bool = False) -> float:
     """`tar -c | sha256sum` of the tree (the median of REPEAT runs): with it in the page cache
     (run once first), as the builds find their inputs; or, `cold_cache`, right after
@@ -312,6 +326,7 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
     elif name == "copy-30k":
         ctx = copy_30k(work)
         fl = floor(ctx)
+        cp_a = copy_time(ctx, work)
         path = os.path.join(ctx, "src", "d000", "f00000.dat")
 
         def change_one_file_and_build():
@@ -323,7 +338,7 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
             cached, cached_range = median_run(lambda: t.build(ctx, "bench-copy"))
             changed, changed_range = median_run(change_one_file_and_build)
             rows.append(dict(workload=name, tool=t.name, cold=cold[0], cached=cached[0],
-                             rss=max(cold[1], cached[1], changed[1]), floor=fl,
+                             rss=max(cold[1], cached[1], changed[1]), floor=fl, cp_a=cp_a,
                              ranges=dict(cold=cold_range, cached=cached_range)))
             # The issue's figure is the COPY step's own time ("plus the steps after it").
             copy_step = _step_times(changed[2]).get(2)
@@ -417,6 +432,8 @@ def print_table(rows: list[dict]) -> None:
         notes = [r["error"]] if r.get("error") else []
         if fl:
             notes.append(f"floor {fl:.2f}s")
+        if r.get("cp_a") is not None:
+            notes.append(f"cp -a {r['cp_a']:.2f}s ({r['cp_a'] / fl:.2f}x the floor)")
         if r.get("command") is not None:
             notes.append(f"command {r['command']:.2f}s, overhead {r['overhead']:.2f}s")
         if r.get("step") is not None:
