@@ -223,22 +223,26 @@ def mkdir_workdir(path: str, user: str) -> None:
 _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
                   errno.EPERM)
 _HAVE_COPY_RANGE = hasattr(os, "copy_file_range")       # (Linux 4.5 and later)
+# Smaller files are copied into the page cache: the commit reads every file of the layer
+# right after, and a reflinked file's data is not in memory but on the disk, where
+# thousands of small reads would cost far more than the space they save.
+_COPY_RANGE_FROM = 1 << 20
 
 
 def copy_data(src: int, dst: int, size: int) -> int:
     """Copy `size` bytes from the start of `src` to `dst` (both at offset 0); the bytes left
     when `src` ended early.
 
-    copy_file_range first: where the source and the layer are on one XFS or
-    btrfs (with reflinks), the layer's copy shares the source's blocks, so a
-    COPY of large files writes no data and takes no space until either side
-    changes; elsewhere the kernel copies, as sendfile does. Whatever it will
-    not do (another filesystem, a file it reads as empty, as procfs files) is
-    left to sendfile.
+    Files of 1 MB or more go by copy_file_range: where the source and the
+    layer are on one XFS or btrfs (with reflinks), the layer's copy shares
+    the source's blocks, so a COPY of large files writes no data and takes
+    no space until either side changes; elsewhere the kernel copies, as
+    sendfile does. Whatever it will not do (another filesystem, a file it
+    reads as empty, as procfs files) is left to sendfile.
     """
     left = size
     try:
-        while left > 0 and _HAVE_COPY_RANGE:
+        while left > 0 and size >= _COPY_RANGE_FROM and _HAVE_COPY_RANGE:
             n = os.copy_file_range(src, dst, min(left, 1 << 30))
             if n == 0:
                 break

@@ -1,9 +1,10 @@
 """COPY on a filesystem with reflinks (XFS here): a layer's copy shares the context file's blocks.
 
-fileops.copy_data asks the kernel for copy_file_range, which XFS and btrfs
-answer with a reflink when both files are on one filesystem: the copy takes
-no time and no space until either side is written, and then only the
-written side changes. The test makes a small XFS on a loop device (skipped
+For files of 1 MB or more, fileops.copy_data asks the kernel for
+copy_file_range, which XFS and btrfs answer with a reflink when both files
+are on one filesystem: the copy takes no time and no space until either
+side is written, and then only the written side changes. Smaller files are
+copied into the page cache, where the commit reads them next. The test makes a small XFS on a loop device (skipped
 where the machine has none) holding both the context and the store.
 """
 
@@ -55,15 +56,22 @@ def test_a_copy_on_xfs_shares_the_context_files_blocks_and_stays_as_copied(xfs):
     root = str(xfs / "store")
     builder.build(str(busybox_context(xfs / "busybox")), tags=[BASE], root=root)
     data = random.Random(5).randbytes(8 << 20)
-    ctx = write_context(xfs / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY big.bin /big.bin\n",
-                                      "big.bin": data})
+    small = random.Random(6).randbytes(64 << 10)
+    ctx = write_context(xfs / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY *.bin /\n",
+                                      "big.bin": data, "small.bin": small})
+    os.sync()                           # (the context's blocks allocated: fiemap shows them)
     image = builder.build(str(ctx), tags=["reflinked"], root=root)
 
     store = Store(root)
-    copied = os.path.join(store.layers.diff_dir(chain_ids(image.diff_ids)[-1]), "big.bin")
+    diff = store.layers.diff_dir(chain_ids(image.diff_ids)[-1])
+    copied = os.path.join(diff, "big.bin")
     source = extents(ctx / "big.bin")
     assert source and extents(copied) == source       # the same blocks: a reflink
-    assert layer_files(store, image.layers[-1])["big.bin"] == data
+    files = layer_files(store, image.layers[-1])
+    assert files["big.bin"] == data and files["small.bin"] == small
+    # A small file is copied into the page cache, where the commit reads it next.
+    assert extents(ctx / "small.bin") and \
+        extents(os.path.join(diff, "small.bin")) != extents(ctx / "small.bin")
 
     # Written afterwards, the context's file changes alone.
     with open(ctx / "big.bin", "r+b") as f:
