@@ -124,7 +124,7 @@ class Executor:
                 os.close(fd)
             _clear_step_dir(stepdir, kept)
 
-    def _members_of(self, chain: str) -> segments.Donor | None:
+    def _members_of(self, chain: str) -> segments.DonorBlob | None:
         """The gzip members of the donor layer's blob that a new COPY layer may copy."""
         try:
             meta = self.store.layers.meta(chain)
@@ -132,7 +132,7 @@ class Executor:
             return None                  # removed meanwhile
         if meta.get("media_type") != MEDIA_LAYER_GZIP:
             return None
-        return segments.Donor.open(self.store.layers.path(chain),
+        return segments.DonorBlob.open(self.store.layers.path(chain),
                                    self.store.blobs.path(meta["digest"]), meta["digest"])
 
     # ---- COPY / ADD sources -------------------------------------------------------

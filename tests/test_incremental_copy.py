@@ -179,13 +179,13 @@ EPOCH = dict(source_date_epoch=1_700_000_000)     # (so that /app's own time is 
 def copies(monkeypatch) -> list[bool]:
     """Whether each member a commit looked up in its donor was copied from the donor's blob."""
     looked_up: list[bool] = []
-    real = segments.Donor.member
+    real = segments.DonorBlob.member
 
     def member(self, *args):
         found = real(self, *args)
         looked_up.append(found is not None)
         return found
-    monkeypatch.setattr(segments.Donor, "member", member)
+    monkeypatch.setattr(segments.DonorBlob, "member", member)
     return looked_up
 
 

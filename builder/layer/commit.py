@@ -27,7 +27,7 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
                  compression: str = "gzip", clamp_mtime: int | None = None,
                  segmented: bool = False, digests: dict[str, bytes] | None = None,
-                 donor: segments.Donor | None = None) -> LayerDesc | None:
+                 donor: segments.DonorBlob | None = None) -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change.
 
     `segmented` (COPY layers, gzip only): the blob is a series of gzip members

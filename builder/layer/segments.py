@@ -99,7 +99,7 @@ def encode_index(blob_digest: str, members: list[tuple[str | None, int, int]]) -
                        "members": [list(m) for m in members]}).encode()
 
 
-class Donor:
+class DonorBlob:
     """The members of the last layer of this COPY, by signature, and its blob held open.
 
     Holding the blob open keeps it readable while the commit copies from it,
@@ -111,7 +111,7 @@ class Donor:
         self.members = members       # signature -> (offset in the blob, blob bytes, tar bytes)
 
     @classmethod
-    def open(cls, layer_dir: str, blob_path: str, blob_digest: str) -> "Donor | None":
+    def open(cls, layer_dir: str, blob_path: str, blob_digest: str) -> "DonorBlob | None":
         """The donor layer's members, or None if it has no usable index."""
         try:
             with open(os.path.join(layer_dir, INDEX), "rb") as f:
@@ -170,7 +170,7 @@ class SegmentedSink(compress.LayerSink):
     `reused` counts the members copied.
     """
 
-    def __init__(self, blob_writer, donor: Donor | None = None):
+    def __init__(self, blob_writer, donor: DonorBlob | None = None):
         super().__init__(blob_writer, algorithm="gzip")
         self.donor = donor
         self.members: list[tuple[str | None, int, int]] = []    # (written by the writing thread)
