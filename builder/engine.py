@@ -31,7 +31,7 @@ from .context import BuildContext
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
-                     StepFailed, UsageError)
+                     StepFailed, StoreError, UsageError)
 from .inputs import StepInputs, read_inputs
 from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
                     is_host_platform)
@@ -694,15 +694,21 @@ class Builder:
     def _donor(self, plan: steps.Plan, previous: dict | None, diff_ids: list[str]) -> str | None:
         """The layer the last build of this COPY made, for the new one to share files with.
 
-        Not one below this step: a mount must never show one inode under two names.
+        Not one below this step, nor one stacked on a layer below it: a mount must never
+        show one inode under two names.
         """
         if plan.kind != "copy" or not previous or not previous.get("key"):
             return None
         result = self.cache.peek(previous["key"])
         chain = result.extra.get("chain") if result is not None else None
-        if not chain or chain in chain_ids(diff_ids) or not self.store.layers.has(chain):
+        if not chain or not self.store.layers.has(chain):
             return None
-        return chain
+        below = chain_ids(diff_ids)
+        try:
+            base = self.store.layers.base(chain)      # (the layer the donor is stacked on)
+        except StoreError:
+            return None
+        return None if chain in below or base in below else chain
 
     def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: StepInputs, n: int,
                          donor: str | None = None):

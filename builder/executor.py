@@ -12,13 +12,15 @@ build never loads the sandbox, the tar writer or the compressor.
 from __future__ import annotations
 
 import fcntl
+import array
 import hashlib
+import marshal
 import os
 import shutil
 import threading
 
 from . import fileops, sandbox, steps
-from .donor import digests_in, join_parts
+from . import donor as donors
 from .errors import BuildError, StepFailed, StoreError
 from .image import MEDIA_LAYER_GZIP, LayerDesc, chain_ids
 from .layer import commit, segments
@@ -68,6 +70,7 @@ class Executor:
         stepdir = self.b.stepdir(n)
         locks: list[int] = []
         record = ""
+        matched = (None, {})             # fileops.match_donor's, for a COPY
         kept: frozenset[str] = frozenset()
         try:
             snap = snapshot.prepare(self.store, diff_ids, stepdir)    # (upper, work, merged)
@@ -84,16 +87,17 @@ class Executor:
                     op = fileops.CopyOp(self._groups(inputs, stepdir), plan.dest, plan.dest_is_dir,
                                         plan.chown, plan.chmod, plan.excludes, plan.parents,
                                         plan.unpack, "ADD" if plan.is_add else "COPY",
-                                        donor=self.store.layers.copied(donor) if shares and donor
+                                        donor=self._donor_spec(donor) if shares and donor
                                         else None,
                                         record=record)
+                    matched = fileops.match_donor(op)
                     prepared = []
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
                                         before_chroot=lambda: fileops.prepare(op),
                                         meanwhile=lambda: prepared.append(
                                             fileops.prepare_finish(op)),
                                         after_unmount=lambda work: fileops.finish_in_upper(
-                                            op, work, snap.direct_dir, *prepared),
+                                            op, work, snap.direct_dir, matched, *prepared),
                                         cancel=self.b.cancelled)
                 elif plan.kind == "workdir":
                     user = state.runtime.get("User", "")
@@ -103,26 +107,38 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            table = join_parts(record) if record else None
-            digests = digests_in(table) if table is not None else None
-            members = self._members_of(donor) if digests and donor else None
+            made = _CopyRecord(record, matched[0]) if record else None
+            members = self._members_of(donor) if made and made.rows and donor else None
             try:
                 layer = commit.commit_upper(
                     self.store, snap.upper, parent, created_by=plan.created_by,
                     compression=self.b.opts.compression,
                     clamp_mtime=self.b.opts.source_date_epoch,
-                    segmented=plan.kind == "copy", digests=digests, donor=members)
+                    segmented=plan.kind == "copy", digests=made.digests() if made else None,
+                    donor=members, stacked_on=made.stacked_on if made else None,
+                    beside=made.beside if made else None)
             finally:
                 if members is not None:
                     members.close()
-            if layer is not None and record:
-                self.store.layers.keep_copied(commit.chain_of(parent, layer.diff_id), table)
             kept = snap.small_dirs
             return layer
         finally:
             for fd in locks:
                 os.close(fd)
             _clear_step_dir(stepdir, kept)
+
+    def _donor_spec(self, chain: str) -> donors.DonorSpec | None:
+        """Where the donor layer, its table and its own base are (donor.py)."""
+        layers = self.store.layers
+        try:
+            base = layers.base(chain)
+        except StoreError:
+            return None                  # removed meanwhile
+        if base is not None and not layers.has(base):
+            base = None
+        return donors.DonorSpec(chain, layers.diff_dir(chain), layers.table(chain), base,
+                                layers.diff_dir(base) if base else "",
+                                layers.table(base) if base else "")
 
     def _members_of(self, chain: str) -> segments.DonorBlob | None:
         """The gzip members of the donor layer's blob that a new COPY layer may copy."""
@@ -401,3 +417,50 @@ def _clear_step_dir(stepdir: str, kept: frozenset[str]) -> None:
     for name in names:
         if name not in kept:
             remove_tree(os.path.join(stepdir, name), ignore_errors=True)
+
+
+class _CopyRecord:
+    """What a COPY's processes wrote into its record dir (fileops.finish_in_upper), made
+    into the new layer's table (donor.py): the rows of the files it wrote, and when it is
+    stacked, the base and the donor's rows of the files the base provides."""
+
+    def __init__(self, record: str, donor):
+        self.table = donors.Table()
+        self.stacked_on = None
+        for name in sorted(os.listdir(record)):
+            with open(os.path.join(record, name), "rb") as f:
+                data = marshal.loads(f.read())
+            if name != fileops.STACKED:
+                for row in data:
+                    self.table.add(row)
+                continue
+            provided = array.array("q")
+            provided.frombytes(data["rows"])
+            start = len(self.table)
+            # (With the stamps the donor recorded: a source with another stamp now, unchanged,
+            # is asked for its xattrs next time; most sources have the same.)
+            self.table.add_rows_of(donor.table, provided)
+            self.table.base = data["base"]
+            self.stacked_on = (data["base"], data["base_diff"], self.table.targets[start:])
+
+    @property
+    def rows(self) -> int:
+        return len(self.table)
+
+    def digests(self) -> dict[str, bytes] | None:
+        """image path -> hex content digest (bytes) of each file, for the segmented blob."""
+        if not len(self.table):
+            return None
+        return dict(zip(self.table.targets, (d.encode() for d in self.table.digests)))
+
+    def beside(self, stats) -> dict[str, bytes]:
+        """The layer's table, completed by the commit's census: a layer that is not stacked
+        and holds only directories and rows lists its directories, so that the next layer
+        of this COPY may be stacked on it."""
+        if not len(self.table):
+            return {}
+        if self.table.base is None and stats.others == 0 and len(stats.files) == len(self.table):
+            targets = set(self.table.targets)
+            if all("/" + name in targets for name in stats.files):
+                self.table.dirs = ["/" + name for name in stats.dirs]
+        return {donors.TABLE: self.table.encode()}

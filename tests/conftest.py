@@ -36,12 +36,15 @@ DRIVERS = ("overlay", "fuse", "vfs")
 # The foundation's build tests run on every storage driver; the rest on the default one.
 EVERY_DRIVER = {"test_build", "test_reproducible", "test_drivers", "test_robustness",
                 "test_named_contexts"}
+# Layers that share files (and stack on one another) with the drivers that write them so.
+SHARING_DRIVERS = {"test_incremental_copy"}
 
 
 def pytest_generate_tests(metafunc):
     if "driver" in metafunc.fixturenames:
         module = metafunc.module.__name__.rpartition(".")[2]
-        drivers = DRIVERS if module in EVERY_DRIVER else ("overlay",)
+        drivers = DRIVERS if module in EVERY_DRIVER else \
+            ("overlay", "fuse") if module in SHARING_DRIVERS else ("overlay",)
         metafunc.parametrize("driver", drivers, indirect=True, scope="session")
 
 

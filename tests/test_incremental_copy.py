@@ -1,8 +1,10 @@
 """Incremental COPY (builder/donor.py): a rebuilt COPY shares its unchanged files with the last one.
 
-The layer must be exactly the one a plain copy gives (same diff_id as a
-build with no earlier layer to share from), and only files whose content,
-mode, owner and mtime are unchanged may share an inode.
+Stacked on the last full layer when nothing was removed, hard-linked from the
+last layer otherwise. Either way the layer must be exactly the one a plain
+copy gives (same diff_id as a build with no earlier layer to share from),
+every mount must show exactly its files, and only files whose content,
+mode, owner and mtime are unchanged may be shared.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from builder.image import chain_ids
 from builder.layer import segments
 from builder.store import Store
 
-from conftest import BASE, layer_files, layer_tar, run_pybuild, write_context
+from conftest import BASE, busybox_context, layer_files, layer_tar, run_pybuild, write_context
 
 FILES = {f"src/d{i % 3}/f{i}.txt": f"file {i}\n" * (i + 1) for i in range(12)}
 
 
-def copy_layer(store: Store, image) -> tuple[str, str]:
-    """(chain ID, diff dir) of the image's last layer (the COPY)."""
-    chain = chain_ids(image.diff_ids)[-1]
+def copy_layer(store: Store, image, index: int = -1) -> tuple[str, str]:
+    """(chain ID, diff dir) of the image's layer `index` (the COPY: its last, by default)."""
+    chain = chain_ids(image.diff_ids)[index]
     return chain, store.layers.diff_dir(chain)
 
 
@@ -48,6 +50,17 @@ def entries(store: Store, layer) -> dict:
 
 def inode(path) -> int:
     return os.lstat(path).st_ino
+
+
+def shared(store: Store, chain: str, old: str, name: str) -> bool:
+    """Does the layer `chain` hold old's copy of /app/`name` without copying it: the same
+    inode in its diff dir, or none there, as it is stacked on old's layer?"""
+    new = store.layers.diff_dir(chain)
+    if not os.path.lexists(f"{new}/app/{name}"):
+        base = store.layers.base(chain)
+        return base is not None and store.layers.diff_dir(base) == old and \
+            os.path.isfile(f"{old}/app/{name}")
+    return inode(f"{new}/app/{name}") == inode(f"{old}/app/{name}")
 
 
 def build(ctx, store_root, **kw):
@@ -76,6 +89,7 @@ def test_unchanged_files_are_shared_and_the_layer_is_a_plain_copys(tmp_path, bas
     second = build(ctx, store_root)
     assert second.id != first.id
     chain, new = copy_layer(store, second)
+    assert store.layers.base(chain) is None     # a file was removed: not stacked, linked
 
     changed = {"d0/f0.txt", "d1/f1.txt", "d2/f2.txt", "d1/new.txt"}
     for rel in FILES:
@@ -100,6 +114,147 @@ def test_unchanged_files_are_shared_and_the_layer_is_a_plain_copys(tmp_path, bas
     assert files["app/d0/f0.txt"] == b"changed content\n"
     assert files["app/d1/new.txt"] == b"new\n"
     assert files["app/d1/f4.txt"] == FILES["src/d1/f4.txt"].encode()
+
+
+def store_with_base(tmp_path, driver, name: str) -> str:
+    root = str(tmp_path / name)
+    Store(root, driver=driver)
+    builder.build(str(busybox_context(tmp_path / f"busybox-{name}")), tags=[BASE], root=root)
+    return root
+
+
+@pytest.fixture
+def own_store(tmp_path, driver) -> str:
+    """A store of the test's own, with the base image: in the shared one, another test's
+    builds of the same COPY would be this test's donors, or its cache hits."""
+    return store_with_base(tmp_path, driver, "store")
+
+
+def stacked_context(tmp_path):
+    """A COPY, and a RUN after it that sees the copied files through the mount."""
+    return write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n"
+                      "RUN cat /app/d0/f0.txt /app/d1/f4.txt /app/d2/f5.txt > /seen\n",
+        **FILES})
+
+
+def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_files(
+        tmp_path, own_store, driver):
+    store = Store(own_store)
+    ctx = stacked_context(tmp_path)
+    first = build(ctx, own_store)
+    base, _ = copy_layer(store, first, -2)
+    table = donor.read_table(os.path.join(store.layers.path(base), donor.TABLE))
+    assert table.base is None and sorted(table.dirs) == ["/app", "/app/d0", "/app/d1", "/app/d2"]
+    assert len(table) == len(FILES)
+
+    (ctx / "src/d0/f0.txt").write_text("changed content\n")                 # content
+    os.chmod(ctx / "src/d1/f1.txt", 0o600)                                  # mode
+    (ctx / "src/d1/new.txt").write_text("new\n")                            # added
+    (ctx / "src/d3").mkdir()
+    (ctx / "src/d3/deep.txt").write_text("deeper\n")                        # in a new dir
+    second = build(ctx, own_store)
+    chain, new = copy_layer(store, second, -2)
+    assert store.layers.base(chain) == base
+    # The new diff dir holds what changed and every directory, nothing else.
+    held = sorted(os.path.relpath(os.path.join(d, f), new) for d, dirs, files in os.walk(new)
+                  for f in dirs + files)
+    assert held == ["app", "app/d0", "app/d0/f0.txt", "app/d1", "app/d1/f1.txt",
+                    "app/d1/new.txt", "app/d2", "app/d3", "app/d3/deep.txt"]
+    # The RUN after it read the unchanged files through the stacked mount.
+    run_layer = layer_files(store, second.layers[-1])
+    assert run_layer["seen"] == (b"changed content\n" + FILES["src/d1/f4.txt"].encode()
+                                 + FILES["src/d2/f5.txt"].encode())
+
+    # A cold build of the same files (in a store of its own: here its layer would be the
+    # next build's donor) gives the same layer.
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)          # (times and modes kept)
+    elsewhere = store_with_base(tmp_path, driver, "elsewhere")
+    alone = build(plain, elsewhere)
+    assert entries(Store(elsewhere), alone.layers[-2]) == entries(store, second.layers[-2])
+    proc = run_pybuild("run", "--rm", second.id, "sh", "-c",
+                       "find /app | sort; stat -c %a /app/d1/f1.txt; cat /app/d2/f8.txt",
+                       root=own_store, check=True)
+    listing = sorted("app/" + rel.removeprefix("src/") for rel in FILES) + [
+        "app/d0", "app/d1", "app/d1/new.txt", "app/d2", "app/d3", "app/d3/deep.txt"]
+    out = proc.stdout.decode().split("\n")
+    assert out[:len(listing) + 1] == ["/app"] + sorted("/" + p for p in listing)
+    assert out[len(listing) + 1:] == ["600", *FILES["src/d2/f8.txt"].split("\n")]
+
+    # Built again after another change: stacked on the same base, never on the stacked layer.
+    # The file the second build changed comes from its diff dir, hard-linked.
+    (ctx / "src/d2/f2.txt").write_text("third\n")
+    third = build(ctx, own_store)
+    chain3, new3 = copy_layer(store, third, -2)
+    assert store.layers.base(chain3) == base
+    assert inode(f"{new3}/app/d0/f0.txt") == inode(f"{new}/app/d0/f0.txt")
+    assert not os.path.lexists(f"{new3}/app/d1/f4.txt")
+    assert layer_files(store, third.layers[-2])["app/d2/f2.txt"] == b"third\n"
+    assert store.lower_links(third.diff_ids[:-1])[:2] == [store.layers.link(chain3),
+                                                         store.layers.link(base)]
+
+
+def test_a_stacked_layer_keeps_its_base_when_every_image_of_the_base_is_gone(
+        tmp_path, own_store):
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    first = build(ctx, own_store, tags=["stacked:one"])
+    base, base_diff = copy_layer(store, first)
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    second = build(ctx, own_store, tags=["stacked:two"])
+    chain, _ = copy_layer(store, second)
+    assert store.layers.base(chain) == base
+    assert run_pybuild("rmi", "stacked:one", root=own_store).returncode == 0
+    run_pybuild("prune", "--keep-storage", "0", root=own_store, check=True)
+    assert os.path.isdir(base_diff), "the base went while a layer stacked on it is kept"
+    proc = run_pybuild("run", "--rm", "stacked:two", "cat", "/app/d0/f0.txt", "/app/d1/f4.txt",
+                       root=own_store, check=True)
+    assert proc.stdout.decode() == "two\n" + FILES["src/d1/f4.txt"]
+    assert run_pybuild("rmi", "stacked:two", root=own_store).returncode == 0
+    run_pybuild("prune", root=own_store, check=True)
+    assert not os.path.exists(base_diff)
+
+
+def test_a_copy_with_a_symlink_is_never_a_base(tmp_path, own_store):
+    """A base must be nothing but directories and files of its table (donor.py): a
+    symlink the next build no longer copies would still show through the stack."""
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    os.symlink("f0.txt", ctx / "src/d0/link")
+    first = build(ctx, own_store)
+    base, base_diff = copy_layer(store, first)
+    assert donor.read_table(os.path.join(store.layers.path(base), donor.TABLE)).dirs is None
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    second = build(ctx, own_store)
+    chain, new = copy_layer(store, second)
+    assert store.layers.base(chain) is None
+    assert inode(f"{new}/app/d1/f4.txt") == inode(f"{base_diff}/app/d1/f4.txt")
+    assert os.readlink(f"{new}/app/d0/link") == "f0.txt"
+
+
+def test_a_copy_rerun_over_a_new_parent_shares_every_file_and_records_each(
+        tmp_path, own_store):
+    """A step before the COPY changed, its files did not (each build a process of its own):
+    every file is shared, and the new layer's table has a row for each, for the next build."""
+    store = Store(own_store)
+    files = dict(FILES, **{"src/d0/link": None})
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nARG V\nRUN echo $V > /v\nCOPY src/ /app/\n",
+        **{k: v for k, v in files.items() if v is not None}})
+    os.symlink("f0.txt", ctx / "src/d0/link")        # (no base then: files are linked)
+    for v in ("1", "2"):
+        run_pybuild("build", "-t", f"parent:{v}", "--build-arg", f"V={v}", str(ctx),
+                    root=own_store, check=True)
+    first, second = (store.resolve(f"parent:{v}") for v in ("1", "2"))
+    old_chain, old = copy_layer(store, first)
+    chain, new = copy_layer(store, second)
+    assert chain != old_chain and store.layers.base(chain) is None
+    for rel in FILES:
+        name = rel.removeprefix("src/")
+        assert inode(f"{new}/app/{name}") == inode(f"{old}/app/{name}"), name
+    table = donor.read_table(store.layers.table(chain))
+    assert sorted(table.targets) == sorted("/app/" + r.removeprefix("src/") for r in FILES)
 
 
 def test_a_shared_file_outlives_the_layer_it_came_from(tmp_path, base_image, store_root):
@@ -153,12 +308,12 @@ def test_a_source_that_gained_an_xattr_is_copied_and_a_new_inode_alone_is_still_
     assert os.stat(fresh).st_ino != st.st_ino
 
     second = build(ctx, store_root)
-    _, new = copy_layer(store, second)
+    chain, new = copy_layer(store, second)
     assert second.id != first.id
     assert inode(f"{new}/app/d0/g0.txt") != inode(f"{old}/app/d0/g0.txt")
     assert os.getxattr(f"{new}/app/d0/g0.txt", "user.note") == b"kept"
     for name in ("d1/g1.txt", "d2/g2.txt", "d3/g299.txt"):
-        assert inode(f"{new}/app/{name}") == inode(f"{old}/app/{name}"), name
+        assert shared(store, chain, old, name), name
     members = {m.name: m for m in tarfile.open(
         fileobj=io.BytesIO(layer_tar(store, second.layers[-1]))).getmembers()}
     assert members["app/d0/g0.txt"].pax_headers.get("SCHILY.xattr.user.note") == "kept"

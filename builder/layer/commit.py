@@ -27,13 +27,19 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
                  compression: str = "gzip", clamp_mtime: int | None = None,
                  segmented: bool = False, digests: dict[str, bytes] | None = None,
-                 donor: segments.DonorBlob | None = None) -> LayerDesc | None:
+                 donor: segments.DonorBlob | None = None,
+                 stacked_on: tuple[str, str, list[str]] | None = None,
+                 beside=None) -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change.
 
     `segmented` (COPY layers, gzip only): the blob is a series of gzip members
     (segments.py); with `digests` (image path -> hex content digest of the files
     the COPY wrote, as bytes) the layer keeps an index of them, and members `donor`, the
     last layer of the same COPY, already has are copied from its blob.
+    `stacked_on` is (chain ID, diff dir, file paths) of the layer `upper` is
+    stacked on (donor.py): those files are part of the layer, and layer.json
+    names it as the `base`. `beside(stats)` gives files (name -> bytes) to
+    install with the layer, from the walk's census (diff.DiffStats).
     """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
     segmented = segmented and compression == "gzip"
@@ -41,18 +47,23 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
             segments.SegmentedSink(blob, donor) if segmented
             else compress.LayerSink(blob, algorithm=compression)) as sink:
         stats = diff.write_tar(upper, sink, clamp_mtime=clamp_mtime,
-                               segmenter=segments.Segmenter(sink, digests) if segmented else None)
+                               segmenter=segments.Segmenter(sink, digests) if segmented else None,
+                               stacked_on=stacked_on[1:] if stacked_on else None,
+                               census=beside is not None)
         if stats.empty:
             return None
         sink.close()
         digest = blob.commit()
         size = blob.size
     chain = chain_of(parent_chain, sink.diff_id)
-    store.layers.install(chain, upper, _meta(sink.diff_id, digest, size, media_type,
-                                             stats.content_bytes, parent_chain, created_by),
-                         store.tmp)
+    meta = _meta(sink.diff_id, digest, size, media_type, stats.content_bytes, parent_chain,
+                 created_by)
+    if stacked_on:
+        meta["base"] = stacked_on[0]
+    files = dict(beside(stats)) if beside is not None else {}
     if segmented and digests is not None:
-        store.layers.keep_file(chain, segments.INDEX, segments.encode_index(digest, sink.members))
+        files[segments.INDEX] = segments.encode_index(digest, sink.members)
+    store.layers.install(chain, upper, meta, store.tmp, files)
     return LayerDesc(sink.diff_id, digest, size, media_type)
 
 

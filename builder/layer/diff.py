@@ -29,6 +29,11 @@ _MAX_TIME = 1 << 62
 class DiffStats:
     entries: int = 0
     content_bytes: int = 0     # the sum of regular file sizes: what `history` shows
+    # With a census (write_tar's `census`): the directories and plain files (no xattrs, no
+    # second name in the layer) by name, and how many entries were anything else.
+    dirs: list[str] | None = None
+    files: list[str] | None = None
+    others: int = 0
 
     @property
     def empty(self) -> bool:
@@ -37,16 +42,22 @@ class DiffStats:
 
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
               exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
-              segmenter=None) -> DiffStats:
+              segmenter=None, stacked_on: tuple[str, list[str]] | None = None,
+              census: bool = False) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
     `exclude` names relative paths that are left out (with their contents).
     `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
     later ones get it, as BuildKit's rewrite-timestamp does. `segmenter`
     (segments.py) is told of every entry written, and of the end.
+    `stacked_on` is (a base layer's diff dir, paths of its plain files): those
+    files are entries too, read from there (a stacked COPY layer, donor.py;
+    their directories are in `root`). `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
-                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter)
+                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on)
+    if census:
+        walk.stats.dirs, walk.stats.files = [], []
     walk.run(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))   # (root: as named)
     if walk.stats.entries:
         sink.write(tarformat.END_OF_ARCHIVE)
@@ -96,8 +107,16 @@ class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
-                 segmenter=None):
+                 segmenter=None, stacked_on: tuple[str, list[str]] | None = None):
         self.root = root
+        self.base = None                 # (a base layer's diff dir, dir name -> its file names)
+        if stacked_on is not None:
+            by_dir: dict[str, list[str]] = {}
+            for path in stacked_on[1]:
+                parent, _, name = path.strip("/").rpartition("/")
+                by_dir.setdefault(parent, []).append(name)
+            self.base = (stacked_on[0], by_dir)
+        self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
         self.seg = segmenter
         self.sink = sink
         self.strip = strip
@@ -113,7 +132,7 @@ class _Walk:
         the sorted names still to write, and going back up opens `..`; so
         no depth exhausts Python's recursion limit or the descriptor limit.
         """
-        frames = [("", _listing(dfd), 0)]
+        frames = [("", self._listing("", dfd), 0)]
         try:
             while frames:
                 rel, names, i = frames[-1]
@@ -125,9 +144,12 @@ class _Walk:
                         dfd = parent
                     continue
                 frames[-1] = (rel, names, i + 1)
-                base, is_dir, is_file = names[i]
+                base, is_dir, is_file = names[i][:3]
                 name = f"{rel}/{base}" if rel else base
                 if name in self.exclude:
+                    continue
+                if len(names[i]) == 4:               # a file of the base layer
+                    self.base_file(rel, base, name)
                     continue
                 if not (is_dir or is_file):
                     # Symlinks, devices (whiteouts among them), fifos: they cannot be opened.
@@ -139,7 +161,7 @@ class _Walk:
                     st = os.fstat(fd)
                     if is_dir:
                         self.entry(name, st, fd)
-                        frames.append((name, _listing(fd), 0))
+                        frames.append((name, self._listing(name, fd), 0))
                         os.close(dfd)
                         dfd, fd = fd, -1
                     elif not self.plain_file(name, st, fd):
@@ -149,6 +171,34 @@ class _Walk:
                         os.close(fd)
         finally:
             os.close(dfd)
+            if self._base_dir is not None:
+                os.close(self._base_dir[1])
+                self._base_dir = None
+
+    def _listing(self, rel: str, dfd: int) -> list[tuple]:
+        """_listing(dfd), with the base layer's files in this directory (marked by a 4th item)."""
+        names = _listing(dfd)
+        extra = self.base[1].get(rel) if self.base is not None else None
+        if extra:
+            here = {n[0] for n in names}
+            names += [(n, False, True, True) for n in extra if n not in here]
+            names.sort(key=lambda n: n[0])
+        return names
+
+    def base_file(self, rel: str, base: str, name: str) -> None:
+        """Write the entry of a file the base layer holds (never changed: no xattrs stripped)."""
+        if self._base_dir is None or self._base_dir[0] != rel:
+            if self._base_dir is not None:
+                os.close(self._base_dir[1])
+                self._base_dir = None
+            self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
+        fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
+        try:
+            st = os.fstat(fd)
+            if not self.plain_file(name, st, fd):
+                self.entry(name, st, fd, strip=False)
+        finally:
+            os.close(fd)
 
     def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
         """Write a small regular file without xattrs (most of any layer) in one go; False if
@@ -168,15 +218,18 @@ class _Walk:
             self.seg.entry(name, header, st.st_size)
         self.stats.entries += 1
         self.stats.content_bytes += st.st_size
+        if self.stats.files is not None:
+            self.stats.files.append(name)
         return True
 
-    def entry(self, name: str, st: os.stat_result, target) -> None:
+    def entry(self, name: str, st: os.stat_result, target, strip: bool | None = None) -> None:
         """Write one entry (a directory's contents are run()'s business); `target` is its open
         descriptor (files, dirs) or its path."""
         sink, stats = self.sink, self.stats
         mode = st.st_mode
         mtime = min(int(st.st_mtime), self.clamp)
-        names, xattrs = _xattrs(target, self.strip)
+        names, xattrs = _xattrs(target, self.strip if strip is None else strip)
+        plain_dir = plain_file = False
         size = 0
         if whiteout.is_whiteout(st, names):
             parent, _, base = name.rpartition("/")
@@ -195,6 +248,8 @@ class _Walk:
                                                typeflag=tarformat.REGULAR,
                                                mode=stat.S_IMODE(mode) & 0o777, uid=st.st_uid,
                                                gid=st.st_gid)
+                else:
+                    plain_dir = True
             elif stat.S_ISREG(mode):
                 first = self.links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
                 if first is not None:
@@ -204,6 +259,7 @@ class _Walk:
                     if st.st_nlink > 1:
                         self.links[(st.st_dev, st.st_ino)] = name
                     size = st.st_size
+                    plain_file = not xattrs
                     header = tarformat.header(name, typeflag=tarformat.REGULAR, size=size,
                                               **common)
             elif stat.S_ISLNK(mode):
@@ -223,6 +279,13 @@ class _Walk:
             else:
                 sink.write(header)
         stats.entries += 1
+        if stats.dirs is not None:
+            if plain_dir:
+                stats.dirs.append(name)
+            elif plain_file:
+                stats.files.append(name)
+            else:
+                stats.others += 1
         if self.seg is not None:
             self.seg.entry(name, header, size)
 

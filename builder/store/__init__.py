@@ -258,16 +258,34 @@ class Store:
 
     def lower_links(self, diff_ids: list[str], top: int | None = None) -> list[str]:
         """`l/<id>` of each layer of a stack (or of its `top` topmost ones), topmost first, as
-        overlay's lowerdir wants them."""
+        overlay's lowerdir wants them; a stacked layer's base comes right below it (donor.py)."""
         links = []
+        stacked = False
         chains = chain_ids(diff_ids)
         for chain in chains if top is None else chains[len(chains) - top:]:
             if not self.layers.known(chain) and not self.layers.has(chain):
                 raise StoreError(f"layer {chain} is missing from the store",
                                  hint="the store was pruned under a running build, or damaged; "
                                       "rebuild or reload the image")
+            base = self.layers.base(chain)
+            if base is not None:
+                try:
+                    links.append(self.layers.link(base))
+                except OSError:
+                    raise StoreError(f"layer {base}, which layer {chain} is stacked on, is "
+                                     "missing from the store",
+                                     hint="the store was damaged; rebuild or reload the image"
+                                     ) from None
+                stacked = True
             links.append(self.layers.link(chain))
-        return list(reversed(links))
+        links.reverse()
+        if stacked:
+            # A base met twice (two layers stacked on it, or the base itself in the stack):
+            # its topmost place shows all of it already (a base is nothing but directories
+            # and files, donor.py), and overlayfs refuses one dir in two places.
+            seen: set[str] = set()
+            links = [link for link in links if not (link in seen or seen.add(link))]
+        return links
 
     def content_size(self, diff_ids: list[str]) -> int:
         total = 0

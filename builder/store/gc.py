@@ -38,6 +38,13 @@ def collect(store, cache) -> Collected:
                 blobs.add(result.layer.digest)
                 if result.extra.get("chain"):
                     chains.add(result.extra["chain"])
+        for chain in list(chains):          # a stacked COPY layer needs its base (donor.py)
+            try:
+                base = store.layers.base(chain)
+            except Exception:
+                continue             # not in the store (or damaged): nothing to keep for it
+            if base is not None:
+                chains.add(base)
         out = Collected()
         for layer_store in (store.layers, store.flats, store.vfs_roots):
             for chain in layer_store.list():

@@ -8,20 +8,20 @@ store root, so that dozens of layers fit in the kernel's one-page limit.
 
 Layers are installed by renaming a complete staging directory into place,
 so a crash never leaves a half-installed layer under `layers/`. A COPY
-layer also keeps `copied-2`, the table of the files it wrote (donor.py), and
-`segments`, the index of its blob's gzip members (layer/segments.py).
+layer also keeps `copied-3`, the table of the files it holds (donor.py), and
+`segments`, the index of its blob's gzip members (layer/segments.py); a COPY
+layer stacked on another names it as its `base` in layer.json, and mounts
+show the base's diff dir right below its own (Store.lower_links).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 from .. import donor
 from ..trees import remove_tree
 from ..errors import StoreError
-from .lock import write_atomic
 
 
 def short_id() -> str:
@@ -38,6 +38,7 @@ class LayerStore:
         # Layers are immutable: once seen, a layer's short link is remembered, so that a
         # deep stack costs no file reads per step.
         self._link_of: dict[str, str] = {}
+        self._base_of: dict[str, str | None] = {}
 
     def path(self, chain_id: str) -> str:
         return os.path.join(self.dir, chain_id.split(":", 1)[1])
@@ -54,6 +55,7 @@ class LayerStore:
 
     def forget(self) -> None:
         self._link_of.clear()
+        self._base_of.clear()
 
     def meta(self, chain_id: str) -> dict:
         try:
@@ -70,8 +72,11 @@ class LayerStore:
                 link = self._link_of[chain_id] = "l/" + f.read().strip()
         return link
 
-    def install(self, chain_id: str, diff_source: str, meta: dict, staging_root: str) -> bool:
-        """Move `diff_source` (a directory) into the store as this layer's diff.
+    def install(self, chain_id: str, diff_source: str, meta: dict, staging_root: str,
+                files: dict[str, bytes] | None = None) -> bool:
+        """Move `diff_source` (a directory) into the store as this layer's diff, with `files`
+        (name -> bytes) beside it: they describe this very diff dir (a COPY's table says
+        which files it holds), so they are installed with it or not at all.
 
         Returns False if another process installed the same layer first (the
         source is then removed: the layer is content-addressed, theirs is ours).
@@ -87,6 +92,9 @@ class LayerStore:
             f.write(short)
         with open(os.path.join(staging, "layer.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
+        for name, data in (files or {}).items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.links, exist_ok=True)
         target = os.path.join("..", self.subdir, chain_id[7:], "diff")
@@ -103,27 +111,15 @@ class LayerStore:
             raise
         return True
 
-    def copied(self, chain_id: str) -> tuple[str, str]:
-        """(diff dir, table of the files a COPY wrote) of a layer, for donor.py."""
-        return self.diff_dir(chain_id), os.path.join(self.path(chain_id), donor.TABLE)
+    def base(self, chain_id: str) -> str | None:
+        """The layer this one's diff dir is stacked on (a COPY layer, donor.py), or None."""
+        if chain_id not in self._base_of:
+            self._base_of[chain_id] = self.meta(chain_id).get("base")
+        return self._base_of[chain_id]
 
-    def keep_copied(self, chain_id: str, table: bytes) -> None:
-        """Keep the table of the files a COPY wrote (donor.py) with its layer.
-
-        The first build to produce a layer writes its table and it is kept: the
-        same layer built again (from another checkout, say) differs at most in
-        the sources' stamps, which only decide whether a source is asked for xattrs.
-        """
-        if table:
-            self.keep_file(chain_id, donor.TABLE, table)
-
-    def keep_file(self, chain_id: str, name: str, data: bytes) -> None:
-        """Keep `data` as the file `name` beside the layer's diff (a COPY's table, the index
-        of its blob), unless the layer has one: the same layer gives the same file."""
-        path = os.path.join(self.path(chain_id), name)
-        if not os.path.exists(path):
-            with contextlib.suppress(FileNotFoundError):      # removed meanwhile
-                write_atomic(path, data)
+    def table(self, chain_id: str) -> str:
+        """The path of the table of the files a COPY layer holds (donor.py)."""
+        return os.path.join(self.path(chain_id), donor.TABLE)
 
     def remove(self, chain_id: str) -> None:
         path = self.path(chain_id)
