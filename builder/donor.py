@@ -100,6 +100,13 @@ class Table:
         self.in_base += b"\1" * len(rows)
         self.sources += [other.sources[i] for i in rows]
 
+    def attributes(self, start: int = 0) -> dict[str, tuple[int, int, int, int, int]]:
+        """target -> (size, mtime_ns, mode bits, uid, gid) of the rows from `start` on."""
+        numbers = self.numbers
+        return {t: tuple(numbers[k + SIZE:k + GID + 1])
+                for t, k in zip(self.targets[start:], range(start * _NUMBERS, len(numbers),
+                                                              _NUMBERS))}
+
     def encode(self) -> bytes:
         return marshal.dumps({"targets": self.targets, "digests": self.digests,
                               "numbers": self.numbers.tobytes(), "in_base": bytes(self.in_base),

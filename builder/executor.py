@@ -441,7 +441,7 @@ class _CopyRecord:
             # is asked for its xattrs next time; most sources have the same.)
             self.table.add_rows_of(donor.table, provided)
             self.table.base = data["base"]
-            self.stacked_on = (data["base"], data["base_diff"], self.table.targets[start:])
+            self.stacked_on = (data["base"], data["base_diff"], self.table.attributes(start))
 
     @property
     def rows(self) -> int:

@@ -42,7 +42,7 @@ class DiffStats:
 
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
               exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
-              segmenter=None, stacked_on: tuple[str, list[str]] | None = None,
+              segmenter=None, stacked_on: tuple[str, dict[str, tuple]] | None = None,
               census: bool = False) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
@@ -50,9 +50,10 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
     later ones get it, as BuildKit's rewrite-timestamp does. `segmenter`
     (segments.py) is told of every entry written, and of the end.
-    `stacked_on` is (a base layer's diff dir, paths of its plain files): those
-    files are entries too, read from there (a stacked COPY layer, donor.py;
-    their directories are in `root`). `census` fills the stats' dirs, files and others.
+    `stacked_on` is (a base layer's diff dir, path -> (size, mtime_ns, mode bits,
+    uid, gid) of its plain files): those files are entries too, read from
+    there (a stacked COPY layer, donor.py; their directories are in `root`).
+    `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
                  _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on)
@@ -107,15 +108,19 @@ class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
-                 segmenter=None, stacked_on: tuple[str, list[str]] | None = None):
+                 segmenter=None, stacked_on: tuple[str, dict[str, tuple]] | None = None):
         self.root = root
-        self.base = None                 # (a base layer's diff dir, dir name -> its file names)
+        # (a base layer's diff dir, dir name -> its file names, file name -> attributes)
+        self.base = None
         if stacked_on is not None:
             by_dir: dict[str, list[str]] = {}
-            for path in stacked_on[1]:
-                parent, _, name = path.strip("/").rpartition("/")
-                by_dir.setdefault(parent, []).append(name)
-            self.base = (stacked_on[0], by_dir)
+            attributes = {}
+            for path, attrs in stacked_on[1].items():
+                name = path.strip("/")
+                attributes[name] = attrs
+                parent, _, base = name.rpartition("/")
+                by_dir.setdefault(parent, []).append(base)
+            self.base = (stacked_on[0], by_dir, attributes)
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
         self.seg = segmenter
         self.sink = sink
@@ -186,19 +191,33 @@ class _Walk:
         return names
 
     def base_file(self, rel: str, base: str, name: str) -> None:
-        """Write the entry of a file the base layer holds (never changed: no xattrs stripped)."""
+        """Write the entry of a file the base layer holds, as plain_file() would.
+
+        Its attributes are the ones its row recorded (layer dirs never change, and a
+        base holds no xattrs, donor.py), so it is opened and read, not asked.
+        """
         if self._base_dir is None or self._base_dir[0] != rel:
             if self._base_dir is not None:
                 os.close(self._base_dir[1])
                 self._base_dir = None
             self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
+        size, mtime_ns, perm, uid, gid = self.base[2][name]
+        seconds, ns = divmod(mtime_ns, 1_000_000_000)
+        header = tarformat.header(
+            name, typeflag=tarformat.REGULAR, mode=perm, uid=uid, gid=gid, size=size,
+            # (st_mtime's own arithmetic: a time 1 ns before a second rounds up to it)
+            mtime=min(int(seconds + ns * 1e-9), self.clamp))
         fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
         try:
-            st = os.fstat(fd)
-            if not self.plain_file(name, st, fd):
-                self.entry(name, st, fd, strip=False)
+            _write_file(fd, name, size, self.sink, header)
         finally:
             os.close(fd)
+        if self.seg is not None:
+            self.seg.entry(name, header, size)
+        self.stats.entries += 1
+        self.stats.content_bytes += size
+        if self.stats.files is not None:
+            self.stats.files.append(name)
 
     def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
         """Write a small regular file without xattrs (most of any layer) in one go; False if
