@@ -40,9 +40,11 @@ shows two names of one inode.
 
 The work is split so that no forked process pays for copying the build's
 objects page by page: the build process matches sources to rows before the
-COPY's processes start (fileops.match_donor), the chrooted pass says where
-each file goes, and the matches whose target, mode and owner are still the
-row's are left to the base or linked (fileops.finish_in_upper).
+COPY's processes start (fileops.match_donor); the chrooted pass, which says
+where each file goes, leaves out a file the base holds with that target,
+mode and owner, and returns the base's files nothing put in place; after
+the unmount, fileops.finish_in_upper decides whether to stack and links
+what the donor's own diff dir holds.
 """
 
 from __future__ import annotations
@@ -172,8 +174,8 @@ class Donor:
         self.base_targets = base_table.targets if self.base else []
 
     def unchanged(self, groups, digest_of, xattrs_of) -> dict:
-        """(group, source path) -> (target, row, in the base?) of each source file that is
-        still what the donor's row `row` for it was copied from.
+        """group -> source path -> (target, row, in the base?, mode bits, (uid, gid)) of each
+        source file that is still what the donor's row `row` for it was copied from.
 
         `groups` are (group, its sources) of the COPY, `digest_of(stat)` the content digest
         the build knows or None, `xattrs_of(group, path)` whether a source file has xattrs.
@@ -187,8 +189,9 @@ class Donor:
         # Stacked on the donor itself: all its files are the base's; else those its base holds.
         everything = self.base is not None and not self.spec.base
         stacks = self.base is not None
-        out = {}
+        out: dict[int, dict] = {}
         for gi, sources in groups:
+            found = out[gi] = {}
             for source in sources:
                 for e in source.entries:
                     i = by_source.get(e.src)
@@ -202,7 +205,8 @@ class Donor:
                     if numbers[k + INO] != st.st_ino or numbers[k + CTIME] != st.st_ctime_ns:
                         if table.digests[i] != digest_of(st) or xattrs_of(gi, e.src):
                             continue
-                    out[(gi, e.src)] = (targets[i], i, stacks and (everything or in_base[i] == 1))
+                    found[e.src] = (targets[i], i, stacks and (everything or in_base[i] == 1),
+                                    numbers[k + PERM], (numbers[k + UID], numbers[k + GID]))
         return out
 
     def copy_of(self, i: int) -> tuple[str, str]:
@@ -216,12 +220,19 @@ class Donor:
         numbers = self.table.numbers
         return numbers[k + PERM], numbers[k + UID], numbers[k + GID]
 
-    def covered_by(self, upper: str, provided, written) -> bool:
-        """Would the diff dir `upper` (plus the `provided` targets, from the base, and the
-        `written` ones still to come) stacked on the base show exactly the new layer?
+    def item_of(self, i: int) -> tuple:
+        """Row `i` as fileops' work item: (target, group, source path, mode, owner)."""
+        k = i * _NUMBERS
+        numbers = self.table.numbers
+        return (self.table.targets[i], numbers[k + GROUP], self.table.sources[i],
+                numbers[k + PERM], (numbers[k + UID], numbers[k + GID]))
+
+    def covered_by(self, upper: str, missing) -> bool:
+        """Would the diff dir `upper` stacked on the base show exactly the new layer?
 
         Every directory of the base must be a directory of `upper`, not opaque; every file
-        of the base must be provided, written, or replaced by another entry of `upper`.
+        of the base is provided, or written, or else (`missing`) must be replaced by
+        another entry of `upper`.
         """
         for d in self.base_dirs:
             path = upper + d
@@ -232,7 +243,4 @@ class Donor:
                     return False
             except OSError:
                 return False
-        for t in self.base_targets:
-            if t not in provided and t not in written and not os.path.lexists(upper + t):
-                return False
-        return True
+        return all(os.path.lexists(upper + t) for t in missing)

@@ -70,7 +70,7 @@ class Executor:
         stepdir = self.b.stepdir(n)
         locks: list[int] = []
         record = ""
-        matched = (None, {})             # fileops.match_donor's, for a COPY
+        matched = fileops.Matched()      # fileops.match_donor's, for a COPY
         kept: frozenset[str] = frozenset()
         try:
             snap = snapshot.prepare(self.store, diff_ids, stepdir)    # (upper, work, merged)
@@ -92,7 +92,7 @@ class Executor:
                                         record=record)
                     matched = fileops.match_donor(op)
                     prepared = []
-                    sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op),
+                    sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op, matched),
                                         before_chroot=lambda: fileops.prepare(op),
                                         meanwhile=lambda: prepared.append(
                                             fileops.prepare_finish(op)),
@@ -107,7 +107,7 @@ class Executor:
                 raise BuildError(str(e), step=self.b._where(inst, n), hint=e.hint) from None
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
-            made = _CopyRecord(record, matched[0]) if record else None
+            made = _CopyRecord(record, matched.donor) if record else None
             members = self._members_of(donor) if made and made.rows and donor else None
             try:
                 layer = commit.commit_upper(

@@ -102,7 +102,7 @@ def prepare(op: CopyOp) -> None:
         g.fd = os.open(g.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def copy_into_root(op: CopyOp) -> dict:
+def copy_into_root(op: CopyOp, matched: "Matched | None" = None) -> dict:
     """After the chroot: put every source in place, except the new plain files.
 
     Those (most of a COPY, and what makes it slow: creating files through an
@@ -110,7 +110,10 @@ def copy_into_root(op: CopyOp) -> dict:
     as work for `finish_in_upper`, which writes them straight into the upper
     dir once the overlay is unmounted. Only files whose name is free in the
     image are deferred, and their parent directories are already in the upper
-    dir, so the result is the one the overlay would have produced.
+    dir, so the result is the one the overlay would have produced. Of those,
+    the ones the base layer `matched` offers already holds are not work but
+    returned as its row numbers (`provided`), with the base's files that
+    nothing here puts in place (`missing`: the upper dir must have them).
     """
     uid, gid = users.chown_ids(op.chown, "/") if op.chown else (0, 0)
     dest = os.path.realpath(op.dest)    # symlinks followed inside the image, as BuildKit does
@@ -118,10 +121,13 @@ def copy_into_root(op: CopyOp) -> dict:
     # itself, so a destination without a slash ends as the last match (recorded from Docker).
     into_dir = op.dest_is_dir or _is_dir(dest) or op.parents
     deferred: dict[str, tuple] = {}            # target -> work; a later source wins
+    provided: dict[str, int] = {}              # target -> the base's row (the same)
     dir_times: list[tuple[str, int]] = []
     for gi, g in enumerate(op.groups):
         copier = _Copier(g.fd, uid, gid, op.chmod, gi, deferred,
-                         keep_owners=g.keep_owners and not op.chown)
+                         keep_owners=g.keep_owners and not op.chown,
+                         matched=matched if matched is not None and matched.stacks else None,
+                         provided=provided)
         for src in g.sources:
             base = dest
             if op.parents:
@@ -139,10 +145,39 @@ def copy_into_root(op: CopyOp) -> dict:
                 copier.mkdir_parents(os.path.dirname(target) or "/")
                 copier.copy_entry(src.entries[0], target)
         dir_times += copier.dir_times
-    return {"files": list(deferred.values()), "dirs": dir_times}
+    out = {"files": list(deferred.values()), "dirs": dir_times}
+    if provided:
+        out["provided"] = array.array("q", provided.values()).tobytes()
+        out["missing"] = [t for t in matched.donor.base_targets
+                          if t not in provided and t not in deferred]
+    return out
 
 
-def match_donor(op: CopyOp) -> tuple[Donor | None, dict]:
+@dataclass
+class Matched:
+    """The donor of a COPY (donor.py), and what it holds unchanged of its sources."""
+    donor: Donor | None = None
+    unchanged: dict = None                  # Donor.unchanged's
+
+    @property
+    def stacks(self) -> bool:
+        return self.donor is not None and self.donor.base is not None
+
+    def row(self, gi: int, src: str, target: str, perm: int, owner: tuple[int, int],
+            in_base: bool) -> int | None:
+        """The donor's row of what copying `src` of group `gi` to `target` with `perm` and
+        `owner` would give, if the base holds it (`in_base`) or else the donor; or None."""
+        same = self.unchanged.get(gi, _NONE).get(src) if self.unchanged else None
+        if same is None or same[2] != in_base or same[0] != target or same[3] != perm \
+                or same[4] != owner:
+            return None
+        return same[1]
+
+
+_NONE: dict = {}
+
+
+def match_donor(op: CopyOp) -> Matched:
     """The donor, and the sources it holds unchanged (Donor.unchanged), of the groups read
     from host dirs (the build context; another stage's files are resolved in the child).
 
@@ -150,7 +185,7 @@ def match_donor(op: CopyOp) -> tuple[Donor | None, dict]:
     copies made page by page as a forked child touches them (0.17-0.21 s there for
     30,000 files, on the core the chrooted pass needs)."""
     if not op.donor:
-        return None, {}
+        return Matched()
     donor = Donor(op.donor)
     roots = {gi: g.root for gi, g in enumerate(op.groups) if not g.lowers}
 
@@ -160,7 +195,7 @@ def match_donor(op: CopyOp) -> tuple[Donor | None, dict]:
         except OSError:
             return True
     groups = [(gi, op.groups[gi].sources) for gi in roots]
-    return donor, donor.unchanged(groups, known_digest, xattrs_of)
+    return Matched(donor, donor.unchanged(groups, known_digest, xattrs_of))
 
 
 def prepare_finish(op: CopyOp) -> dict:
@@ -178,41 +213,37 @@ ROWS_PREFIX = "rows-"       # in op.record: each worker's rows (marshal: [donor.
 STACKED = "stacked"         # in op.record: the base, and which donor rows it provides
 
 
-def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: tuple[Donor | None, dict],
+def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
                     entries: dict | None = None) -> None:
     """With the overlay unmounted: write the deferred files into the upper dir, then dir times.
 
     Every parent of a deferred file is a real directory of the upper dir (the
-    chrooted pass created or copied it up); files are created O_NOFOLLOW. A
-    file the previous build of this COPY already holds, unchanged, is left in
-    the base layer the new one is stacked on, or hard-linked from the donor
-    (donor.py); every file whose digest is known is recorded in `op.record`
-    for the next build to do the same. `matched` is what match_donor(op) gave,
-    `entries` what prepare_finish(op) gave, if it ran already.
+    chrooted pass created or copied it up); files are created O_NOFOLLOW. The
+    files the base layer provides (copy_into_root said which) stay there if
+    the upper dir stacked on the base shows exactly the new layer (donor.py),
+    else they are hard-linked from it, as is a file the donor's own diff dir
+    holds unchanged. Every file whose digest is known is recorded in
+    `op.record` for the next build to do the same. `matched` is what
+    match_donor(op) gave, `entries` what prepare_finish(op) gave, if it ran.
     """
-    donor, unchanged = matched
     if entries is None:
         entries = prepare_finish(op)
+    donor = matched.donor
     todo: list[tuple] = []          # (item, the donor's copy to link and its digest, or None)
-    provided: dict[str, tuple] = {}     # target -> (item, what unchanged() said)
     for item in work["files"]:
         target, gi, src, perm, owner = item
-        same = unchanged.get((gi, src))
-        if same is None or same[0] != target or donor.row_owner(same[1]) != (perm, *owner):
-            todo.append((item, None))
-        elif same[2]:
-            provided[target] = (item, same)
-        else:
-            todo.append((item, donor.copy_of(same[1])))
+        row = matched.row(gi, src, target, perm, tuple(owner), False)
+        todo.append((item, None if row is None else donor.copy_of(row)))
+    provided = array.array("q")
+    provided.frombytes(work.get("provided", b""))
     if provided:
-        if donor.covered_by(upper, provided, {job[0][0] for job in todo}):
+        if donor.covered_by(upper, work["missing"]):
             if op.record:
-                rows = array.array("q", (same[1] for _item, same in provided.values()))
                 with open(os.path.join(op.record, STACKED), "wb") as f:
                     f.write(marshal.dumps({"base": donor.base, "base_diff": donor.base_diff,
-                                           "rows": rows.tobytes()}))
+                                           "rows": provided.tobytes()}))
         else:
-            todo += [(item, donor.copy_of(same[1])) for item, same in provided.values()]
+            todo += [(donor.item_of(i), donor.copy_of(i)) for i in provided]   # linked instead
     _write_files(op, todo, entries, upper)
     for path, mtime in reversed(work["dirs"]):
         os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
@@ -344,7 +375,8 @@ class _Copier:
     """
 
     def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | str | None, group: int = 0,
-                 deferred: dict | None = None, keep_owners: bool = False):
+                 deferred: dict | None = None, keep_owners: bool = False,
+                 matched: Matched | None = None, provided: dict | None = None):
         self.ctx = ctx_fd
         self.uid = uid
         self.gid = gid
@@ -355,6 +387,9 @@ class _Copier:
         self.dir_times: list[tuple[str, int]] = []
         # target -> (target, group, source path, mode, owner), shared by a COPY's groups
         self.deferred: dict[str, tuple] = {} if deferred is None else deferred
+        # With a base to stack on: target -> its row, for files the base already holds.
+        self.matched = matched
+        self.provided: dict[str, int] = {} if provided is None else provided
         self.in_upper: set[str] = set()        # directories known to be in the upper dir
         # Directories this copier created (empty then), and the names it has used in them:
         # a name not used yet in one of them is free without asking the overlay (an lstat
@@ -427,14 +462,15 @@ class _Copier:
             return
         existed = False if self._is_free(target) else self._clear(target, e)
         if stat.S_ISREG(mode):
+            if st.st_nlink == 1 and not existed:
+                self._defer(e, target, perm)
+                return
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
                 os.link(self.links[key], target)
                 return
-            if st.st_nlink == 1 and not existed:
-                self._defer(e, target, perm)
-                return
             self.deferred.pop(target, None)
+            self.provided.pop(target, None)
             self._copy_file(e, target, perm, self._owner(e))
             if st.st_nlink > 1:
                 self.links[key] = target
@@ -468,7 +504,15 @@ class _Copier:
             # would copy it up and set its mtime, which this does.
             os.utime(parent)
             self.in_upper.add(parent)
-        self.deferred[target] = (target, self.group, e.src, perm, self._owner(e))
+        owner = self._owner(e)
+        if self.matched is not None:
+            row = self.matched.row(self.group, e.src, target, perm, owner, True)
+            if row is not None:
+                self.deferred.pop(target, None)
+                self.provided[target] = row
+                return
+            self.provided.pop(target, None)
+        self.deferred[target] = (target, self.group, e.src, perm, owner)
 
     def _owner(self, e) -> tuple[int, int]:
         return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
