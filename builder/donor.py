@@ -73,7 +73,7 @@ class Table:
     def __init__(self, targets=None, digests=None, numbers=None, in_base=None, sources=None,
                  base: str | None = None, dirs: list[str] | None = None):
         self.targets: list[str] = targets if targets is not None else []
-        self.digests: list[str] = digests if digests is not None else []
+        self.digests = digests if digests is not None else bytearray()   # 32 bytes each
         self.numbers = numbers if numbers is not None else array.array("q")
         self.in_base = in_base if in_base is not None else bytearray()
         self.sources: list[str] = sources if sources is not None else []
@@ -83,11 +83,15 @@ class Table:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def digest(self, i: int) -> str:
+        """Row `i`'s content digest, in hex."""
+        return self.digests[i * 32:i * 32 + 32].hex()
+
     def add(self, row: tuple, in_base: bool = False) -> None:
         """Add a row made by row()."""
         target, digest, *numbers, source = row
         self.targets.append(target)
-        self.digests.append(digest)
+        self.digests += bytes.fromhex(digest)
         self.numbers.extend(numbers)
         self.in_base.append(in_base)
         self.sources.append(source)
@@ -95,24 +99,42 @@ class Table:
     def add_rows_of(self, other: "Table", rows) -> None:
         """Add the rows `rows` (indexes) of `other`, as files the base holds."""
         self.targets += [other.targets[i] for i in rows]
-        self.digests += [other.digests[i] for i in rows]
+        digests = other.digests
+        self.digests += b"".join([digests[i * 32:i * 32 + 32] for i in rows])
         numbers = other.numbers
         self.numbers.extend(array.array("q", [numbers[i * _NUMBERS + c] for i in rows
                                               for c in range(_NUMBERS)]))
         self.in_base += b"\1" * len(rows)
         self.sources += [other.sources[i] for i in rows]
 
-    def attributes(self, start: int = 0) -> dict[str, tuple[int, int, int, int, int]]:
-        """target -> (size, mtime_ns, mode bits, uid, gid) of the rows from `start` on."""
-        numbers = self.numbers
-        return {t: tuple(numbers[k + SIZE:k + GID + 1])
-                for t, k in zip(self.targets[start:], range(start * _NUMBERS, len(numbers),
-                                                              _NUMBERS))}
-
     def encode(self) -> bytes:
-        return marshal.dumps({"targets": self.targets, "digests": self.digests,
+        return marshal.dumps({"targets": self.targets, "digests": bytes(self.digests),
                               "numbers": self.numbers.tobytes(), "in_base": bytes(self.in_base),
                               "sources": self.sources, "base": self.base, "dirs": self.dirs})
+
+
+class TableView:
+    """A table's rows by target, for the commit: the content digests the segmenter signs
+    members with (`get`), and a stacked layer's files in its base (from row `base_from`
+    on; diff.write_tar's `stacked_on`)."""
+
+    def __init__(self, table: Table, base_from: int | None = None):
+        self.table = table
+        self.index = {t: i for i, t in enumerate(table.targets)}
+        self.base_from = base_from
+
+    def get(self, target: str) -> bytes | None:
+        """The hex content digest of the file at `target`, as bytes."""
+        i = self.index.get(target)
+        return None if i is None else self.table.digest(i).encode()
+
+    def base_files(self) -> list[str]:
+        return self.table.targets[self.base_from:] if self.base_from is not None else []
+
+    def attributes(self, target: str) -> tuple[int, int, int, int, int]:
+        """(size, mtime_ns, mode bits, uid, gid) of the file at `target`."""
+        k = self.index[target] * _NUMBERS
+        return tuple(self.table.numbers[k + SIZE:k + GID + 1])
 
 
 def row(target: str, digest: str, st: os.stat_result, perm: int, owner: tuple[int, int],
@@ -135,7 +157,7 @@ def read_table(path: str) -> Table | None:
     except (OSError, EOFError, ValueError, TypeError, KeyError):
         return None
     n = len(table.targets)
-    if not (len(table.digests) == len(table.in_base) == len(table.sources) == n
+    if not (len(table.digests) == 32 * n and len(table.in_base) == len(table.sources) == n
             and len(numbers) == n * _NUMBERS) or (table.dirs is not None
                                                   and not isinstance(table.dirs, list)):
         return None
@@ -174,8 +196,8 @@ class Donor:
         self.base_targets = base_table.targets if self.base else []
 
     def unchanged(self, groups, digest_of, xattrs_of) -> dict:
-        """group -> source path -> (target, row, in the base?, mode bits, (uid, gid)) of each
-        source file that is still what the donor's row `row` for it was copied from.
+        """group -> source path -> the donor's row of each source file that is still what
+        that row was copied from: its number, or -1 - its number if the base holds it.
 
         `groups` are (group, its sources) of the COPY, `digest_of(stat)` the content digest
         the build knows or None, `xattrs_of(group, path)` whether a source file has xattrs.
@@ -185,7 +207,7 @@ class Donor:
         """
         table = self.table
         by_source = {src: i for i, src in enumerate(table.sources)}
-        numbers, targets, in_base = table.numbers, table.targets, table.in_base
+        numbers, in_base = table.numbers, table.in_base
         # Stacked on the donor itself: all its files are the base's; else those its base holds.
         everything = self.base is not None and not self.spec.base
         stacks = self.base is not None
@@ -203,16 +225,22 @@ class Donor:
                             or numbers[k + GROUP] != gi or not stat.S_ISREG(st.st_mode):
                         continue
                     if numbers[k + INO] != st.st_ino or numbers[k + CTIME] != st.st_ctime_ns:
-                        if table.digests[i] != digest_of(st) or xattrs_of(gi, e.src):
+                        if table.digest(i) != digest_of(st) or xattrs_of(gi, e.src):
                             continue
-                    found[e.src] = (targets[i], i, stacks and (everything or in_base[i] == 1),
-                                    numbers[k + PERM], (numbers[k + UID], numbers[k + GID]))
+                    found[e.src] = -1 - i if stacks and (everything or in_base[i] == 1) else i
         return out
+
+    def row_is(self, i: int, target: str, perm: int, owner: tuple[int, int]) -> bool:
+        """Is row `i` a file at `target` with `perm` and `owner`?"""
+        k = i * _NUMBERS
+        numbers = self.table.numbers
+        return self.table.targets[i] == target and numbers[k + PERM] == perm \
+            and numbers[k + UID] == owner[0] and numbers[k + GID] == owner[1]
 
     def copy_of(self, i: int) -> tuple[str, str]:
         """(where the donor's, or its base's, copy of row `i` is, its digest)."""
         table = self.table
-        return self._homes[table.in_base[i]] + table.targets[i], table.digests[i]
+        return self._homes[table.in_base[i]] + table.targets[i], table.digest(i)
 
     def row_owner(self, i: int) -> tuple[int, int, int]:
         """(mode bits, uid, gid) of row `i`."""

@@ -108,14 +108,17 @@ class Executor:
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             made = _CopyRecord(record, matched.donor) if record else None
+            matched = None               # (its tables: memory the commit can use)
+            view = made.view() if made else None
             members = self._members_of(donor) if made and made.rows and donor else None
             try:
                 layer = commit.commit_upper(
                     self.store, snap.upper, parent, created_by=plan.created_by,
                     compression=self.b.opts.compression,
                     clamp_mtime=self.b.opts.source_date_epoch,
-                    segmented=plan.kind == "copy", digests=made.digests() if made else None,
-                    donor=members, stacked_on=made.stacked_on if made else None,
+                    segmented=plan.kind == "copy", digests=view, donor=members,
+                    stacked_on=made.stacked_on[:2] + (view,) if made and made.stacked_on
+                    else None,
                     beside=made.beside if made else None)
             finally:
                 if members is not None:
@@ -441,17 +444,17 @@ class _CopyRecord:
             # is asked for its xattrs next time; most sources have the same.)
             self.table.add_rows_of(donor.table, provided)
             self.table.base = data["base"]
-            self.stacked_on = (data["base"], data["base_diff"], self.table.attributes(start))
+            self.stacked_on = (data["base"], data["base_diff"], start)
 
     @property
     def rows(self) -> int:
         return len(self.table)
 
-    def digests(self) -> dict[str, bytes] | None:
-        """image path -> hex content digest (bytes) of each file, for the segmented blob."""
+    def view(self) -> donors.TableView | None:
+        """The rows by target, for the commit (None if there are none)."""
         if not len(self.table):
             return None
-        return dict(zip(self.table.targets, (d.encode() for d in self.table.digests)))
+        return donors.TableView(self.table, self.stacked_on[2] if self.stacked_on else None)
 
     def beside(self, stats) -> dict[str, bytes]:
         """The layer's table, completed by the commit's census: a layer that is not stacked

@@ -167,11 +167,12 @@ class Matched:
             in_base: bool) -> int | None:
         """The donor's row of what copying `src` of group `gi` to `target` with `perm` and
         `owner` would give, if the base holds it (`in_base`) or else the donor; or None."""
-        same = self.unchanged.get(gi, _NONE).get(src) if self.unchanged else None
-        if same is None or same[2] != in_base or same[0] != target or same[3] != perm \
-                or same[4] != owner:
+        row = self.unchanged.get(gi, _NONE).get(src) if self.unchanged else None
+        if row is None or (row < 0) != in_base:
             return None
-        return same[1]
+        if in_base:
+            row = -1 - row
+        return row if self.donor.row_is(row, target, perm, owner) else None
 
 
 _NONE: dict = {}

@@ -26,19 +26,19 @@ def chain_of(parent_chain: str | None, diff_id: str) -> str:
 
 def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str = "",
                  compression: str = "gzip", clamp_mtime: int | None = None,
-                 segmented: bool = False, digests: dict[str, bytes] | None = None,
+                 segmented: bool = False, digests=None,
                  donor: segments.DonorBlob | None = None,
-                 stacked_on: tuple[str, str, dict[str, tuple]] | None = None,
+                 stacked_on: tuple | None = None,
                  beside=None) -> LayerDesc | None:
     """Archive `upper` into a blob and move it into the layer store; None if it holds no change.
 
     `segmented` (COPY layers, gzip only): the blob is a series of gzip members
-    (segments.py); with `digests` (image path -> hex content digest of the files
-    the COPY wrote, as bytes) the layer keeps an index of them, and members `donor`, the
-    last layer of the same COPY, already has are copied from its blob.
-    `stacked_on` is (chain ID, diff dir, path -> attributes of its files) of
-    the layer `upper` is stacked on (donor.py): those files are part of the
-    layer (diff.write_tar), and layer.json names it as the `base`. `beside(stats)` gives files (name -> bytes) to
+    (segments.py); with `digests` (its `get(image path)` gives the hex content
+    digest of a file the COPY wrote, as bytes) the layer keeps an index of
+    them, and members `donor`, the last layer of the same COPY, already has are
+    copied from its blob. `stacked_on` is (chain ID, diff dir, its files: see
+    diff.write_tar) of the layer `upper` is stacked on (donor.py): those
+    files are part of the layer, and layer.json names it as the `base`. `beside(stats)` gives files (name -> bytes) to
     install with the layer, from the walk's census (diff.DiffStats).
     """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP

@@ -42,7 +42,7 @@ class DiffStats:
 
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
               exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
-              segmenter=None, stacked_on: tuple[str, dict[str, tuple]] | None = None,
+              segmenter=None, stacked_on: tuple | None = None,
               census: bool = False) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
@@ -50,9 +50,10 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
     later ones get it, as BuildKit's rewrite-timestamp does. `segmenter`
     (segments.py) is told of every entry written, and of the end.
-    `stacked_on` is (a base layer's diff dir, path -> (size, mtime_ns, mode bits,
-    uid, gid) of its plain files): those files are entries too, read from
-    there (a stacked COPY layer, donor.py; their directories are in `root`).
+    `stacked_on` is (a base layer's diff dir, its files: `base_files()` gives
+    their paths, `attributes(path)` (size, mtime_ns, mode bits, uid, gid) of
+    each): those files are entries too, read from there (a stacked COPY
+    layer, donor.TableView; their directories are in `root`).
     `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
@@ -108,19 +109,16 @@ class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
-                 segmenter=None, stacked_on: tuple[str, dict[str, tuple]] | None = None):
+                 segmenter=None, stacked_on: tuple | None = None):
         self.root = root
-        # (a base layer's diff dir, dir name -> its file names, file name -> attributes)
+        # (a base layer's diff dir, dir name -> its file names, the files' attributes)
         self.base = None
         if stacked_on is not None:
             by_dir: dict[str, list[str]] = {}
-            attributes = {}
-            for path, attrs in stacked_on[1].items():
-                name = path.strip("/")
-                attributes[name] = attrs
-                parent, _, base = name.rpartition("/")
+            for path in stacked_on[1].base_files():
+                parent, _, base = path.strip("/").rpartition("/")
                 by_dir.setdefault(parent, []).append(base)
-            self.base = (stacked_on[0], by_dir, attributes)
+            self.base = (stacked_on[0], by_dir, stacked_on[1].attributes)
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
         self.seg = segmenter
         self.sink = sink
@@ -201,7 +199,7 @@ class _Walk:
                 os.close(self._base_dir[1])
                 self._base_dir = None
             self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
-        size, mtime_ns, perm, uid, gid = self.base[2][name]
+        size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         seconds, ns = divmod(mtime_ns, 1_000_000_000)
         header = tarformat.header(
             name, typeflag=tarformat.REGULAR, mode=perm, uid=uid, gid=gid, size=size,

@@ -54,12 +54,12 @@ COMPRESSOR = f"isal {isal.__version__} gzip level {compress.GZIP_LEVEL} pieces {
 class Segmenter:
     """Told of every entry the tar walk writes (diff.py); cuts the sink's stream into members.
 
-    `digests` maps an image path (`/app/x`) to the content digest of the file
-    there (hex, as bytes), or is None when nothing is known (no member is then
-    signed).
+    `digests.get(image path)` (`/app/x`) gives the content digest of the file
+    there (hex, as bytes) or None; `digests` is None when nothing is known (no
+    member is then signed).
     """
 
-    def __init__(self, sink, digests: dict[str, bytes] | None):
+    def __init__(self, sink, digests):
         self.sink = sink
         self.digests = digests
         self._since_cut = 0
