@@ -97,13 +97,13 @@ class Table:
         self.sources.append(source)
 
     def add_rows_of(self, other: "Table", rows) -> None:
-        """Add the rows `rows` (indexes) of `other`, as files the base holds."""
+        """Add the rows `rows` (numbers) of `other`, as files the base holds."""
         self.targets += [other.targets[i] for i in rows]
         digests = other.digests
         self.digests += b"".join([digests[i * 32:i * 32 + 32] for i in rows])
-        numbers = other.numbers
-        self.numbers.extend(array.array("q", [numbers[i * _NUMBERS + c] for i in rows
-                                              for c in range(_NUMBERS)]))
+        # (Whole rows of numbers, as bytes: one slice per row, not one item per number.)
+        raw, width = other.numbers.tobytes(), _NUMBERS * other.numbers.itemsize
+        self.numbers.frombytes(b"".join([raw[i * width:(i + 1) * width] for i in rows]))
         self.in_base += b"\1" * len(rows)
         self.sources += [other.sources[i] for i in rows]
 
