@@ -122,12 +122,16 @@ def copy_into_root(op: CopyOp, matched: "Matched | None" = None) -> dict:
     into_dir = op.dest_is_dir or _is_dir(dest) or op.parents
     deferred: dict[str, tuple] = {}            # target -> work; a later source wins
     provided: dict[str, int] = {}              # target -> the base's row (the same)
+    pending: dict[str, tuple] = {}             # new dirs in new dirs, made after the unmount
     dir_times: list[tuple[str, int]] = []
+    copier = None
     for gi, g in enumerate(op.groups):
+        if copier is not None:
+            copier.make_pending()     # (the next group's copier knows nothing of them)
         copier = _Copier(g.fd, uid, gid, op.chmod, gi, deferred,
                          keep_owners=g.keep_owners and not op.chown,
                          matched=matched if matched is not None and matched.stacks else None,
-                         provided=provided)
+                         provided=provided, pending=pending)
         for src in g.sources:
             base = dest
             if op.parents:
@@ -145,7 +149,7 @@ def copy_into_root(op: CopyOp, matched: "Matched | None" = None) -> dict:
                 copier.mkdir_parents(os.path.dirname(target) or "/")
                 copier.copy_entry(src.entries[0], target)
         dir_times += copier.dir_times
-    out = {"files": list(deferred.values()), "dirs": dir_times}
+    out = {"files": list(deferred.values()), "dirs": dir_times, "mkdirs": list(pending.items())}
     if provided:
         out["provided"] = array.array("q", provided.values()).tobytes()
         out["missing"] = [t for t in matched.donor.base_targets
@@ -229,6 +233,12 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
     """
     if entries is None:
         entries = prepare_finish(op)
+    for target, (ctx, src, perm, owner) in work["mkdirs"]:
+        path = upper + target
+        os.mkdir(path, 0o700)
+        os.chown(path, *owner)
+        os.chmod(path, perm)
+        _copy_dir_xattrs(ctx, src, path)
     donor = matched.donor
     todo: list[tuple] = []          # (item, the donor's copy to link and its digest, or None)
     for item in work["files"]:
@@ -377,7 +387,8 @@ class _Copier:
 
     def __init__(self, ctx_fd: int, uid: int, gid: int, chmod: int | str | None, group: int = 0,
                  deferred: dict | None = None, keep_owners: bool = False,
-                 matched: Matched | None = None, provided: dict | None = None):
+                 matched: Matched | None = None, provided: dict | None = None,
+                 pending: dict | None = None):
         self.ctx = ctx_fd
         self.uid = uid
         self.gid = gid
@@ -391,6 +402,11 @@ class _Copier:
         # With a base to stack on: target -> its row, for files the base already holds.
         self.matched = matched
         self.provided: dict[str, int] = {} if provided is None else provided
+        # New directories inside new directories: creating them through the overlay cost
+        # 0.3 ms each here (300 of them: 0.09 s of a rebuilt copy-30k), in the upper dir after
+        # the unmount a third of that. target -> (source group fd, source path, mode, owner);
+        # made now (make_pending) when something must be written into one before then.
+        self.pending: dict[str, tuple] | None = pending
         self.in_upper: set[str] = set()        # directories known to be in the upper dir
         # Directories this copier created (empty then), and the names it has used in them:
         # a name not used yet in one of them is free without asking the overlay (an lstat
@@ -399,6 +415,7 @@ class _Copier:
         self.used: set[str] = set()
 
     def mkdir_parents(self, path: str) -> None:
+        self.make_pending(path)
         missing = []
         p = path
         while p not in ("/", "") and not os.path.lexists(p):
@@ -423,7 +440,29 @@ class _Copier:
 
     def forget_fresh(self) -> None:
         """Something else wrote into the tree (an unpacked archive): ask the file system again."""
+        self.make_pending()
         self.fresh.clear()
+
+    def make_pending(self, path: str | None = None) -> None:
+        """Create the pending directories (those among `path` and its parents, or all) now,
+        through the overlay: something is about to be written into them."""
+        if not self.pending:
+            return
+        if path is None:
+            chain = list(self.pending)
+        else:
+            chain = []
+            while path not in ("/", ""):
+                if path in self.pending:
+                    chain.append(path)
+                path = _parent(path)
+            chain.reverse()
+        for target in chain:
+            ctx, src, perm, owner = self.pending.pop(target)
+            os.mkdir(target, 0o700)
+            os.chown(target, *owner)
+            os.chmod(target, perm)
+            _copy_dir_xattrs(ctx, src, target)
 
     def copy_tree(self, src: Source, dest: str) -> None:
         if os.path.lexists(dest) and not _is_dir(dest):
@@ -442,7 +481,15 @@ class _Copier:
         perm = stat.S_IMODE(mode) if self.chmod is None else \
             filemode.apply(self.chmod, mode, stat.S_ISDIR(mode))
         if stat.S_ISDIR(mode):
-            if self._is_free(target):
+            if self.pending is not None and target in self.pending:
+                existing = True           # (a later source's metadata wins, as on a real dir)
+            elif self._is_free(target):
+                if self.pending is not None:
+                    self.pending[target] = (self.ctx, e.src, perm, self._owner(e))
+                    self.fresh.add(target)
+                    self.dir_times.append((target, st.st_mtime_ns))
+                    self.in_upper.add(target)
+                    return
                 existing = None
             else:
                 try:
@@ -453,14 +500,20 @@ class _Copier:
                 os.mkdir(target, 0o700)
                 self.fresh.add(target)
                 self.used.add(target)
+            elif existing is True:
+                self.pending[target] = (self.ctx, e.src, perm, self._owner(e))
+                self.dir_times.append((target, st.st_mtime_ns))
+                return
             elif not stat.S_ISDIR(existing.st_mode):
                 raise CopyError(f"cannot copy the directory {e.src!r} to {target}: a file "
                                 "of that name is in the image")
             self._finish_entry(target, perm, e, is_link=False)
-            self._copy_dir_xattrs(e, target)
+            _copy_dir_xattrs(self.ctx, e.src, target)
             self.dir_times.append((target, st.st_mtime_ns))
             self.in_upper.add(target)
             return
+        if self.pending and not (stat.S_ISREG(mode) and st.st_nlink == 1):
+            self.make_pending(_parent(target))       # (written now, through the overlay)
         existed = False if self._is_free(target) else self._clear(target, e)
         if stat.S_ISREG(mode):
             if st.st_nlink == 1 and not existed:
@@ -488,6 +541,9 @@ class _Copier:
 
     def _clear(self, target: str, e) -> bool:
         """Make room for a non-directory at `target`; True if something was there."""
+        if self.pending and target in self.pending:
+            raise CopyError(f"cannot copy {e.src!r} to {target}: a directory of that name is "
+                            "in the image")
         try:
             existing = os.lstat(target)
         except FileNotFoundError:
@@ -560,27 +616,27 @@ class _Copier:
                 pass
         return bool(names)
 
-    def _copy_dir_xattrs(self, e, target: str) -> None:
-        """A source directory's xattrs on its copy (after its chown), as Docker copies them."""
-        src = os.open(e.src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=self.ctx)
-        try:
-            if not os.listxattr(src):
-                return
-            dst = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                self._copy_xattrs(src, dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-
     def _finish_entry(self, target: str, perm: int, e, *, is_link: bool) -> None:
         os.chown(target, *self._owner(e), follow_symlinks=False)
         if not is_link:
             os.chmod(target, perm)
         os.utime(target, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns), follow_symlinks=False)
 
+
+
+def _copy_dir_xattrs(ctx: int, src: str, target: str) -> None:
+    """A source directory's xattrs on its copy (after its chown), as Docker copies them."""
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ctx)
+    try:
+        if not os.listxattr(fd):
+            return
+        dst = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _Copier._copy_xattrs(fd, dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(fd)
 
 
 _PARALLEL_FROM = 256     # below this, forking workers costs more than it saves
