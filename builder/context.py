@@ -399,10 +399,12 @@ class BuildContext:
         """
         out: dict[str, tuple[str, str]] = {}
         unknown = []
+        # A new process (a `pybuild` command) remembers nothing yet: not asked 30,000 times.
+        memo = _known if _content_digests else lambda st: None
         for e in entries:
             if not stat.S_ISREG(e.st.st_mode):
                 continue
-            known = _known(e.st)
+            known = memo(e.st)
             if known is None:
                 known = self.stat_cache.get(e.src, e.st)
                 if known is None:
