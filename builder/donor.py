@@ -118,10 +118,11 @@ class TableView:
     members with (`get`), and a stacked layer's files in its base (from row `base_from`
     on; diff.write_tar's `stacked_on`)."""
 
-    def __init__(self, table: Table, base_from: int | None = None):
+    def __init__(self, table: Table, base_from: int | None = None, base_dirs=()):
         self.table = table
         self.index = {t: i for i, t in enumerate(table.targets)}
         self.base_from = base_from
+        self._base_dirs = list(base_dirs)
 
     def get(self, target: str) -> bytes | None:
         """The hex content digest of the file at `target`, as bytes."""
@@ -130,6 +131,10 @@ class TableView:
 
     def base_files(self) -> list[str]:
         return self.table.targets[self.base_from:] if self.base_from is not None else []
+
+    def base_dirs(self) -> list[str]:
+        """The directories of the new layer its own diff dir leaves to the base."""
+        return self._base_dirs
 
     def attributes(self, target: str) -> tuple[int, int, int, int, int]:
         """(size, mtime_ns, mode bits, uid, gid) of the file at `target`."""
@@ -255,14 +260,17 @@ class Donor:
         return (self.table.targets[i], numbers[k + GROUP], self.table.sources[i],
                 numbers[k + PERM], (numbers[k + UID], numbers[k + GID]))
 
-    def covered_by(self, upper: str, missing) -> bool:
+    def covered_by(self, upper: str, missing, new_dirs) -> bool:
         """Would the diff dir `upper` stacked on the base show exactly the new layer?
 
-        Every directory of the base must be a directory of `upper`, not opaque; every file
-        of the base is provided, or written, or else (`missing`) must be replaced by
-        another entry of `upper`.
+        Every directory of the base must be a directory of `upper`, not opaque, or one of
+        `new_dirs` (directories still to be made, none opaque); every file of the base is
+        provided, or written, or else (`missing`) must be replaced by another entry of
+        `upper`.
         """
         for d in self.base_dirs:
+            if d in new_dirs:
+                continue
             path = upper + d
             try:
                 st = os.lstat(path)

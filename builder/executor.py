@@ -444,7 +444,7 @@ class _CopyRecord:
             # is asked for its xattrs next time; most sources have the same.)
             self.table.add_rows_of(donor.table, provided)
             self.table.base = data["base"]
-            self.stacked_on = (data["base"], data["base_diff"], start)
+            self.stacked_on = (data["base"], data["base_diff"], start, data["dirs"])
 
     @property
     def rows(self) -> int:
@@ -454,7 +454,7 @@ class _CopyRecord:
         """The rows by target, for the commit (None if there are none)."""
         if not len(self.table):
             return None
-        return donors.TableView(self.table, self.stacked_on[2] if self.stacked_on else None)
+        return donors.TableView(self.table, *(self.stacked_on[2:] if self.stacked_on else ()))
 
     def beside(self, stats) -> dict[str, bytes]:
         """The layer's table, completed by the commit's census: a layer that is not stacked

@@ -233,13 +233,8 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
     """
     if entries is None:
         entries = prepare_finish(op)
-    for target, (ctx, src, perm, owner) in work["mkdirs"]:
-        path = upper + target
-        os.mkdir(path, 0o700)
-        os.chown(path, *owner)
-        os.chmod(path, perm)
-        _copy_dir_xattrs(ctx, src, path)
     donor = matched.donor
+    pending = dict(work["mkdirs"])       # target -> (source group fd, source path, mode, owner)
     todo: list[tuple] = []          # (item, the donor's copy to link and its digest, or None)
     for item in work["files"]:
         target, gi, src, perm, owner = item
@@ -247,17 +242,61 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
         todo.append((item, None if row is None else donor.copy_of(row)))
     provided = array.array("q")
     provided.frombytes(work.get("provided", b""))
-    if provided:
-        if donor.covered_by(upper, work["missing"]):
-            if op.record:
-                with open(os.path.join(op.record, STACKED), "wb") as f:
-                    f.write(marshal.dumps({"base": donor.base, "base_diff": donor.base_diff,
-                                           "rows": provided.tobytes()}))
-        else:
-            todo += [(donor.item_of(i), donor.copy_of(i)) for i in provided]   # linked instead
+    stacked = bool(provided) and donor.covered_by(upper, work["missing"], pending)
+    mtimes = {}
+    for path, mtime in reversed(work["dirs"]):
+        mtimes[path] = mtime             # (the first source's time is the one set last)
+    skipped = _left_to_base(donor, pending, mtimes, todo) if stacked else set()
+    for target, (ctx, src, perm, owner) in pending.items():
+        if target in skipped:
+            continue
+        path = upper + target
+        os.mkdir(path, 0o700)
+        os.chown(path, *owner)
+        os.chmod(path, perm)
+        _copy_dir_xattrs(ctx, src, path)
+    if stacked:
+        if op.record:
+            with open(os.path.join(op.record, STACKED), "wb") as f:
+                f.write(marshal.dumps({"base": donor.base, "base_diff": donor.base_diff,
+                                       "rows": provided.tobytes(), "dirs": sorted(skipped)}))
+    elif provided:
+        todo += [(donor.item_of(i), donor.copy_of(i)) for i in provided]   # linked instead
     _write_files(op, todo, entries, upper)
     for path, mtime in reversed(work["dirs"]):
-        os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
+        if path not in skipped:
+            os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
+
+
+def _left_to_base(donor: Donor, pending: dict, mtimes: dict, todo: list) -> set[str]:
+    """The pending directories a stacked layer need not make: the base has each exactly as
+    it would be made (mode, owner, time, no xattrs on either side), and nothing of the
+    layer's own goes in it or below it. Mounts show the base's, the commit reads it there
+    (diff.write_tar); 300 directories fewer to make for each rebuild of copy-30k."""
+    same = set()
+    for target, (ctx, src, perm, owner) in pending.items():
+        try:
+            st = os.lstat(donor.base_diff + target)
+            if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != perm \
+                    or (st.st_uid, st.st_gid) != owner or st.st_mtime_ns != mtimes.get(target) \
+                    or os.listxattr(donor.base_diff + target, follow_symlinks=False) \
+                    or os.listxattr(f"/proc/self/fd/{ctx}/{src}", follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        same.add(target)
+    needed: set[str] = set()
+
+    def need(path: str) -> None:
+        while path in pending and path not in needed:
+            needed.add(path)
+            path = _parent(path)
+    for (target, *_rest), _link in todo:
+        need(_parent(target))
+    for target in pending:
+        if target not in same:
+            need(target)
+    return same - needed
 
 
 def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> None:

@@ -130,12 +130,16 @@ def own_store(tmp_path, driver) -> str:
     return store_with_base(tmp_path, driver, "store")
 
 
+NESTED = {"src/d4/a/b/y.txt": "y\n", "src/d5/c/z.txt": "z\n"}
+
+
 def stacked_context(tmp_path):
     """A COPY, and a RUN after it that sees the copied files through the mount."""
     return write_context(tmp_path / "ctx", {
         "Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n"
-                      "RUN cat /app/d0/f0.txt /app/d1/f4.txt /app/d2/f5.txt > /seen\n",
-        **FILES})
+                      "RUN cat /app/d0/f0.txt /app/d1/f4.txt /app/d2/f5.txt /app/d4/a/b/y.txt"
+                      " > /seen\n",
+        **FILES, **NESTED})
 
 
 def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_files(
@@ -147,26 +151,31 @@ def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_f
     first = build(ctx, own_store)
     base, _ = copy_layer(store, first, -2)
     table = donor.read_table(os.path.join(store.layers.path(base), donor.TABLE))
-    assert table.base is None and sorted(table.dirs) == ["/app", "/app/d0", "/app/d1", "/app/d2"]
-    assert len(table) == len(FILES)
+    assert table.base is None and sorted(table.dirs) == [
+        "/app", "/app/d0", "/app/d1", "/app/d2", "/app/d4", "/app/d4/a", "/app/d4/a/b",
+        "/app/d5", "/app/d5/c"]
+    assert len(table) == len(FILES) + len(NESTED)
 
     (ctx / "src/d0/f0.txt").write_text("changed content\n")                 # content
     os.chmod(ctx / "src/d1/f1.txt", 0o600)                                  # mode
     (ctx / "src/d1/new.txt").write_text("new\n")                            # added
     (ctx / "src/d3").mkdir()
     (ctx / "src/d3/deep.txt").write_text("deeper\n")                        # in a new dir
+    os.utime(ctx / "src/d5/c", ns=(0, 10**18))                             # a dir's time
     second = build(ctx, own_store)
     chain, new = copy_layer(store, second, -2)
     assert store.layers.base(chain) == base
-    # The new diff dir holds what changed and every directory, nothing else.
+    # The new diff dir holds what changed and the directories it is in, nothing else: d2
+    # and d4 with its subdirectories, unchanged in the base, are the base's.
     held = sorted(os.path.relpath(os.path.join(d, f), new) for d, dirs, files in os.walk(new)
                   for f in dirs + files)
     assert held == ["app", "app/d0", "app/d0/f0.txt", "app/d1", "app/d1/f1.txt",
-                    "app/d1/new.txt", "app/d2", "app/d3", "app/d3/deep.txt"]
+                    "app/d1/new.txt", "app/d3", "app/d3/deep.txt", "app/d5", "app/d5/c"]
+    assert os.stat(f"{new}/app/d5/c").st_mtime_ns == 10**18
     # The RUN after it read the unchanged files through the stacked mount.
     run_layer = layer_files(store, second.layers[-1])
     assert run_layer["seen"] == (b"changed content\n" + FILES["src/d1/f4.txt"].encode()
-                                 + FILES["src/d2/f5.txt"].encode())
+                                 + FILES["src/d2/f5.txt"].encode() + b"y\n")
 
     # A cold build of the same files (in a store of its own: here its layer would be the
     # next build's donor) gives the same layer.
@@ -178,8 +187,9 @@ def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_f
     proc = run_pybuild("run", "--rm", second.id, "sh", "-c",
                        "find /app | sort; stat -c %a /app/d1/f1.txt; cat /app/d2/f8.txt",
                        root=own_store, check=True)
-    listing = sorted("app/" + rel.removeprefix("src/") for rel in FILES) + [
-        "app/d0", "app/d1", "app/d1/new.txt", "app/d2", "app/d3", "app/d3/deep.txt"]
+    listing = sorted("app/" + rel.removeprefix("src/") for rel in {**FILES, **NESTED}) + [
+        "app/d0", "app/d1", "app/d1/new.txt", "app/d2", "app/d3", "app/d3/deep.txt",
+        "app/d4", "app/d4/a", "app/d4/a/b", "app/d5", "app/d5/c"]
     out = proc.stdout.decode().split("\n")
     assert out[:len(listing) + 1] == ["/app"] + sorted("/" + p for p in listing)
     assert out[len(listing) + 1:] == ["600", *FILES["src/d2/f8.txt"].split("\n")]

@@ -50,10 +50,11 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     `clamp_mtime` (SOURCE_DATE_EPOCH) is the latest time an entry may have:
     later ones get it, as BuildKit's rewrite-timestamp does. `segmenter`
     (segments.py) is told of every entry written, and of the end.
-    `stacked_on` is (a base layer's diff dir, its files: `base_files()` gives
-    their paths, `attributes(path)` (size, mtime_ns, mode bits, uid, gid) of
-    each): those files are entries too, read from there (a stacked COPY
-    layer, donor.TableView; their directories are in `root`).
+    `stacked_on` is (a base layer's diff dir, its entries: `base_files()` gives
+    the paths of files, `attributes(path)` (size, mtime_ns, mode bits, uid,
+    gid) of each, `base_dirs()` the paths of directories `root` does not
+    have): those are entries too, read from there (a stacked COPY layer,
+    donor.TableView; the files' other directories are in `root`).
     `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
@@ -111,14 +112,19 @@ class _Walk:
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
                  segmenter=None, stacked_on: tuple | None = None):
         self.root = root
-        # (a base layer's diff dir, dir name -> its file names, the files' attributes)
+        # (a base layer's diff dir, dir name -> its file names, the files' attributes,
+        #  dir name -> the names of its directories that only the base has)
         self.base = None
         if stacked_on is not None:
             by_dir: dict[str, list[str]] = {}
             for path in stacked_on[1].base_files():
                 parent, _, base = path.strip("/").rpartition("/")
                 by_dir.setdefault(parent, []).append(base)
-            self.base = (stacked_on[0], by_dir, stacked_on[1].attributes)
+            dirs_by_dir: dict[str, list[str]] = {}
+            for path in stacked_on[1].base_dirs():
+                parent, _, base = path.strip("/").rpartition("/")
+                dirs_by_dir.setdefault(parent, []).append(base)
+            self.base = (stacked_on[0], by_dir, stacked_on[1].attributes, dirs_by_dir)
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
         self.seg = segmenter
         self.sink = sink
@@ -135,24 +141,29 @@ class _Walk:
         the sorted names still to write, and going back up opens `..`; so
         no depth exhausts Python's recursion limit or the descriptor limit.
         """
-        frames = [("", self._listing("", dfd), 0)]
+        # A frame: [the dir's name, its sorted entries, the next one, only in the base layer?]
+        frames = [["", self._listing("", dfd), 0, False]]
         try:
             while frames:
-                rel, names, i = frames[-1]
+                rel, names, i, base_only = frames[-1]
                 if i == len(names):
                     frames.pop()
-                    if frames:
+                    if frames and not base_only:
                         parent = os.open("..", _O_DIR, dir_fd=dfd)
                         os.close(dfd)
                         dfd = parent
                     continue
-                frames[-1] = (rel, names, i + 1)
+                frames[-1][2] = i + 1
                 base, is_dir, is_file = names[i][:3]
                 name = f"{rel}/{base}" if rel else base
                 if name in self.exclude:
                     continue
-                if len(names[i]) == 4:               # a file of the base layer
-                    self.base_file(rel, base, name)
+                if len(names[i]) == 4:               # a file or directory of the base layer
+                    if is_dir:
+                        self.base_dir(name)
+                        frames.append([name, self._listing(name, None), 0, True])
+                    else:
+                        self.base_file(rel, base, name)
                     continue
                 if not (is_dir or is_file):
                     # Symlinks, devices (whiteouts among them), fifos: they cannot be opened.
@@ -164,7 +175,7 @@ class _Walk:
                     st = os.fstat(fd)
                     if is_dir:
                         self.entry(name, st, fd)
-                        frames.append((name, self._listing(name, fd), 0))
+                        frames.append([name, self._listing(name, fd), 0, False])
                         os.close(dfd)
                         dfd, fd = fd, -1
                     elif not self.plain_file(name, st, fd):
@@ -178,15 +189,28 @@ class _Walk:
                 os.close(self._base_dir[1])
                 self._base_dir = None
 
-    def _listing(self, rel: str, dfd: int) -> list[tuple]:
-        """_listing(dfd), with the base layer's files in this directory (marked by a 4th item)."""
-        names = _listing(dfd)
-        extra = self.base[1].get(rel) if self.base is not None else None
-        if extra:
+    def _listing(self, rel: str, dfd: int | None) -> list[tuple]:
+        """_listing(dfd) (none for a directory only the base layer has), with the base layer's
+        files and directories that are part of this one here (marked by a 4th item)."""
+        names = _listing(dfd) if dfd is not None else []
+        if self.base is None:
+            return names
+        files, dirs = self.base[1].get(rel), self.base[3].get(rel)
+        if files or dirs:
             here = {n[0] for n in names}
-            names += [(n, False, True, True) for n in extra if n not in here]
+            names += [(n, False, True, True) for n in files or () if n not in here]
+            names += [(n, True, False, True) for n in dirs or () if n not in here]
             names.sort(key=lambda n: n[0])
         return names
+
+    def base_dir(self, name: str) -> None:
+        """Write the entry of a directory only the base layer has (donor.py: it is as the new
+        layer would have it, and nothing of the new layer's own is in it)."""
+        fd = os.open(os.path.join(self.base[0], name), _O_DIR)
+        try:
+            self.entry(name, os.fstat(fd), fd, strip=False)
+        finally:
+            os.close(fd)
 
     def base_file(self, rel: str, base: str, name: str) -> None:
         """Write the entry of a file the base layer holds, as plain_file() would.
