@@ -11,8 +11,8 @@ build never loads the sandbox, the tar writer or the compressor.
 
 from __future__ import annotations
 
-import fcntl
 import array
+import fcntl
 import hashlib
 import marshal
 import os
