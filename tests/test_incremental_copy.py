@@ -228,6 +228,22 @@ def test_a_stacked_layer_keeps_its_base_when_every_image_of_the_base_is_gone(
     assert not os.path.exists(base_diff)
 
 
+def test_a_stacked_layer_whose_base_is_gone_is_a_clear_error(tmp_path, own_store):
+    """A store damaged under a stacked layer (its base's dir removed by hand): running or
+    building on the image says which layer is missing, without a traceback."""
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    first = build(ctx, own_store)
+    base, base_diff = copy_layer(store, first)
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    build(ctx, own_store, tags=["stacked:damaged"])
+    shutil.rmtree(os.path.dirname(base_diff))
+    proc = run_pybuild("run", "--rm", "stacked:damaged", "true", root=own_store)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert f"layer {base}, which layer sha256:" in err and "is missing from the store" in err
+
+
 def test_a_copy_with_a_symlink_is_never_a_base(tmp_path, own_store):
     """A base must be nothing but directories and files of its table (donor.py): a
     symlink the next build no longer copies would still show through the stack."""
