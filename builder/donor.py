@@ -87,13 +87,13 @@ class Table:
         """Row `i`'s content digest, in hex."""
         return self.digests[i * 32:i * 32 + 32].hex()
 
-    def add(self, row: tuple, in_base: bool = False) -> None:
-        """Add a row made by row()."""
+    def add(self, row: tuple) -> None:
+        """Add a row made by row(), of a file in the layer's own diff dir."""
         target, digest, *numbers, source = row
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
         self.numbers.extend(numbers)
-        self.in_base.append(in_base)
+        self.in_base.append(0)
         self.sources.append(source)
 
     def add_rows_of(self, other: "Table", rows) -> None:
@@ -246,12 +246,6 @@ class Donor:
         """(where the donor's, or its base's, copy of row `i` is, its digest)."""
         table = self.table
         return self._homes[table.in_base[i]] + table.targets[i], table.digest(i)
-
-    def row_owner(self, i: int) -> tuple[int, int, int]:
-        """(mode bits, uid, gid) of row `i`."""
-        k = i * _NUMBERS
-        numbers = self.table.numbers
-        return numbers[k + PERM], numbers[k + UID], numbers[k + GID]
 
     def item_of(self, i: int) -> tuple:
         """Row `i` as fileops' work item: (target, group, source path, mode, owner)."""
