@@ -116,15 +116,8 @@ class _Walk:
         #  dir name -> the names of its directories that only the base has)
         self.base = None
         if stacked_on is not None:
-            by_dir: dict[str, list[str]] = {}
-            for path in stacked_on[1].base_files():
-                parent, _, base = path.strip("/").rpartition("/")
-                by_dir.setdefault(parent, []).append(base)
-            dirs_by_dir: dict[str, list[str]] = {}
-            for path in stacked_on[1].base_dirs():
-                parent, _, base = path.strip("/").rpartition("/")
-                dirs_by_dir.setdefault(parent, []).append(base)
-            self.base = (stacked_on[0], by_dir, stacked_on[1].attributes, dirs_by_dir)
+            self.base = (stacked_on[0], _by_parent(stacked_on[1].base_files()),
+                         stacked_on[1].attributes, _by_parent(stacked_on[1].base_dirs()))
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
         self.seg = segmenter
         self.sink = sink
@@ -231,15 +224,9 @@ class _Walk:
             mtime=min(int(seconds + ns * 1e-9), self.clamp))
         fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
         try:
-            _write_file(fd, name, size, self.sink, header)
+            self._file_entry(fd, name, size, header)
         finally:
             os.close(fd)
-        if self.seg is not None:
-            self.seg.entry(name, header, size)
-        self.stats.entries += 1
-        self.stats.content_bytes += size
-        if self.stats.files is not None:
-            self.stats.files.append(name)
 
     def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
         """Write a small regular file without xattrs (most of any layer) in one go; False if
@@ -251,17 +238,20 @@ class _Walk:
             if key in self.links:
                 return False             # a hard link to an earlier entry
             self.links[key] = name
-        header = tarformat.header(
+        self._file_entry(fd, name, st.st_size, tarformat.header(
             name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777, uid=st.st_uid,
-            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp))
-        _write_file(fd, name, st.st_size, self.sink, header)
+            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp)))
+        return True
+
+    def _file_entry(self, fd: int, name: str, size: int, header: bytes) -> None:
+        """Write a plain file's entry (`header`, then its content read from `fd`), and count it."""
+        _write_file(fd, name, size, self.sink, header)
         if self.seg is not None:
-            self.seg.entry(name, header, st.st_size)
+            self.seg.entry(name, header, size)
         self.stats.entries += 1
-        self.stats.content_bytes += st.st_size
+        self.stats.content_bytes += size
         if self.stats.files is not None:
             self.stats.files.append(name)
-        return True
 
     def entry(self, name: str, st: os.stat_result, target, strip: bool | None = None) -> None:
         """Write one entry (a directory's contents are run()'s business); `target` is its open
@@ -329,6 +319,15 @@ class _Walk:
                 stats.others += 1
         if self.seg is not None:
             self.seg.entry(name, header, size)
+
+
+def _by_parent(paths) -> dict[str, list[str]]:
+    """Image paths (`/app/x`) by the walk's name of their directory (`app`): their names."""
+    out: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, name = path.strip("/").rpartition("/")
+        out.setdefault(parent, []).append(name)
+    return out
 
 
 def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
