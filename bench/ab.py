@@ -61,7 +61,7 @@ class Version:
         return store
 
     def run(self, *args: str) -> tuple[float, str]:
-        seconds, _, out = bench.timed([sys.executable, "-m", "builder", *args], cwd=self.tree)
+        seconds, _, out, _ = bench.timed([sys.executable, "-m", "builder", *args], cwd=self.tree)
         return seconds, out
 
     def build(self, ctx: str, *extra: str) -> tuple[float, float | None]:

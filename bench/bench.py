@@ -15,7 +15,8 @@ hashes what it stores can do, timed with the tree in the page cache (as the
 builds find it); as root, the cold COPY is also run, and the floor timed,
 right after dropping the page cache. The cold COPY's note also gives `cp -a`
 of its tree, timed the same way: what writing those files costs the machine
-at all. Old stores are deleted after the last measurement, not before a
+at all; and the CPU seconds of the build, the floor and `cp -a` (what a
+ratio to the floor asks of two cores). Old stores are deleted after the last measurement, not before a
 cold build (see discard()).
 
 Prints one table: workload, tool, cold s, cached s, ratio to the best peer
@@ -45,8 +46,11 @@ REPEAT = 3      # --repeat: each timing is the median of this many runs
 
 # ---- running things --------------------------------------------------------------
 
-def timed(cmd: list[str], *, env=None, cwd=None, check=True) -> tuple[float, int, str]:
-    """(seconds, peak RSS of the process in KB, stderr+stdout) of one command.
+def timed(cmd: list[str], *, env=None, cwd=None, check=True) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS of the process in KB, stderr+stdout, CPU seconds) of one command.
+
+    The CPU seconds (user + system) are the command's and those of the processes it waited
+    for (a build's sandboxes, copy workers and hashing helpers; the shell's pipeline).
 
     Dirty pages of earlier runs are written back first (untimed): on a small
     VM disk, their writeback otherwise lands in whichever build comes next.
@@ -61,7 +65,7 @@ def timed(cmd: list[str], *, env=None, cwd=None, check=True) -> tuple[float, int
     text = out.decode(errors="replace")
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
-    return elapsed, usage.ru_maxrss, text
+    return elapsed, usage.ru_maxrss, text, usage.ru_utime + usage.ru_stime
 
 
 class Tool:
@@ -223,33 +227,33 @@ def many_runs(work: str, n: int) -> str:
     return ctx
 
 
-def copy_time(path: str, work: str) -> float:
-    """`cp -a` of the tree into a new dir of `work` (the median of REPEAT runs): what writing
-    its files costs this machine, the least a COPY that stores them as files can take on top
-    of the floor. Each copy is discarded (deleted at the end, see discard())."""
+def copy_time(path: str, work: str) -> tuple[float, float]:
+    """(seconds, CPU seconds) of `cp -a` of the tree into a new dir of `work` (the median of
+    REPEAT runs): what writing its files costs this machine, the least a COPY that stores them
+    as files can take on top of the floor. Each copy is discarded (deleted at the end, see
+    discard())."""
     def once():
         dest = os.path.join(work, f"cp-a-{time.time_ns()}")
-        seconds = timed(["cp", "-a", path, dest])[0]
+        seconds, _, _, cpu = timed(["cp", "-a", path, dest])
         discard(dest)
-        return (seconds,)
-    return median_run(once)[0][0]
+        return seconds, cpu
+    return median_run(once)[0]
 
 
-def floor(path: str, *, cold_cache: bool = False) -> float:
-    """`tar -c | sha256sum` of the tree (the median of REPEAT runs): with it in the page cache
-    (run once first), as the builds find their inputs; or, `cold_cache`, right after
-    dropping the page cache."""
-    command = f"tar -C {path} -cf - . | sha256sum > /dev/null"
+def floor(path: str, *, cold_cache: bool = False) -> tuple[float, float]:
+    """(seconds, CPU seconds) of `tar -c | sha256sum` of the tree (the median of REPEAT runs):
+    with it in the page cache (run once first), as the builds find their inputs; or,
+    `cold_cache`, right after dropping the page cache."""
+    command = ["sh", "-c", f"tar -C {path} -cf - . | sha256sum > /dev/null"]
     if not cold_cache:
-        subprocess.run(command, shell=True, check=True)
+        timed(command)
 
     def once():
         if cold_cache:
             drop_page_cache()
-        t0 = time.perf_counter()
-        subprocess.run(command, shell=True, check=True)
-        return (time.perf_counter() - t0,)
-    return median_run(once)[0][0]
+        seconds, _, _, cpu = timed(command)
+        return seconds, cpu
+    return median_run(once)[0]
 
 
 def can_drop_page_cache() -> bool:
@@ -325,8 +329,8 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
                                                                       cached=cached_range)))
     elif name == "copy-30k":
         ctx = copy_30k(work)
-        fl = floor(ctx)
-        cp_a = copy_time(ctx, work)
+        fl, floor_cpu = floor(ctx)
+        cp_a, cp_a_cpu = copy_time(ctx, work)
         path = os.path.join(ctx, "src", "d000", "f00000.dat")
 
         def change_one_file_and_build():
@@ -339,6 +343,9 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
             changed, changed_range = median_run(change_one_file_and_build)
             rows.append(dict(workload=name, tool=t.name, cold=cold[0], cached=cached[0],
                              rss=max(cold[1], cached[1], changed[1]), floor=fl, cp_a=cp_a,
+                             # (docker's client is not where its build runs)
+                             cpu=dict(build=cold[3], floor=floor_cpu, cp_a=cp_a_cpu)
+                             if t.name != "docker" else None,
                              ranges=dict(cold=cold_range, cached=cached_range)))
             # The issue's figure is the COPY step's own time ("plus the steps after it").
             copy_step = _step_times(changed[2]).get(2)
@@ -347,7 +354,7 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
                              ranges=dict(cold=changed_range)))
         if can_drop_page_cache():
             # The same cold build with nothing in the page cache, against the floor read so.
-            cold_floor = floor(ctx, cold_cache=True)
+            cold_floor = floor(ctx, cold_cache=True)[0]
             for t in tools:
                 def cold_cache_build():
                     drop_page_cache()
@@ -358,12 +365,12 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
                                  ranges=dict(cold=cold_range)))
     elif name == "run-256m":
         base_ctx, ctx = run_256m(work)
-        fl = floor(os.path.join(work, "run-256m-tree"))
+        fl = floor(os.path.join(work, "run-256m-tree"))[0]
         for t in tools:
             t.build(base_ctx, "bench-payload")
 
             def run_once():
-                seconds, rss, out = t.build(ctx, "bench-run256", cold=True, keep_store=True)
+                seconds, rss, out, _ = t.build(ctx, "bench-run256", cold=True, keep_store=True)
                 command = _command_time(out)
                 return seconds, rss, out, command, None if command is None else seconds - command
             # The median run by overhead (the build's time beyond the command's own).
@@ -377,7 +384,7 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
         ctx = many_runs(work, n)
         for t in tools:
             try:
-                cold, rss, out = t.build(ctx, f"bench-{name}", cold=True)
+                cold, rss, out, _ = t.build(ctx, f"bench-{name}", cold=True)
                 rows.append(dict(workload=name, tool=t.name, cold=cold, cached=None, rss=rss,
                                  steps=_step_times(out)))
             except RuntimeError as e:
@@ -434,6 +441,11 @@ def print_table(rows: list[dict]) -> None:
             notes.append(f"floor {fl:.2f}s")
         if r.get("cp_a") is not None:
             notes.append(f"cp -a {r['cp_a']:.2f}s ({r['cp_a'] / fl:.2f}x the floor)")
+        if r.get("cpu"):
+            # What the 2.5x-the-floor target asks of two cores: the cold build's CPU time
+            # beside the floor's and cp -a's (a COPY that stores files cannot spend less).
+            notes.append("CPU s: build {build:.2f}, floor {floor:.2f}, cp -a {cp_a:.2f}"
+                         .format(**r["cpu"]))
         if r.get("command") is not None:
             notes.append(f"command {r['command']:.2f}s, overhead {r['overhead']:.2f}s")
         if r.get("step") is not None:
