@@ -8,8 +8,9 @@ Builds bench.py's copy-30k context through the library (`builder.build`)
 with a few engine functions wrapped in timers, and prints one line per
 build: its total, and the seconds spent reading the step's inputs (context
 walk and digests), matching sources to the last layer's rows, in the COPY's
-processes (the chrooted pass and the copy into the upper dir), and in the
-commit (tar walk, hashes, blob). `cold` starts from a store holding only the
+processes, and in the commit (tar walk, hashes, blob); and, of the COPY's
+processes, the chrooted pass (what goes where) and the writing of the files
+into the upper dir after the unmount. `cold` starts from a store holding only the
 base image (the previous store is moved aside and deleted at the end, as
 bench.py does: see discard()); `unchanged` builds again; `one` appends a byte
 to one file first, as bench.py's "1 file changed" does.
@@ -36,20 +37,41 @@ from builder.layer import commit  # noqa: E402
 
 PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
           (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit")]
+# Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
+# through a descriptor opened before the fork (nothing of the host is visible after chroot).
+CHILD_PHASES = [(fileops, "copy_into_root", "chrooted pass"),
+                (fileops, "finish_in_upper", "files into the upper dir")]
 
 
-def timing(spent: dict) -> None:
-    """Wrap each phase's function so that its seconds add up in `spent` (by label)."""
-    for module, name, label in PHASES:
+def timing(spent: dict, child_log: int) -> None:
+    """Wrap each phase's function so that its seconds add up in `spent` (by label), or, in
+    the COPY's processes, are written to `child_log` as lines of `label<TAB>seconds`."""
+    for module, name, label in PHASES + CHILD_PHASES:
         real = getattr(module, name)
+        in_child = (module, name, label) in CHILD_PHASES
 
-        def timed(*args, _real=real, _label=label, **kwargs):
+        def timed(*args, _real=real, _label=label, _in_child=in_child, **kwargs):
             t0 = time.perf_counter()
             try:
                 return _real(*args, **kwargs)
             finally:
-                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                if _in_child:
+                    os.write(child_log, f"{_label}\t{seconds}\n".encode())
+                else:
+                    spent[_label] = spent.get(_label, 0.0) + seconds
         setattr(module, name, timed)
+
+
+def child_times(path: str) -> dict[str, float]:
+    """What the COPY's processes wrote to the log at `path` (emptied)."""
+    out: dict[str, float] = {}
+    with open(path, "r+", encoding="utf-8") as f:
+        for line in f:
+            label, _, seconds = line.rstrip("\n").partition("\t")
+            out[label] = out.get(label, 0.0) + float(seconds)
+        f.truncate(0)
+    return out
 
 
 def main() -> None:
@@ -66,7 +88,9 @@ def main() -> None:
     changed = os.path.join(ctx, "src", "d000", "f00000.dat")
     store = os.path.join(args.work, "store")
     spent: dict[str, float] = {}
-    timing(spent)
+    log_path = os.path.join(args.work, "child-phases.log")
+    child_log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    timing(spent, child_log)
     try:
         for kind in args.builds.split(","):
             if kind == "cold" or not os.path.exists(store):
@@ -80,10 +104,12 @@ def main() -> None:
             t0 = time.perf_counter()
             builder.build(ctx, tags=["phases-copy"], root=store)
             total = time.perf_counter() - t0
+            spent.update(child_times(log_path))
             print(f"{kind:9}  build {total:.3f} s  " +
-                  "  ".join(f"{label} {spent[label]:.3f}" for _, _, label in PHASES
+                  "  ".join(f"{label} {spent[label]:.3f}" for _, _, label in PHASES + CHILD_PHASES
                             if label in spent), flush=True)
     finally:
+        os.close(child_log)
         bench.empty_trash(args.work)
 
 
