@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import signal
@@ -25,6 +26,31 @@ from .errors import Interrupted, PybuildError, UsageError
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
+
+    def _get_formatter(self):
+        # argparse makes a formatter for every argument it is given (to check its metavar),
+        # and each one without a width asks the terminal for its size, the first importing
+        # shutil (and bz2 and lzma with it) to do so: 40 arguments of `build` and those
+        # imports were a few milliseconds of a fully cached build's 80.
+        if self.formatter_class is argparse.HelpFormatter:
+            return argparse.HelpFormatter(prog=self.prog, width=_help_width())
+        return super()._get_formatter()
+
+
+@functools.cache
+def _help_width() -> int:
+    """The width argparse would give help text (shutil.get_terminal_size's columns, less 2),
+    worked out once."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns - 2
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
