@@ -33,6 +33,7 @@ CACHE_VERSION = 2
 
 @dataclass(frozen=True)
 class StepKey:
+    """What a step's cache key is made of (digest() makes the key)."""
     parent: str
     instruction: dict
     build_args: tuple[tuple[str, str], ...] = ()
@@ -49,6 +50,7 @@ class StepKey:
 
 @dataclass
 class StepResult:
+    """What a cache entry gives back: the step's history entry, config and layer."""
     history: dict
     runtime: dict                          # the image's "config" block after the step
     layer: LayerDesc | None = None

@@ -66,6 +66,7 @@ XATTRS_MARK = "xattrs:"      # before an xattr digest, in a key line and in file
 
 @dataclass(frozen=True)
 class _Pattern:
+    """One .dockerignore line, compiled."""
     text: str
     regex: re.Pattern
     exclusion: bool

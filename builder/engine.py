@@ -118,6 +118,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
 
 @dataclass
 class _StagePlan:
+    """A stage to build: its base, its step numbers and the stages it waits for."""
     stage: ins.Stage
     label: str
     base_name: str

@@ -34,6 +34,7 @@ _UNSUPPORTED = ("oci-layout://", "http://", "https://", "git@", "git://", "ssh:/
 
 @dataclass(frozen=True)
 class NamedContexts:
+    """What --build-context gives: images that replace names, and named directories."""
     images: Mapping[str, str] = field(default_factory=dict)   # short image name -> reference
     dirs: Mapping[str, str] = field(default_factory=dict)     # name -> absolute directory
 

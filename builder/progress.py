@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True, eq=False)
 class Event:
+    """Something a build reports to its `on_event` callable; `kind` names it in JSON."""
     @property
     def kind(self) -> str:
         name = type(self).__name__
@@ -35,6 +36,7 @@ class Event:
 
 @dataclass(frozen=True, eq=False)
 class BuildStarted(Event):
+    """The build began: its Dockerfile, its context and how many steps it has."""
     dockerfile: str
     context: str
     steps: int
@@ -42,6 +44,7 @@ class BuildStarted(Event):
 
 @dataclass(frozen=True, eq=False)
 class StepStarted(Event):
+    """A step began (FROM included), with its instruction as history will show it."""
     step: int                 # 1-based, across the stages being built
     total: int
     stage: str
@@ -51,6 +54,7 @@ class StepStarted(Event):
 
 @dataclass(frozen=True, eq=False)
 class StepCached(Event):
+    """The step's result came from the step cache: nothing ran."""
     step: int
 
 
@@ -64,12 +68,14 @@ class CacheMiss(Event):
 
 @dataclass(frozen=True, eq=False)
 class StepOutput(Event):
+    """One line of a RUN step's output (stdout and stderr, in order)."""
     step: int
     line: str
 
 
 @dataclass(frozen=True, eq=False)
 class StepDone(Event):
+    """A step ended, cached or run, and how long it took."""
     step: int
     seconds: float
     cached: bool
@@ -91,11 +97,13 @@ class Transfer(Event):
 
 @dataclass(frozen=True, eq=False)
 class BuildWarning(Event):
+    """Something worth knowing that did not stop the build (an unused --build-arg)."""
     message: str
 
 
 @dataclass(frozen=True, eq=False)
 class BuildDone(Event):
+    """The image was stored: its ID, tags, and what the build ran and reused."""
     image_id: str
     tags: tuple[str, ...]
     seconds: float

@@ -25,6 +25,7 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 @dataclass(frozen=True)
 class Reference:
+    """An image reference, split: name (with registry), tag and digest."""
     name: str                 # as written, without tag/digest: "busybox", "127.0.0.1:5000/a/b"
     tag: str | None = None
     digest: str | None = None

@@ -113,6 +113,7 @@ class RunMount:
 
 @dataclass
 class Plan:
+    """What a step will do, worked out before its cache lookup: kind, key, effect."""
     kind: str                                       # meta | run | copy | workdir | arg
     instruction: dict                               # canonical, for the cache key
     created_by: str

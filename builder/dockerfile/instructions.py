@@ -20,6 +20,7 @@ from . import syntax
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Heredoc:
+    """A here-document of RUN, COPY or ADD (`<<EOF` ... `EOF`)."""
     name: str
     raw: str                 # the lines as written
     expand: bool             # an unquoted delimiter: variables in the content are expanded
@@ -34,6 +35,7 @@ class Heredoc:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Instruction:
+    """One instruction of a Dockerfile: where it is and its logical line as written."""
     line: int
     end_line: int
     text: str                # the logical line as written (for messages and history)
@@ -48,6 +50,7 @@ class Instruction:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class From(Instruction):
+    """FROM: the image or stage a stage starts from, its `AS` name and `--platform`."""
     image: str
     alias: str | None = None
     platform: str | None = None
@@ -73,6 +76,7 @@ class Mount:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Run(Instruction):
+    """RUN: a command run in the stage's root, with its mounts, network and here-documents."""
     command: tuple[str, ...]         # exec form: argv; shell form: (script,)
     exec_form: bool = False
     network: str | None = None       # None: the build's default
@@ -82,6 +86,7 @@ class Run(Instruction):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Copy(Instruction):
+    """COPY: sources (context, stage or image, here-documents) to a destination in the image."""
     sources: tuple[str, ...]
     dest: str
     chown: str | None = None
@@ -95,6 +100,7 @@ class Copy(Instruction):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Add(Copy):
+    """ADD: COPY that also fetches URLs and git repositories and unpacks local archives."""
     checksum: str | None = None
     keep_git_dir: bool = False
     unpack: bool | None = None
@@ -102,58 +108,69 @@ class Add(Copy):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Env(Instruction):
+    """ENV: variables set in the image's config and seen by the steps after it."""
     pairs: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Arg(Instruction):
+    """ARG: build arguments declared, with their defaults."""
     pairs: tuple[tuple[str, str | None], ...]    # (name, default or None)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Label(Instruction):
+    """LABEL: key-value pairs for the image's config."""
     pairs: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Cmd(Instruction):
+    """CMD: the container's default command (or the ENTRYPOINT's default arguments)."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Entrypoint(Instruction):
+    """ENTRYPOINT: the executable a container runs."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Workdir(Instruction):
+    """WORKDIR: the directory later steps and containers start in (made if missing)."""
     path: str
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class User(Instruction):
+    """USER: the user (and group) later RUN steps and containers run as."""
     user: str
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Expose(Instruction):
+    """EXPOSE: ports the image says it listens on (`80`, `53/udp`, `8000-8002`)."""
     ports: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Volume(Instruction):
+    """VOLUME: paths the image declares as volumes."""
     paths: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Stopsignal(Instruction):
+    """STOPSIGNAL: the signal that stops a container of the image."""
     signal: str
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Healthcheck(Instruction):
+    """HEALTHCHECK: the command that tells whether a container is healthy, or NONE."""
     test: tuple[str, ...]            # ("NONE",) | ("CMD", ...) | ("CMD-SHELL", cmd)
     interval: int = 0                # nanoseconds, 0 = inherit Docker's default
     timeout: int = 0
@@ -164,21 +181,25 @@ class Healthcheck(Instruction):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Shell(Instruction):
+    """SHELL: the argv shell-form commands run with."""
     argv: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Onbuild(Instruction):
+    """ONBUILD: an instruction kept in the image, run by builds FROM it."""
     expression: str                  # the trigger as written: "RUN make"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Maintainer(Instruction):
+    """MAINTAINER (deprecated): the image's author."""
     name: str
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Stage:
+    """One FROM and the instructions up to the next: one image of a multi-stage build."""
     index: int
     base: From
     instructions: tuple[Instruction, ...]
@@ -190,6 +211,7 @@ class Stage:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dockerfile:
+    """A parsed Dockerfile: its stages, the ARGs before the first FROM, parser warnings."""
     filename: str
     escape: str
     meta_args: tuple[Arg, ...]        # ARGs before the first FROM

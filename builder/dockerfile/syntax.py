@@ -65,6 +65,7 @@ class Node:
 
 @dataclass
 class Directives:
+    """The parser directives at the top of a Dockerfile (escape, syntax)."""
     escape: str = "\\"
     syntax: str | None = None
     seen: dict = field(default_factory=dict)
@@ -72,6 +73,7 @@ class Directives:
 
 @dataclass(frozen=True)
 class ParsedFile:
+    """A Dockerfile's lines as nodes, before instructions are made of them."""
     nodes: tuple[Node, ...]
     directives: Directives
     warnings: tuple[str, ...] = ()
