@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--builds", default="cold,unchanged,one,one,one",
                     help="comma-separated: cold, unchanged, one (one file changed)")
     args = ap.parse_args()
+    kinds = args.builds.split(",")
+    if not set(kinds) <= {"cold", "unchanged", "one"}:
+        ap.error(f"--builds {args.builds}: each must be cold, unchanged or one")
     os.makedirs(args.work, exist_ok=True)
     base_tar = os.path.join(args.work, "base.tar")
     if not os.path.exists(base_tar):
@@ -92,7 +95,7 @@ def main() -> None:
     child_log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
     timing(spent, child_log)
     try:
-        for kind in args.builds.split(","):
+        for kind in kinds:
             if kind == "cold" or not os.path.exists(store):
                 bench.discard(store)
                 bench.timed([sys.executable, "-m", "builder", "--root", store, "load", "-i",
