@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import StoreError
 from ..image import chain_ids
 
 
@@ -41,7 +42,7 @@ def collect(store, cache) -> Collected:
         for chain in list(chains):          # a stacked COPY layer needs its base (donor.py)
             try:
                 base = store.layers.base(chain)
-            except Exception:
+            except (StoreError, OSError, ValueError):
                 continue             # not in the store (or damaged): nothing to keep for it
             if base is not None:
                 chains.add(base)
