@@ -16,8 +16,8 @@ builds find it); as root, the cold COPY is also run, and the floor timed,
 right after dropping the page cache. The cold COPY's note also gives `cp -a`
 of its tree, timed the same way: what writing those files costs the machine
 at all; and the CPU seconds of the build, the floor and `cp -a` (what a
-ratio to the floor asks of two cores). Old stores are deleted after the last measurement, not before a
-cold build (see discard()).
+ratio to the floor asks of two cores). Old stores are deleted after the last
+measurement, not before a cold build (see discard()).
 
 Prints one table: workload, tool, cold s, cached s, ratio to the best peer
 (cached, or cold where a workload has no cached run), ratio to the floor,

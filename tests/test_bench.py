@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import bench  # noqa: E402
 
@@ -28,7 +29,8 @@ def test_the_table_gives_the_ratio_to_the_floor_and_the_cpu_seconds(capsys, monk
         dict(workload="copy-30k", tool="pybuild", cold=2.4, cached=0.3, rss=120 * 1024, floor=0.48,
              cp_a=1.2, cpu=dict(build=5.0, floor=0.75, cp_a=1.15),
              ranges=dict(cold=(2.2, 2.9))),
-        dict(workload="copy-30k", tool="buildah", cold=19.0, cached=13.6, rss=90 * 1024, floor=0.48),
+        dict(workload="copy-30k", tool="buildah", cold=19.0, cached=13.6, rss=90 * 1024,
+             floor=0.48),
     ])
     mine, peer = capsys.readouterr().out.splitlines()[1:]
     assert mine.split()[:7] == ["copy-30k", "pybuild", "2.40", "0.30", "0.02x", "5.00x", "120"]

@@ -4,8 +4,9 @@ For files of 1 MB or more, fileops.copy_data asks the kernel for
 copy_file_range, which XFS and btrfs answer with a reflink when both files
 are on one filesystem: the copy takes no time and no space until either
 side is written, and then only the written side changes. Smaller files are
-copied into the page cache, where the commit reads them next. The test makes a small XFS on a loop device (skipped
-where the machine has none) holding both the context and the store.
+copied into the page cache, where the commit reads them next. The test
+makes a small XFS on a loop device (skipped where the machine has none)
+holding both the context and the store.
 """
 
 from __future__ import annotations

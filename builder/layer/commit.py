@@ -38,8 +38,9 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     them, and members `donor`, the last layer of the same COPY, already has are
     copied from its blob. `stacked_on` is (chain ID, diff dir, its files: see
     diff.write_tar) of the layer `upper` is stacked on (donor.py): those
-    files are part of the layer, and layer.json names it as the `base`. `beside(stats)` gives files (name -> bytes) to
-    install with the layer, from the walk's census (diff.DiffStats).
+    files are part of the layer, and layer.json names it as the `base`.
+    `beside(stats)` gives files (name -> bytes) to install with the layer,
+    from the walk's census (diff.DiffStats).
     """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
     segmented = segmented and compression == "gzip"
