@@ -8,7 +8,7 @@ Builds bench.py's copy-30k context through the library (`builder.build`)
 with a few engine functions wrapped in timers, and prints one line per
 build: its total, and the seconds spent reading the step's inputs (context
 walk and digests), matching sources to the last layer's rows, in the COPY's
-processes, and in the commit (tar walk, hashes, blob); and, of the COPY's
+processes, and in the commit (hashes, blob) and its tar walk (part of it); and, of the COPY's
 processes, the chrooted pass (what goes where) and the writing of the files
 into the upper dir after the unmount. `cold` starts from a store holding only the
 base image (the previous store is moved aside and deleted at the end, as
@@ -33,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 import builder  # noqa: E402
 from builder import engine, fileops, sandbox  # noqa: E402
-from builder.layer import commit  # noqa: E402
+from builder.layer import commit, diff  # noqa: E402
 
 PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
-          (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit")]
+          (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit"),
+          (diff, "write_tar", "tar walk")]
 # Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
 # through a descriptor opened before the fork (nothing of the host is visible after chroot).
 CHILD_PHASES = [(fileops, "copy_into_root", "chrooted pass"),

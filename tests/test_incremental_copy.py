@@ -23,7 +23,7 @@ import pytest
 import builder
 from builder import donor
 from builder.image import chain_ids
-from builder.layer import segments
+from builder.layer import segments, tarpack
 from builder.store import Store
 
 from conftest import BASE, busybox_context, layer_files, layer_tar, run_pybuild, write_context
@@ -226,6 +226,42 @@ def test_a_stacked_layer_keeps_its_base_when_every_image_of_the_base_is_gone(
     assert run_pybuild("rmi", "stacked:two", root=own_store).returncode == 0
     run_pybuild("prune", root=own_store, check=True)
     assert not os.path.exists(base_diff)
+
+
+def test_the_base_keeps_the_entries_a_stacked_commit_read_and_the_next_one_takes_them(
+        tmp_path, own_store, driver, monkeypatch):
+    """layer/tarpack.py: the first layer stacked on a base writes the base's entries into
+    its pack; the next takes them from there, and its layer is still a cold build's."""
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    first = build(ctx, own_store)
+    base, _ = copy_layer(store, first)
+    assert not os.path.exists(os.path.join(store.layers.path(base), tarpack.PACK))
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    build(ctx, own_store)
+    pack = tarpack.PackReader.open(store.layers.path(base), None)
+    assert sorted(pack.index) == sorted(
+        "app/" + rel.removeprefix("src/") for rel in FILES if rel != "src/d0/f0.txt")
+    pack.close()
+    assert os.listdir(store.tmp) == [] or all(n.endswith(".lock") for n in os.listdir(store.tmp))
+
+    taken = []
+    real_entry = tarpack.PackReader.entry
+    monkeypatch.setattr(tarpack.PackReader, "entry", lambda self, name, row: (
+        taken.append(name), real_entry(self, name, row))[1])
+    (ctx / "src/d1/f4.txt").write_text("three\n")
+    third = build(ctx, own_store)
+    chain, _ = copy_layer(store, third)
+    assert store.layers.base(chain) == base
+    # Every file the base provided came from the pack: all but the two changed ones.
+    assert sorted(taken) == sorted("app/" + rel.removeprefix("src/") for rel in FILES
+                                   if rel not in ("src/d0/f0.txt", "src/d1/f4.txt"))
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)          # (times and modes kept)
+    elsewhere = store_with_base(tmp_path, driver, "elsewhere")
+    alone = build(plain, elsewhere)
+    assert alone.layers[-1] == third.layers[-1]          # diff_id, blob digest and size
+    assert layer_files(store, third.layers[-1])["app/d1/f4.txt"] == b"three\n"
 
 
 def test_a_stacked_layer_whose_base_is_gone_is_a_clear_error(tmp_path, own_store):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import LayerError
 from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
-from . import compress, diff, extract, segments
+from . import compress, diff, extract, segments, tarpack
 
 
 def chain_of(parent_chain: str | None, diff_id: str) -> str:
@@ -44,18 +44,26 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
     segmented = segmented and compression == "gzip"
-    with store.blobs.writer() as blob, (
-            segments.SegmentedSink(blob, donor) if segmented
-            else compress.LayerSink(blob, algorithm=compression)) as sink:
-        stats = diff.write_tar(upper, sink, clamp_mtime=clamp_mtime,
-                               segmenter=segments.Segmenter(sink, digests) if segmented else None,
-                               stacked_on=stacked_on[1:] if stacked_on else None,
-                               census=beside is not None)
-        if stats.empty:
-            return None
-        sink.close()
-        digest = blob.commit()
-        size = blob.size
+    pack = _base_pack(store, stacked_on[0], clamp_mtime) if stacked_on else None
+    try:
+        with store.blobs.writer() as blob, (
+                segments.SegmentedSink(blob, donor) if segmented
+                else compress.LayerSink(blob, algorithm=compression)) as sink:
+            stats = diff.write_tar(
+                upper, sink, clamp_mtime=clamp_mtime,
+                segmenter=segments.Segmenter(sink, digests) if segmented else None,
+                stacked_on=stacked_on[1:] if stacked_on else None,
+                census=beside is not None, base_pack=pack)
+            if stats.empty:
+                return None
+            sink.close()
+            digest = blob.commit()
+            size = blob.size
+        if isinstance(pack, tarpack.PackWriter):
+            pack.install(store.layers.path(stacked_on[0]))
+    finally:
+        if pack is not None:
+            (pack.close if isinstance(pack, tarpack.PackReader) else pack.abort)()
     chain = chain_of(parent_chain, sink.diff_id)
     meta = _meta(sink.diff_id, digest, size, media_type, stats.content_bytes, parent_chain,
                  created_by)
@@ -66,6 +74,12 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
         files[segments.INDEX] = segments.encode_index(digest, sink.members)
     store.layers.install(chain, upper, meta, store.tmp, files)
     return LayerDesc(sink.diff_id, digest, size, media_type)
+
+
+def _base_pack(store, base_chain: str, clamp_mtime: int | None):
+    """The base layer's pack to read its entries from, or else one to write (tarpack.py)."""
+    reader = tarpack.PackReader.open(store.layers.path(base_chain), clamp_mtime)
+    return reader if reader is not None else tarpack.PackWriter(store.tmp, clamp_mtime)
 
 
 def _meta(diff_id, digest, size, media_type, content_size, parent, created_by=""):

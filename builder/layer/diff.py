@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import tarformat, whiteout
+from . import tarformat, tarpack, whiteout
 
 _READ = 1 << 20
 _MAX_TIME = 1 << 62
@@ -43,7 +43,7 @@ class DiffStats:
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
               exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
               segmenter=None, stacked_on: tuple | None = None,
-              census: bool = False) -> DiffStats:
+              census: bool = False, base_pack=None) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
     `exclude` names relative paths that are left out (with their contents).
@@ -55,10 +55,14 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     gid) of each, `base_dirs()` the paths of directories `root` does not
     have): those are entries too, read from there (a stacked COPY layer,
     donor.TableView; the files' other directories are in `root`).
+    `base_pack` (tarpack.py) with `stacked_on`: a PackReader the base's file
+    entries are taken from where it has them, or a PackWriter that is given
+    each one read from the base.
     `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
-                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on)
+                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on,
+                 base_pack)
     if census:
         walk.stats.dirs, walk.stats.files = [], []
     walk.run(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))   # (root: as named)
@@ -110,7 +114,7 @@ class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
-                 segmenter=None, stacked_on: tuple | None = None):
+                 segmenter=None, stacked_on: tuple | None = None, base_pack=None):
         self.root = root
         # (a base layer's diff dir, dir name -> its file names, the files' attributes,
         #  dir name -> the names of its directories that only the base has)
@@ -119,6 +123,8 @@ class _Walk:
             self.base = (stacked_on[0], _by_parent(stacked_on[1].base_files()),
                          stacked_on[1].attributes, _by_parent(stacked_on[1].base_dirs()))
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
+        self.pack_reader = base_pack if isinstance(base_pack, tarpack.PackReader) else None
+        self.pack_writer = base_pack if isinstance(base_pack, tarpack.PackWriter) else None
         self.seg = segmenter
         self.sink = sink
         self.strip = strip
@@ -209,14 +215,22 @@ class _Walk:
         """Write the entry of a file the base layer holds, as plain_file() would.
 
         Its attributes are the ones its row recorded (layer dirs never change, and a
-        base holds no xattrs, donor.py), so it is opened and read, not asked.
+        base holds no xattrs, donor.py), so it is opened and read, not asked; or its
+        whole entry is in the base's pack.
         """
+        row = self.base[2]("/" + name)
+        size, mtime_ns, perm, uid, gid = row
+        if self.pack_reader is not None:
+            found = self.pack_reader.entry(name, row)
+            if found is not None:
+                self.sink.write(found[1])
+                self._count(name, found[0], size)
+                return
         if self._base_dir is None or self._base_dir[0] != rel:
             if self._base_dir is not None:
                 os.close(self._base_dir[1])
                 self._base_dir = None
             self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
-        size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         seconds, ns = divmod(mtime_ns, 1_000_000_000)
         header = tarformat.header(
             name, typeflag=tarformat.REGULAR, mode=perm, uid=uid, gid=gid, size=size,
@@ -224,7 +238,13 @@ class _Walk:
             mtime=min(int(seconds + ns * 1e-9), self.clamp))
         fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
         try:
-            self._file_entry(fd, name, size, header)
+            if self.pack_writer is None or size > _READ:
+                self._file_entry(fd, name, size, header)
+                return
+            entry = header + _read_exactly(fd, name, size) + tarformat.pad(size)
+            self.sink.write(entry)
+            self.pack_writer.add(name, row, header, entry)
+            self._count(name, header, size)
         finally:
             os.close(fd)
 
@@ -246,6 +266,10 @@ class _Walk:
     def _file_entry(self, fd: int, name: str, size: int, header: bytes) -> None:
         """Write a plain file's entry (`header`, then its content read from `fd`), and count it."""
         _write_file(fd, name, size, self.sink, header)
+        self._count(name, header, size)
+
+    def _count(self, name: str, header, size: int) -> None:
+        """A plain file's entry was written: tell the segmenter, and count it."""
         if self.seg is not None:
             self.seg.entry(name, header, size)
         self.stats.entries += 1
@@ -334,10 +358,7 @@ def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
     """Write a regular file's entry: its `header`, then `size` bytes read from `fd`, padded."""
     if size <= _READ:
         # Most files: one read, one write of header, content and padding.
-        data = os.read(fd, size) if size else b""
-        if len(data) != size:
-            raise OSError(f"{name} shrank while it was being archived")
-        sink.write(header + data + tarformat.pad(size))
+        sink.write(header + _read_exactly(fd, name, size) + tarformat.pad(size))
         return
     sink.write(header)
     left = size
@@ -348,3 +369,11 @@ def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
         sink.write(chunk)
         left -= len(chunk)
     sink.write(tarformat.pad(size))
+
+
+def _read_exactly(fd: int, name: str, size: int) -> bytes:
+    """A small file's `size` bytes of content, read at once."""
+    data = os.read(fd, size) if size else b""
+    if len(data) != size:
+        raise OSError(f"{name} shrank while it was being archived")
+    return data

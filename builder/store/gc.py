@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import StoreError
 from ..image import chain_ids
+from ..layer import tarpack
 
 
 @dataclass
@@ -50,6 +51,7 @@ def collect(store, cache) -> Collected:
         for layer_store in (store.layers, store.flats, store.vfs_roots):
             for chain in layer_store.list():
                 if chain not in chains:
+                    out.bytes += tarpack.size_of(layer_store.path(chain))
                     try:
                         out.bytes += int(layer_store.meta(chain).get("content_size", 0))
                     except Exception:
@@ -116,10 +118,13 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
 
 
 def _layer_bytes(store, chain: str, blob_size: int) -> int:
+    """What keeping a layer costs: its blob, its files, and its pack of tar entries if a
+    stacked layer made it one (layer/tarpack.py)."""
+    kept = blob_size + tarpack.size_of(store.layers.path(chain))
     try:
-        return blob_size + int(store.layers.meta(chain).get("content_size", 0))
+        return kept + int(store.layers.meta(chain).get("content_size", 0))
     except Exception:
-        return blob_size
+        return kept
 
 
 def _prune_cache_mounts(store) -> int:
