@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from . import hashing, paths
 from .errors import BuildError
 from .forksafe import ForkSafeLock
-from .statcache import StatCache
+from .statcache import StatCache, settled
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MEMO_MAX = 262144       # files whose digests one process remembers (~40 MB at most)
@@ -442,18 +442,58 @@ class BuildContext:
     def digest(self, source: Source) -> str:
         """What the step cache knows of a source: names, types, modes, contents, xattrs; no
         times or owners."""
-        fingerprint, latest = _stat_fingerprint(source.entries)
+        rows = _stat_rows(source.entries)
+        fingerprint, latest = _stat_fingerprint(rows)
         known = self.stat_cache.tree(source.path, fingerprint)
         if known is None:
-            known = self._digest(source)
+            known = self._digest(source, rows)
             self.stat_cache.put_tree(source.path, fingerprint, known, latest)
         return known
 
-    def _digest(self, source: Source) -> str:
-        digests = self._file_digests(source.entries)
+    def _digest(self, source: Source, rows: list[tuple] | None = None) -> str:
+        """The digest of a source: the SHA-256 of a line per entry (_lines).
+
+        Made run by run (_runs): a run whose entries' stats are those the
+        store's stat cache kept with its lines is taken from there (statcache.py).
+        """
+        entries = source.entries
+        rows = _stat_rows(entries) if rows is None else rows
+        kept = self.stat_cache.runs(source.path)
+        runs = []                                   # [start, end, fingerprint, text, table]
+        todo = []
+        for start, end in _runs(entries):
+            fingerprint = hashlib.sha256(marshal.dumps(rows[start:end], 0)).digest()
+            hit = kept.get(entries[start].src)
+            if isinstance(hit, tuple) and len(hit) == 3 and hit[0] == fingerprint:
+                runs.append((start, end, fingerprint, hit[1], hit[2]))
+            else:
+                runs.append((start, end, fingerprint, None, None))
+                todo += entries[start:end]
+        digests = self._file_digests(todo)
+        texts, table, keep = [], {}, {}
+        learned = False
+        for start, end, fingerprint, text, part in runs:
+            if text is None:
+                text, part = self._lines(entries[start:end], digests)
+                # (not kept while a file in it may change again unseen: statcache.py)
+                if settled(max(max(r[4], r[5]) for r in rows[start:end])):
+                    keep[entries[start].src] = (fingerprint, text, part)
+                    learned = True
+            else:
+                keep[entries[start].src] = (fingerprint, text, part)
+            texts.append(text)
+            table.update(part)
+        if learned:
+            self.stat_cache.put_runs(source.path, keep)
+        self._tables = {source.path: (entries, table)}     # (the last one only)
+        return "sha256:" + hashlib.sha256("".join(texts).encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _lines(self, entries, digests: dict) -> tuple[str, dict]:
+        """(the digest's lines of `entries`, their rows of the file table); `digests` has
+        every regular file's (_file_digests)."""
         lines = []
         table = {}
-        for e in source.entries:
+        for e in entries:
             mode = e.st.st_mode
             content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e)
             perm = f"{stat.S_IMODE(mode):o}"
@@ -462,8 +502,7 @@ class BuildContext:
             lines.append(f"{line}\0{XATTRS_MARK}{xattrs}\n" if xattrs else line + "\n")
             table[e.src or "."] = (_kind(mode), perm,
                                    f"{content} {XATTRS_MARK}{xattrs}" if xattrs else content)
-        self._tables = {source.path: (source.entries, table)}     # (the last one only)
-        return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+        return "".join(lines), table
 
     def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
         """path in the context -> (type, mode, content digest or link target), for explain.py;
@@ -495,18 +534,41 @@ def _kind(mode: int) -> str:
         "dir" if stat.S_ISDIR(mode) else "other"
 
 
-def _stat_fingerprint(entries) -> tuple[str, int]:
-    """(a digest of every entry's name and stat, the latest mtime or ctime among them).
+def _stat_rows(entries) -> list[tuple]:
+    """Each entry's name and stat, as _stat_fingerprint() hashes them."""
+    return [(e.src, e.rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+             st.st_dev) for e in entries for st in (e.st,)]
+
+
+def _stat_fingerprint(rows: list[tuple]) -> tuple[str, int]:
+    """(a digest of every entry's name and stat (_stat_rows), the latest mtime or ctime).
 
     What a source's digest depends on moves one of these: content and xattrs
     move ctime (which only the kernel sets), a replaced file or symlink its
     inode. marshal's version 0 has no references and no interned strings, so
     the same rows give the same bytes in every run (and twice as fast as repr).
     """
-    rows = [(e.src, e.rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-             st.st_dev) for e in entries for st in (e.st,)]
     latest = max((max(r[4], r[5]) for r in rows), default=0)
     return hashlib.sha256(marshal.dumps(rows, 0)).hexdigest(), latest
+
+
+_RUN_MAX = 1000          # entries: a run is cut there even inside one directory
+
+
+def _runs(entries) -> list[tuple[int, int]]:
+    """(start, end) of each run of `entries` (in walk order) whose paths have the same parent
+    directory, at most _RUN_MAX long: the pieces of a digest kept and reused whole."""
+    out = []
+    start, previous = 0, None
+    for i, e in enumerate(entries):
+        parent = e.src.rpartition("/")[0]
+        if i and (parent != previous or i - start >= _RUN_MAX):
+            out.append((start, i))
+            start = i
+        previous = parent
+    if entries:
+        out.append((start, len(entries)))
+    return out
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -20,6 +20,14 @@ entry's name, type, mode, size, times or inode moved, the source's digest is
 the one computed last time, without a lookup per file. It is the unchanged
 rebuild's shortcut (30,000 files: 0.28 s of digests -> a 0.05 s
 fingerprint), and follows the same two-second rule.
+
+When a source did change, `<hash>.runs.marshal` keeps the rest of its
+digest's work: per run of entries in one directory (runs()), the
+fingerprint of their stats, their lines of the digest's text and their
+rows of the file table (context.py). A run whose stats did not move is
+taken whole, so editing one file of 30,000 recomputes one directory's
+lines, not 30,000 (0.14 s -> 0.04 s). It is read only when a source
+changed, and keeps only the runs of each source's last digest.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ _MAX_ENTRIES = 1_000_000
 _MAX_TREES = 64
 
 
+def settled(latest_ns: int) -> bool:
+    """Has nothing changed within the last two seconds (git's "racy clean" rule)?"""
+    return time.time_ns() - latest_ns >= _RACY_NS
+
+
 class StatCache:
     def __init__(self, directory: str | None, root: str):
         self.path = None
@@ -45,10 +58,13 @@ class StatCache:
             name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
             self.path = os.path.join(directory, name + ".marshal")
         self.trees_path = self.path[:-len(".marshal")] + ".trees.marshal" if self.path else None
+        self.runs_path = self.path[:-len(".marshal")] + ".runs.marshal" if self.path else None
         self._entries: dict | None = None
         self._trees: dict | None = None
+        self._runs: dict | None = None
         self._changed = False
         self._trees_changed = False
+        self._runs_changed = False
         self._lock = threading.Lock()
 
     def _load(self) -> dict:
@@ -70,7 +86,7 @@ class StatCache:
 
     def put_tree(self, key: str, fingerprint: str, digest: str, latest_ns: int) -> None:
         """Keep a source's digest; `latest_ns` is the latest mtime or ctime among its entries."""
-        if time.time_ns() - latest_ns < _RACY_NS:
+        if not settled(latest_ns):
             return
         with self._lock:
             trees = self._load_trees()
@@ -79,6 +95,26 @@ class StatCache:
             while len(trees) > _MAX_TREES:
                 del trees[next(iter(trees))]     # the least recently kept
             self._trees_changed = True
+
+    def runs(self, key: str) -> dict:
+        """The runs kept for the source `key`: first entry's path -> (stat fingerprint, text,
+        table rows), as put_runs() was given them."""
+        if self._runs is None:
+            self._runs = read_marshal_dict(self.runs_path)
+        kept = self._runs.get(key)
+        return kept if isinstance(kept, dict) else {}
+
+    def put_runs(self, key: str, runs: dict) -> None:
+        """Keep the runs of the source `key`'s last digest (and only those: the caller leaves
+        out runs with a file changed in the last two seconds)."""
+        with self._lock:
+            if self._runs is None:
+                self._runs = read_marshal_dict(self.runs_path)
+            self._runs.pop(key, None)
+            self._runs[key] = runs
+            while len(self._runs) > _MAX_TREES:
+                del self._runs[next(iter(self._runs))]     # the least recently kept
+            self._runs_changed = True
 
     def get(self, rel: str, st: os.stat_result) -> tuple[str, str] | None:
         """(content digest, xattr digest or "") of a file whose stat has not changed."""
@@ -89,7 +125,7 @@ class StatCache:
         return None
 
     def put(self, rel: str, st: os.stat_result, digest: str, xattrs: str) -> None:
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+        if not settled(max(st.st_mtime_ns, st.st_ctime_ns)):
             return
         with self._lock:
             self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
@@ -102,6 +138,11 @@ class StatCache:
             with contextlib.suppress(OSError):
                 write_atomic(self.trees_path, marshal.dumps(self._trees))
             self._trees_changed = False
+        if self.runs_path and self._runs_changed and self._runs is not None:
+            os.makedirs(os.path.dirname(self.runs_path), exist_ok=True)
+            with contextlib.suppress(OSError):
+                write_atomic(self.runs_path, marshal.dumps(self._runs))
+            self._runs_changed = False
         if not (self.path and self._changed and self._entries is not None):
             return
         entries = self._entries

@@ -260,6 +260,54 @@ def test_xattrs_key_the_digest_through_the_stat_cache(tmp_path, monkeypatch):
     assert digest() == plain
 
 
+def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, monkeypatch):
+    """statcache.py's runs: a digest is made of runs of entries (a directory's, at most
+    _RUN_MAX); a run whose stats did not move is taken from the store, the others are
+    computed. Whatever was reused, the digest and the file table must be those of a
+    context with no cache at all, for every kind of change."""
+    from builder import context, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)          # cache even what was just written
+    monkeypatch.setattr(context, "_RUN_MAX", 3)            # runs inside one directory too
+    files = {f"src/d{i}/f{j}.txt": f"{i} {j}\n" for i in range(4) for j in range(5)}
+    ctx = write_context(tmp_path / "ctx", {**files, "src/top.txt": "top\n"})
+    cache = str(tmp_path / "cache")
+    computed = []
+    real_lines = context.BuildContext._lines
+    monkeypatch.setattr(context.BuildContext, "_lines", lambda self, entries, digests: (
+        computed.extend(e.src for e in entries), real_lines(self, entries, digests))[1])
+
+    def check(changed: set[str]) -> None:
+        """Digest with the cache, then without; `changed`: the runs' paths recomputed."""
+        context._content_digests.clear()                   # a new build process
+        computed.clear()
+        c = BuildContext(str(ctx), cache_dir=cache)
+        source = c.sources("src")[0]
+        got = c.digest(source)
+        table = c.file_table(source)
+        c.save()
+        assert set(computed) == changed
+        context._content_digests.clear()
+        fresh = BuildContext(str(ctx))
+        source = fresh.sources("src")[0]
+        assert got == fresh.digest(source) and table == fresh.file_table(source)
+
+    everything = {"src", "src/top.txt", "src/d0", "src/d1", "src/d2", "src/d3"} | {
+        p for p in files}
+    check(everything)
+    check(set())                                           # (the whole source's fingerprint)
+    (ctx / "src/d1/f3.txt").write_text("changed\n")
+    check({"src/d1/f3.txt", "src/d1/f4.txt"})              # the run of f3 and f4 alone
+    os.chmod(ctx / "src/d2/f0.txt", 0o600)
+    check({"src/d2/f0.txt", "src/d2/f1.txt", "src/d2/f2.txt"})
+    (ctx / "src/d3/f5.txt").write_text("new\n")            # an added file: its run, and
+    check({"src/d3", "src/d3/f3.txt", "src/d3/f4.txt", "src/d3/f5.txt"})   # its dir's time
+    os.unlink(ctx / "src/d0/f4.txt")
+    check({"src/d0", "src/d0/f3.txt"})
+    os.symlink("top.txt", ctx / "src/link")
+    (ctx / "src/d1").rename(ctx / "src/e1")                # runs move: others stay
+    check({"src", "src/e1", "src/link", "src/top.txt"} | {f"src/e1/f{j}.txt" for j in range(5)})
+
+
 def test_copy_leaves_out_overlays_own_xattrs_in_the_key_too():
     from builder import hashing
     from builder.layer import whiteout
