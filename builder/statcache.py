@@ -98,20 +98,30 @@ class StatCache:
 
     def runs(self, key: str) -> dict:
         """The runs kept for the source `key`: first entry's path -> (stat fingerprint, text,
-        table rows), as put_runs() was given them."""
-        if self._runs is None:
-            self._runs = read_marshal_dict(self.runs_path)
-        kept = self._runs.get(key)
+        table rows), as put_runs() was given them.
+
+        Each source's runs are kept marshalled (bytes) inside the file's dict, so
+        that only the source asked for becomes objects, and only while it is used.
+        """
+        with self._lock:
+            # (Not kept: put_runs() reads the file again, if it is called at all.)
+            kept = (self._runs if self._runs is not None
+                    else read_marshal_dict(self.runs_path)).get(key)
+        try:
+            kept = marshal.loads(kept) if isinstance(kept, bytes) else None
+        except (EOFError, ValueError, TypeError):
+            kept = None
         return kept if isinstance(kept, dict) else {}
 
     def put_runs(self, key: str, runs: dict) -> None:
         """Keep the runs of the source `key`'s last digest (and only those: the caller leaves
         out runs with a file changed in the last two seconds)."""
+        data = marshal.dumps(runs)
         with self._lock:
             if self._runs is None:
                 self._runs = read_marshal_dict(self.runs_path)
             self._runs.pop(key, None)
-            self._runs[key] = runs
+            self._runs[key] = data
             while len(self._runs) > _MAX_TREES:
                 del self._runs[next(iter(self._runs))]     # the least recently kept
             self._runs_changed = True

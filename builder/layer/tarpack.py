@@ -37,7 +37,7 @@ PACK = "tar-entries"          # in the layer's directory, beside diff/ and layer
 _OFFSET, _HEADER, _SIZE, _MTIME, _PERM, _UID, _GID = range(7)
 _NUMBERS = 7
 _TRAILER = struct.Struct("<Q")
-_WINDOW = 4 << 20             # bytes read at once
+_WINDOW = 1 << 20             # bytes read at once
 _CHUNK = 1 << 20              # bytes written at once
 
 
@@ -108,7 +108,7 @@ class PackReader:
             if len(self._window) < length:
                 raise OSError(f"{PACK} ends early (at byte {offset})")
         view = memoryview(self._window)[start:start + length]
-        return view[:header], view
+        return bytes(view[:header]), view
 
     def close(self) -> None:
         if self.fd >= 0:
