@@ -66,13 +66,15 @@ class Segmenter:
         self._parts: list[bytes] = []
         self._signable = digests is not None
 
-    def entry(self, name: str, header: bytes, size: int) -> None:
-        """An entry of `size` content bytes was written after `header` (all its header blocks)."""
+    def entry(self, name: str, header: bytes, size: int, digest=None) -> None:
+        """An entry of `size` content bytes was written after `header` (all its header blocks);
+        `digest`: its content digest (hex bytes), if the caller has it at hand."""
         self._since_cut += len(header) + size + (-size % tarformat.BLOCK)
         if self._signable:
             self._parts.append(header)
             if size:
-                digest = self.digests.get("/" + name)
+                if digest is None:
+                    digest = self.digests.get("/" + name)
                 if digest is None:
                     self._signable = False
                 else:

@@ -33,9 +33,10 @@ from . import compress
 
 PACK = "tar-entries"          # in the layer's directory, beside diff/ and layer.json
 
-# Per entry in the index: where it is, and the row (donor.TableView.attributes) it was made from.
-_OFFSET, _HEADER, _SIZE, _MTIME, _PERM, _UID, _GID = range(7)
-_NUMBERS = 7
+# Per entry in the index: where it is, and the row (donor.TableView.attributes) it was made
+# from, from ROW on (size, mtime_ns, mode bits, uid, gid).
+OFFSET, HEADER, ROW = 0, 1, 2
+NUMBERS = 7
 _TRAILER = struct.Struct("<Q")
 _WINDOW = 1 << 20             # bytes read at once
 _CHUNK = 1 << 20              # bytes written at once
@@ -76,11 +77,11 @@ class PackReader:
             numbers.frombytes(index["numbers"])
             names = index["names"]
             if index["clamp"] != clamp or not isinstance(names, list) \
-                    or len(numbers) != _NUMBERS * len(names):
+                    or len(numbers) != NUMBERS * len(names):
                 os.close(fd)
                 return None
-            ends = [numbers[k + _OFFSET] + numbers[k + _HEADER] + numbers[k + _SIZE]
-                    for k in range(0, len(numbers), _NUMBERS)]
+            ends = [numbers[k + OFFSET] + numbers[k + HEADER] + numbers[k + ROW]
+                    for k in range(0, len(numbers), NUMBERS)]
             if ends and max(ends) > at:
                 os.close(fd)
                 return None
@@ -89,17 +90,24 @@ class PackReader:
             return None
         return cls(fd, clamp, names, numbers)
 
-    def entry(self, name: str, row: tuple) -> tuple[memoryview, memoryview] | None:
+    def entry(self, name: str, row) -> tuple[bytes, memoryview] | None:
         """(header blocks, the whole entry) of the file `name` (the walk's name) made from
-        `row` (size, mtime_ns, mode bits, uid, gid), or None if the pack has no such entry."""
+        `row` (size, mtime_ns, mode bits, uid, gid: an array('q'), as a table keeps its
+        rows, or a tuple), or None if the pack has no such entry."""
         i = self.index.get(name)
         if i is None:
             return None
-        k = i * _NUMBERS
+        k = i * NUMBERS
         numbers = self.numbers
-        if tuple(numbers[k + _SIZE:k + _GID + 1]) != row:
+        if not isinstance(row, array.array):
+            row = array.array("q", row)
+        if numbers[k + ROW:k + NUMBERS] != row:
             return None
-        offset, header, size = numbers[k + _OFFSET], numbers[k + _HEADER], row[0]
+        return self.read(numbers[k + OFFSET], numbers[k + HEADER], row[0])
+
+    def read(self, offset: int, header: int, size: int) -> tuple[bytes, memoryview]:
+        """(header blocks, the whole entry) of the entry at `offset` with `header` bytes of
+        header and `size` of content (entry() found them in the index)."""
         length = header + size + (-size % 512)
         start = offset - self._start
         if start < 0 or start + length > len(self._window):
