@@ -184,6 +184,33 @@ def test_a_pack_that_cannot_be_installed_leaves_nothing_behind(tmp_path, stacked
     assert os.listdir(tmp) == []
 
 
+def test_a_full_disk_drops_the_pack_and_not_the_walk(tmp_path, stacked, monkeypatch):
+    """Writing the pack fails (ENOSPC, in its writing thread): the walk's tar is unchanged,
+    nothing is installed and the temp file is gone."""
+    import errno
+    monkeypatch.setattr(tarpack, "_CHUNK", 100)            # a write per entry or so
+    plain = walk(stacked)
+    tmp, layer = tmp_path / "tmp", tmp_path / "layer"
+    tmp.mkdir()
+    layer.mkdir()
+
+    class Full:
+        def __init__(self, path, mode, buffering):
+            self.real = open(path, mode, buffering=buffering)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.real.close()
+    monkeypatch.setattr(tarpack, "open", Full, raising=False)
+    writer = tarpack.PackWriter(str(tmp), None)
+    assert isinstance(writer._file, Full)
+    assert walk(stacked, writer) == plain
+    assert not writer.install(str(layer))
+    assert os.listdir(tmp) == [] and os.listdir(layer) == []
+
+
 def test_the_pack_is_read_in_windows_even_for_an_entry_bigger_than_one(tmp_path, stacked,
                                                                      monkeypatch):
     monkeypatch.setattr(tarpack, "_WINDOW", 600)
