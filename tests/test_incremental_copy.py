@@ -272,6 +272,27 @@ def test_the_base_keeps_the_entries_a_stacked_commit_read_and_the_next_one_takes
     assert layer_files(store, third.layers[-1])["app/d1/f4.txt"] == b"three\n"
 
 
+def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
+    """prune --keep-storage weighs a layer with its pack, and pruning the layer removes it
+    (and reports its bytes)."""
+    from builder.cache import StepCache
+    from builder.store import gc
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    base, _ = copy_layer(store, build(ctx, own_store, tags=["packed:one"]))
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    build(ctx, own_store, tags=["packed:two"])
+    pack = os.path.join(store.layers.path(base), tarpack.PACK)
+    size = os.stat(pack).st_size
+    assert size > sum(len(text) for text in FILES.values())
+    assert gc._layer_bytes(store, base, 100) == 100 + size + store.layers.meta(base)[
+        "content_size"]
+    run_pybuild("rmi", "packed:one", "packed:two", root=own_store, check=True)
+    pruned = gc.prune(store, StepCache(store))
+    assert not os.path.exists(store.layers.path(base))
+    assert pruned.collected.bytes >= size       # (the rest, blobs and files, is a few KB)
+
+
 def test_a_stacked_layer_whose_base_is_gone_is_a_clear_error(tmp_path, own_store):
     """A store damaged under a stacked layer (its base's dir removed by hand): running or
     building on the image says which layer is missing, without a traceback."""
