@@ -24,14 +24,15 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .record import record
 from .image import LayerDesc, canonical_json, chain_ids, digest_of
 
 CACHE_VERSION = 2
 
 
-@dataclass(frozen=True)
+@record
 class StepKey:
     """What a step's cache key is made of (digest() makes the key)."""
     parent: str
@@ -48,7 +49,7 @@ class StepKey:
         return digest_of(canonical_json(parts))
 
 
-@dataclass
+@record(frozen=False)
 class StepResult:
     """What a cache entry gives back: the step's history entry, config and layer."""
     history: dict

@@ -23,8 +23,9 @@ import os
 import signal
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 
+from .record import record
 from .errors import PybuildError, UsageError
 from .image import Image
 from .store import lock as store_lock
@@ -40,7 +41,7 @@ class ContainerNotFound(PybuildError):
                          hint="`pybuild ps -a` lists the containers")
 
 
-@dataclass
+@record(frozen=False)
 class Container:
     id: str
     name: str

@@ -26,6 +26,7 @@ import re
 import stat
 from dataclasses import dataclass
 
+from .record import record
 from . import hashing, paths
 from .errors import BuildError
 from .forksafe import ForkSafeLock
@@ -64,7 +65,7 @@ XATTRS_MARK = "xattrs:"      # before an xattr digest, in a key line and in file
 
 # ---- .dockerignore -----------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class _Pattern:
     """One .dockerignore line, compiled."""
     text: str
@@ -216,7 +217,7 @@ class Entry:
         return stat.S_ISDIR(self.st.st_mode)
 
 
-@dataclass(frozen=True)
+@record
 class Source:
     """One resolved COPY source: a file, or a directory with everything under it."""
     spec: str               # as written (after expansion)

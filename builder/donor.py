@@ -53,8 +53,8 @@ import array
 import marshal
 import os
 import stat
-from dataclasses import dataclass
 
+from .record import record
 from .layer import whiteout
 
 TABLE = "copied-3"      # in the layer's directory, beside diff/ and layer.json
@@ -177,7 +177,7 @@ def read_table(path: str) -> Table | None:
     return table
 
 
-@dataclass(frozen=True)
+@record
 class DonorSpec:
     """Where the donor is (made by the executor, opened by the COPY's process after unmount)."""
     chain: str                       # its chain ID

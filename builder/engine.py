@@ -22,9 +22,10 @@ import functools
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from collections.abc import Callable, Mapping
 
+from .record import record
 from . import cache as cachemod, explain, named_contexts, reference, snapshot, steps
 from .run_options import parse_add_host, parse_ulimit
 from .context import BuildContext
@@ -47,7 +48,7 @@ if TYPE_CHECKING:      # (imported when used: a cached build should not pay for 
 HISTORY_COMMENT = "pybuild.dockerfile.v0"
 
 
-@dataclass(frozen=True)
+@record
 class BuildOptions:
     """Everything that decides a build; the CLI and the library both fill one in."""
     context: str = "."
@@ -116,7 +117,7 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
     return Builder(opts, on_event).run()
 
 
-@dataclass
+@record(frozen=False)
 class _StagePlan:
     """A stage to build: its base, its step numbers and the stages it waits for."""
     stage: ins.Stage

@@ -31,8 +31,8 @@ import posixpath
 import stat
 import tarfile
 import zlib  # noqa: F401
-from dataclasses import dataclass
 
+from .record import record
 from . import filemode, paths, users
 from .layer import extract
 from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
@@ -43,7 +43,7 @@ from .sandbox import SetupError
 from .snapshot.overlay import mount_overlay
 
 
-@dataclass
+@record(frozen=False)
 class SourceGroup:
     """Sources that share a root directory."""
     root: str                                  # host path; for `lowers`, where they are mounted
@@ -56,7 +56,7 @@ class SourceGroup:
     fd: int = -1
 
 
-@dataclass(frozen=True)
+@record
 class CopyOp:
     groups: tuple[SourceGroup, ...]
     dest: str                       # absolute, inside the image
@@ -157,7 +157,7 @@ def copy_into_root(op: CopyOp, matched: "Matched | None" = None) -> dict:
     return out
 
 
-@dataclass
+@record(frozen=False)
 class Matched:
     """The donor of a COPY (donor.py), and what it holds unchanged of its sources."""
     donor: Donor | None = None

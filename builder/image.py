@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from cachetools import LRUCache
 
+from .record import record
 from .forksafe import ForkSafeLock
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -104,7 +105,7 @@ def is_host_platform(text: str) -> bool:
         _ARCH_ALIASES.get(parts[1], parts[1]) == host_architecture()
 
 
-@dataclass(frozen=True)
+@record
 class LayerDesc:
     """One layer as an image references it."""
     diff_id: str
@@ -116,7 +117,7 @@ class LayerDesc:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
 
 
-@dataclass
+@record(frozen=False)
 class Image:
     """An image in the store (or being built): config + manifest + where they live."""
     config: dict

@@ -16,14 +16,15 @@ The engine answers what only it knows (`named_dir`: which directory a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .record import record
 from . import paths, steps
 from .context import BuildContext, IgnoreRules, filter_excludes
 from .errors import BuildError
 
 
-@dataclass
+@record(frozen=False)
 class StepInputs:
     """What a step reads besides its parent: keyed into the cache, handed to the executor."""
     digests: list[str] = field(default_factory=list)

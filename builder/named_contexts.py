@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .record import record
 from .errors import UsageError
 from .reference import DEFAULT_REGISTRY, DEFAULT_TAG
 from . import reference
@@ -32,7 +33,7 @@ IMAGE_SCHEME = "docker-image://"
 _UNSUPPORTED = ("oci-layout://", "http://", "https://", "git@", "git://", "ssh://", "target:")
 
 
-@dataclass(frozen=True)
+@record
 class NamedContexts:
     """What --build-context gives: images that replace names, and named directories."""
     images: Mapping[str, str] = field(default_factory=dict)   # short image name -> reference

@@ -15,15 +15,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 
+from .record import record
 from .errors import UsageError
 
 TYPES = ("oci", "docker", "registry", "local", "tar")
 STDOUT = "-"
 
 
-@dataclass(frozen=True)
+@record
 class OutputSpec:
     type: str
     dest: str | None = None

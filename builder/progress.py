@@ -15,10 +15,12 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
+
+from .record import record
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class Event:
     """Something a build reports to its `on_event` callable; `kind` names it in JSON."""
     @property
@@ -34,7 +36,7 @@ class Event:
         return {"kind": self.kind, **data}
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class BuildStarted(Event):
     """The build began: its Dockerfile, its context and how many steps it has."""
     dockerfile: str
@@ -42,7 +44,7 @@ class BuildStarted(Event):
     steps: int
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class StepStarted(Event):
     """A step began (FROM included), with its instruction as history will show it."""
     step: int                 # 1-based, across the stages being built
@@ -52,13 +54,13 @@ class StepStarted(Event):
     line: int
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class StepCached(Event):
     """The step's result came from the step cache: nothing ran."""
     step: int
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class CacheMiss(Event):
     """A step will run: why its cache key found nothing (see explain.py)."""
     step: int
@@ -66,14 +68,14 @@ class CacheMiss(Event):
     details: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class StepOutput(Event):
     """One line of a RUN step's output (stdout and stderr, in order)."""
     step: int
     line: str
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class StepDone(Event):
     """A step ended, cached or run, and how long it took."""
     step: int
@@ -82,7 +84,7 @@ class StepDone(Event):
     layer_size: int | None = None      # compressed bytes of the layer it added, if any
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class Transfer(Event):
     """A blob moving to or from a registry (pull, push): a few times a second while it moves
     (`done` false), then once when it has arrived (`done` true)."""
@@ -95,13 +97,13 @@ class Transfer(Event):
     done: bool = True
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class BuildWarning(Event):
     """Something worth knowing that did not stop the build (an unused --build-arg)."""
     message: str
 
 
-@dataclass(frozen=True, eq=False)
+@record(eq=False)
 class BuildDone(Event):
     """The image was stored: its ID, tags, and what the build ran and reused."""
     image_id: str

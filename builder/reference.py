@@ -9,8 +9,8 @@ The store keeps the short, familiar form users type (`busybox:latest`,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from .record import record
 from .errors import UsageError
 
 DEFAULT_REGISTRY = "docker.io"
@@ -23,7 +23,7 @@ _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-@dataclass(frozen=True)
+@record
 class Reference:
     """An image reference, split: name (with registry), tag and digest."""
     name: str                 # as written, without tag/digest: "busybox", "127.0.0.1:5000/a/b"

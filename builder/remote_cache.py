@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 
+from .record import record
 from . import reference
 from .cache import StepResult
 from .errors import PybuildError, RegistryError, UsageError
@@ -41,7 +41,7 @@ CACHE_MEDIA = "application/vnd.pybuild.cache.v1+json"
 FORMAT = 1
 
 
-@dataclass(frozen=True)
+@record
 class CacheSpec:
     """One --cache-to or --cache-from: where the cache artifact is."""
     type: str                   # registry | local

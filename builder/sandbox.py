@@ -43,9 +43,10 @@ import socket
 import stat
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import field
 from collections.abc import Callable
 
+from .record import record
 from . import linux, paths, seccomp, users
 from .errors import BuildError
 from .snapshot.base import Snapshot
@@ -68,7 +69,7 @@ class SetupError(Exception):
         self.hint = hint
 
 
-@dataclass
+@record(frozen=False)
 class MountSpec:
     """An extra mount of a RUN (`--mount`), with host-side sources already prepared."""
     target: str                      # absolute path inside the image
@@ -89,7 +90,7 @@ class MountSpec:
 SHM_SIZE = 64 << 20                  # Docker's default /dev/shm
 
 
-@dataclass
+@record(frozen=False)
 class RunSpec:
     argv: list[str]
     env: list[str]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import posixpath
 import signal as _signal
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from collections.abc import Callable
 
+from .record import record
 from . import filemode
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word, expand_words
@@ -32,7 +33,7 @@ PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PRO
               "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
 
 
-@dataclass
+@record(frozen=False)
 class StageState:
     """The image a stage is building, as it stands before the next step.
 
@@ -81,7 +82,7 @@ class StageState:
         return [(k, self.env[k]) for k in self.args if k in self.env and image_env.get(k) != self.env[k]]
 
 
-@dataclass(frozen=True)
+@record
 class CopySource:
     """Where one COPY/ADD source comes from."""
     kind: str                   # context | stage | image | heredoc | url
@@ -90,7 +91,7 @@ class CopySource:
     content: str = ""           # heredoc body
 
 
-@dataclass(frozen=True)
+@record
 class RunMount:
     """A `RUN --mount`, expanded."""
     type: str
@@ -111,7 +112,7 @@ class RunMount:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "", False)}
 
 
-@dataclass
+@record(frozen=False)
 class Plan:
     """What a step will do, worked out before its cache lookup: kind, key, effect."""
     kind: str                                       # meta | run | copy | workdir | arg
@@ -141,7 +142,7 @@ class Plan:
     env_updates: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@record
 class BuildArgs:
     """What a step may need from the build as a whole."""
     values: dict[str, str]                          # --build-arg

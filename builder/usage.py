@@ -17,8 +17,9 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from .record import record
 from .cache import StepCache
 from .containers import Containers, tree_size
 from .image import chain_ids
@@ -29,7 +30,7 @@ _FS_NAMES = {0xEF53: "extfs", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994
              0xF2F52010: "f2fs", 0x5346544E: "ntfs"}
 
 
-@dataclass
+@record(frozen=False)
 class Kind:
     name: str
     total: int = 0
@@ -38,7 +39,7 @@ class Kind:
     reclaimable: int = 0
 
 
-@dataclass
+@record(frozen=False)
 class ImageUsage:
     repository: str
     tag: str
@@ -49,7 +50,7 @@ class ImageUsage:
     containers: int
 
 
-@dataclass
+@record(frozen=False)
 class ContainerUsage:
     short_id: str
     name: str
@@ -61,13 +62,13 @@ class ContainerUsage:
     status_text: str
 
 
-@dataclass
+@record(frozen=False)
 class VolumeUsage:
     name: str
     size: int
 
 
-@dataclass
+@record(frozen=False)
 class CacheUsage:
     id: str
     kind: str
@@ -77,7 +78,7 @@ class CacheUsage:
     shared: bool
 
 
-@dataclass
+@record(frozen=False)
 class Report:
     summary: list[Kind] = field(default_factory=list)
     images: list[ImageUsage] = field(default_factory=list)

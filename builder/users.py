@@ -10,14 +10,14 @@ the same number when the user is numeric.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .record import record
 
 
 class UnknownUser(LookupError):
     pass
 
 
-@dataclass(frozen=True)
+@record
 class ExecUser:
     uid: int
     gid: int

@@ -12,13 +12,14 @@ JSON. Every error names the file and line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from ..record import record
 from ..errors import DockerfileError
 from . import syntax
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Heredoc:
     """A here-document of RUN, COPY or ADD (`<<EOF` ... `EOF`)."""
     name: str
@@ -33,7 +34,7 @@ class Heredoc:
         return "".join(line.lstrip("\t") for line in self.raw.splitlines(keepends=True))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Instruction:
     """One instruction of a Dockerfile: where it is and its logical line as written."""
     line: int
@@ -48,7 +49,7 @@ class Instruction:
         return _repr(self)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class From(Instruction):
     """FROM: the image or stage a stage starts from, its `AS` name and `--platform`."""
     image: str
@@ -56,7 +57,7 @@ class From(Instruction):
     platform: str | None = None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Mount:
     """One `RUN --mount=...`, as written (values unexpanded)."""
     type: str                                   # bind | cache | tmpfs | secret | ssh
@@ -74,7 +75,7 @@ class Mount:
     env: str | None = None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Run(Instruction):
     """RUN: a command run in the stage's root, with its mounts, network and here-documents."""
     command: tuple[str, ...]         # exec form: argv; shell form: (script,)
@@ -84,7 +85,7 @@ class Run(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Copy(Instruction):
     """COPY: sources (context, stage or image, here-documents) to a destination in the image."""
     sources: tuple[str, ...]
@@ -98,7 +99,7 @@ class Copy(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Add(Copy):
     """ADD: COPY that also fetches URLs and git repositories and unpacks local archives."""
     checksum: str | None = None
@@ -106,69 +107,69 @@ class Add(Copy):
     unpack: bool | None = None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Env(Instruction):
     """ENV: variables set in the image's config and seen by the steps after it."""
     pairs: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Arg(Instruction):
     """ARG: build arguments declared, with their defaults."""
     pairs: tuple[tuple[str, str | None], ...]    # (name, default or None)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Label(Instruction):
     """LABEL: key-value pairs for the image's config."""
     pairs: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Cmd(Instruction):
     """CMD: the container's default command (or the ENTRYPOINT's default arguments)."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Entrypoint(Instruction):
     """ENTRYPOINT: the executable a container runs."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Workdir(Instruction):
     """WORKDIR: the directory later steps and containers start in (made if missing)."""
     path: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class User(Instruction):
     """USER: the user (and group) later RUN steps and containers run as."""
     user: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Expose(Instruction):
     """EXPOSE: ports the image says it listens on (`80`, `53/udp`, `8000-8002`)."""
     ports: tuple[str, ...]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Volume(Instruction):
     """VOLUME: paths the image declares as volumes."""
     paths: tuple[str, ...]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Stopsignal(Instruction):
     """STOPSIGNAL: the signal that stops a container of the image."""
     signal: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Healthcheck(Instruction):
     """HEALTHCHECK: the command that tells whether a container is healthy, or NONE."""
     test: tuple[str, ...]            # ("NONE",) | ("CMD", ...) | ("CMD-SHELL", cmd)
@@ -179,25 +180,25 @@ class Healthcheck(Instruction):
     retries: int = 0
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Shell(Instruction):
     """SHELL: the argv shell-form commands run with."""
     argv: tuple[str, ...]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Onbuild(Instruction):
     """ONBUILD: an instruction kept in the image, run by builds FROM it."""
     expression: str                  # the trigger as written: "RUN make"
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Maintainer(Instruction):
     """MAINTAINER (deprecated): the image's author."""
     name: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Stage:
     """One FROM and the instructions up to the next: one image of a multi-stage build."""
     index: int
@@ -209,7 +210,7 @@ class Stage:
         return self.base.alias
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(eq=False, repr=False)
 class Dockerfile:
     """A parsed Dockerfile: its stages, the ARGs before the first FROM, parser warnings."""
     filename: str

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from ..record import record
 from ..errors import DockerfileError
 
 _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
@@ -32,7 +33,7 @@ _WHITESPACE = re.compile(r"[\t\v\f\r ]+")
 _KNOWN_DIRECTIVES = ("escape", "syntax", "check")
 
 
-@dataclass(frozen=True)
+@record
 class Node:
     """One parsed instruction, before any meaning is given to it.
 
@@ -63,7 +64,7 @@ class Node:
         return out.strip()
 
 
-@dataclass
+@record(frozen=False)
 class Directives:
     """The parser directives at the top of a Dockerfile (escape, syntax)."""
     escape: str = "\\"
@@ -71,7 +72,7 @@ class Directives:
     seen: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class ParsedFile:
     """A Dockerfile's lines as nodes, before instructions are made of them."""
     nodes: tuple[Node, ...]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
 
+from ..record import record
 from ..errors import LayerError
 from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
 from . import compress, diff, extract, segments, tarpack
@@ -143,7 +143,7 @@ def _check_digest(what: str, got: str, expected: str) -> None:
                          hint="the archive or registry copy is corrupt or was tampered with")
 
 
-@dataclass(frozen=True)
+@record
 class Ingested:
     layer: LayerDesc
     new_layer: bool         # this call installed the layer dir (nobody else had)

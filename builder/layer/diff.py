@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 
+from ..record import record
 from .. import donor
 from . import tarformat, tarpack, whiteout
 
@@ -26,7 +26,7 @@ _READ = 1 << 20
 _MAX_TIME = 1 << 62
 
 
-@dataclass
+@record(frozen=False)
 class DiffStats:
     entries: int = 0
     content_bytes: int = 0     # the sum of regular file sizes: what `history` shows

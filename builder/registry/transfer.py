@@ -22,8 +22,8 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 
+from ..record import record
 from .. import reference
 from ..errors import Interrupted, RegistryError, UsageError
 from ..image import Image, LayerDesc, chain_ids, digest_of, host_architecture
@@ -190,7 +190,7 @@ def pull_layer(store, client: Client, repo: str, desc: dict, parent_chain: str |
 
 # ---- push ------------------------------------------------------------------------------
 
-@dataclass
+@record(frozen=False)
 class PushResult:
     reference: str
     digest: str

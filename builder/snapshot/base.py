@@ -22,10 +22,12 @@ The life of a snapshot, and who calls what:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from ..record import record
 
 
-@dataclass
+@record(frozen=False)
 class Snapshot:
     store_root: str           # working directory for the relative lower paths
     lowers: list[str]         # topmost first, relative to store_root (or absolute)

@@ -8,14 +8,14 @@ the GC lock shared); when one does, removal is left for a later `rmi` or
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
+from ..record import record
 from ..errors import StoreError
 from ..image import chain_ids
 from ..layer import tarpack
 
 
-@dataclass
+@record(frozen=False)
 class Collected:
     layers: int = 0
     blobs: int = 0
@@ -71,7 +71,7 @@ def collect(store, cache) -> Collected:
         os.close(fd)
 
 
-@dataclass
+@record(frozen=False)
 class Pruned:
     entries: int = 0
     mounts: int = 0
