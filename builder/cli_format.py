@@ -7,7 +7,6 @@ row, columns separated by `\\t`, aligned as `docker ps` aligns them).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
 import time
@@ -54,7 +53,8 @@ def ago(when: float | str) -> str:
                 head, _, rest = text.partition(".")
                 digits = re.match(r"\d*", rest).group(0)
                 text = head + "." + digits[:6].ljust(6, "0") + rest[len(digits):]
-            when = _dt.datetime.fromisoformat(text).timestamp()
+            import datetime      # (here: `build` never shows a time, and never imports it)
+            when = datetime.datetime.fromisoformat(text).timestamp()
         except ValueError:
             return "N/A"
     return duration(time.time() - when) + " ago"
