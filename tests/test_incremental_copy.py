@@ -293,6 +293,30 @@ def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
     assert pruned.collected.bytes >= size       # (the rest, blobs and files, is a few KB)
 
 
+def test_a_donor_whose_layer_json_is_damaged_is_not_used_and_says_so_elsewhere(tmp_path,
+                                                                               own_store):
+    """A hand-damaged layer.json: the next build of the COPY shares nothing with that layer
+    (and builds), and commands that read it say which layer is damaged, no traceback."""
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    first = build(ctx, own_store, tags=["damaged:one"])
+    chain, _ = copy_layer(store, first)
+    with open(os.path.join(store.layers.path(chain), "layer.json"), "w") as f:
+        f.write('{"diff_id": "sha256:')
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    proc = run_pybuild("build", "-t", "damaged:two", str(ctx), root=own_store)
+    assert proc.returncode == 0, proc.stderr.decode()
+    second = Store(own_store).resolve("damaged:two")
+    new, _ = copy_layer(store, second)
+    assert store.layers.base(new) is None           # not stacked on the damaged layer
+    assert layer_files(store, second.layers[-1])["app/d0/f0.txt"] == b"two\n"
+    assert run_pybuild("images", root=own_store).returncode == 0   # (its size counts as 0)
+    proc = run_pybuild("run", "--rm", "damaged:one", "true", root=own_store)
+    err = proc.stderr.decode()
+    assert proc.returncode == 6 and "Traceback" not in err
+    assert f"layer {chain} is damaged" in err and "hint: remove the images" in err
+
+
 def test_a_stacked_layer_whose_base_is_gone_is_a_clear_error(tmp_path, own_store):
     """A store damaged under a stacked layer (its base's dir removed by hand): running or
     building on the image says which layer is missing, without a traceback."""

@@ -58,11 +58,21 @@ class LayerStore:
         self._base_of.clear()
 
     def meta(self, chain_id: str) -> dict:
+        """The layer's layer.json; StoreError if it is missing, unreadable or damaged."""
+        path = os.path.join(self.path(chain_id), "layer.json")
         try:
-            with open(os.path.join(self.path(chain_id), "layer.json"), encoding="utf-8") as f:
-                return json.load(f)
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
         except FileNotFoundError:
             raise StoreError(f"layer {chain_id} is not in the store") from None
+        except (OSError, ValueError) as e:
+            meta = e
+        if not isinstance(meta, dict):
+            raise StoreError(f"layer {chain_id} is damaged: {path} is not a layer's description"
+                             f"{f' ({meta})' if isinstance(meta, Exception) else ''}",
+                             hint="remove the images that use it (pybuild rmi) and run "
+                                  "pybuild prune; a build makes the layer again")
+        return meta
 
     def link(self, chain_id: str) -> str:
         """`l/<short>` for this layer, relative to the store root."""
