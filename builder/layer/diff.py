@@ -278,22 +278,20 @@ class _Walk:
                 break                            # not a file the base holds
             name = prefix + item[0]
             if name not in exclude:
-                row, k = rows.get("/" + name), find(name)
-                if row is None or k is None:
+                row, entry = rows.get("/" + name), find(name)
+                if row is None or entry is None:
                     break
-                row *= donor.NUMBERS
-                k *= tarpack.NUMBERS
-                size = numbers[row + donor.SIZE]
+                r, k = row * donor.NUMBERS, entry * tarpack.NUMBERS     # (where in the columns)
+                size = numbers[r + donor.SIZE]
                 # The pack's entry was made from the same row (size, mtime, mode, owner).
                 if columns[k + tarpack.ROW:k + tarpack.NUMBERS] != \
-                        numbers[row + donor.SIZE:row + donor.GID + 1]:
+                        numbers[r + donor.SIZE:r + donor.GID + 1]:
                     break
                 header, data = pack.read(columns[k + tarpack.OFFSET],
                                          columns[k + tarpack.HEADER], size)
                 write(data)
                 if seg is not None:
-                    seg.entry(name, header, size, view.digest_of_row(row // donor.NUMBERS)
-                              if size else None)
+                    seg.entry(name, header, size, view.digest_of_row(row) if size else None)
                 stats.entries += 1
                 stats.content_bytes += size
                 if files is not None:
