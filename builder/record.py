@@ -23,10 +23,14 @@ loop, such as the context's entries (context.Entry).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 
 _MISSING = dataclasses.MISSING
 
 
+# (For type checkers: a @record class is a dataclass; its __init__ takes its fields.)
+@typing.dataclass_transform(field_specifiers=(dataclasses.field, dataclasses.Field))
 def record(cls=None, /, *, frozen: bool = True, eq: bool = True, repr: bool = True):
     def wrap(cls):
         return _make(cls, frozen, eq, repr)
@@ -47,6 +51,14 @@ def _make(cls, frozen: bool, eq: bool, repr: bool):
                             {f.name: f.default for f in fields if f.default is not _MISSING},
                             {f.name: f.default_factory for f in fields
                              if f.default_factory is not _MISSING})
+    # What help() and inspect.signature() show of it: the fields, as for a dataclass.
+    cls.__init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+            inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=f.default if f.default is not _MISSING
+                              else inspect.Parameter.empty if f.default_factory is _MISSING
+                              else _FACTORY, annotation=f.type)
+            for f in fields], return_annotation=None)
     cls.__record_repr__ = tuple(f.name for f in fields if f.repr)
     if repr and "__repr__" not in own:
         cls.__repr__ = _repr
@@ -59,6 +71,16 @@ def _make(cls, frozen: bool, eq: bool, repr: bool):
         cls.__setattr__ = _frozen_setattr
         cls.__delattr__ = _frozen_delattr
     return cls
+
+
+class _Factory:
+    """The default shown for a field made by a default factory (as dataclasses show it)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
 
 
 def _init_of(names: tuple[str, ...], defaults: dict, factories: dict):

@@ -94,6 +94,19 @@ def test_dataclass_functions_match_and_pickle_work():
     assert pickle.loads(pickle.dumps(Counter(4))).n == 4
 
 
+def test_help_shows_the_fields_as_for_a_dataclass():
+    import inspect
+
+    @dataclasses.dataclass(frozen=True)
+    class Same:
+        """The dataclass the record stands for."""
+        x: int
+        y: int = 0
+        tags: list = field(default_factory=list)
+        note: str = field(default="", compare=False, repr=False)
+    assert str(inspect.signature(Point)) == str(inspect.signature(Same))
+
+
 def test_what_a_record_cannot_be_is_said_when_the_class_is_made():
     with pytest.raises(TypeError, match="only plain fields"):
         @record
