@@ -62,11 +62,14 @@ def _make(cls, frozen: bool, eq: bool, repr: bool):
     cls.__record_repr__ = tuple(f.name for f in fields if f.repr)
     if repr and "__repr__" not in own:
         cls.__repr__ = _repr
-    if eq and "__eq__" not in own:
+    if eq:
         cls.__record_compare__ = tuple(f.name for f in fields if f.compare)
-        cls.__eq__ = _eq
-        # As dataclasses: frozen and compared by value, hashed by value; mutable, unhashable.
-        cls.__hash__ = _hash if frozen else None
+        if "__eq__" not in own:
+            cls.__eq__ = _eq
+        # As dataclasses: frozen and compared by value, hashed by value; mutable, unhashable;
+        # a __hash__ the class defines is kept (not the None its own __eq__ implies).
+        if "__hash__" not in own or (own["__hash__"] is None and "__eq__" in own):
+            cls.__hash__ = _hash if frozen else None
     if frozen:
         cls.__setattr__ = _frozen_setattr
         cls.__delattr__ = _frozen_delattr

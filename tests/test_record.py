@@ -136,3 +136,32 @@ def test_making_a_record_compiles_nothing(monkeypatch):
         a: int
         b: str = ""
     assert compiled == [] and Made(1) == Made(1, "")
+
+
+def test_a_class_own_eq_and_hash_are_kept_as_dataclasses_keep_them():
+    @record
+    class OwnEq:
+        """Its own __eq__; hashed by its fields all the same (frozen)."""
+        a: int
+
+        def __eq__(self, other):
+            return isinstance(other, OwnEq) and self.a % 10 == other.a % 10
+
+    @dataclasses.dataclass(frozen=True)
+    class OwnEqDataclass:
+        """The same as a dataclass."""
+        a: int
+
+        def __eq__(self, other):
+            return isinstance(other, OwnEqDataclass) and self.a % 10 == other.a % 10
+    assert OwnEq(1) == OwnEq(11) and OwnEqDataclass(1) == OwnEqDataclass(11)
+    assert hash(OwnEq(1)) == hash((1,)) and hash(OwnEqDataclass(1)) == hash((1,))
+
+    @record
+    class OwnHash:
+        """Its own __hash__."""
+        a: int
+
+        def __hash__(self):
+            return 7
+    assert hash(OwnHash(1)) == 7
