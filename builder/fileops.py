@@ -35,7 +35,8 @@ import zlib  # noqa: F401
 from .record import record
 from . import filemode, paths, users
 from .layer import extract
-from .context import BuildContext, IgnoreRules, Source, filter_excludes, known_digest
+from .context import (BuildContext, IgnoreRules, Source, filter_excludes, known_digest,
+                      learn_cached_runs)
 from . import donor as donors
 from .donor import Donor, DonorSpec
 from .hashing import NOT_COPIED_XATTRS
@@ -298,6 +299,9 @@ def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> No
     """Copy (or link from the donor) the files finish_in_upper left to write, on every core."""
     copiers = {}
     rows: list[tuple] = []
+    if len(todo) > 64:
+        # Each file's digest goes into its row: learnt here once, not by every worker.
+        learn_cached_runs()
 
     def place(copier, e, item, link):
         target, gi, src, perm, owner = item

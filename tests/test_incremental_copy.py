@@ -272,6 +272,34 @@ def test_the_base_keeps_the_entries_a_stacked_commit_read_and_the_next_one_takes
     assert layer_files(store, third.layers[-1])["app/d1/f4.txt"] == b"three\n"
 
 
+def test_a_full_copy_whose_digest_came_from_cached_runs_records_every_file(
+        tmp_path, own_store, monkeypatch):
+    """context.py's runs: a source digested mostly from the store's runs cache still gives a
+    full copy every file's digest for its table, or the next build could share nothing."""
+    from builder import context, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)          # keep the runs of fresh files
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    build(ctx, own_store, tags=["runs:one"])
+    run_pybuild("rmi", "runs:one", root=own_store, check=True)
+    run_pybuild("prune", root=own_store, check=True)       # no layer left to share with
+    context._content_digests.clear()                       # (a new build process)
+    (ctx / "src/d0/f0.txt").write_text("two\n")
+    taken = []                          # runs taken whole from the cache, in this process
+    real = context._not_learned
+    monkeypatch.setattr(context, "_not_learned", lambda entries, table: (
+        taken.append(entries), real(entries, table)))
+    second = build(ctx, own_store)
+    chain, _ = copy_layer(store, second)
+    table = donor.read_table(store.layers.table(chain))
+    assert sorted(table.targets) == sorted("/app/" + rel.removeprefix("src/") for rel in FILES)
+    assert table.dirs is not None                 # a full layer the next one may stack on
+    assert taken, "the digest was not made from cached runs: the test tests nothing"
+    (ctx / "src/d1/f4.txt").write_text("three\n")
+    third = build(ctx, own_store)
+    assert store.layers.base(copy_layer(store, third)[0]) == chain
+
+
 def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
     """prune --keep-storage weighs a layer with its pack, and pruning the layer removes it
     (and reports its bytes)."""
