@@ -300,6 +300,31 @@ def test_a_full_copy_whose_digest_came_from_cached_runs_records_every_file(
     assert store.layers.base(copy_layer(store, third)[0]) == chain
 
 
+def test_a_full_copy_of_an_unchanged_source_records_every_file(tmp_path, own_store,
+                                                             monkeypatch):
+    """The same when the whole source's digest came from its stat fingerprint (statcache
+    trees): the layer was pruned, the context did not change. (The miss's file table, made
+    file by file from the stat cache, puts the digests in the memo.)"""
+    from builder import context, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)
+    store = Store(own_store)
+    ctx = make_context(tmp_path)
+    build(ctx, own_store, tags=["tree:one"])
+    run_pybuild("rmi", "tree:one", root=own_store, check=True)
+    run_pybuild("prune", root=own_store, check=True)
+    context._content_digests.clear()                       # (a new build process)
+    per_file = context.BuildContext._file_digests
+    monkeypatch.setattr(context.BuildContext, "_file_digests", lambda self, entries: (
+        pytest.fail("digested file by file") if entries else per_file(self, entries)))
+    again = build(ctx, own_store)
+    monkeypatch.setattr(context.BuildContext, "_file_digests", per_file)
+    chain, _ = copy_layer(store, again)
+    table = donor.read_table(store.layers.table(chain))
+    assert sorted(table.targets) == sorted("/app/" + rel.removeprefix("src/") for rel in FILES)
+    (ctx / "src/d1/f4.txt").write_text("three\n")
+    assert store.layers.base(copy_layer(store, build(ctx, own_store))[0]) == chain
+
+
 def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
     """prune --keep-storage weighs a layer with its pack, and pruning the layer removes it
     (and reports its bytes)."""
