@@ -451,14 +451,13 @@ class BuildContext:
             self.stat_cache.put_tree(source.path, fingerprint, known, latest)
         return known
 
-    def _digest(self, source: Source, rows: list[tuple] | None = None) -> str:
+    def _digest(self, source: Source, rows: list[tuple]) -> str:
         """The digest of a source: the SHA-256 of a line per entry (_lines).
 
         Made run by run (_runs): a run whose entries' stats are those the
         store's stat cache kept with its lines is taken from there (statcache.py).
         """
-        entries = source.entries
-        rows = _stat_rows(entries) if rows is None else rows
+        entries = source.entries                 # (`rows`: their _stat_rows)
         kept = self.stat_cache.runs(source.path)
         runs = []                                   # [start, end, fingerprint, text, table]
         todo = []

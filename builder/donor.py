@@ -127,7 +127,7 @@ class TableView:
     def get(self, target: str) -> bytes | None:
         """The hex content digest of the file at `target`, as bytes."""
         i = self.index.get(target)
-        return None if i is None else self.table.digest(i).encode()
+        return None if i is None else self.digest_of_row(i)
 
     def base_files(self) -> list[str]:
         return self.table.targets[self.base_from:] if self.base_from is not None else []

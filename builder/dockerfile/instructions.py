@@ -19,7 +19,7 @@ from ..errors import DockerfileError
 from . import syntax
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Heredoc:
     """A here-document of RUN, COPY or ADD (`<<EOF` ... `EOF`)."""
     name: str
@@ -34,7 +34,7 @@ class Heredoc:
         return "".join(line.lstrip("\t") for line in self.raw.splitlines(keepends=True))
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Instruction:
     """One instruction of a Dockerfile: where it is and its logical line as written."""
     line: int
@@ -45,11 +45,8 @@ class Instruction:
     def keyword(self) -> str:
         return type(self).__name__.upper()
 
-    def __repr__(self) -> str:
-        return _repr(self)
 
-
-@record(eq=False, repr=False)
+@record(eq=False)
 class From(Instruction):
     """FROM: the image or stage a stage starts from, its `AS` name and `--platform`."""
     image: str
@@ -57,7 +54,7 @@ class From(Instruction):
     platform: str | None = None
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Mount:
     """One `RUN --mount=...`, as written (values unexpanded)."""
     type: str                                   # bind | cache | tmpfs | secret | ssh
@@ -75,7 +72,7 @@ class Mount:
     env: str | None = None
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Run(Instruction):
     """RUN: a command run in the stage's root, with its mounts, network and here-documents."""
     command: tuple[str, ...]         # exec form: argv; shell form: (script,)
@@ -85,7 +82,7 @@ class Run(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Copy(Instruction):
     """COPY: sources (context, stage or image, here-documents) to a destination in the image."""
     sources: tuple[str, ...]
@@ -99,7 +96,7 @@ class Copy(Instruction):
     heredocs: tuple[Heredoc, ...] = ()
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Add(Copy):
     """ADD: COPY that also fetches URLs and git repositories and unpacks local archives."""
     checksum: str | None = None
@@ -107,69 +104,69 @@ class Add(Copy):
     unpack: bool | None = None
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Env(Instruction):
     """ENV: variables set in the image's config and seen by the steps after it."""
     pairs: tuple[tuple[str, str], ...]
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Arg(Instruction):
     """ARG: build arguments declared, with their defaults."""
     pairs: tuple[tuple[str, str | None], ...]    # (name, default or None)
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Label(Instruction):
     """LABEL: key-value pairs for the image's config."""
     pairs: tuple[tuple[str, str], ...]
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Cmd(Instruction):
     """CMD: the container's default command (or the ENTRYPOINT's default arguments)."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Entrypoint(Instruction):
     """ENTRYPOINT: the executable a container runs."""
     command: tuple[str, ...]
     exec_form: bool = False
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Workdir(Instruction):
     """WORKDIR: the directory later steps and containers start in (made if missing)."""
     path: str
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class User(Instruction):
     """USER: the user (and group) later RUN steps and containers run as."""
     user: str
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Expose(Instruction):
     """EXPOSE: ports the image says it listens on (`80`, `53/udp`, `8000-8002`)."""
     ports: tuple[str, ...]
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Volume(Instruction):
     """VOLUME: paths the image declares as volumes."""
     paths: tuple[str, ...]
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Stopsignal(Instruction):
     """STOPSIGNAL: the signal that stops a container of the image."""
     signal: str
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Healthcheck(Instruction):
     """HEALTHCHECK: the command that tells whether a container is healthy, or NONE."""
     test: tuple[str, ...]            # ("NONE",) | ("CMD", ...) | ("CMD-SHELL", cmd)
@@ -180,25 +177,25 @@ class Healthcheck(Instruction):
     retries: int = 0
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Shell(Instruction):
     """SHELL: the argv shell-form commands run with."""
     argv: tuple[str, ...]
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Onbuild(Instruction):
     """ONBUILD: an instruction kept in the image, run by builds FROM it."""
     expression: str                  # the trigger as written: "RUN make"
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Maintainer(Instruction):
     """MAINTAINER (deprecated): the image's author."""
     name: str
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Stage:
     """One FROM and the instructions up to the next: one image of a multi-stage build."""
     index: int
@@ -210,7 +207,7 @@ class Stage:
         return self.base.alias
 
 
-@record(eq=False, repr=False)
+@record(eq=False)
 class Dockerfile:
     """A parsed Dockerfile: its stages, the ARGs before the first FROM, parser warnings."""
     filename: str
@@ -230,15 +227,6 @@ class Dockerfile:
         raise DockerfileError(f"{option} stage {target!r} not found (named stages: {names})",
                               file=self.filename)
 
-
-def _repr(obj) -> str:
-    """One shared __repr__: generating one per class made importing this module slow."""
-    from dataclasses import fields
-    args = ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj))
-    return f"{type(obj).__name__}({args})"
-
-
-Heredoc.__repr__ = Mount.__repr__ = Stage.__repr__ = Dockerfile.__repr__ = _repr
 
 _ALL_KEYWORDS = set(k.lower() for k in syntax.KEYWORDS)
 
