@@ -23,7 +23,8 @@ import pytest
 import builder
 from builder import donor
 from builder.image import chain_ids
-from builder.layer import segments, tarpack
+from builder.layer import basetar, segments, splice
+from isal import isal_zlib
 from builder.store import Store
 
 from conftest import BASE, busybox_context, layer_files, layer_tar, run_pybuild, write_context
@@ -228,27 +229,28 @@ def test_a_stacked_layer_keeps_its_base_when_every_image_of_the_base_is_gone(
     assert not os.path.exists(base_diff)
 
 
-def test_the_base_keeps_the_entries_a_stacked_commit_read_and_the_next_one_takes_them(
+def test_the_base_keeps_the_tar_a_stacked_commit_decompressed_and_the_next_one_reads_it(
         tmp_path, own_store, driver, monkeypatch):
-    """layer/tarpack.py: the first layer stacked on a base writes the base's entries into
-    its pack; the next takes them from there, and its layer is still a cold build's."""
+    """layer/basetar.py: the first layer stacked on a base writes the base's tar beside it,
+    decompressed from its blob; the next is spliced from that file (nothing decompressed,
+    none of the base's files opened), and its layer is still a cold build's."""
     store = Store(own_store)
     ctx = make_context(tmp_path)
     first = build(ctx, own_store)
     base, _ = copy_layer(store, first)
-    assert not os.path.exists(os.path.join(store.layers.path(base), tarpack.PACK))
+    base_dir = store.layers.path(base)
+    assert os.path.exists(os.path.join(base_dir, splice.MAP))
+    assert not os.path.exists(os.path.join(base_dir, basetar.TAR))
     (ctx / "src/d0/f0.txt").write_text("two\n")
     build(ctx, own_store)
-    pack = tarpack.PackReader.open(store.layers.path(base), None)
-    assert sorted(pack.index) == sorted(
-        "app/" + rel.removeprefix("src/") for rel in FILES if rel != "src/d0/f0.txt")
-    pack.close()
+    with open(os.path.join(base_dir, basetar.TAR), "rb") as f:
+        assert f.read() == layer_tar(store, first.layers[-1])
     assert os.listdir(store.tmp) == [] or all(n.endswith(".lock") for n in os.listdir(store.tmp))
 
-    taken = []
-    real_read = tarpack.PackReader.read
-    monkeypatch.setattr(tarpack.PackReader, "read", lambda self, *where: (
-        taken.append(where), real_read(self, *where))[1])
+    decompressed = []
+    real_decompress = isal_zlib.decompress
+    monkeypatch.setattr(isal_zlib, "decompress", lambda *a: (
+        decompressed.append(1), real_decompress(*a))[1])
     opened = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda path, *a, **k: (
@@ -256,11 +258,10 @@ def test_the_base_keeps_the_entries_a_stacked_commit_read_and_the_next_one_takes
     (ctx / "src/d1/f4.txt").write_text("three\n")
     third = build(ctx, own_store)
     monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(isal_zlib, "decompress", real_decompress)
     chain, _ = copy_layer(store, third)
     assert store.layers.base(chain) == base
-    # Every file the base provided came from the pack (all but the two changed ones): none
-    # of them was opened by name.
-    assert len(taken) == len(FILES) - 2
+    assert decompressed == []
     assert not [p for p in opened if p.endswith(".txt") and p.rpartition("/")[2] not in (
         "f0.txt", "f4.txt")]
     plain = tmp_path / "plain"
@@ -325,9 +326,9 @@ def test_a_full_copy_of_an_unchanged_source_records_every_file(tmp_path, own_sto
     assert store.layers.base(copy_layer(store, build(ctx, own_store))[0]) == chain
 
 
-def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
-    """prune --keep-storage weighs a layer with its pack, and pruning the layer removes it
-    (and reports its bytes)."""
+def test_the_base_tar_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
+    """prune --keep-storage weighs a layer with its uncompressed tar, and pruning the layer
+    removes it (and reports its bytes)."""
     from builder.cache import StepCache
     from builder.store import gc
     store = Store(own_store)
@@ -335,7 +336,7 @@ def test_the_pack_counts_as_its_layers_and_goes_with_it(tmp_path, own_store):
     base, _ = copy_layer(store, build(ctx, own_store, tags=["packed:one"]))
     (ctx / "src/d0/f0.txt").write_text("two\n")
     build(ctx, own_store, tags=["packed:two"])
-    pack = os.path.join(store.layers.path(base), tarpack.PACK)
+    pack = os.path.join(store.layers.path(base), basetar.TAR)
     size = os.stat(pack).st_size
     assert size > sum(len(text) for text in FILES.values())
     assert gc._layer_bytes(store, base, 100) == 100 + size + store.layers.meta(base)[
@@ -514,6 +515,25 @@ def copies(monkeypatch) -> list[bool]:
     return looked_up
 
 
+@pytest.fixture
+def spliced(monkeypatch) -> list[str]:
+    """How each member a commit took whole from its base (splice.py) came: "resumed" (copied
+    in the kernel, with the hash states where it ends) or "added" (its tar bytes hashed)."""
+    taken: list[str] = []
+    resume, add_member = segments.SegmentedSink.resume, segments.SegmentedSink.add_member
+
+    def resumed(self, fd, members, states):
+        taken.extend(["resumed"] * len(members))
+        return resume(self, fd, members, states)
+
+    def added(self, *args):
+        taken.append("added")
+        return add_member(self, *args)
+    monkeypatch.setattr(segments.SegmentedSink, "resume", resumed)
+    monkeypatch.setattr(segments.SegmentedSink, "add_member", added)
+    return taken
+
+
 def big_context(tmp_path):
     """~8 MB of incompressible files: a COPY layer of several gzip members."""
     rnd = random.Random(7)
@@ -529,7 +549,7 @@ def index_of(store: Store, image) -> dict:
 
 
 def test_a_rebuilt_copy_copies_the_members_it_shares_and_its_blob_is_a_cold_commits(
-        tmp_path, base_image, store_root, copies):
+        tmp_path, base_image, store_root, copies, spliced):
     store = Store(store_root)
     ctx = big_context(tmp_path)
     first = build(ctx, store_root, **EPOCH)
@@ -540,7 +560,16 @@ def test_a_rebuilt_copy_copies_the_members_it_shares_and_its_blob_is_a_cold_comm
 
     (ctx / "src/d2/b202.bin").write_bytes(b"changed")
     second = build(ctx, store_root, tags=["segmented:2"], **EPOCH)
-    assert copies.count(True) >= len(members) - 2        # all but the members around the change
+    # All but the members around the change: the layer is stacked, spliced from its base's
+    # (the first time, every member decompressed: the base's tar is written on the way).
+    assert spliced.count("added") >= len(members) - 2 and "resumed" not in spliced
+    spliced.clear()
+    (ctx / "src/d3/b399.bin").write_bytes(b"changed too")
+    second = build(ctx, store_root, tags=["segmented:2"], **EPOCH)
+    # Now the members before the first change (b202's) are taken with their hash states;
+    # only the members holding b202 and b399 (and maybe one after each) are written anew.
+    assert spliced.count("resumed") >= 2 and len(spliced) >= len(members) - 4
+    assert spliced[:spliced.count("resumed")] == ["resumed"] * spliced.count("resumed")
     layer = second.layers[-1]
     # A series of gzip members is one gzip file to every reader: here independent ones.
     tar = subprocess.run(["gzip", "-dc", store.blobs.path(layer.digest)], capture_output=True,
@@ -551,7 +580,8 @@ def test_a_rebuilt_copy_copies_the_members_it_shares_and_its_blob_is_a_cold_comm
     subprocess.run(["umoci", "unpack", "--image", f"{store_root}:segmented:2", str(bundle)],
                    capture_output=True, check=True)
     assert (bundle / "rootfs/app/d2/b202.bin").read_bytes() == b"changed"
-    assert (bundle / "rootfs/app/d3/b399.bin").read_bytes() == (ctx / "src/d3/b399.bin").read_bytes()
+    assert (bundle / "rootfs/app/d3/b399.bin").read_bytes() == b"changed too"
+    assert (bundle / "rootfs/app/d3/b395.bin").read_bytes() == (ctx / "src/d3/b395.bin").read_bytes()
 
     # The same files where there is no earlier layer: compressed from scratch, the same blob.
     plain = tmp_path / "plain"
@@ -595,3 +625,96 @@ def test_a_member_too_big_to_hold_back_is_compressed_and_the_blob_is_the_same(
     again = build(ctx, store_root, no_cache=True, **EPOCH)
     assert copies == []
     assert again.layers[-1].digest == first.layers[-1].digest
+
+
+# ---- splicing (layer/splice.py): a stacked layer's tar and blob from its base's members
+
+def _rewrite(ctx, rel, data):
+    (ctx / rel).write_bytes(data)
+
+
+CHANGES = {
+    "the first file": lambda ctx: _rewrite(ctx, "src/d0/b000.bin", b"first"),
+    "the last file": lambda ctx: _rewrite(ctx, "src/d3/b399.bin", b"last"),
+    "a new last file": lambda ctx: _rewrite(ctx, "src/d3/zzz.bin", b"after everything"),
+    "a new directory between two": lambda ctx: (
+        os.makedirs(ctx / "src/d1x"), _rewrite(ctx, "src/d1x/new.bin", b"new")),
+    "a mode": lambda ctx: os.chmod(ctx / "src/d2/b202.bin", 0o600),
+    "a file grown by 2 MB": lambda ctx: _rewrite(ctx, "src/d1/b101.bin",
+                                                 random.Random(3).randbytes(2 << 20)),
+}
+
+
+def cold_twin(tmp_path, ctx, store_root, name):
+    """The same files built where no earlier layer of the COPY can be used."""
+    plain = tmp_path / name
+    shutil.copytree(ctx, plain)          # (times and modes kept)
+    return build(plain, store_root, no_cache=True, **EPOCH).layers[-1]
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_spliced_layer_is_the_layer_a_cold_build_makes(tmp_path, change, spliced):
+    """Each kind of change, spliced first with the base's members decompressed (its tar is
+    written on the way), then again after one more change, from the base's tar and with
+    the hash states of the members before it: the diff_id and blob of a cold build."""
+    root = store_with_base(tmp_path, "overlay", "splice")
+    store = Store(root)
+    ctx = big_context(tmp_path)
+    first = build(ctx, root, **EPOCH)
+    base, _ = copy_layer(store, first)
+    CHANGES[change](ctx)
+    second = build(ctx, root, **EPOCH)
+    assert store.layers.base(copy_layer(store, second)[0]) == base
+    assert spliced and os.path.exists(os.path.join(store.layers.path(base), basetar.TAR))
+    twin = cold_twin(tmp_path, ctx, root, "plain-1")
+    assert (second.layers[-1].diff_id, second.layers[-1].digest) == (twin.diff_id, twin.digest)
+
+    spliced.clear()
+    _rewrite(ctx, "src/d3/b398.bin", b"one more")
+    third = build(ctx, root, **EPOCH)
+    assert store.layers.base(copy_layer(store, third)[0]) == base
+    # (Changed at the start, the first member has a change: nothing to take up before it.)
+    assert ("resumed" in spliced) == (change != "the first file")
+    twin = cold_twin(tmp_path, ctx, root, "plain-2")
+    assert (third.layers[-1].diff_id, third.layers[-1].digest) == (twin.diff_id, twin.digest)
+
+
+def _damage_tar(layer_dir):
+    with open(os.path.join(layer_dir, basetar.TAR), "r+b") as f:
+        f.seek(3 << 20)                  # (in a member after the first)
+        byte = f.read(1)
+        f.seek(3 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+@pytest.mark.parametrize("case", ["a damaged base tar", "no tar map", "another clamp"])
+def test_what_a_layer_cannot_be_spliced_from_is_walked_or_read_from_the_blob(tmp_path, case,
+                                                                           spliced):
+    """A base tar that is not the layer's (a damaged disk) is dropped and the blob read
+    instead; a base without a tar map (made before there were maps) or mapped with another
+    SOURCE_DATE_EPOCH is walked: the same layer as a cold build's either way."""
+    root = store_with_base(tmp_path, "overlay", "splice")
+    store = Store(root)
+    ctx = big_context(tmp_path)
+    base, _ = copy_layer(store, build(ctx, root, **EPOCH))
+    base_dir = store.layers.path(base)
+    _rewrite(ctx, "src/d0/b001.bin", b"one")
+    build(ctx, root, **EPOCH)
+    epoch = EPOCH
+    if case == "a damaged base tar":
+        _damage_tar(base_dir)
+    elif case == "no tar map":
+        os.unlink(os.path.join(base_dir, splice.MAP))
+    else:
+        epoch = dict(source_date_epoch=EPOCH["source_date_epoch"] + 10)
+    spliced.clear()
+    _rewrite(ctx, "src/d2/b202.bin", b"two")
+    again = build(ctx, root, **epoch)
+    assert store.layers.base(copy_layer(store, again)[0]) == base
+    assert bool(spliced) == (case == "a damaged base tar")
+    if case == "a damaged base tar":
+        assert not os.path.exists(os.path.join(base_dir, basetar.TAR))
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)
+    twin = build(plain, root, no_cache=True, **epoch).layers[-1]
+    assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)

@@ -15,9 +15,9 @@ import io
 import os
 
 from ..record import record
-from ..errors import LayerError
+from ..errors import LayerError, StoreError
 from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
-from . import compress, diff, extract, segments, tarpack
+from . import compress, diff, extract, segments, splice
 
 
 def chain_of(parent_chain: str | None, diff_id: str) -> str:
@@ -44,26 +44,32 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     """
     media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
     segmented = segmented and compression == "gzip"
-    pack = _base_pack(store, stacked_on[0], clamp_mtime) if stacked_on else None
+    # A full COPY layer maps its tar, for the layers that will be stacked on it (splice.py).
+    mapped = segmented and digests is not None and not stacked_on and beside is not None
+    base = _spliceable(store, stacked_on[0], clamp_mtime) \
+        if stacked_on and segmented and digests is not None else None
     try:
         with store.blobs.writer() as blob, (
                 segments.SegmentedSink(blob, donor) if segmented
                 else compress.LayerSink(blob, algorithm=compression)) as sink:
-            stats = diff.write_tar(
-                upper, sink, clamp_mtime=clamp_mtime,
-                segmenter=segments.Segmenter(sink, digests) if segmented else None,
-                stacked_on=stacked_on[1:] if stacked_on else None,
-                census=beside is not None, base_pack=pack)
+            segmenter = segments.Segmenter(sink, digests, mapped) if segmented else None
+            stats = splice.write_spliced(upper, sink, segmenter, base, stacked_on[2],
+                                         clamp_mtime) if base is not None else None
+            if stats is None:
+                stats = diff.write_tar(
+                    upper, sink, clamp_mtime=clamp_mtime, segmenter=segmenter,
+                    stacked_on=stacked_on[1:] if stacked_on else None,
+                    census=beside is not None)
             if stats.empty:
                 return None
             sink.close()
             digest = blob.commit()
             size = blob.size
-        if isinstance(pack, tarpack.PackWriter):
-            pack.install(store.layers.path(stacked_on[0]))
+        if base is not None:
+            base.keep_tar()
     finally:
-        if pack is not None:
-            (pack.close if isinstance(pack, tarpack.PackReader) else pack.abort)()
+        if base is not None:
+            base.close()
     chain = chain_of(parent_chain, sink.diff_id)
     meta = _meta(sink.diff_id, digest, size, media_type, stats.content_bytes, parent_chain,
                  created_by)
@@ -72,14 +78,20 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     files = dict(beside(stats)) if beside is not None else {}
     if segmented and digests is not None:
         files[segments.INDEX] = segments.encode_index(digest, sink.members)
+        if mapped and stats.others == 0:
+            files[splice.MAP] = splice.encode_map(segmenter, sink, clamp_mtime, digest)
     store.layers.install(chain, upper, meta, store.tmp, files)
     return LayerDesc(sink.diff_id, digest, size, media_type)
 
 
-def _base_pack(store, base_chain: str, clamp_mtime: int | None):
-    """The base layer's pack to read its entries from, or else one to write (tarpack.py)."""
-    reader = tarpack.PackReader.open(store.layers.path(base_chain), clamp_mtime)
-    return reader if reader is not None else tarpack.PackWriter(store.tmp, clamp_mtime)
+def _spliceable(store, base_chain: str, clamp_mtime: int | None) -> splice.Base | None:
+    """The base layer's tar map and blob, if it has a map this commit can splice from."""
+    try:
+        digest = store.layers.meta(base_chain)["digest"]
+        return splice.Base.open(store.layers.path(base_chain), store.blobs.path(digest), digest,
+                                clamp_mtime, store.tmp)
+    except (StoreError, KeyError, TypeError):
+        return None
 
 
 def _meta(diff_id, digest, size, media_type, content_size, parent, created_by=""):

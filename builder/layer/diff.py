@@ -19,8 +19,7 @@ import os
 import stat
 
 from ..record import record
-from .. import donor
-from . import tarformat, tarpack, whiteout
+from . import tarformat, whiteout
 
 _READ = 1 << 20
 _MAX_TIME = 1 << 62
@@ -44,7 +43,7 @@ class DiffStats:
 def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
               exclude: frozenset[str] = frozenset(), clamp_mtime: int | None = None,
               segmenter=None, stacked_on: tuple | None = None,
-              census: bool = False, base_pack=None) -> DiffStats:
+              census: bool = False) -> DiffStats:
     """Write `root`'s contents as layer tar entries to `sink.write`; the root itself is not an entry.
 
     `exclude` names relative paths that are left out (with their contents).
@@ -55,15 +54,13 @@ def write_tar(root: str, sink, *, strip_overlay_xattrs: bool = True,
     the paths of files, `attributes(path)` (size, mtime_ns, mode bits, uid,
     gid) of each, `base_dirs()` the paths of directories `root` does not
     have): those are entries too, read from there (a stacked COPY layer,
-    donor.TableView; the files' other directories are in `root`).
-    `base_pack` (tarpack.py) with `stacked_on`: a PackReader the base's file
-    entries are taken from where it has them, or a PackWriter that is given
-    each one read from the base.
+    donor.TableView; the files' other directories are in `root`). Most
+    stacked layers are spliced instead (splice.py); this is the way for the
+    others.
     `census` fills the stats' dirs, files and others.
     """
     walk = _Walk(root, sink, strip_overlay_xattrs, exclude,
-                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on,
-                 base_pack)
+                 _MAX_TIME if clamp_mtime is None else clamp_mtime, segmenter, stacked_on)
     if census:
         walk.stats.dirs, walk.stats.files = [], []
     walk.run(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))   # (root: as named)
@@ -115,7 +112,7 @@ class _Walk:
     """One depth-first, name-sorted pass over a tree, writing each entry as it goes."""
 
     def __init__(self, root: str, sink, strip: bool, exclude: frozenset[str], clamp: int,
-                 segmenter=None, stacked_on: tuple | None = None, base_pack=None):
+                 segmenter=None, stacked_on: tuple | None = None):
         self.root = root
         # (a base layer's diff dir, dir name -> its file names, the files' attributes,
         #  dir name -> the names of its directories that only the base has)
@@ -124,13 +121,6 @@ class _Walk:
             self.base = (stacked_on[0], _by_parent(stacked_on[1].base_files()),
                          stacked_on[1].attributes, _by_parent(stacked_on[1].base_dirs()))
         self._base_dir: tuple[str, int] | None = None     # (name, fd) of the base's open dir
-        self.pack_reader = base_pack if isinstance(base_pack, tarpack.PackReader) else None
-        self.pack_writer = base_pack if isinstance(base_pack, tarpack.PackWriter) else None
-        # With a donor.TableView (not just what write_tar asks of one), runs of the base's
-        # files are taken from the pack by _from_pack(), reading the view's table itself.
-        self.view = stacked_on[1] if stacked_on is not None and \
-            hasattr(stacked_on[1], "digest_of_row") else None
-        self.packed = self.pack_reader is not None and self.view is not None
         self.seg = segmenter
         self.sink = sink
         self.strip = strip
@@ -167,8 +157,6 @@ class _Walk:
                     if is_dir:
                         self.base_dir(name)
                         frames.append([name, self._listing(name, None), 0, True])
-                    elif self.packed and (done := self._from_pack(rel, names, i)) > i:
-                        frames[-1][2] = done
                     else:
                         self.base_file(rel, base, name)
                     continue
@@ -223,17 +211,9 @@ class _Walk:
         """Write the entry of a file the base layer holds, as plain_file() would.
 
         Its attributes are the ones its row recorded (layer dirs never change, and a
-        base holds no xattrs, donor.py), so it is opened and read, not asked; or its
-        whole entry is in the base's pack.
+        base holds no xattrs, donor.py), so it is opened and read, not asked.
         """
-        row = self.base[2]("/" + name)
-        size, mtime_ns, perm, uid, gid = row
-        if self.pack_reader is not None:
-            found = self.pack_reader.entry(name, row)
-            if found is not None:
-                self.sink.write(found[1])
-                self._count(name, found[0], size)
-                return
+        size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         if self._base_dir is None or self._base_dir[0] != rel:
             if self._base_dir is not None:
                 os.close(self._base_dir[1])
@@ -246,58 +226,9 @@ class _Walk:
             mtime=min(int(seconds + ns * 1e-9), self.clamp))
         fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
         try:
-            if self.pack_writer is None or size > _READ:
-                self._file_entry(fd, name, size, header)
-                return
-            entry = header + _read_exactly(fd, name, size) + tarformat.pad(size)
-            self.sink.write(entry)
-            self.pack_writer.add(name, row, header, entry)
-            self._count(name, header, size)
+            self._file_entry(fd, name, size, header)
         finally:
             os.close(fd)
-
-    def _from_pack(self, rel: str, names: list[tuple], i: int) -> int:
-        """Write the entries of the base's files from names[i] on, as base_file() would, as
-        long as they come and the pack has them: the index of the first one left.
-
-        One loop for a directory's run of them, reading the pack's and the
-        table's columns itself: with a call to base_file() for each (a lookup
-        of the row by name for the header, another for the segmenter's
-        digest), the walk of 30,000 such files took 0.29-0.36 s of CPU,
-        0.26-0.30 s this way.
-        """
-        pack, view, write, seg = self.pack_reader, self.view, self.sink.write, self.seg
-        exclude, stats = self.exclude, self.stats
-        files = stats.files
-        rows, numbers = view.index, view.table.numbers
-        find, columns = pack.index.get, pack.numbers
-        prefix = rel + "/" if rel else ""
-        while i < len(names):
-            item = names[i]
-            if len(item) != 4 or item[1]:
-                break                            # not a file the base holds
-            name = prefix + item[0]
-            if name not in exclude:
-                row, entry = rows.get("/" + name), find(name)
-                if row is None or entry is None:
-                    break
-                r, k = row * donor.NUMBERS, entry * tarpack.NUMBERS     # (where in the columns)
-                size = numbers[r + donor.SIZE]
-                # The pack's entry was made from the same row (size, mtime, mode, owner).
-                if columns[k + tarpack.ROW:k + tarpack.NUMBERS] != \
-                        numbers[r + donor.SIZE:r + donor.GID + 1]:
-                    break
-                header, data = pack.read(columns[k + tarpack.OFFSET],
-                                         columns[k + tarpack.HEADER], size)
-                write(data)
-                if seg is not None:
-                    seg.entry(name, header, size, view.digest_of_row(row) if size else None)
-                stats.entries += 1
-                stats.content_bytes += size
-                if files is not None:
-                    files.append(name)
-            i += 1
-        return i
 
     def plain_file(self, name: str, st: os.stat_result, fd: int) -> bool:
         """Write a small regular file without xattrs (most of any layer) in one go; False if

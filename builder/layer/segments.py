@@ -33,6 +33,7 @@ digest, and [signature or null, tar bytes, blob bytes] per member.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import json
@@ -42,7 +43,7 @@ import zlib
 
 import isal
 
-from . import compress, tarformat
+from . import compress, resumable, tarformat
 
 INDEX = "segments"          # in the layer's directory, beside diff/ and layer.json
 SEGMENT_MIN = 1 << 20       # tar bytes: gzip restarts its dictionary at each member
@@ -59,17 +60,32 @@ class Segmenter:
     member is then signed).
     """
 
-    def __init__(self, sink, digests):
+    def __init__(self, sink, digests, mapped: bool = False):
         self.sink = sink
         self.digests = digests
         self._since_cut = 0
         self._parts: list[bytes] = []
         self._signable = digests is not None
+        # With `mapped`, where each entry lies (splice.py's tar map): its name, tar bytes and
+        # content bytes, the whole entry of each one without content, entries per member.
+        self.names: list[str] | None = [] if mapped else None
+        self.lengths = array.array("q")
+        self.sizes = array.array("q")
+        self.empty: dict[str, bytes] = {}
+        self.counts: list[int] = []
+        self._counted = 0
 
     def entry(self, name: str, header: bytes, size: int, digest=None) -> None:
         """An entry of `size` content bytes was written after `header` (all its header blocks);
         `digest`: its content digest (hex bytes), if the caller has it at hand."""
-        self._since_cut += len(header) + size + (-size % tarformat.BLOCK)
+        length = len(header) + size + (-size % tarformat.BLOCK)
+        self._since_cut += length
+        if self.names is not None:
+            self.names.append(name)
+            self.lengths.append(length)
+            self.sizes.append(size)
+            if not size:
+                self.empty[name] = header
         if self._signable:
             self._parts.append(header)
             if size:
@@ -89,6 +105,9 @@ class Segmenter:
         self._cut()
 
     def _cut(self) -> None:
+        if self.names is not None:
+            self.counts.append(len(self.names) - self._counted)
+            self._counted = len(self.names)
         signature = hashlib.sha256(b"".join(self._parts)).hexdigest() if self._signable else None
         self.sink.cut(signature)
         self._since_cut = 0
@@ -169,13 +188,20 @@ class SegmentedSink(compress.LayerSink):
     way the compressing thread is fed the same pieces of a member, from its
     first byte, so what it makes does not depend on how the layer was made.
     `members` lists (signature, tar bytes, blob bytes) per member, for the index;
-    `reused` counts the members copied.
+    `reused` counts the members copied. Where hash states can be kept
+    (resumable.py), `states` lists, per member, the diff_id's and the blob
+    digest's SHA-256 states where it ends (splice.py takes a layer up there).
     """
 
     def __init__(self, blob_writer, donor: DonorBlob | None = None):
         super().__init__(blob_writer, algorithm="gzip")
         self.donor = donor
         self.members: list[tuple[str | None, int, int]] = []    # (written by the writing thread)
+        self.states: list[tuple[bytes, bytes]] | None = None
+        if resumable.available():            # (nothing is hashed yet)
+            self.diff_hash = resumable.Sha256()
+            blob_writer.hash = resumable.Sha256()
+            self.states = []
         self.reused = 0
         self._member_tar = 0                       # tar bytes of the current member
         self._held: list[bytes] | None = [] if donor is not None else None
@@ -189,6 +215,30 @@ class SegmentedSink(compress.LayerSink):
         self._compress = compress.Stage(self._compress_one, "pybuild-compress")
 
     # ---- the caller's thread
+
+    def resume(self, fd: int, members: list[tuple[str | None, int, int]],
+               states: list[tuple[bytes, bytes]]) -> None:
+        """Begin with the first members of another layer's blob (open at `fd`), whose index
+        entries and hash states where each ends are `members` and `states`: their bytes
+        are copied in the kernel, not read or hashed. Only before anything else."""
+        if self.tar_size or self.states is None:
+            raise ValueError("resume() after a write, or without hash states")
+        diff_state, blob_state = states[-1]
+        self.diff_hash = resumable.Sha256(diff_state)
+        self.out.resume(fd, sum(m[2] for m in members), resumable.Sha256(blob_state))
+        self.members.extend(members)
+        self.states.extend(states)
+        self.tar_size += sum(m[1] for m in members)
+
+    def add_member(self, tar: bytes, blob: bytes, signature: str | None) -> None:
+        """Add a whole member of another layer's blob as it is: `blob`, the gzip member, and
+        `tar`, the bytes it holds (the caller has them: splice.py). Only where the stream
+        was just cut (a Segmenter's since-cut count is 0)."""
+        self._flush()
+        if self._member_tar or self._pieces:
+            raise ValueError("add_member() inside a member")
+        self.tar_size += len(tar)
+        self._compress.put(("member", tar, blob, signature))
 
     def _flush(self, last: bool = False) -> None:
         if not self._pieces:
@@ -250,14 +300,21 @@ class SegmentedSink(compress.LayerSink):
 
     def _compress_one(self, item) -> None:
         if isinstance(item, tuple):
-            if item[0] == "hash":              # a piece of a member copied from the donor
+            kind = item[0]
+            if kind == "hash":                 # a piece of a member copied from the donor
                 self.diff_hash.update(item[1])
                 return
-            if item[0] == "cut":
+            if kind == "member":
+                _, tar, blob, signature = item
+                self.diff_hash.update(tar)
+                item = ("bytes", blob, signature, len(tar))
+            elif kind == "cut":
                 out = self._compressor.flush()
                 self._compressor = compress._compressor("gzip")
                 if out:
                     self._write.put(out)
+            if self.states is not None:        # (the diff_id's state where the member ends)
+                item += (self.diff_hash.state(),)
             self._write.put(item)
             return
         self.diff_hash.update(item)
@@ -272,8 +329,9 @@ class SegmentedSink(compress.LayerSink):
             self.out.write(item)
             self._blob_bytes += len(item)
             return
-        if item[0] == "copy":
-            _, signature, tar_size, (offset, size) = item
+        kind = item[0]
+        if kind == "copy":
+            _, signature, tar_size, (offset, size) = item[:4]
             end = offset + size
             while offset < end:
                 data = os.pread(self.donor.fd, min(compress._FLUSH_AT, end - offset), offset)
@@ -283,7 +341,24 @@ class SegmentedSink(compress.LayerSink):
                 self.out.write(data)
                 offset += len(data)
             self.members.append((signature, tar_size, size))
+        elif kind == "bytes":
+            _, data, signature, tar_size = item[:4]
+            self.out.write(data)
+            self.members.append((signature, tar_size, len(data)))
         else:
-            _, signature, tar_size = item
+            _, signature, tar_size = item[:3]
             self.members.append((signature, tar_size, self._blob_bytes))
         self._blob_bytes = 0
+        if self.states is not None:
+            self.states.append((item[-1], self.out.hash.state()))
+
+
+def pread_exactly(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"the layer blob a member is copied from ends early "
+                          f"(at byte {offset + len(data)})")
+        data += more
+    return data

@@ -123,6 +123,27 @@ class BlobWriter:
         self.size += len(data)
         return len(data)
 
+    def resume(self, fd: int, length: int, hash_state) -> None:
+        """Begin the blob with the first `length` bytes of the file open at `fd`, whose hash
+        (`hash_state`, a resumable.Sha256 of them) the caller has: copied in the kernel,
+        neither read nor hashed here. Only before the first write()."""
+        if self.size:
+            raise ValueError("resume() after a write")
+        self.f.flush()
+        out, offset = self.f.fileno(), 0
+        while offset < length:
+            try:
+                n = os.copy_file_range(fd, out, length - offset, offset)
+            except OSError:           # (a file system or kernel that cannot: copied by hand)
+                data = os.pread(fd, min(length - offset, 1 << 20), offset)
+                n = os.write(out, data) if data else 0
+            if n == 0:
+                raise OSError(f"the blob a layer's first members come from ends early "
+                              f"(at byte {offset})")
+            offset += n
+        self.hash = hash_state
+        self.size = length
+
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()

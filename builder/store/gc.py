@@ -12,7 +12,7 @@ import os
 from ..record import record
 from ..errors import StoreError
 from ..image import chain_ids
-from ..layer import tarpack
+from ..layer import basetar
 
 
 @record(frozen=False)
@@ -51,7 +51,7 @@ def collect(store, cache) -> Collected:
         for layer_store in (store.layers, store.flats, store.vfs_roots):
             for chain in layer_store.list():
                 if chain not in chains:
-                    out.bytes += tarpack.size_of(layer_store.path(chain))
+                    out.bytes += basetar.size_of(layer_store.path(chain))
                     try:
                         out.bytes += int(layer_store.meta(chain).get("content_size", 0))
                     except Exception:
@@ -118,9 +118,9 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
 
 
 def _layer_bytes(store, chain: str, blob_size: int) -> int:
-    """What keeping a layer costs: its blob, its files, and its pack of tar entries if a
-    stacked layer made it one (layer/tarpack.py)."""
-    kept = blob_size + tarpack.size_of(store.layers.path(chain))
+    """What keeping a layer costs: its blob, its files, and its uncompressed tar if a
+    stacked layer made one (layer/basetar.py)."""
+    kept = blob_size + basetar.size_of(store.layers.path(chain))
     try:
         return kept + int(store.layers.meta(chain).get("content_size", 0))
     except Exception:

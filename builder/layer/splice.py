@@ -1,0 +1,296 @@
+"""A stacked COPY layer's tar and blob, spliced from its base's members: only what changed is walked.
+
+A COPY rebuilt after one of its 30,000 files changed is stacked on its last
+full layer (donor.py): its diff dir holds the changed files and the
+directories. Its tar is still a full layer tar, and walking it entry by
+entry, even from a pack of ready entries, cost 0.5 s of Python for 30,000
+entries. But that tar is the base layer's tar with a few entries replaced,
+added or left out, and the base's blob is a series of gzip members cut where
+the tar's entries say (segments.py), the same cuts a walk of the new tree
+would make wherever the two trees agree. So a full layer also keeps a map of
+its tar (`tar-map`): each entry's name, tar bytes and content bytes, the
+whole entry of each one without content (directories), how many entries each
+member holds, and the SHA-256 states of the diff_id and the blob where each
+member ends (resumable.py). A commit stacked on it then:
+
+* walks only its own diff dir (a few files, the directories), keeping the
+  entries it makes, and compares them to the base's (a directory whose
+  entry is the base's is no change); the base's entries the new layer does
+  not have are the other changes;
+* takes the members before the first change as they are: their blob bytes
+  copied in the kernel, both hashes taken up from the saved states;
+* writes the members with a change entry by entry, as the walk would have
+  (the base's entries read from its decompressed member, the new ones
+  merged in by name), until its stream is cut where the base's is again;
+* copies each later member without a change whole: decompressed in the
+  compressing thread for the diff_id, its blob bytes written as they are.
+
+The result is byte for byte the tar and blob a full walk gives (tests
+compare them). Anything the map does not cover (another SOURCE_DATE_EPOCH,
+another compressor, a damaged map, entries other than directories and plain
+files, more than CAPTURE_MAX bytes of changed files) leaves the commit to the
+full walk.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import contextlib
+import json
+import marshal
+import os
+import struct
+
+from . import basetar, diff, resumable, segments, tarformat
+
+MAP = "tar-map"                  # in the layer's directory, beside diff/ and segments
+_VERSION = 1
+CAPTURE_MAX = 64 << 20           # changed files' bytes held in memory while spliced
+
+
+def encode_map(seg: segments.Segmenter, sink: segments.SegmentedSink, clamp: int | None,
+               blob_digest: str) -> bytes:
+    """The tar map of a layer just walked with a mapped Segmenter into `sink`."""
+    states = b"".join(d + b for d, b in sink.states) \
+        if sink.states is not None and len(sink.states) == len(seg.counts) else b""
+    return marshal.dumps({
+        "version": _VERSION, "compressor": segments.COMPRESSOR, "clamp": clamp,
+        "blob": blob_digest, "library": resumable.LIBRARY if states else None,
+        "names": seg.names, "lengths": seg.lengths.tobytes(), "sizes": seg.sizes.tobytes(),
+        "empty": seg.empty, "counts": seg.counts, "states": states})
+
+
+class Base:
+    """A full layer's tar map, its members (from its segments index), its blob held open and
+    its tar (basetar.py): read from its file if it has one, else decompressed and written."""
+
+    def __init__(self, data: dict, members: list, fd: int, layer_dir: str, tmp_dir: str):
+        self.layer_dir = layer_dir
+        self.names: list[str] = data["names"]
+        self.lengths = array.array("q", data["lengths"])
+        self.sizes = array.array("q", data["sizes"])
+        self.empty: dict[str, bytes] = data["empty"]
+        self.counts: list[int] = data["counts"]
+        self.members = members                  # (signature, tar bytes, blob bytes) each
+        self.fd = fd
+        states = data["states"]
+        self.states = None
+        if states and resumable.available() and data["library"] == resumable.LIBRARY:
+            self.states = [(states[i:i + 112], states[i + 112:i + 224])
+                           for i in range(0, len(states), 224)]
+        self.starts = [0]                       # the index of each member's first entry
+        self.tar_at, self.blob_at = [0], [0]    # and where it begins in the tar, the blob
+        for n, (_, tar_size, blob_size) in zip(self.counts, members):
+            self.starts.append(self.starts[-1] + n)
+            self.tar_at.append(self.tar_at[-1] + tar_size)
+            self.blob_at.append(self.blob_at[-1] + blob_size)
+        self.tar_fd = basetar.open_tar(layer_dir, self.tar_at[-1])
+        self.tar_writer = basetar.TarWriter(tmp_dir) if self.tar_fd is None else None
+
+    @classmethod
+    def open(cls, layer_dir: str, blob_path: str, blob_digest: str, clamp: int | None,
+             tmp_dir: str) -> "Base | None":
+        """The base layer's map, or None if it has none this commit can use."""
+        try:
+            with open(os.path.join(layer_dir, MAP), "rb") as f:
+                data = marshal.loads(f.read())
+            with open(os.path.join(layer_dir, segments.INDEX), "rb") as f:
+                index = json.loads(f.read())
+            if data.get("version") != _VERSION or data["compressor"] != segments.COMPRESSOR \
+                    or data["clamp"] != clamp or data["blob"] != blob_digest \
+                    or index.get("compressor") != segments.COMPRESSOR \
+                    or index.get("blob") != blob_digest:
+                return None
+            members = [(m[0], int(m[1]), int(m[2])) for m in index["members"]]
+            lengths = array.array("q", data["lengths"])
+            if len(members) != len(data["counts"]) or sum(data["counts"]) != len(data["names"]) \
+                    or len(lengths) != len(data["names"]) \
+                    or sum(lengths) + len(tarformat.END_OF_ARCHIVE) != sum(m[1] for m in members) \
+                    or len(data["states"]) not in (0, 224 * len(members)):
+                return None
+            fd = os.open(blob_path, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError, TypeError, KeyError, EOFError):
+            return None
+        if os.fstat(fd).st_size != sum(m[2] for m in members):
+            os.close(fd)
+            return None
+        return cls(data, members, fd, layer_dir, tmp_dir)
+
+    def whole(self, k: int) -> tuple[bytes, bytes]:
+        """Member k's (tar bytes, blob bytes)."""
+        blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
+        return self._tar(k, blob), blob
+
+    def entries(self, k: int) -> list[tuple[str, bytes, int]]:
+        """Member k's entries: (name, tar bytes, content bytes)."""
+        tar = self._tar(k, None)
+        out, at = [], 0
+        for i in range(self.starts[k], self.starts[k + 1]):
+            length = self.lengths[i]
+            out.append((self.names[i], tar[at:at + length], self.sizes[i]))
+            at += length
+        return out
+
+    def _tar(self, k: int, blob: bytes | None) -> bytes:
+        """Member k's tar bytes, checked against its gzip trailer (CRC-32 and length)."""
+        tar_size = self.members[k][1]
+        if self.tar_fd is not None:
+            tar = segments.pread_exactly(self.tar_fd, tar_size, self.tar_at[k])
+            trailer = blob[-8:] if blob is not None \
+                else segments.pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
+            if struct.unpack("<II", trailer) == (segments.compress.isal_zlib.crc32(tar),
+                                                 tar_size & 0xFFFFFFFF):
+                return tar
+            # Not the layer's tar (a damaged disk): dropped, the blob is decompressed instead.
+            os.close(self.tar_fd)
+            self.tar_fd = None
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.layer_dir, basetar.TAR))
+        if blob is None:
+            blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
+        tar = segments.compress.isal_zlib.decompress(blob, segments.compress._GZIP_WBITS)
+        if len(tar) != tar_size:
+            raise OSError(f"a member of the layer blob a commit is spliced from holds "
+                          f"{len(tar)} tar bytes, not {tar_size}")
+        if self.tar_writer is not None:
+            self.tar_writer.add(tar)
+        return tar
+
+    def keep_tar(self) -> None:
+        """The commit succeeded: install the tar written on the way, if one was."""
+        if self.tar_writer is not None:
+            self.tar_writer.install(self.layer_dir, self.tar_at[-1])
+            self.tar_writer = None
+
+    def close(self) -> None:
+        if self.tar_writer is not None:
+            self.tar_writer.abort()
+            self.tar_writer = None
+        for fd in (self.fd, self.tar_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fd = self.tar_fd = -1
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Capture:
+    """A sink and segmenter for diff.write_tar that keeps each entry's bytes."""
+
+    def __init__(self):
+        self.entries: list[tuple[str, bytes, int]] = []     # (name, tar bytes, content bytes)
+        self._pieces: list[bytes] = []
+        self._held = 0
+
+    def write(self, data) -> None:
+        self._pieces.append(data)
+        self._held += len(data)
+        if self._held > CAPTURE_MAX:
+            raise _TooBig
+
+    def entry(self, name: str, header: bytes, size: int, digest=None) -> None:
+        self.entries.append((name, b"".join(self._pieces), size))
+        self._pieces = []
+
+    def end(self) -> None:
+        pass
+
+
+def _key(name: str) -> list[str]:
+    """A name's place in tar order: each directory's entries sorted, right after it."""
+    return name.split("/")
+
+
+def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmenter,
+                  base: Base, view, clamp: int | None) -> diff.DiffStats | None:
+    """Write the layer of `upper` stacked on `base` (diff.write_tar's `stacked_on` view) to
+    `sink`, as write_tar would; None, with nothing written, if this cannot."""
+    capture = _Capture()
+    try:
+        own = diff.write_tar(upper, capture, clamp_mtime=clamp, segmenter=capture, census=True)
+    except _TooBig:
+        return None
+    if own.others:
+        return None
+    names = base.names
+    keep = {e[0] for e in capture.entries}
+    keep.update(t[1:] for t in view.base_files())
+    keep.update(d.strip("/") for d in view.base_dirs())
+    # The changes: (position among the base's entries, replaces the entry there?, entry or
+    # None for one left out), in tar order.
+    changes = [(i, True, None) for i, name in enumerate(names) if name not in keep]
+    for entry in capture.entries:
+        name, data, size = entry
+        p = bisect.bisect_left(names, _key(name), key=_key)
+        same = p < len(names) and names[p] == name
+        if same and not size and base.empty.get(name) == data:
+            continue                                  # (a directory as the base has it)
+        changes.append((p, same, entry))
+    changes.sort(key=lambda c: (c[0], c[1]))
+    last = len(base.members) - 1
+    by_member: dict[int, list] = {}
+    for change in changes:
+        k = min(bisect.bisect_right(base.starts, change[0]) - 1, last)
+        by_member.setdefault(k, []).append(change)
+
+    stats = diff.DiffStats()
+    first = min(by_member, default=last + 1)
+    k = 0
+    # The members before the first change as they are, unless the base's tar is still to be
+    # written (from every member, decompressed).
+    if first and base.states is not None and base.tar_writer is None:
+        sink.resume(base.fd, base.members[:first], base.states[:first])
+        k = first
+        stats.entries = base.starts[first]
+        stats.content_bytes = sum(base.sizes[:base.starts[first]])
+    in_step = True                   # the stream was cut where the base's was
+    for k in range(k, last + 1):
+        start, end = base.starts[k], base.starts[k + 1]
+        if in_step and k not in by_member:
+            sink.add_member(*base.whole(k), base.members[k][0])
+            stats.entries += end - start
+            stats.content_bytes += sum(base.sizes[start:end])
+        else:
+            _write_entries(sink, seg, stats, base.entries(k), start, by_member.get(k, ()))
+            if k == last:
+                sink.write(tarformat.END_OF_ARCHIVE)
+                seg.end()
+            in_step = seg._since_cut == 0
+    return stats
+
+
+def _write_entries(sink, seg, stats, entries, start: int, changes) -> None:
+    """Write a member's entries of the base (the first is entry `start`) with `changes`."""
+    at = 0
+    for p, replaces, entry in changes:
+        for name, data, size in entries[at:p - start]:
+            _write(sink, seg, stats, name, data, size)
+        at = p - start
+        if replaces:
+            at += 1
+        if entry is not None:
+            _write(sink, seg, stats, *entry)
+    for name, data, size in entries[at:]:
+        _write(sink, seg, stats, name, data, size)
+
+
+def _write(sink, seg, stats, name: str, data: bytes, size: int) -> None:
+    """Write one entry as the walk does (diff._write_file): ISA-L's output depends on how its
+    input comes in pieces, so a file bigger than diff._READ goes as its header, its content
+    in pieces of that size, and its padding."""
+    pad = -size % tarformat.BLOCK
+    header = data[:len(data) - size - pad]
+    if size <= diff._READ:
+        sink.write(data)
+    else:
+        view = memoryview(data)
+        sink.write(header)
+        for at in range(len(header), len(header) + size, diff._READ):
+            sink.write(bytes(view[at:min(at + diff._READ, len(header) + size)]))
+        sink.write(bytes(view[len(data) - pad:]))
+    seg.entry(name, header, size)
+    stats.entries += 1
+    stats.content_bytes += size
