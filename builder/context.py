@@ -443,37 +443,41 @@ class BuildContext:
     def digest(self, source: Source) -> str:
         """What the step cache knows of a source: names, types, modes, contents, xattrs; no
         times or owners."""
-        rows = _stat_rows(source.entries)
-        fingerprint, latest = _stat_fingerprint(rows)
+        entries = source.entries
+        rows = _stat_rows(entries)
+        runs = [(start, end, _stat_fingerprint(rows[start:end])) for start, end in _runs(entries)]
+        # (The whole source's fingerprint is made of its runs': the stats are hashed once.)
+        fingerprint = hashlib.sha256(b"".join(run[2] for run in runs)).hexdigest()
         known = self.stat_cache.tree(source.path, fingerprint)
         if known is None:
-            known = self._digest(source, rows)
-            self.stat_cache.put_tree(source.path, fingerprint, known, latest)
+            known = self._digest(source, rows, runs)
+            self.stat_cache.put_tree(source.path, fingerprint, known,
+                                     max((max(r[4], r[5]) for r in rows), default=0))
         return known
 
-    def _digest(self, source: Source, rows: list[tuple]) -> str:
+    def _digest(self, source: Source, rows: list[tuple], runs: list[tuple]) -> str:
         """The digest of a source: the SHA-256 of a line per entry (_lines).
 
-        Made run by run (_runs): a run whose entries' stats are those the
-        store's stat cache kept with its lines is taken from there (statcache.py).
+        Made run by run (`runs`: _runs() with each one's _stat_fingerprint()):
+        a run whose entries' stats are those the store's stat cache kept with
+        its lines is taken from there (statcache.py).
         """
         entries = source.entries                 # (`rows`: their _stat_rows)
         kept = self.stat_cache.runs(source.path)
-        runs = []                                   # [start, end, fingerprint, text, table]
+        done = []                                   # [start, end, fingerprint, text, table]
         todo = []
-        for start, end in _runs(entries):
-            fingerprint = hashlib.sha256(marshal.dumps(rows[start:end], 0)).digest()
+        for start, end, fingerprint in runs:
             hit = kept.get(entries[start].src)
             if isinstance(hit, tuple) and len(hit) == 3 and hit[0] == fingerprint:
-                runs.append((start, end, fingerprint, hit[1], hit[2]))
+                done.append((start, end, fingerprint, hit[1], hit[2]))
                 _not_learned(entries[start:end], hit[2])
             else:
-                runs.append((start, end, fingerprint, None, None))
+                done.append((start, end, fingerprint, None, None))
                 todo += entries[start:end]
         digests = self._file_digests(todo)
         texts, table, keep = [], {}, {}
         learned = False
-        for start, end, fingerprint, text, part in runs:
+        for start, end, fingerprint, text, part in done:
             if text is None:
                 text, part = self._lines(entries[start:end], digests)
                 # (not kept while a file in it may change again unseen: statcache.py)
@@ -541,16 +545,15 @@ def _stat_rows(entries) -> list[tuple]:
              st.st_dev) for e in entries for st in (e.st,)]
 
 
-def _stat_fingerprint(rows: list[tuple]) -> tuple[str, int]:
-    """(a digest of every entry's name and stat (_stat_rows), the latest mtime or ctime).
+def _stat_fingerprint(rows: list[tuple]) -> bytes:
+    """A digest of entries' names and stats (_stat_rows).
 
     What a source's digest depends on moves one of these: content and xattrs
     move ctime (which only the kernel sets), a replaced file or symlink its
     inode. marshal's version 0 has no references and no interned strings, so
     the same rows give the same bytes in every run (and twice as fast as repr).
     """
-    latest = max((max(r[4], r[5]) for r in rows), default=0)
-    return hashlib.sha256(marshal.dumps(rows, 0)).hexdigest(), latest
+    return hashlib.sha256(marshal.dumps(rows, 0)).digest()
 
 
 _RUN_MAX = 1000          # entries: a run is cut there even inside one directory
