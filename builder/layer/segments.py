@@ -230,15 +230,16 @@ class SegmentedSink(compress.LayerSink):
         self.states.extend(states)
         self.tar_size += sum(m[1] for m in members)
 
-    def add_member(self, tar: bytes, blob: bytes, signature: str | None) -> None:
-        """Add a whole member of another layer's blob as it is: `blob`, the gzip member, and
-        `tar`, the bytes it holds (the caller has them: splice.py). Only where the stream
-        was just cut (a Segmenter's since-cut count is 0)."""
+    def add_member(self, tar: bytes, fd: int, offset: int, size: int,
+                   signature: str | None) -> None:
+        """Add a whole member of another layer's blob as it is: the `size` bytes at `offset`
+        of the blob open at `fd`, and `tar`, the bytes it holds (the caller has them:
+        splice.py). Only where the stream was just cut (a Segmenter's since-cut count is 0)."""
         self._flush()
         if self._member_tar or self._pieces:
             raise ValueError("add_member() inside a member")
         self.tar_size += len(tar)
-        self._compress.put(("member", tar, blob, signature))
+        self._compress.put(("member", tar, signature, (offset, size), fd))
 
     def _flush(self, last: bool = False) -> None:
         if not self._pieces:
@@ -270,7 +271,7 @@ class SegmentedSink(compress.LayerSink):
         if found is not None:
             for piece in self._held:
                 self._compress.put(("hash", piece))
-            self._compress.put(("copy", signature, self._member_tar, found))
+            self._compress.put(("copy", signature, self._member_tar, found, self.donor.fd))
             self.reused += 1
         else:
             if self._held:
@@ -304,10 +305,10 @@ class SegmentedSink(compress.LayerSink):
             if kind == "hash":                 # a piece of a member copied from the donor
                 self.diff_hash.update(item[1])
                 return
-            if kind == "member":
-                _, tar, blob, signature = item
+            if kind == "member":                 # copied from its blob by the writing thread
+                _, tar, signature, where, fd = item
                 self.diff_hash.update(tar)
-                item = ("bytes", blob, signature, len(tar))
+                item = ("copy", signature, len(tar), where, fd)
             elif kind == "cut":
                 out = self._compressor.flush()
                 self._compressor = compress._compressor("gzip")
@@ -330,21 +331,17 @@ class SegmentedSink(compress.LayerSink):
             self._blob_bytes += len(item)
             return
         kind = item[0]
-        if kind == "copy":
-            _, signature, tar_size, (offset, size) = item[:4]
+        if kind == "copy":                       # (from the donor's blob, or another's)
+            _, signature, tar_size, (offset, size), fd = item[:5]
             end = offset + size
             while offset < end:
-                data = os.pread(self.donor.fd, min(compress._FLUSH_AT, end - offset), offset)
+                data = os.pread(fd, min(compress._FLUSH_AT, end - offset), offset)
                 if not data:
                     raise OSError(f"the layer blob a member is copied from ends early "
                                   f"(at byte {offset})")
                 self.out.write(data)
                 offset += len(data)
             self.members.append((signature, tar_size, size))
-        elif kind == "bytes":
-            _, data, signature, tar_size = item[:4]
-            self.out.write(data)
-            self.members.append((signature, tar_size, len(data)))
         else:
             _, signature, tar_size = item[:3]
             self.members.append((signature, tar_size, self._blob_bytes))

@@ -4,27 +4,30 @@ A COPY rebuilt after one of its 30,000 files changed is stacked on its last
 full layer (donor.py): its diff dir holds the changed files and the
 directories. Its tar is still a full layer tar, and walking it entry by
 entry, even from a pack of ready entries, cost 0.5 s of Python for 30,000
-entries. But that tar is the base layer's tar with a few entries replaced,
-added or left out, and the base's blob is a series of gzip members cut where
-the tar's entries say (segments.py), the same cuts a walk of the new tree
-would make wherever the two trees agree. So a full layer also keeps a map of
-its tar (`tar-map`): each entry's name, tar bytes and content bytes, the
-whole entry of each one without content (directories), how many entries each
-member holds, and the SHA-256 states of the diff_id and the blob where each
-member ends (resumable.py). A commit stacked on it then:
+entries. But that tar is the base layer's tar with a few entries replaced or
+added (a layer is stacked only if it has every entry of its base), and the
+base's blob is a series of gzip members cut where the tar's entries say
+(segments.py), the same cuts a walk of the new tree makes wherever the two
+trees agree. So a full layer also keeps a map of its tar (`tar-map`): each
+entry's name, tar bytes and content bytes, the whole entry of each one
+without content (directories), how many entries each member holds, and the
+SHA-256 states of the diff_id and the blob where each member ends
+(resumable.py). A commit stacked on it then:
 
 * walks only its own diff dir (a few files, the directories), keeping the
-  entries it makes, and compares them to the base's (a directory whose
-  entry is the base's is no change); the base's entries the new layer does
-  not have are the other changes;
+  entries it makes, and finds each one's place among the base's entries (a
+  directory whose entry is the base's is no change);
 * takes the members before the first change as they are: their blob bytes
   copied in the kernel, both hashes taken up from the saved states;
 * writes the members with a change entry by entry, as the walk would have
-  (the base's entries read from its decompressed member, the new ones
-  merged in by name), until its stream is cut where the base's is again;
-* copies each later member without a change whole: decompressed in the
-  compressing thread for the diff_id, its blob bytes written as they are.
+  (the base's entries cut out of the member's tar bytes, the new ones merged
+  in by name), until its stream is cut where the base's is again;
+* adds each later member without a change whole: its tar bytes hashed for
+  the diff_id by the compressing thread, its blob bytes copied as they are
+  by the writing thread.
 
+The members' tar bytes come from the base's tar file (basetar.py), or,
+before a commit has written it, from the base's blob, decompressed.
 The result is byte for byte the tar and blob a full walk gives (tests
 compare them). Anything the map does not cover (another SOURCE_DATE_EPOCH,
 another compressor, a damaged map, entries other than directories and plain
@@ -117,14 +120,9 @@ class Base:
             return None
         return cls(data, members, fd, layer_dir, tmp_dir)
 
-    def whole(self, k: int) -> tuple[bytes, bytes]:
-        """Member k's (tar bytes, blob bytes)."""
-        blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
-        return self._tar(k, blob), blob
-
     def entries(self, k: int) -> list[tuple[str, bytes, int]]:
         """Member k's entries: (name, tar bytes, content bytes)."""
-        tar = self._tar(k, None)
+        tar = self.tar(k)
         out, at = [], 0
         for i in range(self.starts[k], self.starts[k + 1]):
             length = self.lengths[i]
@@ -132,13 +130,12 @@ class Base:
             at += length
         return out
 
-    def _tar(self, k: int, blob: bytes | None) -> bytes:
+    def tar(self, k: int) -> bytes:
         """Member k's tar bytes, checked against its gzip trailer (CRC-32 and length)."""
         tar_size = self.members[k][1]
         if self.tar_fd is not None:
             tar = segments.pread_exactly(self.tar_fd, tar_size, self.tar_at[k])
-            trailer = blob[-8:] if blob is not None \
-                else segments.pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
+            trailer = segments.pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
             if struct.unpack("<II", trailer) == (segments.compress.isal_zlib.crc32(tar),
                                                  tar_size & 0xFFFFFFFF):
                 return tar
@@ -147,8 +144,7 @@ class Base:
             self.tar_fd = None
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.layer_dir, basetar.TAR))
-        if blob is None:
-            blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
+        blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
         tar = segments.compress.isal_zlib.decompress(blob, segments.compress._GZIP_WBITS)
         if len(tar) != tar_size:
             raise OSError(f"a member of the layer blob a commit is spliced from holds "
@@ -216,19 +212,22 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
     if own.others:
         return None
     names = base.names
-    keep = {e[0] for e in capture.entries}
-    keep.update(t[1:] for t in view.base_files())
-    keep.update(d.strip("/") for d in view.base_dirs())
-    # The changes: (position among the base's entries, replaces the entry there?, entry or
-    # None for one left out), in tar order.
-    changes = [(i, True, None) for i, name in enumerate(names) if name not in keep]
+    # The changes: (position among the base's entries, replaces the entry there?, entry), in
+    # tar order. Nothing of the base is left out (checked below).
+    changes = []
+    kept = len(view.base_files()) + len(view.base_dirs())     # (the base's entries kept)
     for entry in capture.entries:
         name, data, size = entry
         p = bisect.bisect_left(names, _key(name), key=_key)
         same = p < len(names) and names[p] == name
+        kept += same
         if same and not size and base.empty.get(name) == data:
             continue                                  # (a directory as the base has it)
         changes.append((p, same, entry))
+    if kept != len(names):
+        # (The base leaves to the layer only what its diff dir lacks, and a layer is stacked
+        # only if it has every entry of its base, donor.py: so this does not happen.)
+        return None
     changes.sort(key=lambda c: (c[0], c[1]))
     last = len(base.members) - 1
     by_member: dict[int, list] = {}
@@ -250,7 +249,8 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
     for k in range(k, last + 1):
         start, end = base.starts[k], base.starts[k + 1]
         if in_step and k not in by_member:
-            sink.add_member(*base.whole(k), base.members[k][0])
+            signature, _, blob_size = base.members[k]
+            sink.add_member(base.tar(k), base.fd, base.blob_at[k], blob_size, signature)
             stats.entries += end - start
             stats.content_bytes += sum(base.sizes[start:end])
         else:
@@ -268,11 +268,8 @@ def _write_entries(sink, seg, stats, entries, start: int, changes) -> None:
     for p, replaces, entry in changes:
         for name, data, size in entries[at:p - start]:
             _write(sink, seg, stats, name, data, size)
-        at = p - start
-        if replaces:
-            at += 1
-        if entry is not None:
-            _write(sink, seg, stats, *entry)
+        at = p - start + replaces          # (past the base's entry it replaces)
+        _write(sink, seg, stats, *entry)
     for name, data, size in entries[at:]:
         _write(sink, seg, stats, name, data, size)
 
