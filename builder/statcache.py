@@ -23,10 +23,11 @@ fingerprint), and follows the same two-second rule.
 
 When a source did change, `<hash>.runs.marshal` keeps the rest of its
 digest's work: per run of entries in one directory (runs()), the
-fingerprint of their stats, their lines of the digest's text and their
-rows of the file table (context.py). A run whose stats did not move is
-taken whole, so editing one file of 30,000 recomputes one directory's
-lines, not 30,000 (the digest 0.14-0.23 s -> 0.08-0.13 s, most of what is
+fingerprint of their stats, their lines of the digest's text, their
+rows of the file table and each entry's stat identity (context.py). A run
+whose stats did not move is taken whole, and in one whose stats did, only
+the files whose identity moved are looked up, so editing one file of 30,000
+recomputes one directory's lines and looks up one file, not 30,000 (the digest 0.14-0.23 s -> 0.08-0.13 s, most of what is
 left reading this file and the stat cache). It is read only when a source
 changed, and keeps only the runs of each source's last digest.
 """
@@ -99,7 +100,7 @@ class StatCache:
 
     def runs(self, key: str) -> dict:
         """The runs kept for the source `key`: first entry's path -> (stat fingerprint, text,
-        table rows), as put_runs() was given them.
+        table rows, the entries' stat identities), as put_runs() was given them.
 
         Each source's runs are kept marshalled (bytes) inside the file's dict, so
         that only the source asked for becomes objects, and only while it is used.

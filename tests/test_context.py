@@ -265,7 +265,7 @@ def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, mon
     _RUN_MAX); a run whose stats did not move is taken from the store, the others are
     computed. Whatever was reused, the digest and the file table must be those of a
     context with no cache at all, for every kind of change."""
-    from builder import context, statcache
+    from builder import context, hashing, statcache
     monkeypatch.setattr(statcache, "_RACY_NS", 0)          # cache even what was just written
     monkeypatch.setattr(context, "_RUN_MAX", 3)            # runs inside one directory too
     files = {f"src/d{i}/f{j}.txt": f"{i} {j}\n" for i in range(4) for j in range(5)}
@@ -275,17 +275,28 @@ def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, mon
     real_lines = context.BuildContext._lines
     monkeypatch.setattr(context.BuildContext, "_lines", lambda self, entries, digests: (
         computed.extend(e.src for e in entries), real_lines(self, entries, digests))[1])
+    hashed, asked = [], []
+    real_hash, real_get = hashing.hash_files, statcache.StatCache.get
+    monkeypatch.setattr(hashing, "hash_files", lambda root, paths: (
+        hashed.extend(paths), real_hash(root, paths))[1])
+    monkeypatch.setattr(statcache.StatCache, "get", lambda self, rel, st: (
+        asked.append(rel), real_get(self, rel, st))[1])
 
-    def check(changed: set[str]) -> None:
-        """Digest with the cache, then without; `changed`: the runs' paths recomputed."""
+    def check(changed: set[str], read: set[str] | None = None,
+              stat_cache: bool = True) -> None:
+        """Digest with the cache, then without; `changed`: the runs' paths recomputed,
+        `read`: the files hashed (if given), `stat_cache`: was the stat cache asked?"""
         context._content_digests.clear()                   # a new build process
-        computed.clear()
+        computed.clear(), hashed.clear(), asked.clear()
         c = BuildContext(str(ctx), cache_dir=cache)
         source = c.sources("src")[0]
         got = c.digest(source)
+        assert bool(asked) == stat_cache
         table = c.file_table(source)
         c.save()
         assert set(computed) == changed
+        if read is not None:
+            assert set(hashed) == read
         context._content_digests.clear()
         fresh = BuildContext(str(ctx))
         source = fresh.sources("src")[0]
@@ -293,16 +304,21 @@ def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, mon
 
     everything = {"src", "src/top.txt", "src/d0", "src/d1", "src/d2", "src/d3"} | {
         p for p in files}
-    check(everything)
-    check(set())                                           # (the whole source's fingerprint)
+    check(everything, set(files) | {"src/top.txt"})
+    check(set(), set(), stat_cache=False)                  # (the whole source's fingerprint)
+    # The run of f3 and f4 alone, and in it f3 alone is read (f4's stat is the one the run
+    # kept): without asking the stat cache, which cannot know f3's new stat either (a build
+    # that asks for nothing in it does not load it).
     (ctx / "src/d1/f3.txt").write_text("changed\n")
-    check({"src/d1/f3.txt", "src/d1/f4.txt"})              # the run of f3 and f4 alone
-    os.chmod(ctx / "src/d2/f0.txt", 0o600)
-    check({"src/d2/f0.txt", "src/d2/f1.txt", "src/d2/f2.txt"})
+    check({"src/d1/f3.txt", "src/d1/f4.txt"}, {"src/d1/f3.txt"}, stat_cache=False)
+    os.chmod(ctx / "src/d2/f0.txt", 0o600)                # (its ctime moved: read again)
+    check({"src/d2/f0.txt", "src/d2/f1.txt", "src/d2/f2.txt"}, {"src/d2/f0.txt"},
+          stat_cache=False)
     (ctx / "src/d3/f5.txt").write_text("new\n")            # an added file: its run, and
-    check({"src/d3", "src/d3/f3.txt", "src/d3/f4.txt", "src/d3/f5.txt"})   # its dir's time
+    check({"src/d3", "src/d3/f3.txt", "src/d3/f4.txt", "src/d3/f5.txt"},   # its dir's time
+          {"src/d3/f5.txt"})
     os.unlink(ctx / "src/d0/f4.txt")
-    check({"src/d0", "src/d0/f3.txt"})
+    check({"src/d0", "src/d0/f3.txt"}, set())
     os.symlink("top.txt", ctx / "src/link")
     (ctx / "src/d1").rename(ctx / "src/e1")                # runs move: others stay
     check({"src", "src/e1", "src/link", "src/top.txt"} | {f"src/e1/f{j}.txt" for j in range(5)})
