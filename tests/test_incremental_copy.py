@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import marshal
 import os
 import random
 import shutil
@@ -685,6 +686,36 @@ def _damage_tar(layer_dir):
         byte = f.read(1)
         f.seek(3 << 20)
         f.write(bytes([byte[0] ^ 1]))
+
+
+def _rewrite_map(layer_dir, **changes):
+    path = os.path.join(layer_dir, splice.MAP)
+    with open(path, "rb") as f:
+        data = marshal.loads(f.read())
+    data.update(changes)
+    with open(path, "wb") as f:
+        f.write(marshal.dumps(data))
+
+
+def test_hash_states_of_another_library_are_not_taken_up(tmp_path, spliced):
+    """The SHA-256 states in a tar map are OpenSSL's context bytes: a map whose states were
+    saved by another library (an OpenSSL upgrade) is spliced from the first member on,
+    every member's tar bytes hashed, and gives the same layer."""
+    root = store_with_base(tmp_path, "overlay", "splice")
+    store = Store(root)
+    ctx = big_context(tmp_path)
+    base, _ = copy_layer(store, build(ctx, root, **EPOCH))
+    _rewrite(ctx, "src/d0/b001.bin", b"one")
+    build(ctx, root, **EPOCH)                           # (writes the base's tar)
+    _rewrite_map(store.layers.path(base), library="OpenSSL 0.9.8 ctx 112")
+    spliced.clear()
+    _rewrite(ctx, "src/d3/b398.bin", b"two")
+    again = build(ctx, root, **EPOCH)
+    assert spliced and "resumed" not in spliced
+    plain = tmp_path / "plain"
+    shutil.copytree(ctx, plain)
+    twin = build(plain, root, no_cache=True, **EPOCH).layers[-1]
+    assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)
 
 
 @pytest.mark.parametrize("case", ["a damaged base tar", "no tar map", "another clamp"])
