@@ -718,12 +718,14 @@ def test_hash_states_of_another_library_are_not_taken_up(tmp_path, spliced):
     assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)
 
 
-@pytest.mark.parametrize("case", ["a damaged base tar", "no tar map", "another clamp"])
+@pytest.mark.parametrize("case", ["a damaged base tar", "no tar map", "another clamp",
+                                  "a map that does not add up"])
 def test_what_a_layer_cannot_be_spliced_from_is_walked_or_read_from_the_blob(tmp_path, case,
                                                                            spliced):
     """A base tar that is not the layer's (a damaged disk) is dropped and the blob read
-    instead; a base without a tar map (made before there were maps) or mapped with another
-    SOURCE_DATE_EPOCH is walked: the same layer as a cold build's either way."""
+    instead; a base without a tar map (made before there were maps), mapped with another
+    SOURCE_DATE_EPOCH or with a map whose entries do not add up to its members is walked:
+    the same layer as a cold build's either way."""
     root = store_with_base(tmp_path, "overlay", "splice")
     store = Store(root)
     ctx = big_context(tmp_path)
@@ -736,6 +738,10 @@ def test_what_a_layer_cannot_be_spliced_from_is_walked_or_read_from_the_blob(tmp
         _damage_tar(base_dir)
     elif case == "no tar map":
         os.unlink(os.path.join(base_dir, splice.MAP))
+    elif case == "a map that does not add up":           # (one entry moved to the next member)
+        with open(os.path.join(base_dir, splice.MAP), "rb") as f:
+            counts = marshal.loads(f.read())["counts"]
+        _rewrite_map(base_dir, counts=[counts[0] - 1, counts[1] + 1] + counts[2:])
     else:
         epoch = dict(source_date_epoch=EPOCH["source_date_epoch"] + 10)
     spliced.clear()

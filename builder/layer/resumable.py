@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
-_CTX = 112                  # sizeof(SHA256_CTX): h[8], Nl, Nh, data[16], num, md_len
+STATE_SIZE = 112            # sizeof(SHA256_CTX): h[8], Nl, Nh, data[16], num, md_len
 _lib = None
 _loaded = False
 LIBRARY: str | None = None   # the library's own name and version, once loaded
@@ -53,7 +53,7 @@ def _load() -> None:
     if resumed.hexdigest() != hashlib.sha256(b"a" * 100 + b"b" * 50).hexdigest():
         _lib = None
         return
-    LIBRARY = f"{name} ctx {_CTX}"
+    LIBRARY = f"{name} ctx {STATE_SIZE}"
 
 
 def available() -> bool:
@@ -71,13 +71,13 @@ class Sha256:
 
     def __init__(self, state: bytes | None = None):
         import ctypes
-        self._ctx = ctypes.create_string_buffer(_CTX)
+        self._ctx = ctypes.create_string_buffer(STATE_SIZE)
         if state is None:
             _lib.SHA256_Init(self._ctx)
         else:
-            if len(state) != _CTX:
+            if len(state) != STATE_SIZE:
                 raise ValueError("not a SHA-256 state")
-            ctypes.memmove(self._ctx, state, _CTX)
+            ctypes.memmove(self._ctx, state, STATE_SIZE)
 
     def update(self, data) -> None:
         if not isinstance(data, bytes):
@@ -90,7 +90,7 @@ class Sha256:
 
     def digest(self) -> bytes:
         import ctypes
-        ctx = ctypes.create_string_buffer(self._ctx.raw, _CTX)     # (Final ends a context)
+        ctx = ctypes.create_string_buffer(self._ctx.raw, STATE_SIZE)    # (Final ends a context)
         out = ctypes.create_string_buffer(32)
         _lib.SHA256_Final(out, ctx)
         return out.raw

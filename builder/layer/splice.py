@@ -68,7 +68,7 @@ class Base:
     """A full layer's tar map, its members (from its segments index), its blob held open and
     its tar (basetar.py): read from its file if it has one, else decompressed and written."""
 
-    def __init__(self, data: dict, members: list, fd: int, layer_dir: str, tmp_dir: str):
+    def __init__(self, data: dict, members: list, fd: int, layer_dir: str):
         self.layer_dir = layer_dir
         self.names: list[str] = data["names"]
         self.lengths = array.array("q", data["lengths"])
@@ -77,19 +77,26 @@ class Base:
         self.counts: list[int] = data["counts"]
         self.members = members                  # (signature, tar bytes, blob bytes) each
         self.fd = fd
-        states = data["states"]
+        states, size = data["states"], resumable.STATE_SIZE
         self.states = None
         if states and resumable.available() and data["library"] == resumable.LIBRARY:
-            self.states = [(states[i:i + 112], states[i + 112:i + 224])
-                           for i in range(0, len(states), 224)]
+            self.states = [(states[i:i + size], states[i + size:i + 2 * size])
+                           for i in range(0, len(states), 2 * size)]
         self.starts = [0]                       # the index of each member's first entry
         self.tar_at, self.blob_at = [0], [0]    # and where it begins in the tar, the blob
         for n, (_, tar_size, blob_size) in zip(self.counts, members):
             self.starts.append(self.starts[-1] + n)
             self.tar_at.append(self.tar_at[-1] + tar_size)
             self.blob_at.append(self.blob_at[-1] + blob_size)
-        self.tar_fd = basetar.open_tar(layer_dir, self.tar_at[-1])
-        self.tar_writer = basetar.TarWriter(tmp_dir) if self.tar_fd is None else None
+        self.tar_fd = self.tar_writer = None
+
+    def consistent(self) -> bool:
+        """Do the map's entries add up to each member's tar bytes (the last one's with the
+        end-of-archive blocks)?"""
+        lengths, last = self.lengths, len(self.members) - 1
+        return all(sum(lengths[self.starts[k]:self.starts[k + 1]])
+                   + (len(tarformat.END_OF_ARCHIVE) if k == last else 0) == tar_size
+                   for k, (_, tar_size, _) in enumerate(self.members))
 
     @classmethod
     def open(cls, layer_dir: str, blob_path: str, blob_digest: str, clamp: int | None,
@@ -106,19 +113,21 @@ class Base:
                     or index.get("blob") != blob_digest:
                 return None
             members = [(m[0], int(m[1]), int(m[2])) for m in index["members"]]
-            lengths = array.array("q", data["lengths"])
             if len(members) != len(data["counts"]) or sum(data["counts"]) != len(data["names"]) \
-                    or len(lengths) != len(data["names"]) \
-                    or sum(lengths) + len(tarformat.END_OF_ARCHIVE) != sum(m[1] for m in members) \
-                    or len(data["states"]) not in (0, 224 * len(members)):
+                    or len(data["lengths"]) != 8 * len(data["names"]) \
+                    or len(data["states"]) not in (0, 2 * resumable.STATE_SIZE * len(members)):
                 return None
             fd = os.open(blob_path, os.O_RDONLY | os.O_CLOEXEC)
         except (OSError, ValueError, TypeError, KeyError, EOFError):
             return None
-        if os.fstat(fd).st_size != sum(m[2] for m in members):
-            os.close(fd)
+        base = cls(data, members, fd, layer_dir)
+        if os.fstat(fd).st_size != base.blob_at[-1] or not base.consistent():
+            base.close()
             return None
-        return cls(data, members, fd, layer_dir, tmp_dir)
+        base.tar_fd = basetar.open_tar(layer_dir, base.tar_at[-1])
+        if base.tar_fd is None:
+            base.tar_writer = basetar.TarWriter(tmp_dir)
+        return base
 
     def entries(self, k: int) -> list[tuple[str, bytes, int]]:
         """Member k's entries: (name, tar bytes, content bytes)."""
@@ -166,7 +175,7 @@ class Base:
         for fd in (self.fd, self.tar_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
-        self.fd = self.tar_fd = -1
+        self.fd, self.tar_fd = -1, None
 
 
 class _TooBig(Exception):
