@@ -13,7 +13,11 @@ processes, the chrooted pass (what goes where) and the writing of the files
 into the upper dir after the unmount. `cold` starts from a store holding only the
 base image (the previous store is moved aside and deleted at the end, as
 bench.py does: see discard()); `unchanged` builds again; `one` appends a byte
-to one file first, as bench.py's "1 file changed" does.
+to one file first, as bench.py's "1 file changed" does; `settled` does the
+same and waits 2.1 s before building, as a person does between an edit and a
+build: the file is then old enough for the context caches to keep it
+(statcache.py's two-second rule), and keeping it is part of the build
+("cache save": the stat cache's and the runs' files written).
 
 The work dir's file system matters more than anything here: a store in a
 directory where many files were recently deleted creates files several times
@@ -32,12 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402
 import builder  # noqa: E402
-from builder import engine, fileops, sandbox  # noqa: E402
+from builder import engine, fileops, sandbox, statcache  # noqa: E402
 from builder.layer import commit, diff  # noqa: E402
 
 PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
           (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit"),
-          (diff, "write_tar", "tar walk")]
+          (diff, "write_tar", "tar walk"), (statcache.StatCache, "save", "cache save")]
 # Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
 # through a descriptor opened before the fork (nothing of the host is visible after chroot).
 CHILD_PHASES = [(fileops, "copy_into_root", "chrooted pass"),
@@ -79,11 +83,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/var/tmp/pybuild-phases")
     ap.add_argument("--builds", default="cold,unchanged,one,one,one",
-                    help="comma-separated: cold, unchanged, one (one file changed)")
+                    help="comma-separated: cold, unchanged, one (one file changed), settled "
+                         "(one file changed 2.1 s before the build)")
     args = ap.parse_args()
     kinds = args.builds.split(",")
-    if not set(kinds) <= {"cold", "unchanged", "one"}:
-        ap.error(f"--builds {args.builds}: each must be cold, unchanged or one")
+    if not set(kinds) <= {"cold", "unchanged", "one", "settled"}:
+        ap.error(f"--builds {args.builds}: each must be cold, unchanged, one or settled")
     os.makedirs(args.work, exist_ok=True)
     base_tar = os.path.join(args.work, "base.tar")
     if not os.path.exists(base_tar):
@@ -101,9 +106,11 @@ def main() -> None:
                 bench.discard(store)
                 bench.timed([sys.executable, "-m", "builder", "--root", store, "load", "-i",
                              base_tar], cwd=bench.REPO)
-            elif kind == "one":
+            elif kind in ("one", "settled"):
                 with open(changed, "ab") as f:
                     f.write(b"x")
+                if kind == "settled":
+                    time.sleep(2.1)
             spent.clear()
             t0 = time.perf_counter()
             builder.build(ctx, tags=["phases-copy"], root=store)

@@ -400,7 +400,9 @@ class BuildContext:
         What neither cache knows is hashed in one batch (hashing.py: on every
         core when there are thousands of such files). Not `cached`: the files'
         stats moved since the runs cache kept them, and the stat cache, kept
-        at the same time, has nothing for them either: it is not loaded.
+        at the same time, has nothing for them either; nor is it told their
+        new digests, which their runs keep (_digest): it is not loaded, nor
+        written again, for them (a 30,000-entry stat cache: 0.05 s).
         """
         out: dict[str, tuple[str, str]] = {}
         unknown = []
@@ -421,7 +423,8 @@ class BuildContext:
             if known is None:
                 out[e.src] = self.file_digest(e.src, e.st)     # reports why it cannot be read
                 continue
-            self.stat_cache.put(e.src, e.st, *known)
+            if cached:
+                self.stat_cache.put(e.src, e.st, *known)
             _remember(e.st, known)
             out[e.src] = known
         return out

@@ -275,23 +275,30 @@ def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, mon
     real_lines = context.BuildContext._lines
     monkeypatch.setattr(context.BuildContext, "_lines", lambda self, entries, digests: (
         computed.extend(e.src for e in entries), real_lines(self, entries, digests))[1])
-    hashed, asked = [], []
+    hashed, asked, told = [], [], []
     real_hash, real_get = hashing.hash_files, statcache.StatCache.get
+    real_put = statcache.StatCache.put
     monkeypatch.setattr(hashing, "hash_files", lambda root, paths: (
         hashed.extend(paths), real_hash(root, paths))[1])
     monkeypatch.setattr(statcache.StatCache, "get", lambda self, rel, st: (
         asked.append(rel), real_get(self, rel, st))[1])
+    monkeypatch.setattr(statcache.StatCache, "put", lambda self, rel, st, *digests: (
+        told.append(rel), real_put(self, rel, st, *digests))[1])
 
     def check(changed: set[str], read: set[str] | None = None,
               stat_cache: bool = True) -> None:
         """Digest with the cache, then without; `changed`: the runs' paths recomputed,
-        `read`: the files hashed (if given), `stat_cache`: was the stat cache asked?"""
+        `read`: the files hashed (if given), `stat_cache`: was the stat cache asked (and
+        told the digests read)?"""
         context._content_digests.clear()                   # a new build process
-        computed.clear(), hashed.clear(), asked.clear()
+        computed.clear(), hashed.clear(), asked.clear(), told.clear()
         c = BuildContext(str(ctx), cache_dir=cache)
         source = c.sources("src")[0]
         got = c.digest(source)
         assert bool(asked) == stat_cache
+        if read is not None:
+            files_told = {p for p in told if not p.endswith("/")}     # (dirs: their xattrs)
+            assert files_told == (set(hashed) if stat_cache else set())
         table = c.file_table(source)
         c.save()
         assert set(computed) == changed
@@ -307,8 +314,8 @@ def test_a_changed_source_reuses_the_runs_whose_stats_did_not_move(tmp_path, mon
     check(everything, set(files) | {"src/top.txt"})
     check(set(), set(), stat_cache=False)                  # (the whole source's fingerprint)
     # The run of f3 and f4 alone, and in it f3 alone is read (f4's stat is the one the run
-    # kept): without asking the stat cache, which cannot know f3's new stat either (a build
-    # that asks for nothing in it does not load it).
+    # kept): without asking the stat cache, which cannot know f3's new stat either, or
+    # telling it (the run keeps it): a build that has nothing for it does not load it.
     (ctx / "src/d1/f3.txt").write_text("changed\n")
     check({"src/d1/f3.txt", "src/d1/f4.txt"}, {"src/d1/f3.txt"}, stat_cache=False)
     os.chmod(ctx / "src/d2/f0.txt", 0o600)                # (its ctime moved: read again)

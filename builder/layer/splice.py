@@ -1,4 +1,4 @@
-"""A stacked COPY layer's tar and blob, spliced from its base's members: only what changed is walked.
+"""A stacked COPY layer's tar and blob, spliced from its base's: only what changed is walked.
 
 A COPY rebuilt after one of its 30,000 files changed is stacked on its last
 full layer (donor.py): its diff dir holds the changed files and the
