@@ -755,3 +755,27 @@ def test_what_a_layer_cannot_be_spliced_from_is_walked_or_read_from_the_blob(tmp
     shutil.copytree(ctx, plain)
     twin = build(plain, root, no_cache=True, **epoch).layers[-1]
     assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)
+
+
+def test_a_big_file_of_the_base_written_entry_by_entry_is_cut_as_the_walk_cuts_it(tmp_path,
+                                                                                   spliced):
+    """A base's file over 1 MB in a member with a change goes to the compressor in the
+    walk's pieces (header, 1 MB of content at a time, padding): ISA-L's output depends on
+    them, and the blob must be a cold build's."""
+    import zlib
+    root = store_with_base(tmp_path, "overlay", "splice")
+    store = Store(root)
+    ctx = big_context(tmp_path)
+    # A name after which the walk does not cut (see segments.py), so that the changed file
+    # after it shares its member.
+    big = next(n for n in (f"big{i}.bin" for i in range(64))
+               if zlib.crc32(f"app/a/{n}".encode()) & segments._CUT_MASK)
+    os.makedirs(ctx / "src/a")
+    _rewrite(ctx, f"src/a/{big}", random.Random(5).randbytes((3 << 20) + 100))
+    _rewrite(ctx, "src/a/small.txt", b"small")
+    base, _ = copy_layer(store, build(ctx, root, **EPOCH))
+    _rewrite(ctx, "src/a/small.txt", b"changed")
+    again = build(ctx, root, **EPOCH)
+    assert store.layers.base(copy_layer(store, again)[0]) == base and spliced
+    twin = cold_twin(tmp_path, ctx, root, "plain")
+    assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)
