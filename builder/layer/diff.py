@@ -213,12 +213,12 @@ class _Walk:
         Its attributes are the ones its row recorded (layer dirs never change, and a
         base holds no xattrs, donor.py), so it is opened and read, not asked.
         """
-        size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         if self._base_dir is None or self._base_dir[0] != rel:
             if self._base_dir is not None:
                 os.close(self._base_dir[1])
                 self._base_dir = None
             self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
+        size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         seconds, ns = divmod(mtime_ns, 1_000_000_000)
         header = tarformat.header(
             name, typeflag=tarformat.REGULAR, mode=perm, uid=uid, gid=gid, size=size,
@@ -248,10 +248,6 @@ class _Walk:
     def _file_entry(self, fd: int, name: str, size: int, header: bytes) -> None:
         """Write a plain file's entry (`header`, then its content read from `fd`), and count it."""
         _write_file(fd, name, size, self.sink, header)
-        self._count(name, header, size)
-
-    def _count(self, name: str, header, size: int) -> None:
-        """A plain file's entry was written: tell the segmenter, and count it."""
         if self.seg is not None:
             self.seg.entry(name, header, size)
         self.stats.entries += 1
@@ -340,7 +336,10 @@ def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
     """Write a regular file's entry: its `header`, then `size` bytes read from `fd`, padded."""
     if size <= _READ:
         # Most files: one read, one write of header, content and padding.
-        sink.write(header + _read_exactly(fd, name, size) + tarformat.pad(size))
+        data = os.read(fd, size) if size else b""
+        if len(data) != size:
+            raise OSError(f"{name} shrank while it was being archived")
+        sink.write(header + data + tarformat.pad(size))
         return
     sink.write(header)
     left = size
@@ -351,11 +350,3 @@ def _write_file(fd: int, name: str, size: int, sink, header: bytes) -> None:
         sink.write(chunk)
         left -= len(chunk)
     sink.write(tarformat.pad(size))
-
-
-def _read_exactly(fd: int, name: str, size: int) -> bytes:
-    """A small file's `size` bytes of content, read at once."""
-    data = os.read(fd, size) if size else b""
-    if len(data) != size:
-        raise OSError(f"{name} shrank while it was being archived")
-    return data

@@ -75,9 +75,8 @@ class Segmenter:
         self.counts: list[int] = []
         self._counted = 0
 
-    def entry(self, name: str, header: bytes, size: int, digest=None) -> None:
-        """An entry of `size` content bytes was written after `header` (all its header blocks);
-        `digest`: its content digest (hex bytes), if the caller has it at hand."""
+    def entry(self, name: str, header: bytes, size: int) -> None:
+        """An entry of `size` content bytes was written after `header` (all its header blocks)."""
         length = len(header) + size + (-size % tarformat.BLOCK)
         self._since_cut += length
         if self.names is not None:
@@ -89,8 +88,7 @@ class Segmenter:
         if self._signable:
             self._parts.append(header)
             if size:
-                if digest is None:
-                    digest = self.digests.get("/" + name)
+                digest = self.digests.get("/" + name)
                 if digest is None:
                     self._signable = False
                 else:

@@ -196,7 +196,7 @@ class _Capture:
         if self._held > CAPTURE_MAX:
             raise _TooBig
 
-    def entry(self, name: str, header: bytes, size: int, digest=None) -> None:
+    def entry(self, name: str, header: bytes, size: int) -> None:
         self.entries.append((name, b"".join(self._pieces), size))
         self._pieces = []
 
