@@ -346,14 +346,3 @@ class SegmentedSink(compress.LayerSink):
         self._blob_bytes = 0
         if self.states is not None:
             self.states.append((item[-1], self.out.hash.state()))
-
-
-def pread_exactly(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"the layer blob a member is copied from ends early "
-                          f"(at byte {offset + len(data)})")
-        data += more
-    return data

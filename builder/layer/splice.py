@@ -143,8 +143,8 @@ class Base:
         """Member k's tar bytes, checked against its gzip trailer (CRC-32 and length)."""
         tar_size = self.members[k][1]
         if self.tar_fd is not None:
-            tar = segments.pread_exactly(self.tar_fd, tar_size, self.tar_at[k])
-            trailer = segments.pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
+            tar = _pread_exactly(self.tar_fd, tar_size, self.tar_at[k])
+            trailer = _pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
             if struct.unpack("<II", trailer) == (segments.compress.isal_zlib.crc32(tar),
                                                  tar_size & 0xFFFFFFFF):
                 return tar
@@ -153,7 +153,7 @@ class Base:
             self.tar_fd = None
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.layer_dir, basetar.TAR))
-        blob = segments.pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
+        blob = _pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
         tar = segments.compress.isal_zlib.decompress(blob, segments.compress._GZIP_WBITS)
         if len(tar) != tar_size:
             raise OSError(f"a member of the layer blob a commit is spliced from holds "
@@ -176,6 +176,18 @@ class Base:
             if fd is not None and fd >= 0:
                 os.close(fd)
         self.fd, self.tar_fd = -1, None
+
+
+def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` of the base's blob or tar file."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"a file a layer is spliced from ends early "
+                          f"(at byte {offset + len(data)})")
+        data += more
+    return data
 
 
 class _TooBig(Exception):

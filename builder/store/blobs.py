@@ -124,23 +124,16 @@ class BlobWriter:
         return len(data)
 
     def resume(self, fd: int, length: int, hash_state) -> None:
-        """Begin the blob with the first `length` bytes of the file open at `fd`, whose hash
-        (`hash_state`, a resumable.Sha256 of them) the caller has: copied in the kernel,
+        """Begin the blob with the first `length` bytes of the file open at `fd` (at offset
+        0), whose hash (`hash_state`, a resumable.Sha256 of them) the caller has: copied
+        in the kernel (fileops.copy_data, a reflink where the file system has them),
         neither read nor hashed here. Only before the first write()."""
+        from ..fileops import copy_data       # (only a spliced COPY commit comes here)
         if self.size:
             raise ValueError("resume() after a write")
         self.f.flush()
-        out, offset = self.f.fileno(), 0
-        while offset < length:
-            try:
-                n = os.copy_file_range(fd, out, length - offset, offset)
-            except OSError:           # (a file system or kernel that cannot: copied by hand)
-                data = os.pread(fd, min(length - offset, 1 << 20), offset)
-                n = os.write(out, data) if data else 0
-            if n == 0:
-                raise OSError(f"the blob a layer's first members come from ends early "
-                              f"(at byte {offset})")
-            offset += n
+        if copy_data(fd, self.f.fileno(), length):
+            raise OSError("the blob a layer's first members come from ends early")
         self.hash = hash_state
         self.size = length
 
