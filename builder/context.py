@@ -457,8 +457,7 @@ class BuildContext:
         known = self.stat_cache.tree(source.path, fingerprint)
         if known is None:
             known = self._digest(source, rows, runs)
-            self.stat_cache.put_tree(source.path, fingerprint, known,
-                                     max((max(r[4], r[5]) for r in rows), default=0))
+            self.stat_cache.put_tree(source.path, fingerprint, known, _latest(rows))
         return known
 
     def _digest(self, source: Source, rows: list[tuple], runs: list[tuple]) -> str:
@@ -477,7 +476,9 @@ class BuildContext:
         reused: dict[str, tuple[str, str]] = {}
         for start, end, fingerprint in runs:
             hit = kept.get(entries[start].src)
-            if isinstance(hit, tuple) and len(hit) == 4 and hit[0] == fingerprint:
+            if not (isinstance(hit, tuple) and len(hit) == 4):
+                hit = None                  # (none, or kept by an older pybuild: recomputed)
+            if hit is not None and hit[0] == fingerprint:
                 done.append((start, end, fingerprint, hit[1], hit[2], hit[3]))
                 _not_learned(entries[start:end], hit[2])
             else:
@@ -493,11 +494,11 @@ class BuildContext:
                 text, part = self._lines(entries[start:end], digests)
                 # (not kept while a file in it may change again unseen: statcache.py; what
                 # was kept of the run stays, for the files of it that do not change)
-                if settled(max(max(r[4], r[5]) for r in rows[start:end])):
+                if settled(_latest(rows[start:end])):
                     keep[entries[start].src] = (fingerprint, text, part,
                                                 _identities(entries[start:end]))
                     learned = True
-                elif isinstance(ids, tuple) and len(ids) == 4:
+                elif ids is not None:
                     keep[entries[start].src] = ids
             else:
                 keep[entries[start].src] = (fingerprint, text, part, ids)
@@ -560,6 +561,11 @@ def _stat_rows(entries) -> list[tuple]:
              st.st_dev) for e in entries for st in (e.st,)]
 
 
+def _latest(rows: list[tuple]) -> int:
+    """The latest mtime or ctime among entries' stats (_stat_rows)."""
+    return max((max(r[4], r[5]) for r in rows), default=0)
+
+
 def _stat_fingerprint(rows: list[tuple]) -> bytes:
     """A digest of entries' names and stats (_stat_rows).
 
@@ -574,11 +580,16 @@ def _stat_fingerprint(rows: list[tuple]) -> bytes:
 _RUN_MAX = 1000          # entries: a run is cut there even inside one directory
 
 
+def _run_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a run keeps of each entry's stat (the stat cache's rule: size, mtime, ctime,
+    inode): a file whose identity is the one kept has the digest kept with it."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 def _identities(entries) -> bytes:
-    """The stat identity (size, mtime, ctime, inode: the stat cache's) of each entry of a run,
-    in order, kept with the run so that a run with one file changed digests that file only."""
-    return array.array("q", [n for e in entries for st in (e.st,) for n in (
-        st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)]).tobytes()
+    """_run_identity() of each entry of a run, in order, kept with the run so that a run
+    with one file changed digests that file only."""
+    return array.array("q", [n for e in entries for n in _run_identity(e.st)]).tobytes()
 
 
 def _changed_files(entries, hit, reused: dict, todo: list, moved: list) -> None:
@@ -591,25 +602,28 @@ def _changed_files(entries, hit, reused: dict, todo: list, moved: list) -> None:
     one file, and the build does not load the stat cache of 30,000 for it.
     """
     files = [e for e in entries if stat.S_ISREG(e.st.st_mode)]
-    part, ids = (hit[2], array.array("q")) if isinstance(hit, tuple) and len(hit) == 4 \
-        and isinstance(hit[2], dict) and isinstance(hit[3], bytes) else (None, None)
-    if part is not None:
-        ids.frombytes(hit[3])
-    if part is None or len(ids) != 4 * len(part):
+    part = hit[2] if hit is not None else None
+    if not (isinstance(part, dict) and isinstance(hit[3], bytes)
+            and len(hit[3]) == 32 * len(part)):          # (4 numbers of 8 bytes per entry)
         todo += files
         return
+    ids = array.array("q", hit[3])
     where = {src: i * 4 for i, src in enumerate(part)}
     for e in files:
-        st, i = e.st, where.get(e.src)
+        i = where.get(e.src)
         if i is None:
             todo.append(e)
-        elif ids[i:i + 4] != array.array("q", (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                                st.st_ino)):
+        elif tuple(ids[i:i + 4]) != _run_identity(e.st):
             moved.append(e)
         else:
-            content, _, xattrs = part[e.src][2].partition(" " + XATTRS_MARK)
-            reused[e.src] = (content, xattrs)
-            _remember(st, (content, xattrs))
+            reused[e.src] = known = _row_digests(part[e.src])
+            _remember(e.st, known)
+
+
+def _row_digests(row: tuple) -> tuple[str, str]:
+    """(content digest, xattr digest or "") of a regular file's row of a file table."""
+    content, _, xattrs = row[2].partition(" " + XATTRS_MARK)
+    return content, xattrs
 
 
 def _runs(entries) -> list[tuple[int, int]]:
@@ -671,8 +685,7 @@ def learn_cached_runs() -> None:
             return                  # (another thread took the last one)
         for e in entries:
             if stat.S_ISREG(e.st.st_mode):
-                content, _, xattrs = table[e.src or "."][2].partition(" " + XATTRS_MARK)
-                _remember(e.st, (content, xattrs))
+                _remember(e.st, _row_digests(table[e.src or "."]))
 
 
 def filter_excludes(source: Source, rules: IgnoreRules) -> Source | None:

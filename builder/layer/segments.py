@@ -97,6 +97,11 @@ class Segmenter:
                 not zlib.crc32(name.encode("utf-8", "surrogateescape")) & _CUT_MASK:
             self._cut()
 
+    @property
+    def at_cut(self) -> bool:
+        """Was the stream just cut (after the last entry)?"""
+        return self._since_cut == 0
+
     def end(self) -> None:
         """The end-of-archive blocks were written: the last member ends with them."""
         self._parts.append(tarformat.END_OF_ARCHIVE)

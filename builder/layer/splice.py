@@ -234,7 +234,8 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
         return None
     names = base.names
     # The changes: (position among the base's entries, replaces the entry there?, entry), in
-    # tar order. Nothing of the base is left out (checked below).
+    # tar order as the walk gave them (an added entry before the base's entry at the same
+    # position). Nothing of the base is left out (checked below).
     changes = []
     kept = len(view.base_files()) + len(view.base_dirs())     # (the base's entries kept)
     for entry in capture.entries:
@@ -249,7 +250,6 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
         # (The base leaves to the layer only what its diff dir lacks, and a layer is stacked
         # only if it has every entry of its base, donor.py: so this does not happen.)
         return None
-    changes.sort(key=lambda c: (c[0], c[1]))
     last = len(base.members) - 1
     by_member: dict[int, list] = {}
     for change in changes:
@@ -258,16 +258,16 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
 
     stats = diff.DiffStats()
     first = min(by_member, default=last + 1)
-    k = 0
+    begin = 0
     # The members before the first change as they are, unless the base's tar is still to be
     # written (from every member, decompressed).
     if first and base.states is not None and base.tar_writer is None:
         sink.resume(base.fd, base.members[:first], base.states[:first])
-        k = first
+        begin = first
         stats.entries = base.starts[first]
         stats.content_bytes = sum(base.sizes[:base.starts[first]])
     in_step = True                   # the stream was cut where the base's was
-    for k in range(k, last + 1):
+    for k in range(begin, last + 1):
         start, end = base.starts[k], base.starts[k + 1]
         if in_step and k not in by_member:
             signature, _, blob_size = base.members[k]
@@ -279,7 +279,7 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
             if k == last:
                 sink.write(tarformat.END_OF_ARCHIVE)
                 seg.end()
-            in_step = seg._since_cut == 0
+            in_step = seg.at_cut
     return stats
 
 
