@@ -94,11 +94,7 @@ class StatCache:
         if not settled(latest_ns):
             return
         with self._lock:
-            trees = self._load_trees()
-            trees.pop(key, None)
-            trees[key] = (fingerprint, digest)
-            while len(trees) > _MAX_TREES:
-                del trees[next(iter(trees))]     # the least recently kept
+            _keep_recent(self._load_trees(), key, (fingerprint, digest))
             self._trees_changed = True
 
     def runs(self, key: str) -> dict:
@@ -119,16 +115,13 @@ class StatCache:
         return kept if isinstance(kept, dict) else {}
 
     def put_runs(self, key: str, runs: dict) -> None:
-        """Keep the runs of the source `key`'s last digest (and only those: the caller leaves
-        out runs with a file changed in the last two seconds)."""
+        """Keep the runs of the source `key`'s last digest (and only those: for a run with a
+        file changed in the last two seconds, the caller gives what was kept of it before)."""
         data = marshal.dumps(runs)
         with self._lock:
             if self._runs is None:
                 self._runs = read_marshal_dict(self.runs_path)
-            self._runs.pop(key, None)
-            self._runs[key] = data
-            while len(self._runs) > _MAX_TREES:
-                del self._runs[next(iter(self._runs))]     # the least recently kept
+            _keep_recent(self._runs, key, data)
             self._runs_changed = True
 
     def get(self, rel: str, st: os.stat_result) -> tuple[str, str] | None:
@@ -167,6 +160,15 @@ class StatCache:
         with contextlib.suppress(OSError):      # (only a cache: the next build hashes again)
             write_atomic(self.path, marshal.dumps(entries))
         self._changed = False
+
+
+def _keep_recent(kept: dict, key: str, value) -> None:
+    """Put `value` under `key` as the most recent of `kept`, dropping the least recent ones
+    beyond _MAX_TREES (a dict keeps its order of insertion)."""
+    kept.pop(key, None)
+    kept[key] = value
+    while len(kept) > _MAX_TREES:
+        del kept[next(iter(kept))]
 
 
 def read_marshal_dict(path: str | None) -> dict:
