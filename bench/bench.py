@@ -220,11 +220,43 @@ def run_256m(work: str) -> tuple[str, str]:
     return base_ctx, ctx
 
 
-def many_runs(work: str, n: int) -> str:
-    ctx = os.path.join(work, f"run-{n}")
-    lines = [f"FROM {BASE}"] + [f"RUN echo {i} > /step-{i % 50}" for i in range(1, n + 1)]
+def many_runs(work: str, n: int, salt: str = "", salted: range = range(0),
+              name: str = "") -> str:
+    """A context of `n` RUN steps (in `work`/`name`, default run-<n>); the steps numbered in
+    `salted` (from 1) also echo `salt`, so that they miss the cache and no other does."""
+    ctx = os.path.join(work, name or f"run-{n}")
+    lines = [f"FROM {BASE}"] + [f"RUN echo {i}{' ' + salt if i in salted else ''} > /step-{i % 50}"
+                                for i in range(1, n + 1)]
     write(os.path.join(ctx, "Dockerfile"), "\n".join(lines) + "\n")
     return ctx
+
+
+DEPTH_PAIRS = 5     # early/late builds in turns, for the per-step time against depth
+
+
+def depth_in_turns(tool: Tool, work: str, n: int, k: int) -> tuple[float, float]:
+    """Seconds per RUN step of `k` steps near the bottom of a stack (steps 5 to 4+k) and at
+    the top of an `n`-step one (its last `k`): the medians of DEPTH_PAIRS builds of each,
+    in turns, every step before the window cached and every step in it new.
+
+    One cold build's early and late steps are minutes apart, and this machine's speed drifts
+    by a third in minutes (its disk, the memory its host hands back, the inodes a deleted
+    store leaves to pass over): what a ratio of the two shows is mostly that drift, either
+    way. Builds in turns see the same machine, so their ratio is the depth's own."""
+    windows = {"early": (5, 4 + k), "late": (n - k + 1, n)}
+    per_step: dict[str, list[float]] = {w: [] for w in windows}
+    for turn in range(DEPTH_PAIRS):
+        for which, (first, last) in windows.items():
+            salt = f"{which}-{turn}-{time.time_ns()}"
+            ctx = many_runs(work, last, salt, range(first, last + 1), name=f"run-{n}-depth")
+            out = tool.build(ctx, f"bench-run-{n}-depth")[2]
+            steps = _step_times(out)                      # (#1 is FROM: RUN i is #i+1)
+            window = [steps[i + 1] for i in range(first, last + 1) if i + 1 in steps]
+            if len(window) < k:
+                raise RuntimeError(f"{tool.name}: {k - len(window)} of the window's steps "
+                                   "were cached or not reported")
+            per_step[which].append(sum(window) / k)
+    return tuple(sorted(v)[(len(v) - 1) // 2] for v in per_step.values())
 
 
 def copy_time(path: str, work: str) -> tuple[float, float]:
@@ -386,7 +418,8 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
             try:
                 cold, rss, out, _ = t.build(ctx, f"bench-{name}", cold=True)
                 rows.append(dict(workload=name, tool=t.name, cold=cold, cached=None, rss=rss,
-                                 steps=_step_times(out)))
+                                 steps=_step_times(out),
+                                 in_turns=depth_in_turns(t, work, n, _window(n + 1))))
             except RuntimeError as e:
                 rows.append(dict(workload=name, tool=t.name, cold=None, cached=None, rss=None,
                                  error=str(e).strip().splitlines()[-1][:70]))
@@ -456,13 +489,16 @@ def print_table(rows: list[dict]) -> None:
         if r.get("steps"):
             steps = r["steps"]
             last = max(steps)
-            # Means over a tenth of the steps (at least 10): single steps vary by +-30 %.
-            k = max(10, (last - 1) // 10)
+            k = _window(last)
             early = [steps[i] for i in range(6, 6 + k) if i in steps]
             late = [steps[i] for i in range(last - k + 1, last + 1) if i in steps]
             e, l_ = sum(early) / len(early), sum(late) / len(late)
             note = (f"RUN steps 5-{4 + k}: {e * 1000:.0f} ms each, last {k}: {l_ * 1000:.0f} ms "
-                    f"each ({l_ / e:.2f}x)")
+                    f"each ({l_ / e:.2f}x) in the cold build")
+            if r.get("in_turns"):
+                e, l_ = r["in_turns"]
+                note += (f"; in turns ({DEPTH_PAIRS} builds each): {e * 1000:.1f} ms, "
+                         f"{l_ * 1000:.1f} ms ({l_ / e:.2f}x)")
         lines.append([r["workload"], r["tool"], _f(r.get("cold")), _f(r.get("cached")), vs_peer,
                       vs_floor, f"{r['rss'] / 1024:.0f}" if r.get("rss") and
                       r["tool"].startswith("pybuild")
@@ -470,6 +506,12 @@ def print_table(rows: list[dict]) -> None:
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
     for l in lines:
         print("  ".join(str(c).ljust(widths[i]) for i, c in enumerate(l)).rstrip())
+
+
+def _window(last: int) -> int:
+    """Steps in each window of a many-step build whose last step is #`last`: a tenth of its
+    steps, at least 10 (single steps vary by +-30 %)."""
+    return max(10, (last - 1) // 10)
 
 
 def _f(x) -> str:
