@@ -20,7 +20,7 @@ from . import cli_build, cli_containers, rootless
 from .cli_build import insecure_option
 from .cli_containers import store_of
 from .cli_format import ago, parse_size, table
-from .errors import Interrupted, PybuildError, UsageError
+from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,8 +273,7 @@ def _print_traceback() -> None:
 
 
 _OS_HINTS = {
-    errno.ENOSPC: "the disk holding the store is full: free space, or run `pybuild rmi` on "
-                  "images you no longer need",
+    errno.ENOSPC: DISK_FULL_HINT,
     errno.EDQUOT: "the disk quota of the store is exhausted",
     errno.EROFS: "the store is on a read-only filesystem: choose another with --root",
     errno.EACCES: "pybuild needs root for its store and for builds",

@@ -20,6 +20,13 @@ library lets callers catch them by type.
 
 from __future__ import annotations
 
+import errno
+
+# OSError numbers that mean the store's disk (or quota) is full, and what to do then.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_HINT = ("the disk holding the store is full: free space, or run `pybuild rmi` on "
+                  "images you no longer need")
+
 
 class PybuildError(Exception):
     """Base of every error pybuild raises on purpose."""

@@ -41,6 +41,7 @@ from . import donor as donors
 from .donor import Donor, DonorSpec
 from .hashing import NOT_COPIED_XATTRS
 from .sandbox import SetupError
+from .errors import DISK_FULL, DISK_FULL_HINT
 from .snapshot.overlay import mount_overlay
 
 
@@ -736,9 +737,7 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
             errors.append((int(number or 0), message or f"a copy worker ended with status {status}"))
     if errors:
         number, message = errors[0]
-        full = number in (errno.ENOSPC, errno.EDQUOT)
-        raise CopyError(message, "the disk holding the store is full: free space, or remove images "
-                                 "with `pybuild rmi`" if full else None)
+        raise CopyError(message, DISK_FULL_HINT if number in DISK_FULL else None)
 
 
 # ---- ADD of a local archive ------------------------------------------------------------

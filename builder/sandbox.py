@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 from .record import record
 from . import linux, paths, seccomp, users
-from .errors import BuildError
+from .errors import DISK_FULL, DISK_FULL_HINT, BuildError
 from .snapshot.base import Snapshot
 from .snapshot.overlay import mount_overlay
 
@@ -495,8 +495,7 @@ def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: i
         if os.environ.get("PYBUILD_DEBUG_SANDBOX"):
             traceback.print_exc()
         where = f": {e.filename}" if e.filename else ""
-        hint = ("the disk holding the store is full: free space, or remove images with "
-                "`pybuild rmi`") if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        hint = DISK_FULL_HINT if e.errno in DISK_FULL else None
         _report(err_w, f"{e.strerror or e}{where}", hint)
         code = 125
     except BaseException as e:   # a bug: say where, the parent shows it with --debug

@@ -251,6 +251,39 @@ ls {small}/tmp > {tmp_path}/tmp-left
     assert (tmp_path / "tmp-left").read_text() == ""
 
 
+def test_a_disk_that_fills_while_the_layer_is_stored_names_the_step(tmp_path, base_image,
+                                                                     store_root):
+    """A COPY whose files fit on a 12 MB tmpfs but whose layer's blob does not: the commit,
+    not the copy, meets the full disk, and says so as the copy would (the step, the hint,
+    exit 4), leaves nothing in tmp/, and the store builds again once there is room."""
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY big /big\n",
+                                           "big": os.urandom(5_000_000)})
+    small = tmp_path / "small"
+    small.mkdir()
+    py = f"{sys.executable} -m builder --root {small}"
+    script = f"""
+mount -t tmpfs -o size=12m tmpfs {small}
+{py} load -i {base_tar} >/dev/null || exit 90
+{py} -t big {ctx} 2>{tmp_path}/err; echo $? > {tmp_path}/rc
+ls {small}/tmp > {tmp_path}/tmp-left
+mount -o remount,size=40m {small}
+{py} -q -t big {ctx} > {tmp_path}/again || exit 91
+{py} images > {tmp_path}/images || exit 92
+"""
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "4", err
+    assert f"{ctx}/Dockerfile:2 [2/2] COPY: No space left on device" in err, err
+    assert "hint: the disk holding the store is full" in err and "Traceback" not in err
+    assert (tmp_path / "tmp-left").read_text() == ""
+    assert (tmp_path / "again").read_text().startswith("sha256:")
+    assert "big" in (tmp_path / "images").read_text()
+
+
 def test_stopping_sandboxes_waits_for_a_sandbox_module_still_being_imported():
     """A failing stage stops the others' sandboxes while another stage's thread may still be
     importing builder.sandbox (imports are lazy): that must wait, not see half a module."""
