@@ -372,18 +372,26 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
         for t in tools:
             cold, cold_range = median_run(lambda: t.build(ctx, "bench-copy", cold=True))
             cached, cached_range = median_run(lambda: t.build(ctx, "bench-copy"))
-            changed, changed_range = median_run(change_one_file_and_build)
+            # In order, not only the median: the first rebuild after a cold build is the
+            # one that also writes its base layer's tar (layer/basetar.py).
+            changes = [change_one_file_and_build() for _ in range(REPEAT)]
+            by_time = sorted(changes, key=lambda run: run[0])
+            changed, changed_range = by_time[(len(by_time) - 1) // 2], (by_time[0][0],
+                                                                         by_time[-1][0])
             rows.append(dict(workload=name, tool=t.name, cold=cold[0], cached=cached[0],
-                             rss=max(cold[1], cached[1], changed[1]), floor=fl, cp_a=cp_a,
+                             rss=max(cold[1], cached[1], *(run[1] for run in changes)),
+                             floor=fl, cp_a=cp_a,
                              # (docker's client is not where its build runs)
                              cpu=dict(build=cold[3], floor=floor_cpu, cp_a=cp_a_cpu)
                              if t.name != "docker" else None,
                              ranges=dict(cold=cold_range, cached=cached_range)))
             # The figure is the COPY step's own time ("plus the steps after it").
             copy_step = _step_times(changed[2]).get(2)
+            in_order = [_step_times(run[2]).get(2) for run in changes]
             rows.append(dict(workload=name + " (1 file changed)", tool=t.name, cold=changed[0],
-                             cached=None, rss=changed[1], floor=None, step=copy_step,
-                             ranges=dict(cold=changed_range)))
+                             cached=None, rss=max(run[1] for run in changes), floor=None,
+                             step=copy_step, steps_in_order=in_order if None not in in_order
+                             else None, ranges=dict(build=changed_range)))
         if can_drop_page_cache():
             # The same cold build with nothing in the page cache, against the floor read so.
             cold_floor = floor(ctx, cold_cache=True)[0]
@@ -483,6 +491,9 @@ def print_table(rows: list[dict]) -> None:
             notes.append(f"command {r['command']:.2f}s, overhead {r['overhead']:.2f}s")
         if r.get("step") is not None:
             notes.append(f"COPY step {r['step']:.2f}s")
+        if r.get("steps_in_order") and len(r["steps_in_order"]) > 1:
+            notes.append("in build order " + " / ".join(f"{x:.2f}" for x in r["steps_in_order"])
+                         + "s (the first also writes the base layer's tar)")
         if REPEAT > 1:
             notes += [f"{what} {lo:.2f}-{hi:.2f}s" for what, (lo, hi) in r.get("ranges", {}).items()]
         note = ", ".join(notes)
