@@ -31,8 +31,8 @@ from .run_options import parse_add_host, parse_ulimit
 from .context import BuildContext
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
-from .errors import (DISK_FULL, DISK_FULL_HINT, BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
-                     StepFailed, StoreError, UsageError)
+from .errors import (DISK_FULL, DISK_FULL_HINT, BuildError, DockerfileError, ImageNotFound,
+                     Interrupted, PybuildError, StepFailed, StoreError, UsageError)
 from .inputs import StepInputs, read_inputs
 from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
                     is_host_platform)
