@@ -39,3 +39,42 @@ def test_the_table_gives_the_ratio_to_the_floor_and_the_cpu_seconds(capsys, monk
     assert "cold 2.20-2.90s" in mine
     assert peer.split()[:6] == ["copy-30k", "buildah", "19.00", "13.60", "45.33x", "39.58x"]
     assert "CPU" not in peer
+
+
+class _FakeTool(bench.Tool):
+    """Builds nothing: reports a DONE time for each step whose text has a salt in it (the
+    steps a real build would run, the others being cached), 10 ms up to step 104, 12 after."""
+    name = "fake"
+
+    def __init__(self):
+        self.built: list[list[int]] = []
+
+    def build(self, ctx, tag, cold=False):
+        with open(os.path.join(ctx, "Dockerfile")) as f:
+            runs = [line.split() for line in f.read().splitlines()[1:]]
+        salted = [i for i, words in enumerate(runs, 1) if words[3] != ">"]
+        self.built.append(salted)
+        out = "".join(f"#{i + 1} DONE {0.010 if i <= 104 else 0.012}s\n" for i in salted)
+        return 1.0, 1024, out, 1.0
+
+
+def test_depth_in_turns_builds_each_window_new_in_turns_and_gives_the_medians(tmp_path):
+    tool = _FakeTool()
+    early, late = bench.depth_in_turns(tool, str(tmp_path), 1000, 100)
+    assert (round(early, 6), round(late, 6)) == (0.010, 0.012)
+    assert len(tool.built) == 2 * bench.DEPTH_PAIRS
+    assert tool.built[0] == list(range(5, 105)) and tool.built[1] == list(range(901, 1001))
+    assert tool.built[2] == tool.built[0]                   # (in turns, each with a new salt)
+
+
+def test_the_table_notes_the_depth_in_turns_and_each_one_file_rebuild(capsys):
+    bench.print_table([
+        dict(workload="run-1000", tool="pybuild", cold=9.0, cached=None, rss=34 * 1024,
+             steps={i: 0.008 for i in range(2, 1002)}, in_turns=(0.010, 0.0102)),
+        dict(workload="copy-30k (1 file changed)", tool="pybuild", cold=0.9, cached=None,
+             rss=110 * 1024, step=0.84, steps_in_order=[1.10, 0.84, 0.82]),
+    ])
+    depth, change = capsys.readouterr().out.splitlines()[1:]
+    assert "last 100: 8 ms each (1.00x) in the cold build" in depth
+    assert "in turns (5 builds each): 10.0 ms, 10.2 ms (1.02x)" in depth
+    assert "COPY step 0.84s, in build order 1.10 / 0.84 / 0.82s" in change
