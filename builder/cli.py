@@ -172,6 +172,12 @@ def _args_version(s: argparse.ArgumentParser) -> None:
 def _args_prune(s: argparse.ArgumentParser) -> None:
     s.add_argument("--keep-storage", metavar="SIZE",
                    help="keep the most recently used cache up to SIZE (e.g. 500MB, 2GB)")
+    # What CI scripts pass to `docker builder prune`: without --keep-storage, every cache
+    # entry goes anyway, and pybuild never asks before removing.
+    s.add_argument("-a", "--all", action="store_true",
+                   help="remove all build cache (what prune does without --keep-storage)")
+    s.add_argument("-f", "--force", action="store_true",
+                   help="do not ask (pybuild never asks; accepted as Docker's)")
 
 
 _COMMANDS = {
