@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from . import __version__
 from . import cli_build, cli_containers, rootless
 from .cli_build import insecure_option
 from .cli_containers import store_of
-from .cli_format import ago, parse_size, table
+from .cli_format import ago, parse_size, render_all, table
 from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
 
 
@@ -121,8 +122,16 @@ def _args_logout(s: argparse.ArgumentParser) -> None:
 
 
 def _args_images(s: argparse.ArgumentParser) -> None:
+    s.add_argument("reference", metavar="REPOSITORY[:TAG]", nargs="?",
+                   help="only the images of this repository (and tag); * and ? match any text")
     s.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     s.add_argument("--no-trunc", action="store_true", help="full image IDs")
+    s.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="dangling=true (untagged images only) or false, reference=PATTERN "
+                        "(as REPOSITORY[:TAG])")
+    s.add_argument("--format", metavar="TEMPLATE",
+                   help="Go-template subset: 'table {{.Repository}}\\t{{.Tag}}\\t{{.ID}}', "
+                        "fields ID, Repository, Tag, Digest, CreatedSince, CreatedAt, Size")
 
 
 def _args_history(s: argparse.ArgumentParser) -> None:
@@ -329,24 +338,84 @@ def _dispatch(args) -> int:
     return handler(args)
 
 
+_IMAGE_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID",
+                  "CreatedSince": "CREATED", "Size": "SIZE", "Digest": "DIGEST",
+                  "CreatedAt": "CREATED AT"}
+
+
 def _cmd_images(args) -> int:
     from .image import short_id
     from .progress import human_size
     store = store_of(args)
-    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
-    images = sorted(store.images(), key=lambda i: i.created, reverse=True)
-    for img in images:
-        size = human_size(store.content_size(img.diff_ids))
+    wanted = _image_filter(args.reference, args.filter)
+    rows, ids = [], []
+    for img in sorted(store.images(), key=lambda i: i.created, reverse=True):
         iid = img.id if args.no_trunc else short_id(img.id)
-        if args.quiet:
-            print(iid)
-            continue
+        size = None
         for tag in img.tags or ["<none>:<none>"]:
             repo, _, t = tag.rpartition(":")
-            rows.append([repo, t, iid, ago(img.created), size])
-    if not args.quiet:
-        print(table(rows))
+            if not wanted(repo, t, not img.tags):
+                continue
+            if iid not in ids:
+                ids.append(iid)
+            if size is None:
+                size = human_size(store.content_size(img.diff_ids))
+            rows.append({"Repository": repo, "Tag": t, "ID": iid,
+                         "CreatedSince": ago(img.created), "Size": size,
+                         "Digest": img.digest or "<none>",
+                         "CreatedAt": _docker_time(img.created)})
+    if args.quiet:
+        for iid in ids:
+            print(iid)
+    elif args.format:
+        print(render_all(args.format, rows, _IMAGE_HEADERS))
+    else:
+        columns = ["Repository", "Tag", "ID", "CreatedSince", "Size"]
+        print(table([[_IMAGE_HEADERS[c] for c in columns]] +
+                    [[row[c] for c in columns] for row in rows]))
     return 0
+
+
+def _image_filter(reference: str | None, filters: list[str]):
+    """A test of (repository, tag, untagged) for `pybuild images REF -f KEY=VALUE`, as
+    Docker's: a reference's repository (and tag, if it has one) match as shell patterns,
+    dangling images are the untagged ones."""
+    references = [reference] if reference else []
+    dangling = None
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if key == "reference" and sep:
+            references.append(value)
+        elif key == "dangling" and value.lower() in ("true", "1", "false", "0"):
+            dangling = value.lower() in ("true", "1")
+        else:
+            raise UsageError(f"--filter {f}: not a filter pybuild knows",
+                             hint="dangling=true|false or reference=REPOSITORY[:TAG]")
+    patterns = []
+    for ref in references:
+        repo, colon, tag = ref.rpartition(":")
+        if not colon or "/" in tag:          # (a registry's port, not a tag)
+            repo, tag = ref, "*"
+        patterns.append((repo, tag))
+
+    def wanted(repo: str, tag: str, untagged: bool) -> bool:
+        if dangling is not None and untagged != dangling:
+            return False
+        return all(not untagged and fnmatch.fnmatchcase(repo, r) and fnmatch.fnmatchcase(tag, t)
+                   for r, t in patterns)
+    return wanted
+
+
+def _docker_time(created: str) -> str:
+    """An RFC 3339 time as Docker's templates print one: `2026-11-26 15:45:06 +0000 UTC`."""
+    import datetime
+    head, dot, rest = created.replace("Z", "+00:00").partition(".")
+    text = head + (rest.lstrip("0123456789") if dot else "")    # (whole seconds)
+    try:
+        when = datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
+    except ValueError:
+        return created
+    return when.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
 
 def _cmd_history(args) -> int:

@@ -112,6 +112,7 @@ GROUPS = {
     "container": {"ls": "ps", "list": "ps", "run": "run", "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect"},
+    "builder": {"build": "build", "prune": "prune"},
 }
 
 

@@ -55,6 +55,35 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
     assert image_id[7:19] not in pybuild("images", check=True).stdout.decode()
 
 
+def test_images_takes_a_repository_filters_and_a_format_as_docker_does(pybuild, demo_ctx):
+    """`docker images REPO`, `-f dangling=true -q`, `-f reference=...` and `--format`, as CI
+    cleanup scripts use them."""
+    image_id = pybuild("-q", "-t", "filtered/app:1", "--build-arg", "GREETING_WORD=filtered",
+                       demo_ctx, check=True).stdout.decode().strip()
+    pybuild("tag", "filtered/app:1", "reg.example:5000/filtered/app:2", check=True)
+    short = image_id[7:19]
+    assert pybuild("images", "-q", "filtered/app", check=True).stdout.decode().split() == [short]
+    listing = pybuild("images", "filtered/app:1", check=True).stdout.decode().splitlines()
+    assert len(listing) == 2 and listing[1].split()[:3] == ["filtered/app", "1", short]
+    assert len(pybuild("images", "filtered/app:9", check=True).stdout.splitlines()) == 1
+    rows = pybuild("images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}", "-f",
+                   "reference=*/filtered/*", check=True).stdout.decode().splitlines()
+    assert rows == [f"reg.example:5000/filtered/app:2 {short}"]
+    table = pybuild("images", "--format", "table {{.Repository}}\\t{{.CreatedAt}}",
+                    "filtered/*", check=True).stdout.decode().splitlines()
+    assert table[0].split() == ["REPOSITORY", "CREATED", "AT"]
+    assert re.fullmatch(r"filtered/app +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000 UTC", table[1])
+
+    untagged = pybuild("-q", "--build-arg", "GREETING_WORD=dangling", demo_ctx,
+                       check=True).stdout.decode().strip()[7:19]
+    dangling = pybuild("images", "-q", "-f", "dangling=true", check=True).stdout.decode().split()
+    tagged = pybuild("images", "-q", "--filter", "dangling=false", check=True).stdout.decode()
+    assert untagged in dangling and short not in dangling
+    assert short in tagged.split() and untagged not in tagged
+    assert_clean_error(pybuild("images", "-f", "label=x"), 2, "not a filter pybuild knows")
+    pybuild("rmi", "filtered/app:1", "reg.example:5000/filtered/app:2", untagged, check=True)
+
+
 def test_run_executes_cmd_as_the_image_says(pybuild, demo_ctx):
     pybuild("-q", "-t", "runme", demo_ctx, check=True)
     p = pybuild("run", "--rm", "runme", check=True)
