@@ -143,7 +143,8 @@ def _args_inspect(s: argparse.ArgumentParser) -> None:
     s.add_argument("images", metavar="NAME", nargs="+",
                    help="an image (name[:tag] or ID) or a container (name or ID)")
     s.add_argument("-f", "--format", metavar="TEMPLATE",
-                   help="Go-template subset, e.g. '{{json .RootFS.Layers}}'")
+                   help="Go-template subset: '{{json .RootFS.Layers}}', "
+                        "'{{index .RepoTags 0}}', '{{index .Config.Labels \"key\"}}'")
 
 
 def _args_tag(s: argparse.ArgumentParser) -> None:

@@ -1,8 +1,10 @@
 """How the command line shows things: Docker's tables, times, and `--format` templates.
 
 `--format` takes the part of Go's text/template that Docker users write:
-`{{.Field}}`, `{{.A.B}}`, `{{json .A}}`, and the `table` prefix (a header
-row, columns separated by `\\t`, aligned as `docker ps` aligns them).
+`{{.Field}}`, `{{.A.B}}`, `{{json .A}}`, `{{index .A 0}}` or `{{index .A "key"}}`,
+and the `table` prefix (a header row, columns separated by `\\t`, aligned as
+`docker ps` aligns them). Any other action is an error, not text printed as
+it was written.
 """
 
 from __future__ import annotations
@@ -76,16 +78,40 @@ def _lookup(obj, path: str):
     return obj
 
 
+_ACTION = re.compile(r"\{\{(.*?)\}\}")
+_WORD = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
+
+
 def render(template: str, obj) -> str:
     """One object through a `--format` template."""
-    def field(m: re.Match) -> str:
-        value = _lookup(obj, m.group(2))
-        if m.group(1):
-            return json.dumps(value)
-        if isinstance(value, (dict, list)):
+    def action(m: re.Match) -> str:
+        words = _WORD.findall(m.group(1))
+        verb = words.pop(0) if words and words[0] in ("json", "index") else None
+        if not words or not words[0].startswith(".") or (verb != "index" and len(words) > 1) \
+                or (verb == "index" and len(words) < 2):
+            raise UsageError(f"--format: {m.group(0)} is not something pybuild's templates do",
+                             hint="{{.Field}}, {{.A.B}}, {{json .A}}, {{index .A 0}} or "
+                                  "{{index .A \"key\"}}")
+        value = _lookup(obj, words[0][1:])
+        if verb == "index":
+            for key in words[1:]:
+                value = _index(value, key, m.group(0))
+            if value is None:
+                return ""                # (Go's zero value: a label an image does not have)
+        if verb == "json" or isinstance(value, (dict, list)):
             return json.dumps(value)
         return "<no value>" if value is None else str(value)
-    return _FIELD.sub(field, template.replace("\\t", "\t").replace("\\n", "\n"))
+    return _ACTION.sub(action, template.replace("\\t", "\t").replace("\\n", "\n"))
+
+
+def _index(value, key: str, action: str):
+    """Go's `index`: a list by position, a map by key (a key it lacks gives nothing)."""
+    if key.startswith('"'):
+        return value.get(json.loads(key)) if isinstance(value, dict) else None
+    try:
+        return value[int(key)]
+    except (ValueError, TypeError, IndexError):
+        raise UsageError(f"--format: {action}: no item {key} in {json.dumps(value)}") from None
 
 
 def render_all(template: str, objects: list, headers: dict[str, str]) -> str:

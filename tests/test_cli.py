@@ -81,7 +81,27 @@ def test_images_takes_a_repository_filters_and_a_format_as_docker_does(pybuild, 
     assert untagged in dangling and short not in dangling
     assert short in tagged.split() and untagged not in tagged
     assert_clean_error(pybuild("images", "-f", "label=x"), 2, "not a filter pybuild knows")
+    assert pybuild("inspect", "-f", "{{index .RepoTags 0}}", "filtered/app:1",
+                   check=True).stdout.decode() == "filtered/app:1\n"
+    assert_clean_error(pybuild("inspect", "-f", "{{range .RepoTags}}{{.}}{{end}}",
+                               "filtered/app:1"), 2, "is not something pybuild's templates do")
     pybuild("rmi", "filtered/app:1", "reg.example:5000/filtered/app:2", untagged, check=True)
+
+
+def test_format_templates_index_lists_and_maps_and_refuse_what_they_do_not_know():
+    from builder.cli_format import render
+    from builder.errors import UsageError
+    obj = {"RepoTags": ["a:1", "b:2"], "RepoDigests": [],
+           "Config": {"Labels": {"org.x": "v"}, "Cmd": ["sh"]}}
+    assert render('{{index .RepoTags 1}} {{ index .Config.Labels "org.x" }}|'
+                  '{{index .Config.Labels "y"}}|{{json .Config.Cmd}}|{{.Missing}}', obj) \
+        == 'b:2 v||["sh"]|<no value>'
+    with pytest.raises(UsageError, match=r"no item 0 in \[\]"):
+        render("{{index .RepoDigests 0}}", obj)
+    for unknown in ("{{range .RepoTags}}", "{{.RepoTags 0}}", "{{index .RepoTags}}",
+                    "{{upper .Id}}"):
+        with pytest.raises(UsageError, match="not something pybuild's templates do"):
+            render(unknown, obj)
 
 
 def test_run_executes_cmd_as_the_image_says(pybuild, demo_ctx):
