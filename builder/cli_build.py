@@ -26,7 +26,8 @@ def insecure_option(s: argparse.ArgumentParser) -> None:
 
 def args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("context", metavar="CONTEXT",
-                   help="the build context directory (- : a tar, plain or compressed, on stdin)")
+                   help="the build context directory (- : a tar, plain or compressed, on stdin; "
+                        "or a Dockerfile there, with an empty context)")
     s.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
                    help="name the image (repeatable)")
     s.add_argument("-f", "--file", metavar="FILE",
@@ -165,15 +166,59 @@ def cmd_build(args) -> int:
             from .layer import extract
             context = os.path.join(scratch, "context")
             os.mkdir(context)
-            extract.extract(sys.stdin.buffer, context, what="build context from stdin",
-                            whiteouts=False, compressed=True)
-            if dockerfile:
-                dockerfile = os.path.join(context, dockerfile)
+            stdin = _Prefixed(sys.stdin.buffer)
+            if _is_archive(stdin.head):
+                extract.extract(stdin, context, what="build context from stdin",
+                                whiteouts=False, compressed=True)
+                if dockerfile:
+                    dockerfile = os.path.join(context, dockerfile)
+            else:
+                # `docker build - < Dockerfile`: what comes in is the Dockerfile, and the
+                # context is empty (Docker's rule: anything but an archive; -f is not used).
+                with open(os.path.join(context, "Dockerfile"), "wb") as f:
+                    f.write(stdin.read())
+                dockerfile = None
         return _build(args, context, dockerfile)
     finally:
         if scratch:
             from .trees import remove_tree
             remove_tree(scratch, ignore_errors=True)
+
+
+class _Prefixed:
+    """A stream whose first 512 bytes (`head`) are read ahead, to tell what it is."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.head = b""
+        while len(self.head) < 512 and (more := stream.read(512 - len(self.head))):
+            self.head += more
+        self._at = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._at < len(self.head):
+            take = len(self.head) - self._at if n is None or n < 0 else \
+                min(n, len(self.head) - self._at)
+            data = self.head[self._at:self._at + take]
+            self._at += take
+            if n is None or n < 0:
+                return data + self._stream.read()
+            return data
+        return self._stream.read(n)
+
+
+def _is_archive(head: bytes) -> bool:
+    """Docker's test of a build context on standard input: compressed, or a tar header."""
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")):
+        return True
+    if len(head) < 512:
+        return False
+    import tarfile
+    try:
+        tarfile.TarInfo.frombuf(head[:512], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def _build(args, context: str, dockerfile: str | None) -> int:

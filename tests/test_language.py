@@ -249,6 +249,21 @@ def test_dockerfile_and_context_from_stdin(tmp_path, base_image, pybuild):
     assert p.returncode == 0, p.stderr.decode()
     run = pybuild("run", "stdin-ctx", "cat", "/hello", check=True)
     assert run.stdout == b"from a tar on stdin\n"
+    # `docker build - < Dockerfile`: what is not an archive is the Dockerfile, with an empty
+    # context (and a plain tar is a context as a compressed one is).
+    p = pybuild("-q", "-t", "stdin-plain", "-",
+                input=f"FROM {BASE}\nRUN ls / | wc -l > /n && echo plain > /s\n".encode())
+    assert p.returncode == 0, p.stderr.decode()
+    assert pybuild("run", "--rm", "stdin-plain", "cat", "/s", check=True).stdout == b"plain\n"
+    plain_tar = io.BytesIO()
+    with tarfile.open(fileobj=plain_tar, mode="w") as t:
+        info = tarfile.TarInfo("Dockerfile")
+        data = f"FROM {BASE}\nCOPY Dockerfile /d\n".encode()
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    p = pybuild("-q", "-t", "stdin-tar", "-", input=plain_tar.getvalue())
+    assert p.returncode == 0, p.stderr.decode()
+    assert pybuild("run", "--rm", "stdin-tar", "cat", "/d", check=True).stdout == data
     both = pybuild("-t", "x", "-f", "-", "-", input=b"")
     assert both.returncode == 2 and b"standard input for both" in both.stderr
 
