@@ -207,7 +207,14 @@ def _parse_artifact(place, manifest_bytes: bytes, where: str) -> tuple[dict, dic
 # ---- import ------------------------------------------------------------------------------------
 
 class CacheImport:
-    """Entries of every --cache-from, looked up when the local cache misses."""
+    """Entries of every --cache-from, looked up when the local cache misses.
+
+    A cache that cannot be read (not there yet, a registry that does not
+    answer or refuses, an image that is not a pybuild cache, a damaged
+    index) is a warning, and the build goes on without it, as BuildKit's
+    does: CI jobs name caches that a first run, or another tool, has not
+    made. A layer that does not match its digest is still an error (get()).
+    """
 
     def __init__(self, store, specs, *, insecure=(), emit=None):
         self.store = store
@@ -215,13 +222,18 @@ class CacheImport:
         self.entries: dict[str, tuple[dict, object, dict]] = {}   # key -> (entry, place, layers)
         self.places = []
         for spec in specs:
-            place = _place(spec, insecure)
-            self.places.append(place)
-            manifest = place.read_manifest()
-            if manifest is None:
-                self.emit(BuildWarning(f"--cache-from {spec}: no cache there yet"))
+            try:
+                place = _place(spec, insecure)
+                self.places.append(place)
+                manifest = place.read_manifest()
+                if manifest is None:
+                    self.emit(BuildWarning(f"--cache-from {spec}: no cache there yet"))
+                    continue
+                entries, layers = _parse_artifact(place, manifest, str(spec))
+            except (PybuildError, OSError) as e:
+                reason = str(e).splitlines()[0].removeprefix(f"--cache-from {spec}: ")
+                self.emit(BuildWarning(f"--cache-from {spec}: not used ({reason})"))
                 continue
-            entries, layers = _parse_artifact(place, manifest, str(spec))
             for key, entry in entries.items():
                 self.entries.setdefault(key, (entry, place, layers))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import builder
-from builder.progress import BuildDone, StepOutput, Transfer
+from builder.progress import BuildDone, BuildWarning, StepOutput, Transfer
 
 from conftest import BASE, layer_files, run_pybuild, write_context
 import registry_server
@@ -360,6 +360,27 @@ def test_cache_min_mode_leaves_out_other_stages_and_a_missing_cache_only_warns(
     # steps before that came from the cache: its RUN printed nothing.
     assert done.steps_run == 3
     assert [e.line for e in events if isinstance(e, StepOutput)] == ["tools-stage-ran"]
+
+
+def test_a_cache_that_cannot_be_read_is_a_warning_and_the_build_goes_on(
+        registry, remote_base, tmp_path):
+    """As BuildKit's: --cache-from naming an image that is not a pybuild cache (Docker's
+    classic use of the flag), a registry that does not answer, or a damaged local cache
+    warns and builds without it."""
+    ctx = cache_context(tmp_path / "ctx", remote_base)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "index.json").write_text("{not json")
+    events = []
+    image = builder.build(str(ctx), root=fresh_store(tmp_path), on_event=events.append,
+                          cache_from=[remote_base, "127.0.0.1:9/no/registry:1",
+                                      f"type=local,src={damaged}"])
+    warnings = [e.message for e in events if isinstance(e, BuildWarning)]
+    assert any(remote_base in w and "not a pybuild cache" in w for w in warnings), warnings
+    assert any("127.0.0.1:9" in w and "not used" in w for w in warnings), warnings
+    assert any(str(damaged) in w and "not used" in w for w in warnings), warnings
+    done = next(e for e in events if isinstance(e, BuildDone))
+    assert done.steps_run == 6 and image.config["config"]["Env"][-1] == "GREETING=hi"
 
 
 def test_a_corrupt_cache_layer_is_refused(registry, remote_base, tmp_path):
