@@ -90,6 +90,11 @@ def args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rm", "--force-rm", action="store_true",
                    help="accepted as docker build takes them: pybuild keeps no intermediate "
                         "containers")
+    s.add_argument("--load", action="store_true",
+                   help="accepted as buildx takes it: the image is always in the local store")
+    s.add_argument("--provenance", "--sbom", metavar="VALUE", action="append", default=[],
+                   help="accepted as buildx takes them; pybuild attaches no attestations "
+                        "(a value other than false warns)")
     s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
                         "$SSH_AUTH_SOCK); ID is usually `default`")
@@ -257,6 +262,10 @@ def _build(args, context: str, dockerfile: str | None) -> int:
                              hint="create the directory first, or name a file in an existing one")
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
+    if any(v.lower() not in ("false", "0", "disabled=true") for v in args.provenance):
+        from .progress import BuildWarning
+        renderer(BuildWarning("--provenance/--sbom: pybuild attaches no attestations; the "
+                              "image is built without them"))
     try:
         image = Builder(opts, renderer).run()
     finally:

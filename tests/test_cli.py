@@ -178,7 +178,8 @@ def test_debug_shows_the_traceback(pybuild, tmp_path):
 
 
 def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
-    """--label, --platform, --add-host, --shm-size and --rm, as `docker build` takes them."""
+    """--label, --platform, --add-host, --shm-size and --rm, as `docker build` takes them;
+    --load, --provenance and --sbom as buildx does."""
     from builder.image import host_architecture
     from conftest import layer_files
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nLABEL a=dockerfile keep=1\n"
@@ -189,6 +190,7 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
                        "--label", "empty", "--platform", platform,
                        "--add-host", "db.local:10.1.2.3", "--add-host", "gw=host-gateway",
                        "--add-host", "v6:fd00::1", "--shm-size", "128m", "--rm", "--force-rm",
+                       "--load", "--provenance=false", "--sbom=false",       # (buildx's)
                        ctx, check=True).stdout.decode().strip()
     data = json.loads(pybuild("inspect", "flags", check=True).stdout)[0]
     assert data["Id"] == image_id
@@ -212,6 +214,9 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
     assert "db.local" not in layer_files(store, image2.layers[-1])["hosts"].decode()
     assert layer_files(store, image2.layers[-1])["shm"].split()[1] == b"65536"   # Docker's 64m
     assert image2.config["config"]["Labels"] == {"a": "dockerfile", "keep": "1"}
+    # Asked for attestations, pybuild says it makes none, and builds.
+    p = pybuild("-t", "flags2", "--progress", "plain", "--provenance=mode=max", ctx, check=True)
+    assert "WARNING: --provenance/--sbom: pybuild attaches no attestations" in p.stderr.decode()
 
     assert_clean_error(pybuild("-t", "x", "--platform", "linux/s390x" if host_architecture() !=
                                "s390x" else "linux/amd64", ctx), 2, "--platform linux/",
