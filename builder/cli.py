@@ -683,13 +683,13 @@ def _cmd_prune(args) -> int:
     store = store_of(args)
     keep = parse_size(args.keep_storage) if args.keep_storage else None
     result = gc.prune(store, StepCache(store), keep)
-    if result.collected.deferred:
-        raise UsageError("a build is using the store; nothing was removed",
-                         hint="run pybuild prune again when no build is running")
     c = result.collected
     print(f"Deleted {result.entries} cache entries, {c.layers} layers, {c.blobs} blobs"
           + (f", {result.mounts} cache mounts" if result.mounts else ""))
     print(f"Total reclaimed space: {human_size(c.bytes)}")
+    if c.deferred:
+        _say("note: a build is using the store; the layers, blobs and cache mounts nothing "
+             "needs now will be removed by a later prune or rmi")
     return 0
 
 

@@ -223,6 +223,44 @@ def test_explain_cache_prints_every_difference(ctx, store_root, pybuild):
            "app/other.txt (content)" in err
 
 
+def test_prune_beside_a_running_build_drops_entries_and_leaves_layers_for_later(
+        tmp_path, base_image, store_root, pybuild):
+    """A CI cleanup job beside a running build: the cache entries go at once (exit 0, and a
+    note says what waits); the layers only they needed go with the next prune after it."""
+    import subprocess
+    import sys
+    import time
+    c = write_context(tmp_path / "first", {
+        "Dockerfile": f"FROM {BASE}\nRUN head -c 200000 /dev/urandom > /pruned-later\n"})
+    img = builder.build(str(c), root=store_root, tags=["prune-beside:1"])
+    chain = __import__("builder.image", fromlist=["x"]).chain_ids(img.diff_ids)[-1]
+    pybuild("rmi", "prune-beside:1", check=True)
+    slow = write_context(tmp_path / "slow", {
+        "Dockerfile": f"FROM {BASE}\nRUN touch /started-{time.time_ns()} && sleep 3\n"})
+    build = subprocess.Popen([sys.executable, "-m", "builder", "--root", store_root, "build",
+                              "-q", str(slow)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        store = builder.Store(store_root)
+        deadline = time.time() + 30          # (until the build holds the store)
+        while time.time() < deadline:
+            fd = store.try_gc_lock()
+            if fd is None:
+                break
+            os.close(fd)
+            time.sleep(0.05)
+        p = pybuild("prune")
+        err = p.stderr.decode()
+        assert p.returncode == 0, err
+        assert "note: a build is using the store" in err
+        deleted = int(p.stdout.decode().split()[1])
+        assert deleted >= 1 and builder.Store(store_root).layers.has(chain)
+    finally:
+        out, err = build.communicate(timeout=120)
+    assert build.returncode == 0, err.decode()
+    assert pybuild("prune", check=True).stderr == b""
+    assert not builder.Store(store_root).layers.has(chain)
+
+
 def test_prune_keeps_images_and_recent_cache(tmp_path, base_image, store_root, pybuild):
     c = write_context(tmp_path / "p", {"Dockerfile": ""})
     chains = []

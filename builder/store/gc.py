@@ -82,11 +82,11 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
     """Drop step-cache entries (all, or all but the most recently used `keep_bytes` of layers
     that no image needs), unused cache mounts, and then everything nothing needs any more.
 
-    Needs the store to itself (no build running): returns `collected.deferred` otherwise.
+    While a build holds the store, only the entries go (a build that meets a removed one
+    misses, or builds without its donor): the mounts, layers and blobs wait for a later
+    prune or rmi, and `collected.deferred` says so. CI jobs clean up beside running ones.
     """
     fd = store.try_gc_lock()
-    if fd is None:
-        return Pruned(collected=Collected(deferred=True))
     out = Pruned()
     try:
         in_images = set()
@@ -109,10 +109,11 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
             full = True          # the budget is spent: everything older goes
             cache.remove(key)
             out.entries += 1
-        if keep_bytes is None:
+        if keep_bytes is None and fd is not None:
             out.mounts = _prune_cache_mounts(store)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     out.collected = collect(store, cache)
     return out
 
