@@ -15,7 +15,6 @@ import time
 
 from .errors import UsageError
 
-_FIELD = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z0-9_.]*)\s*\}\}")
 
 
 def duration(seconds: float) -> str:
@@ -120,12 +119,20 @@ def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
     if not template.startswith("table"):
         return "\n".join(render(template, o) for o in objects)
     body = template[len("table"):].strip() or "\t".join("{{." + k + "}}" for k in headers)
-    head = _FIELD.sub(lambda m: headers.get(m.group(2), m.group(2).upper()),
-                      body.replace("\\t", "\t"))
+    head = _ACTION.sub(lambda m: _header(m, headers), body.replace("\\t", "\t"))
     rows = [head.split("\t")] + [render(body, o).split("\t") for o in objects]
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
     return table(rows)
+
+
+def _header(m: re.Match, headers: dict[str, str]) -> str:
+    """A table column's title: the field an action shows, as `headers` names it."""
+    words = _WORD.findall(m.group(1))
+    if words and words[0] in ("json", "index"):
+        words = words[1:]
+    name = words[0][1:] if words and words[0].startswith(".") else m.group(1).strip()
+    return headers.get(name, name.upper())
 
 
 def parse_size(text: str, binary: bool = False) -> int:
