@@ -678,18 +678,10 @@ def _cmd_logout(args) -> int:
 
 def _cmd_prune(args) -> int:
     from .cache import StepCache
-    from .progress import human_size
     from .store import gc
     store = store_of(args)
     keep = parse_size(args.keep_storage) if args.keep_storage else None
-    result = gc.prune(store, StepCache(store), keep)
-    c = result.collected
-    print(f"Deleted {result.entries} cache entries, {c.layers} layers, {c.blobs} blobs"
-          + (f", {result.mounts} cache mounts" if result.mounts else ""))
-    print(f"Total reclaimed space: {human_size(c.bytes)}")
-    if c.deferred:
-        _say("note: a build is using the store; the layers, blobs and cache mounts nothing "
-             "needs now will be removed by a later prune or rmi")
+    cli_containers.print_pruned(gc.prune(store, StepCache(store), keep))
     return 0
 
 

@@ -82,9 +82,17 @@ def args_logs(s: argparse.ArgumentParser) -> None:
 
 
 def args_system(s: argparse.ArgumentParser) -> None:
-    s.add_argument("action", choices=("df", "info"), help="df: disk usage; info: as pybuild info")
+    s.add_argument("action", choices=("df", "info", "prune"),
+                   help="df: disk usage; info: as pybuild info; prune: stopped containers, "
+                        "untagged images (-a: every image no container uses) and the build cache")
     s.add_argument("-v", "--verbose", action="store_true", help="df: per image, container, "
                                                                  "volume and cache entry")
+    s.add_argument("-a", "--all", action="store_true",
+                   help="prune: every image no container uses, tagged or not")
+    s.add_argument("-f", "--force", action="store_true",
+                   help="prune: do not ask (pybuild never asks; accepted as Docker's)")
+    s.add_argument("--volumes", action="store_true",
+                   help="prune: accepted as Docker's (cache mounts nothing holds go anyway)")
 
 
 def args_info(s: argparse.ArgumentParser) -> None:
@@ -229,6 +237,8 @@ def cmd_logs(args) -> int:
 def cmd_system(args) -> int:
     if args.action == "info":
         return cmd_info(args)
+    if args.action == "prune":
+        return _system_prune(args)
     from . import usage
     from .progress import human_size
     store = store_of(args)
@@ -295,3 +305,42 @@ def cmd_info(args) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _system_prune(args) -> int:
+    """`docker system prune [-a]`: stopped containers, then the images no container left
+    uses (untagged ones, or with -a all of them), then the build cache and whatever nothing
+    needs any more (as `pybuild prune`). Run by CI jobs when they are done."""
+    from .cache import StepCache
+    from .containers import Containers
+    from .store import gc
+    store = store_of(args)
+    containers = Containers(store)
+    stopped = [c for c in containers.list() if not c.running()]
+    for c in stopped:
+        containers.remove(c)
+    if stopped:
+        print("Deleted Containers:\n" + "\n".join(c.id for c in stopped) + "\n")
+    used = {c.image_id for c in containers.list()}
+    lines = []
+    for img in store.images():
+        if img.id in used or (img.tags and not args.all):
+            continue
+        lines += [f"untagged: {t}" for t in store.remove_manifest(img.digest)]
+        lines.append(f"deleted: {img.id}")
+    if lines:
+        print("Deleted Images:\n" + "\n".join(lines) + "\n")
+    print_pruned(gc.prune(store, StepCache(store)))
+    return 0
+
+
+def print_pruned(result) -> None:
+    """What a prune (gc.Pruned) removed, and, if a build held the store, what waits."""
+    from .progress import human_size
+    c = result.collected
+    print(f"Deleted {result.entries} cache entries, {c.layers} layers, {c.blobs} blobs"
+          + (f", {result.mounts} cache mounts" if result.mounts else ""))
+    print(f"Total reclaimed space: {human_size(c.bytes)}")
+    if c.deferred:
+        print("note: a build is using the store; the layers, blobs and cache mounts nothing "
+              "needs now will be removed by a later prune or rmi", file=sys.stderr)

@@ -207,3 +207,38 @@ def test_kill_9_of_a_foreground_run_leaves_a_container_that_is_accounted_for(wal
     pybuild("rm", "victim")
     assert not (root / "containers").exists() or \
         [n for n in os.listdir(root / "containers") if not n.startswith(".")] == []
+
+
+def test_system_prune_removes_stopped_containers_untagged_images_and_with_all_every_image(
+        tmp_path, base_image, store_root):
+    """`docker system prune -f` / `-af`, as CI jobs end: a running container and its image
+    stay; a stopped container, an untagged image and the build cache go; -a takes the
+    tagged images no container uses too."""
+    from conftest import BASE
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    root = str(tmp_path / "store")
+
+    def pb(*args, check=True):
+        return run_pybuild(*args, root=root, check=check).stdout.decode()
+    pb("load", "-i", base_tar)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nRUN echo 1 > /one\n",
+                                           "Other": f"FROM {BASE}\nRUN echo 2 > /two\n"})
+    kept = pb("build", "-q", "-t", "kept:1", ctx).strip()
+    untagged = pb("build", "-q", "-f", ctx / "Other", ctx).strip()
+    pb("run", "--name", "stopped", "kept:1", "true")
+    pb("run", "-d", "--name", "running", BASE, "sleep", "30")
+    try:
+        out = pb("system", "prune", "-f")
+        assert "Deleted Containers:" in out and f"deleted: {untagged}" in out
+        assert re.search(r"Deleted [1-9]\d* cache entries", out), out
+        names = pb("ps", "-a", "--format", "{{.Names}}").split()
+        assert names == ["running"]
+        images = pb("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+        assert sorted(images) == sorted([BASE, "kept:1"])
+
+        out = pb("system", "prune", "-af")
+        assert f"untagged: kept:1\ndeleted: {kept}" in out and BASE not in out
+        assert pb("images", "--format", "{{.Repository}}:{{.Tag}}").split() == [BASE]
+    finally:
+        pb("rm", "-f", "running", check=False)
