@@ -201,8 +201,11 @@ def test_copy_into_symlinked_dir_stays_inside_the_image(tmp_path, base_image, st
     os.makedirs(marker)
     ctx = write_context(tmp_path / "ctx", {
         "Dockerfile": f"FROM {BASE}\nRUN ln -s {marker} /escape\nCOPY f /escape/f\n", "f": "x"})
-    image, _ = build(ctx, store_root)
-    assert os.listdir(marker) == [], "COPY followed an image symlink out to the host"
+    try:
+        image, _ = build(ctx, store_root)
+        assert os.listdir(marker) == [], "COPY followed an image symlink out to the host"
+    finally:
+        shutil.rmtree(marker, ignore_errors=True)
     assert layer_files(store, image.layers[-1])[marker.lstrip("/") + "/f"] == b"x"
 
 
@@ -258,13 +261,16 @@ def test_run_sees_only_the_image(tmp_path, base_image, store_root, store):
 RUN test ! -e {marker} && echo pid=$$ && hostname && cat /etc/hostname && cat /proc/1/comm >/dev/null \\
     && touch /etc/hosts-was-writable-here && echo written > /tmp/new
 """})
-    image, events = build(ctx, store_root)
+    try:
+        image, events = build(ctx, store_root)
+        assert open(marker).read() == "host"
+    finally:
+        os.unlink(marker)
     # the command is PID 1 of a new pid namespace (as under BuildKit), with its own hostname
     assert output(events) == ["pid=1", "pybuild", "pybuild"]
     files = layer_files(store, image.layers[-1])
     assert files["tmp/new"] == b"written\n"
     assert not any(n in files for n in ("etc/hosts", "etc/hostname", "etc/resolv.conf"))
-    assert open(marker).read() == "host"
 
 
 def test_a_run_whose_program_drops_the_parent_death_signal_gets_an_init(tmp_path, base_image,

@@ -4,7 +4,9 @@
 * every `sh` and `python` block of README.md and docs/*.md runs, in a copy of
   the repository's files, with `pybuild` on the PATH and the `busybox:demo`
   base in the store. `make ...` lines are left out: `make test` is what runs
-  this test, and CI runs `make demo` itself before `make test` (.ci/run);
+  this test, and CI runs `make demo` itself before `make test` (.ci/run).
+  What a block puts in /tmp (and `mktemp`) goes to the test's own temp dir,
+  so that running the suite leaves nothing behind there;
 * every error shown in docs/troubleshooting.md is what pybuild prints for
   the Dockerfile and command shown with it.
 """
@@ -56,9 +58,12 @@ RUNNABLE = [(doc, i, lang, text) for doc in DOCUMENTS for i, (lang, text) in enu
 
 @pytest.mark.parametrize("doc,index,lang,text", RUNNABLE,
                          ids=[f"{d.name}-{i}" for d, i, _, _ in RUNNABLE])
-def test_shown_commands_run(doc, index, lang, text, sandbox, demo_base, store_root):
-    env = dict(os.environ, PYBUILD_ROOT=store_root,
+def test_shown_commands_run(doc, index, lang, text, sandbox, demo_base, store_root, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, PYBUILD_ROOT=store_root, TMPDIR=str(scratch),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    text = re.sub(r"(?<![\w/.])/tmp(?=/|\s|$)", str(scratch), text)
     if lang == "python":
         cmd = [sys.executable, "-c", text]
     else:
