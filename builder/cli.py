@@ -20,7 +20,7 @@ from . import __version__
 from . import cli_build, cli_containers, rootless
 from .cli_build import insecure_option
 from .cli_containers import store_of
-from .cli_format import ago, parse_size, render_all, table
+from .cli_format import ago, docker_time, parse_size, render_all, table
 from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
 
 
@@ -364,7 +364,7 @@ def _cmd_images(args) -> int:
             rows.append({"Repository": repo, "Tag": t, "ID": iid,
                          "CreatedSince": ago(img.created), "Size": size,
                          "Digest": img.digest or "<none>",
-                         "CreatedAt": _docker_time(img.created)})
+                         "CreatedAt": docker_time(img.created)})
     if args.quiet:
         for iid in ids:
             print(iid)
@@ -405,18 +405,6 @@ def _image_filter(reference: str | None, filters: list[str]):
         return all(not untagged and fnmatch.fnmatchcase(repo, r) and fnmatch.fnmatchcase(tag, t)
                    for r, t in patterns)
     return wanted
-
-
-def _docker_time(created: str) -> str:
-    """An RFC 3339 time as Docker's templates print one: `2026-11-26 15:45:06 +0000 UTC`."""
-    import datetime
-    head, dot, rest = created.replace("Z", "+00:00").partition(".")
-    text = head + (rest.lstrip("0123456789") if dot else "")    # (whole seconds)
-    try:
-        when = datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
-    except ValueError:
-        return created
-    return when.strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
 
 def _cmd_history(args) -> int:

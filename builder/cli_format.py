@@ -45,20 +45,38 @@ def duration(seconds: float) -> str:
     return f"{hours // 24 // 365} years"
 
 
+def _rfc3339(text: str):
+    """An RFC 3339 timestamp (nanoseconds and all) as an aware datetime; None if it is not
+    one."""
+    import datetime      # (here: `build` never shows a time, and never imports it)
+    text = text.replace("Z", "+00:00")
+    if "." in text:       # nanoseconds: Python reads at most microseconds
+        head, _, rest = text.partition(".")
+        digits = re.match(r"\d*", rest).group(0)
+        text = head + "." + digits[:6].ljust(6, "0") + rest[len(digits):]
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
 def ago(when: float | str) -> str:
     """`3 minutes ago` for a Unix time or an RFC 3339 timestamp."""
     if isinstance(when, str):
-        try:
-            text = when.replace("Z", "+00:00")
-            if "." in text:       # nanoseconds: Python reads at most microseconds
-                head, _, rest = text.partition(".")
-                digits = re.match(r"\d*", rest).group(0)
-                text = head + "." + digits[:6].ljust(6, "0") + rest[len(digits):]
-            import datetime      # (here: `build` never shows a time, and never imports it)
-            when = datetime.datetime.fromisoformat(text).timestamp()
-        except ValueError:
+        parsed = _rfc3339(when)
+        if parsed is None:
             return "N/A"
+        when = parsed.timestamp()
     return duration(time.time() - when) + " ago"
+
+
+def docker_time(created: str) -> str:
+    """An RFC 3339 time as Docker's templates print one: `2026-11-26 15:45:06 +0000 UTC`."""
+    import datetime
+    parsed = _rfc3339(created)
+    if parsed is None:
+        return created
+    return parsed.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
 
 def table(rows: list[list[str]]) -> str:
@@ -84,8 +102,7 @@ _WORD = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
 def render(template: str, obj) -> str:
     """One object through a `--format` template."""
     def action(m: re.Match) -> str:
-        words = _WORD.findall(m.group(1))
-        verb = words.pop(0) if words and words[0] in ("json", "index") else None
+        verb, words = _parse_action(m)
         if not words or not words[0].startswith(".") or (verb != "index" and len(words) > 1) \
                 or (verb == "index" and len(words) < 2):
             raise UsageError(f"--format: {m.group(0)} is not something pybuild's templates do",
@@ -126,11 +143,15 @@ def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
     return table(rows)
 
 
+def _parse_action(m: re.Match) -> tuple[str | None, list[str]]:
+    """An action's verb (json, index, or None) and its other words."""
+    words = _WORD.findall(m.group(1))
+    return (words.pop(0) if words and words[0] in ("json", "index") else None), words
+
+
 def _header(m: re.Match, headers: dict[str, str]) -> str:
     """A table column's title: the field an action shows, as `headers` names it."""
-    words = _WORD.findall(m.group(1))
-    if words and words[0] in ("json", "index"):
-        words = words[1:]
+    words = _parse_action(m)[1]
     name = words[0][1:] if words and words[0].startswith(".") else m.group(1).strip()
     return headers.get(name, name.upper())
 
