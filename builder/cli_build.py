@@ -212,9 +212,13 @@ class _Prefixed:
         return self._stream.read(n)
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"      # (Docker's too; extract() says it is not a tar)
+
+
 def _is_archive(head: bytes) -> bool:
     """Docker's test of a build context on standard input: compressed, or a tar header."""
-    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")):
+    from .layer.extract import COMPRESSED_MAGICS
+    if head.startswith(COMPRESSED_MAGICS + (_ZSTD_MAGIC,)):
         return True
     if len(head) < 512:
         return False

@@ -742,15 +742,12 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
 
 # ---- ADD of a local archive ------------------------------------------------------------
 
-_MAGICS = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
 def _is_archive(fd: int, rel: str) -> bool:
     """Docker's test: a tar, possibly gzip/bzip2/xz compressed (by content, not by name)."""
     f = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     try:
         head = os.pread(f, 520, 0)
-        if any(head.startswith(m) for m in _MAGICS):
+        if head.startswith(extract.COMPRESSED_MAGICS):
             try:
                 with open(os.dup(f), "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as t:
                     return t.next() is not None

@@ -23,6 +23,9 @@ from ..trees import remove_tree
 from . import whiteout
 
 _CHUNK = 1 << 20
+# How a compressed tar begins: the compressions extract(compressed=True) reads (gzip, bzip2,
+# xz), for the callers that must tell an archive from anything else (ADD, a stdin context).
+COMPRESSED_MAGICS = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _XATTR_PREFIX = "SCHILY.xattr."
 
 
