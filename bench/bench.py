@@ -365,19 +365,20 @@ def run_workload(name: str, tools: list[Tool], work: str) -> list[dict]:
         cp_a, cp_a_cpu = copy_time(ctx, work)
         path = os.path.join(ctx, "src", "d000", "f00000.dat")
 
+        # Each run in build order too, not only the median: the first rebuild after a cold
+        # build is the one that also writes its base layer's tar (layer/basetar.py).
+        changes: list[tuple] = []
+
         def change_one_file_and_build():
             with open(path, "ab") as f:
                 f.write(b"x")
-            return t.build(ctx, "bench-copy")
+            changes.append(t.build(ctx, "bench-copy"))
+            return changes[-1]
         for t in tools:
             cold, cold_range = median_run(lambda: t.build(ctx, "bench-copy", cold=True))
             cached, cached_range = median_run(lambda: t.build(ctx, "bench-copy"))
-            # In order, not only the median: the first rebuild after a cold build is the
-            # one that also writes its base layer's tar (layer/basetar.py).
-            changes = [change_one_file_and_build() for _ in range(REPEAT)]
-            by_time = sorted(changes, key=lambda run: run[0])
-            changed, changed_range = by_time[(len(by_time) - 1) // 2], (by_time[0][0],
-                                                                         by_time[-1][0])
+            changes.clear()
+            changed, changed_range = median_run(change_one_file_and_build)
             rows.append(dict(workload=name, tool=t.name, cold=cold[0], cached=cached[0],
                              rss=max(cold[1], cached[1], *(run[1] for run in changes)),
                              floor=fl, cp_a=cp_a,
