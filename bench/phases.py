@@ -36,12 +36,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402
 import builder  # noqa: E402
-from builder import engine, fileops, sandbox, statcache  # noqa: E402
+from builder import engine, executor, fileops, sandbox, statcache  # noqa: E402
 from builder.layer import commit, diff  # noqa: E402
 
 PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
           (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit"),
-          (diff, "write_tar", "tar walk"), (statcache.StatCache, "save", "cache save")]
+          (diff, "write_tar", "tar walk"), (statcache.StatCache, "save", "cache save"),
+          # A certain miss (engine._copy_first): the digests the copy made, taken up, then
+          # the source's digest and the recipe made from them.
+          (executor._CopyRecord, "teach", "learnt"), (engine, "digest_deferred", "digests"),
+          (engine.Builder, "_recipe", "recipe")]
 # Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
 # through a descriptor opened before the fork (nothing of the host is visible after chroot).
 CHILD_PHASES = [(fileops, "copy_into_root", "chrooted pass"),

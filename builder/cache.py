@@ -16,6 +16,14 @@ A step's key is made of what decides its result:
 An entry is what the step added: its history entry, the runtime config
 after it, and its layer (or none). Entries are small JSON files written by
 atomic rename, so concurrent builds on one store can share them.
+
+A COPY's entry is also listed under its key's prefix (the key without its
+sources: `StepKey.prefix`), in `prefixes/`. When no entry has a COPY's
+prefix, no content of its sources can hit, and the build may copy before it
+knows their digests, hashing each file as it copies it instead of reading
+the whole context twice (engine.py: a certain miss). A store whose entries
+were made before prefixes were listed says so (`LEGACY`), and no miss is
+taken as certain there until its entries are gone.
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ class StepKey:
             parts["epoch"] = self.source_date_epoch
         return digest_of(canonical_json(parts))
 
+    def prefix(self) -> str:
+        """What every key of this step shares whatever its sources' contents are."""
+        parts = {"v": CACHE_VERSION, "prefix-of": {
+            "parent": self.parent, "instruction": self.instruction,
+            "build_args": [list(a) for a in self.build_args], "epoch": self.source_date_epoch}}
+        return digest_of(canonical_json(parts))
+
 
 @record(frozen=False)
 class StepResult:
@@ -68,11 +83,71 @@ class StepResult:
                    data.get("extra") or {})
 
 
+LEGACY = "legacy"          # in prefixes/: this store has entries no prefix lists
+
+
 class StepCache:
     def __init__(self, store):
         self.store = store
         self.dir = os.path.join(store.cache_dir, "steps")
         os.makedirs(self.dir, exist_ok=True)
+        self.prefix_dir = os.path.join(store.cache_dir, "prefixes")
+        if not os.path.isdir(self.prefix_dir):
+            self._start_prefixes()
+        self._legacy = os.path.exists(os.path.join(self.prefix_dir, LEGACY))
+        if self._legacy and not self._any_entry():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.prefix_dir, LEGACY))
+            self._legacy = False
+
+    def _any_entry(self) -> bool:
+        with os.scandir(self.dir) as it:
+            return any(True for _ in it)
+
+    def _start_prefixes(self) -> None:
+        """Make prefixes/, marked LEGACY if entries were made before it (by an older pybuild):
+        made aside and renamed into place, so that no build sees it without its mark."""
+        tmp = os.path.join(self.store.tmp, f"prefixes-{os.getpid()}-{time.monotonic_ns()}")
+        os.makedirs(tmp)
+        if self._any_entry():
+            open(os.path.join(tmp, LEGACY), "wb").close()
+        try:
+            os.rename(tmp, self.prefix_dir)
+        except OSError:              # (another process made it first)
+            with contextlib.suppress(OSError):
+                for name in os.listdir(tmp):
+                    os.unlink(os.path.join(tmp, name))
+                os.rmdir(tmp)
+
+    def may_hold(self, prefix: str) -> bool:
+        """False only if no entry of this store has this prefix (StepKey.prefix): a step of
+        that prefix certainly misses, whatever its sources hold."""
+        if self._legacy:
+            return True
+        try:
+            with open(os.path.join(self.prefix_dir, prefix[7:]), encoding="ascii") as f:
+                keys = f.read().split()
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return any(os.path.exists(self._path(key)) for key in keys)
+
+    def _list_prefix(self, prefix: str, key: str) -> None:
+        """Add `key` to the entries of `prefix` (after the entry is in place)."""
+        fd = os.open(os.path.join(self.prefix_dir, prefix[7:]),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (key + "\n").encode("ascii"))    # (one write: appends do not mix)
+        finally:
+            os.close(fd)
+
+    def prune_prefixes(self) -> None:
+        """Drop the prefixes none of whose entries are left."""
+        for name in os.listdir(self.prefix_dir):
+            if name != LEGACY and not self.may_hold("sha256:" + name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.prefix_dir, name))
 
     def _path(self, key: str) -> str:
         return os.path.join(self.dir, key[7:] + ".json")
@@ -98,11 +173,14 @@ class StepCache:
             os.utime(self._path(key))      # last use, for prune
         return result
 
-    def put(self, key: str, result: StepResult) -> None:
+    def put(self, key: str, result: StepResult, prefix: str | None = None) -> None:
+        """Store an entry; `prefix` (StepKey.prefix) lists it under its prefix too."""
         tmp = os.path.join(self.store.tmp, f"cache-{key[7:19]}-{os.getpid()}-{time.monotonic_ns()}")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result.to_json(), f, sort_keys=True)
         os.replace(tmp, self._path(key))
+        if prefix is not None:
+            self._list_prefix(prefix, key)
 
     def entries(self):
         """(key, last used, result) of every entry."""

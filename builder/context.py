@@ -394,6 +394,15 @@ class BuildContext:
             _remember(st, known)
         return known
 
+    def learn(self, files) -> None:
+        """The content digests of files without xattrs, made elsewhere from exactly the bytes
+        of each file with its stat (a COPY that hashed what it copied): (path, stat, digest)
+        each."""
+        items = [(rel, st, digest, "") for rel, st, digest in files]
+        self.stat_cache.put_many(items)
+        for _rel, st, digest, xattrs in items:
+            _remember(st, (digest, xattrs))
+
     def _file_digests(self, entries, cached: bool = True) -> dict[str, tuple[str, str]]:
         """Context path -> file_digest() of every regular file among `entries`.
 

@@ -33,7 +33,7 @@ from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
 from .errors import (DISK_FULL, DISK_FULL_HINT, BuildError, DockerfileError, ImageNotFound,
                      Interrupted, PybuildError, StepFailed, StoreError, UsageError)
-from .inputs import StepInputs, read_inputs
+from .inputs import StepInputs, digest_deferred, only_context_sources, read_inputs
 from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
                     is_host_platform)
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
@@ -547,24 +547,29 @@ class Builder:
             state.cmd_set = True
         self.emit(StepStarted(n, self.total, stage.label, plan.created_by, inst.line))
         t0 = time.monotonic()
+        diff_ids = state.diff_ids()
+        no_cache = self._no_cache(stage)
+        position = f"{stage.stage.index}:{n - stage.numbers[0]}"
+        step_key = cachemod.StepKey(
+            parent=state.state_id, instruction=plan.instruction, build_args=plan.build_args,
+            source_date_epoch=self.opts.source_date_epoch)
+        prefix = step_key.prefix() if plan.kind == "copy" else None
+        certain = self._certain_miss(plan, prefix, no_cache, position, diff_ids)
         try:
-            inputs = read_inputs(self, plan, inst, n)
+            inputs = read_inputs(self, plan, inst, n, defer=certain)
         except BuildError as e:
             if e.step:
                 raise
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
-        key = cachemod.StepKey(
-            parent=state.state_id, instruction=plan.instruction,
-            build_args=plan.build_args, sources=tuple(inputs.digests),
-            source_date_epoch=self.opts.source_date_epoch).digest()
-        diff_ids = state.diff_ids()
-        no_cache = self._no_cache(stage)
+        if certain:
+            self._copy_first(state, inst, stage, plan, inputs, n, step_key, prefix, t0)
+            return
+        key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
         cached = None if no_cache else self.cache.get(key, diff_ids)
         if cached is None and self.remote is not None:
             cached = self.remote.get(key, diff_ids)      # (downloads its layer)
             if cached is not None:
-                self.cache.put(key, cached)
-        position = f"{stage.stage.index}:{n - stage.numbers[0]}"
+                self.cache.put(key, cached, prefix)
         if cached is not None:
             self._used(stage, key, cached)
             if self.recipes.kept_key(position) != key:
@@ -583,11 +588,57 @@ class Builder:
         if stage.first_miss is None:
             stage.first_miss = f"step {n}: {reason}"
         self.emit(CacheMiss(n, reason, tuple(details)))
-        runtime = steps.apply_to_copy(state.runtime, plan.apply)
         layer = None
         if plan.kind in ("run", "copy", "workdir"):
             layer = self._filesystem_step(state, inst, plan, inputs, n,
                                           self._donor(plan, previous, diff_ids))
+        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position)
+        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
+                           layer_size=layer.size if layer else None))
+
+    def _certain_miss(self, plan: steps.Plan, prefix: str | None, no_cache: bool,
+                      position: str, diff_ids: list[str]) -> bool:
+        """A COPY of context files that misses whatever they hold, and has nothing to share
+        with an earlier layer: its files are copied first and hashed as they are copied
+        (_copy_first), instead of read once for the key and once for the copy.
+
+        Certain when the cache is not asked (--no-cache), or when no entry of this store
+        has the step's key prefix (StepCache.may_hold) and no --cache-from is asked, and
+        this step was never built before (else the miss's explanation compares sources).
+        Either way not with a donor: its files are shared by digest (donor.py).
+        """
+        if prefix is None or not only_context_sources(plan):
+            return False
+        if not no_cache and (self.remote is not None or self.cache.may_hold(prefix)):
+            return False
+        previous = self.recipes.load(position)
+        if no_cache:
+            return self._donor(plan, previous, diff_ids) is None
+        return previous is None
+
+    def _copy_first(self, state, inst, stage: _StagePlan, plan: steps.Plan, inputs: StepInputs,
+                    n: int, step_key: cachemod.StepKey, prefix: str, t0: float) -> None:
+        """A certain miss (_certain_miss): the COPY runs, then its sources' digests make its
+        key (most of them hashed by the copy itself: executor.py)."""
+        no_cache = self._no_cache(stage)
+        reason, details = explain.explain(None, {}, no_cache=no_cache, parent_missed=None)
+        if stage.first_miss is None:
+            stage.first_miss = f"step {n}: {reason}"
+        self.emit(CacheMiss(n, reason, tuple(details)))
+        layer = self._filesystem_step(state, inst, plan, inputs, n)
+        digest_deferred(self, inputs)
+        key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
+        position = f"{stage.stage.index}:{n - stage.numbers[0]}"
+        recipe = self._recipe(state, stage, plan, inputs, key)
+        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position)
+        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
+                           layer_size=layer.size if layer else None))
+
+    def _store_result(self, state, inst, stage: _StagePlan, plan: steps.Plan, layer, key: str,
+                      prefix: str | None, recipe: dict, position: str) -> None:
+        """A step that ran: its history entry and result, into the cache and the stage."""
+        runtime = steps.apply_to_copy(state.runtime, plan.apply)
+        diff_ids = state.diff_ids()
         history = {"created": cachemod.now(self.opts.source_date_epoch),
                    "created_by": plan.created_by,
                    "comment": HISTORY_COMMENT}
@@ -599,14 +650,12 @@ class Builder:
         if plan.empty_history:
             extra["no_history"] = True
         result = cachemod.StepResult(history, runtime, layer, extra)
-        self.cache.put(key, result)
+        self.cache.put(key, result, prefix)
         self._used(stage, key, result)
         self.recipes.save(position, recipe)
         self._apply(state, result)
         with self._lock:
             self.steps_run += 1
-        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
-                           layer_size=layer.size if layer else None))
 
     def _no_cache(self, stage: _StagePlan) -> bool:
         """--no-cache, or --no-cache-filter naming this stage (as BuildKit: by name)."""

@@ -89,7 +89,8 @@ class Executor:
                                         plan.unpack, "ADD" if plan.is_add else "COPY",
                                         donor=self._donor_spec(donor) if shares and donor
                                         else None,
-                                        record=record)
+                                        record=record,
+                                        hash_content=bool(record and inputs.deferred))
                     matched = fileops.match_donor(op)
                     prepared = []
                     sandbox.run_in_root(snap, lambda: fileops.copy_into_root(op, matched),
@@ -108,6 +109,8 @@ class Executor:
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             made = _CopyRecord(record, matched.donor) if record else None
+            if made is not None and inputs.deferred:
+                made.teach(self.b.ctx, inputs.deferred)
             matched = None               # (its tables: memory the commit can use)
             view = made.view() if made else None
             members = self._members_of(donor) if made and made.rows and donor else None
@@ -449,6 +452,25 @@ class _CopyRecord:
     @property
     def rows(self) -> int:
         return len(self.table)
+
+    def teach(self, ctx, sources) -> None:
+        """Tell the build context the digests the copy made of its files (fileops.CopyOp's
+        hash_content), for the step's key: each where the source file still has the stat
+        the build walked (size, times, inode) and its row recorded."""
+        stats = {e.src: e.st for s in sources for e in s.entries}
+        t = self.table
+        numbers = t.numbers.tolist()
+        digests = t.digests
+        learnt = []
+        for i, src in enumerate(t.sources):
+            st = stats.get(src)
+            k = i * donors.NUMBERS
+            if st is not None and st.st_ino == numbers[k + donors.INO] and \
+                    st.st_ctime_ns == numbers[k + donors.CTIME] and \
+                    st.st_size == numbers[k + donors.SIZE] and \
+                    st.st_mtime_ns == numbers[k + donors.MTIME]:
+                learnt.append((src, st, digests[i * 32:i * 32 + 32].hex()))
+        ctx.learn(learnt)
 
     def view(self) -> donors.TableView | None:
         """The rows by target, for the commit (None if there are none)."""

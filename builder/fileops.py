@@ -24,6 +24,7 @@ from __future__ import annotations
 import bz2  # noqa: F401  (tarfile needs them after the chroot, where nothing can be imported)
 import array
 import errno
+import hashlib
 import marshal
 import lzma  # noqa: F401
 import os
@@ -71,6 +72,7 @@ class CopyOp:
     instruction: str = "COPY"
     donor: DonorSpec | None = None  # the previous layer of this COPY (donor.py)
     record: str = ""                # a dir for the table of what this COPY wrote (donor.py)
+    hash_content: bool = False      # hash the files it writes whose digest is not known yet
 
 
 class CopyError(SetupError):
@@ -316,10 +318,12 @@ def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> No
                 raise
             except OSError:
                 pass                    # (gone meanwhile: copied after all)
+        hashed = None
         if not done:
-            done = copier._copy_file(e, path, perm, owner)
+            hash_it = op.hash_content and known_digest(e.st) is None
+            done, hashed = copier._copy_file(e, path, perm, owner, hash_it)
         # (A source matched by its stamp alone may have no digest in this build: the row's.)
-        digest = link[1] if done and link is not None else known_digest(e.st)
+        digest = link[1] if done and link is not None else hashed or known_digest(e.st)
         if done and digest is not None:
             rows.append(donors.row(target, digest, e.st, perm, owner, (gi, src)))
 
@@ -371,9 +375,9 @@ _HAVE_COPY_RANGE = hasattr(os, "copy_file_range")       # (Linux 4.5 and later)
 _COPY_RANGE_FROM = 1 << 20
 
 
-def copy_data(src: int, dst: int, size: int) -> int:
+def copy_data(src: int, dst: int, size: int, hasher=None) -> int:
     """Copy `size` bytes from the start of `src` to `dst` (both at offset 0); the bytes left
-    when `src` ended early.
+    when `src` ended early. `hasher` (a hashlib object) is fed the bytes copied.
 
     Files of 1 MB or more go by copy_file_range: where the source and the
     layer are on one XFS or btrfs (with reflinks), the layer's copy shares
@@ -382,6 +386,8 @@ def copy_data(src: int, dst: int, size: int) -> int:
     sendfile does. Whatever it will not do (another filesystem, a file it
     reads as empty, as procfs files) is left to sendfile.
     """
+    if hasher is not None and size < _COPY_RANGE_FROM:
+        return _copy_hashed(src, dst, size, hasher)
     left = size
     try:
         while left > 0 and size >= _COPY_RANGE_FROM and _HAVE_COPY_RANGE:
@@ -399,6 +405,30 @@ def copy_data(src: int, dst: int, size: int) -> int:
             break
         offset += n
         left -= n
+    if hasher is not None:
+        offset = 0
+        while offset < size - left:
+            chunk = os.pread(src, min(size - left - offset, 1 << 20), offset)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            offset += len(chunk)
+    return left
+
+
+def _copy_hashed(src: int, dst: int, size: int, hasher) -> int:
+    """copy_data of a small file through this process's memory, hashing it on the way: the
+    one read of it the build makes (its key's digest and its copy)."""
+    left = size
+    while left > 0:
+        data = os.read(src, left)
+        if not data:
+            break
+        hasher.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        left -= len(data)
     return left
 
 
@@ -605,19 +635,22 @@ class _Copier:
     def _owner(self, e) -> tuple[int, int]:
         return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
 
-    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int]) -> bool:
+    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int],
+                   hash_content: bool = False) -> tuple[bool, str | None]:
         """Copy one regular file and set its owner, mode, xattrs and time (by fd).
 
-        True if the copy is exactly the file that was hashed (no extended
-        attributes, not changed since the context was walked): what donor.py
-        may share with a later build.
+        (exact, digest): exact if the copy is exactly the file that was
+        walked (no extended attributes, not changed since): what donor.py may
+        share with a later build; with `hash_content`, the sha256 of what was
+        copied when exact, else None.
         """
+        hasher = hashlib.sha256() if hash_content else None
         src = os.open(e.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.ctx)
         try:
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600)
             try:
-                left = copy_data(src, dst, e.st.st_size)
+                left = copy_data(src, dst, e.st.st_size, hasher)
                 os.fchown(dst, *owner)
                 os.fchmod(dst, perm)          # after chown, which clears set-id bits
                 # After chown too, which drops security.capability (file capabilities).
@@ -628,8 +661,9 @@ class _Copier:
             now = os.fstat(src)
         finally:
             os.close(src)
-        return not had_xattrs and left == 0 and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+        exact = not had_xattrs and left == 0 and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
             e.st.st_size, e.st.st_mtime_ns, e.st.st_ctime_ns)
+        return exact, hasher.hexdigest() if exact and hasher is not None else None
 
     @staticmethod
     def _copy_xattrs(src: int, dst: int) -> bool:

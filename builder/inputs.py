@@ -33,18 +33,22 @@ class StepInputs:
     copy_parts: list[tuple[str, object]] = field(default_factory=list)
     # RUN --mount=type=bind: mount index -> ("context", (root dir, Source)) | ("rootfs", diff_ids)
     mount_sources: dict[int, tuple] = field(default_factory=dict)
+    # The build context's sources whose digests are left until after the copy (a certain
+    # miss: only_context_sources); `digests` is then empty until digest_deferred() fills it.
+    deferred: list = field(default_factory=list)
 
     def add_other(self, digest: str) -> None:
         self.digests.append(digest)
         self.other.append(digest)
 
 
-def read_inputs(b, plan: steps.Plan, inst, n: int) -> StepInputs:
+def read_inputs(b, plan: steps.Plan, inst, n: int, defer: bool = False) -> StepInputs:
     """Everything step `n` (`inst`, planned as `plan`) reads besides its parent; `b` is the
-    engine's Builder."""
+    engine's Builder. `defer`: a COPY of the build context's files only, certain to miss,
+    whose digests digest_deferred() makes after the copy (the copy hashes what it reads)."""
     inputs = StepInputs()
     if plan.kind == "copy":
-        _copy_inputs(b, plan, inst, n, inputs)
+        _copy_inputs(b, plan, inst, n, inputs, defer)
     elif plan.kind == "run":
         _run_inputs(b, plan, inst, inputs)
     return inputs
@@ -90,7 +94,23 @@ def _run_inputs(b, plan: steps.Plan, inst, inputs: StepInputs) -> None:
                              "(a stage or an image to take it from)")
 
 
-def _copy_inputs(b, plan: steps.Plan, inst, n: int, inputs: StepInputs) -> None:
+def only_context_sources(plan: steps.Plan) -> bool:
+    """A COPY whose every source is in the build context (no stage, image, named context,
+    heredoc or download)."""
+    return plan.kind == "copy" and bool(plan.sources) and all(
+        src.kind == "context" for src in plan.sources)
+
+
+def digest_deferred(b, inputs: StepInputs) -> None:
+    """The digests read_inputs(defer=True) left: what the copy hashed is known by now
+    (executor.py), the rest is hashed here."""
+    if inputs.deferred:
+        inputs.digests = [b.ctx.digest(s) for s in inputs.deferred]
+        inputs.deferred = []
+
+
+def _copy_inputs(b, plan: steps.Plan, inst, n: int, inputs: StepInputs,
+                 defer: bool = False) -> None:
     rules = IgnoreRules(list(plan.excludes)) if plan.excludes else None
     keyword = "ADD" if plan.is_add else "COPY"
     scratch = None
@@ -106,7 +126,10 @@ def _copy_inputs(b, plan: steps.Plan, inst, n: int, inputs: StepInputs) -> None:
                 found = [f for f in (filter_excludes(s, rules) for s in found) if f]
             if named is None:
                 inputs.copy_parts += [("context", s) for s in found]
-                inputs.digests += [b.ctx.digest(s) for s in found]
+                if defer:
+                    inputs.deferred += found
+                else:
+                    inputs.digests += [b.ctx.digest(s) for s in found]
             else:
                 inputs.copy_parts += [("inline", (named.root, s)) for s in found]
                 for s in found:

@@ -140,6 +140,17 @@ class StatCache:
                                  xattrs)
             self._changed = True
 
+    def put_many(self, items) -> None:
+        """put() of each (rel, stat, digest, xattr digest) of `items`."""
+        recent = time.time_ns() - _RACY_NS
+        with self._lock:
+            table = self._load()
+            for rel, st, digest, xattrs in items:
+                if max(st.st_mtime_ns, st.st_ctime_ns) <= recent:
+                    table[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
+                                  xattrs)
+                    self._changed = True
+
     def save(self) -> None:
         if self.trees_path and self._trees_changed and self._trees is not None:
             os.makedirs(os.path.dirname(self.trees_path), exist_ok=True)

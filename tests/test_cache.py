@@ -9,7 +9,7 @@ import pytest
 import builder
 from builder import progress
 
-from conftest import BASE, busybox_context, write_context
+from conftest import BASE, busybox_context, layer_files, write_context
 
 DOCKERFILE = f"""FROM {BASE}
 ARG DECLARED=one
@@ -293,3 +293,86 @@ def test_prune_parses_sizes():
     assert parse_size("1024") == 1024 and parse_size("1.5g") == 1_500_000_000
     with pytest.raises(builder.UsageError):
         parse_size("lots")
+
+
+def _many_files(root, token: str) -> dict:
+    """A context large enough for the copy to fork its workers (fileops._PARALLEL_FROM), with
+    a file of more than 1 MB (copied by copy_file_range), hard links, a symlink and xattrs."""
+    files = {f"app/d{i % 7}/f{i:04d}.txt": f"{token} {i}\n" for i in range(300)}
+    files["app/big.bin"] = os.urandom(1 << 20) + b"tail"
+    files["app/noted.txt"] = "has an xattr\n"
+    files["Dockerfile"] = f"FROM {BASE}\nCOPY app/ /app/\n"
+    ctx = write_context(root, files)
+    os.setxattr(ctx / "app/noted.txt", "user.note", token.encode())
+    os.link(ctx / "app/d0/f0000.txt", ctx / "app/linked.txt")
+    os.symlink("d1/f0001.txt", ctx / "app/link")
+    return ctx
+
+
+def test_a_certain_miss_copies_first_and_keys_the_step_as_a_lookup_would(
+        tmp_path, base_image, store_root, monkeypatch):
+    """A COPY no entry of the store can answer (nothing has its key's prefix) is copied before
+    its key is made, the copy hashing the files it writes: the build reads the context's
+    files once. Its key is the one a lookup makes: another Dockerfile of the same steps (no
+    recipe of its own, so the store's prefixes decide) hits it, asking no file again."""
+    from builder import hashing, statcache
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)       # (the files are seconds old)
+    ctx = _many_files(tmp_path / "ctx", f"certain-{os.getpid()}-{tmp_path.name}")
+    hashed: list[str] = []
+    real = hashing.hash_files
+
+    def spy(root, rels):
+        hashed.extend(rels)
+        return real(root, rels)
+    monkeypatch.setattr(hashing, "hash_files", spy)
+    assert ran(ctx, store_root) == ["COPY"]
+    assert LAST_REASONS["COPY"] == "no earlier build of this step"
+    # What the copy could not hash as it wrote it: a file with xattrs (its digest has them)
+    # and the hard links (copied in the chrooted pass, as links).
+    assert sorted(hashed) == ["app/d0/f0000.txt", "app/linked.txt", "app/noted.txt"]
+    hashed.clear()
+    (ctx / "Dockerfile.other").write_text((ctx / "Dockerfile").read_text())
+    assert ran(ctx, store_root, dockerfile=str(ctx / "Dockerfile.other")) == []
+    assert hashed == [], "the stat cache knows every file the copy hashed"
+    img = builder.build(str(ctx), root=store_root)
+    files = layer_files(builder.Store(store_root), img.layers[-1])
+    assert files["app/big.bin"] == (ctx / "app/big.bin").read_bytes()
+    assert files["app/d5/f0299.txt"] == (ctx / "app/d5/f0299.txt").read_bytes()
+    os.setxattr(ctx / "app/noted.txt", "user.note", b"changed")
+    assert ran(ctx, store_root, dockerfile=str(ctx / "Dockerfile.other")) == ["COPY"]
+
+
+def test_a_store_older_than_prefixes_takes_no_miss_as_certain(tmp_path, base_image, store_root):
+    """Entries made before prefixes were listed (an older pybuild) have none: the store is
+    marked, and a step another Dockerfile built still hits; the mark goes with the entries."""
+    import shutil
+    from builder.cache import LEGACY, StepCache
+    from builder.store import gc
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY a /a\n",
+                                           "a": f"legacy {tmp_path.name}\n"})
+    assert ran(ctx, store_root) == ["COPY"]
+    store = builder.Store(store_root)
+    prefixes = os.path.join(store.cache_dir, "prefixes")
+    assert len(os.listdir(prefixes)) >= 1
+    shutil.rmtree(prefixes)
+    (ctx / "Dockerfile.other").write_text((ctx / "Dockerfile").read_text())
+    assert ran(ctx, store_root, dockerfile=str(ctx / "Dockerfile.other")) == []
+    assert os.listdir(prefixes) == [LEGACY]
+    gc.prune(store, StepCache(store))
+    StepCache(store)
+    assert os.listdir(prefixes) == [], "no entry is left that a prefix does not list"
+
+
+def test_prune_drops_the_prefixes_of_the_entries_it_removes(tmp_path, base_image, store_root):
+    from builder.cache import StepCache
+    from builder.store import gc
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY a /a\n",
+                                           "a": f"pruned {tmp_path.name}\n"})
+    assert ran(ctx, store_root) == ["COPY"]
+    store = builder.Store(store_root)
+    prefixes = os.path.join(store.cache_dir, "prefixes")
+    assert os.listdir(prefixes)
+    gc.prune(store, StepCache(store))
+    assert os.listdir(prefixes) == []
+    (ctx / "Dockerfile.other").write_text((ctx / "Dockerfile").read_text())
+    assert ran(ctx, store_root, dockerfile=str(ctx / "Dockerfile.other")) == ["COPY"]

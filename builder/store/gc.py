@@ -109,6 +109,8 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
             full = True          # the budget is spent: everything older goes
             cache.remove(key)
             out.entries += 1
+        if out.entries:
+            cache.prune_prefixes()
         if keep_bytes is None and fd is not None:
             out.mounts = _prune_cache_mounts(store)
     finally:
