@@ -36,6 +36,7 @@ from dataclasses import field
 
 from .record import record
 from .image import LayerDesc, canonical_json, chain_ids, digest_of
+from .store.lock import write_atomic
 
 CACHE_VERSION = 2
 
@@ -131,7 +132,7 @@ class StepCache:
             return False
         except (OSError, ValueError):
             return True
-        return any(os.path.exists(self._path(key)) for key in keys)
+        return any(os.path.exists(self._path(key)) for key in reversed(keys))   # newest first
 
     def _list_prefix(self, prefix: str, key: str) -> None:
         """Add `key` to the entries of `prefix` (after the entry is in place)."""
@@ -143,11 +144,24 @@ class StepCache:
             os.close(fd)
 
     def prune_prefixes(self) -> None:
-        """Drop the prefixes none of whose entries are left."""
+        """Drop the keys whose entries are gone from the prefixes, and the prefixes left with
+        none. (A key a build adds meanwhile may be lost: its step is then copied before its
+        key is known, once, and the entry written again.)"""
         for name in os.listdir(self.prefix_dir):
-            if name != LEGACY and not self.may_hold("sha256:" + name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.prefix_dir, name))
+            if name == LEGACY or name.startswith("."):      # (write_atomic's temp files)
+                continue
+            path = os.path.join(self.prefix_dir, name)
+            try:
+                with open(path, encoding="ascii") as f:
+                    keys = f.read().split()
+            except (OSError, ValueError):
+                continue
+            live = [key for key in dict.fromkeys(keys) if os.path.exists(self._path(key))]
+            with contextlib.suppress(FileNotFoundError):
+                if not live:
+                    os.unlink(path)
+                elif len(live) < len(keys):
+                    write_atomic(path, "".join(key + "\n" for key in live).encode("ascii"))
 
     def _path(self, key: str) -> str:
         return os.path.join(self.dir, key[7:] + ".json")

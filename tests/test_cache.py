@@ -371,7 +371,19 @@ def test_prune_drops_the_prefixes_of_the_entries_it_removes(tmp_path, base_image
     assert ran(ctx, store_root) == ["COPY"]
     store = builder.Store(store_root)
     prefixes = os.path.join(store.cache_dir, "prefixes")
-    assert os.listdir(prefixes)
+
+    def listed() -> dict[str, list[str]]:
+        return {n: open(os.path.join(prefixes, n)).read().split() for n in os.listdir(prefixes)}
+    before = listed()
+    (ctx / "a").write_text("changed\n")
+    assert ran(ctx, store_root) == ["COPY"]           # (the same prefix: a second key)
+    cache = StepCache(store)
+    [prefix] = [n for n, keys in listed().items() if keys != before.get(n)]
+    first, second = open(os.path.join(prefixes, prefix)).read().split()
+    cache.remove(first)
+    cache.prune_prefixes()
+    assert open(os.path.join(prefixes, prefix)).read().split() == [second]
+    assert cache.may_hold("sha256:" + prefix)
     gc.prune(store, StepCache(store))
     assert os.listdir(prefixes) == []
     (ctx / "Dockerfile.other").write_text((ctx / "Dockerfile").read_text())
