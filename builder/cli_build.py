@@ -150,6 +150,9 @@ def _secrets(items: list[str]) -> dict[str, str | bytes]:
     return out
 
 
+STDIN_NAME = "<stdin>"      # a Dockerfile read from standard input, in messages
+
+
 def cmd_build(args) -> int:
     if args.context == "-" and args.file == "-":
         raise UsageError("can't use standard input for both the build context and the Dockerfile")
@@ -162,8 +165,9 @@ def cmd_build(args) -> int:
         scratch = tempfile.mkdtemp(prefix="pybuild-stdin-")
     try:
         context, dockerfile = args.context, args.file
+        name = None                   # what messages call the Dockerfile, if not its path
         if dockerfile == "-":
-            dockerfile = os.path.join(scratch, "Dockerfile")
+            dockerfile, name = os.path.join(scratch, "Dockerfile"), STDIN_NAME
             import shutil
             with open(dockerfile, "wb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f)
@@ -175,6 +179,7 @@ def cmd_build(args) -> int:
             if _is_archive(stdin.head):
                 extract.extract(stdin, context, what="build context from stdin",
                                 whiteouts=False, compressed=True)
+                name = dockerfile or "Dockerfile"          # (its path in the archive)
                 if dockerfile:
                     dockerfile = os.path.join(context, dockerfile)
             else:
@@ -182,8 +187,8 @@ def cmd_build(args) -> int:
                 # context is empty (Docker's rule: anything but an archive; -f is not used).
                 with open(os.path.join(context, "Dockerfile"), "wb") as f:
                     f.write(stdin.read())
-                dockerfile = None
-        return _build(args, context, dockerfile)
+                dockerfile, name = None, STDIN_NAME
+        return _build(args, context, dockerfile, name)
     finally:
         if scratch:
             from .trees import remove_tree
@@ -230,14 +235,15 @@ def _is_archive(head: bytes) -> bool:
     return True
 
 
-def _build(args, context: str, dockerfile: str | None) -> int:
+def _build(args, context: str, dockerfile: str | None, name: str | None = None) -> int:
     from .engine import Builder, BuildOptions
     from .run_options import parse_add_host, parse_ulimit
     from .progress import make_renderer
     pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
     if args.cache_to or args.cache_from or args.output:
         from . import outputs, remote_cache
-    opts = BuildOptions(context=context, dockerfile=dockerfile, tags=tuple(args.tag),
+    opts = BuildOptions(context=context, dockerfile=dockerfile, dockerfile_name=name,
+                        tags=tuple(args.tag),
                         build_args=_build_args(args.build_arg), no_cache=args.no_cache,
                         no_cache_filter=tuple(n for item in args.no_cache_filter
                                               for n in item.split(",") if n),

@@ -53,6 +53,7 @@ class BuildOptions:
     """Everything that decides a build; the CLI and the library both fill one in."""
     context: str = "."
     dockerfile: str | None = None               # default: CONTEXT/Dockerfile
+    dockerfile_name: str | None = None          # what messages call it (default: its path)
     tags: tuple[str, ...] = ()
     build_args: Mapping[str, str] = field(default_factory=dict)
     no_cache: bool = False
@@ -80,7 +81,8 @@ class BuildOptions:
     annotations: Mapping[str, str] = field(default_factory=dict)   # on the image's manifest
 
 
-def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_args=None,
+def build(context: str = ".", *, dockerfile: str | None = None,
+          dockerfile_name: str | None = None, tags=(), build_args=None,
           no_cache: bool = False, no_cache_filter=(), network: str = "host",
           target: str | None = None,
           root: str | None = None, secrets=None, pull: str = "missing",
@@ -98,7 +100,8 @@ def build(context: str = ".", *, dockerfile: str | None = None, tags=(), build_a
     """
     from . import outputs as out_mod, remote_cache
     opts = BuildOptions(
-        context=context, dockerfile=dockerfile, tags=tuple(tags or ()),
+        context=context, dockerfile=dockerfile, dockerfile_name=dockerfile_name,
+        tags=tuple(tags or ()),
         build_args=dict(build_args or {}), no_cache=no_cache,
         no_cache_filter=tuple(no_cache_filter), network=network, target=target,
         root=root, secrets=dict(secrets or {}), pull=pull,
@@ -162,6 +165,9 @@ class Builder:
         self.store = store
         self.tags = [reference.parse(t).tagged for t in opts.tags]
         self.dockerfile_path = opts.dockerfile or os.path.join(opts.context, "Dockerfile")
+        # (A Dockerfile read from stdin is a temp file: messages say "<stdin>", and its
+        # steps' recipes are kept for the context, not for a path that is gone tomorrow.)
+        self.dockerfile_name = opts.dockerfile_name or self.dockerfile_path
         self.used_args: set[str] = set()
         self.total = 0
         self.steps_run = 0
@@ -198,21 +204,23 @@ class Builder:
                                 cache_dir=os.path.join(self.store.cache_dir, "context"))
         self.cache = cachemod.StepCache(self.store)
         self.used: dict[int, dict[str, cachemod.StepResult]] = {}  # stage -> key -> result
-        self.recipes = explain.RecipeLog(self.store.cache_dir, self.dockerfile_path)
+        self.recipes = explain.RecipeLog(
+            self.store.cache_dir, self.dockerfile_path if self.opts.dockerfile_name is None
+            else os.path.join(self.opts.context, self.opts.dockerfile_name))
         self.df = df
         for w in df.warnings:
             self.emit(BuildWarning(w))
         self.meta_env = self._meta_args(df)
         for name in self.named.dirs:
             if any(st.name == name for st in df.stages):
-                raise UsageError(f"--build-context {name}: a stage of {self.dockerfile_path} has "
+                raise UsageError(f"--build-context {name}: a stage of {self.dockerfile_name} has "
                                  "this name, and only an image (docker-image://) can replace a "
                                  "stage here", hint="rename the stage or the context")
         target = df.stage(self.opts.target)
         for name in self.opts.no_cache_filter:
             df.stage(name, option="--no-cache-filter")       # (a typo is an error, not a no-op)
         plans = self._plan_stages(df, target)
-        self.emit(BuildStarted(self.dockerfile_path, self.ctx.root, self.total))
+        self.emit(BuildStarted(self.dockerfile_name, self.ctx.root, self.total))
         self.results: dict = {}      # stage index -> its result (a Future when parallel)
         self.remote = None
         try:
@@ -321,18 +329,18 @@ class Builder:
             with open(self.dockerfile_path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise DockerfileError("no such file", file=self.dockerfile_path,
+            raise DockerfileError("no such file", file=self.dockerfile_name,
                                   hint="pass the Dockerfile with -f, or put one in the context "
                                        "directory") from None
         except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
-            raise DockerfileError(f"cannot read it ({e})", file=self.dockerfile_path) from None
-        return ins.load(text, filename=self.dockerfile_path)
+            raise DockerfileError(f"cannot read it ({e})", file=self.dockerfile_name) from None
+        return ins.load(text, filename=self.dockerfile_name)
 
     def _expand(self, word: str, env: dict, line: int) -> str:
         try:
             return expand_word(word, env)
         except ExpansionError as e:
-            raise DockerfileError(str(e), file=self.dockerfile_path, line=line) from None
+            raise DockerfileError(str(e), file=self.dockerfile_name, line=line) from None
 
     def _global_env(self) -> dict[str, str]:
         env = dict(self.automatic_args)
@@ -431,7 +439,7 @@ class Builder:
         """A base or --from image: from the store, pulled when missing (or always, per --pull);
         a --build-context NAME=docker-image://REF stands in for NAME."""
         if name.lower() in self.named.dirs:
-            raise BuildError(f"{self.dockerfile_path}:{inst.line}: build context {name} is a "
+            raise BuildError(f"{self.dockerfile_name}:{inst.line}: build context {name} is a "
                              "directory, not an image",
                              hint="a directory context is read by COPY --from and "
                                   "RUN --mount=type=bind,from; give FROM an image "
@@ -451,7 +459,7 @@ class Builder:
                             raise
                         image = self._pull(name)
             except PybuildError as e:
-                e.message = f"{self.dockerfile_path}:{inst.line}: {e.message}"
+                e.message = f"{self.dockerfile_name}:{inst.line}: {e.message}"
                 raise
             self._resolved[name] = image
             return image
@@ -462,7 +470,7 @@ class Builder:
             return transfer.pull(self.store, name, on_event=self.emit, insecure=self.insecure)
 
     def _triggers(self, expressions: list[str], base: ins.From) -> list[ins.Instruction]:
-        return [ins.parse_trigger(x, filename=self.dockerfile_path, line=base.line,
+        return [ins.parse_trigger(x, filename=self.dockerfile_name, line=base.line,
                                   escape=self.df.escape) for x in expressions]
 
     def _warn_unused_args(self) -> None:
@@ -501,7 +509,7 @@ class Builder:
             host = f"linux/{host_architecture()}"
             if not is_host_platform(platform):
                 raise DockerfileError(f"FROM --platform={platform}: this host builds {host} only",
-                                      file=self.dockerfile_path, line=stage.base.line)
+                                      file=self.dockerfile_name, line=stage.base.line)
         if plan.base_stage is not None:
             base = self._stage_state(plan.base_stage)
             config, layers = copy.deepcopy(base.config), list(base.layers)
@@ -527,7 +535,7 @@ class Builder:
                                 escape=self.df.escape)
 
     def _where(self, inst, n: int) -> str:
-        return f"{self.dockerfile_path}:{inst.line} [{n}/{self.total}] {inst.keyword}"
+        return f"{self.dockerfile_name}:{inst.line} [{n}/{self.total}] {inst.keyword}"
 
     def _step(self, state: steps.StageState, inst: ins.Instruction, stage: _StagePlan, n: int) -> None:
         if self.cancelled.is_set():
@@ -536,7 +544,7 @@ class Builder:
         try:
             plan = steps.plan(state, inst, build_args)
         except DockerfileError as e:
-            raise DockerfileError(e.reason, file=self.dockerfile_path, line=inst.line,
+            raise DockerfileError(e.reason, file=self.dockerfile_name, line=inst.line,
                                   hint=e.hint) from None
         if plan.kind == "arg":
             state.args.update(plan.arg_values)    # a redeclared ARG keeps its place

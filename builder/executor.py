@@ -219,7 +219,7 @@ class Executor:
                 relay.close()
         if status != 0:
             raise StepFailed(step=f"step {n}/{self.b.total}", line=inst.line,
-                             file=self.b.dockerfile_path, command=plan.created_by, exit_code=status)
+                             file=self.b.dockerfile_name, command=plan.created_by, exit_code=status)
 
     def _mounts(self, plan, inputs, stepdir: str, locks: list[int], relays: list):
         mounts: list[sandbox.MountSpec] = []

@@ -268,6 +268,33 @@ def test_dockerfile_and_context_from_stdin(tmp_path, base_image, pybuild):
     assert both.returncode == 2 and b"standard input for both" in both.stderr
 
 
+def test_a_dockerfile_from_stdin_is_named_so_in_messages(tmp_path, base_image, pybuild):
+    """Not by the temp file it is kept in for the build; one from an archive by its path
+    there. And its steps' recipes are kept for the context: a miss is explained."""
+    (tmp_path / "a").write_text("one\n")
+    df = f"FROM {BASE}\nCOPY a /a\nCOPY missing /m\n".encode()
+    p = pybuild("-q", "-f", "-", tmp_path, input=df)
+    assert p.returncode == 4
+    assert p.stderr.decode().startswith("error: <stdin>:3 [3/3] COPY: COPY source 'missing' "), \
+        p.stderr.decode()
+    p = pybuild("-q", "-", input=b"FROM scratch\nRUNN x\n")
+    assert p.returncode == 3 and p.stderr.decode().startswith("error: <stdin>:2: unknown "
+                                                               "instruction: RUNN")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as t:
+        info = tarfile.TarInfo("build/Containerfile")
+        info.size = len(df)
+        t.addfile(info, io.BytesIO(df))
+    p = pybuild("-q", "-f", "build/Containerfile", "-", input=archive.getvalue())
+    assert p.returncode == 4 and "error: build/Containerfile:2 [2/3] COPY" in p.stderr.decode()
+    ok = f"FROM {BASE}\nCOPY a /a\n".encode()
+    assert pybuild("-q", "-f", "-", tmp_path, input=ok).returncode == 0
+    (tmp_path / "a").write_text("two\n")
+    p = pybuild("--progress", "plain", "-f", "-", tmp_path, input=ok)
+    assert p.returncode == 0
+    assert "1 file changed: a (content)" in p.stderr.decode() + p.stdout.decode()
+
+
 @pytest.mark.parametrize("dockerfile,message", [
     ("RUN --mount=type=bogus,target=/x true", "unknown type 'bogus'"),
     ("RUN --mount=type=cache true", "needs target=PATH"),
