@@ -1,5 +1,5 @@
-"""Commands for containers and the store's usage: run, exec, ps, stop, rm, diff, commit, logs,
-system df, info. (cli.py holds the parser and the image commands.)"""
+"""Commands for containers and the store's usage: run, create, cp, exec, ps, stop, rm, diff,
+commit, logs, system df, info. (cli.py holds the parser and the image commands.)"""
 
 from __future__ import annotations
 
@@ -33,6 +33,30 @@ def args_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
     s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
                    help="the command (default: the image's Entrypoint and Cmd)")
+
+
+def args_create(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--name", metavar="NAME", help="name the container")
+    s.add_argument("-i", "--interactive", action="store_true", help="accepted, as Docker's")
+    s.add_argument("-t", "--tty", action="store_true", help="accepted, as Docker's")
+    s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
+    s.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    s.add_argument("-w", "--workdir", metavar="DIR")
+    s.add_argument("--entrypoint", metavar="CMD")
+    s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
+    s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
+                   help="the command (default: the image's Entrypoint and Cmd)")
+
+
+def args_cp(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-a", "--archive", action="store_true",
+                   help="keep the owners the files have in the container (default: yours)")
+    s.add_argument("-L", "--follow-link", action="store_true",
+                   help="copy what SRC points to if it is a symlink (inside the container)")
+    s.add_argument("-q", "--quiet", action="store_true", help="accepted, as Docker's")
+    s.add_argument("src", metavar="CONTAINER:SRC_PATH")
+    s.add_argument("dest", metavar="DEST_PATH",
+                   help="a path on this machine, or - for a tar on standard output")
 
 
 def args_exec(s: argparse.ArgumentParser) -> None:
@@ -101,6 +125,9 @@ def args_info(s: argparse.ArgumentParser) -> None:
 
 COMMANDS = {
     "run": ("run a command in a new container of an image", args_run),
+    "create": ("make a container of an image without running it (for cp, diff, commit)",
+               args_create),
+    "cp": ("copy files out of a container (as `docker cp CONTAINER:SRC DEST`)", args_cp),
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
     "stop": ("stop running containers", args_stop),
@@ -117,7 +144,8 @@ GROUPS = {
     "image": {"ls": "images", "list": "images", "history": "history", "inspect": "inspect",
               "rm": "rmi", "tag": "tag", "save": "save", "load": "load", "import": "import",
               "pull": "pull", "push": "push", "build": "build", "prune": "prune"},
-    "container": {"ls": "ps", "list": "ps", "run": "run", "exec": "exec", "stop": "stop",
+    "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
+                  "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect"},
     "builder": {"build": "build", "prune": "prune"},
@@ -138,6 +166,30 @@ def cmd_run(args) -> int:
         print(result)
         return 0
     return result
+
+
+def cmd_create(args) -> int:
+    from . import container
+    store = store_of(args)
+    c = container.create(store, store.resolve(args.image), args.image, args.args, env=args.env,
+                         user=args.user, workdir=args.workdir, entrypoint=args.entrypoint,
+                         name=args.name)
+    print(c.id)
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from .container_cp import copy_out, split_container_path
+    src, dest = split_container_path(args.src), split_container_path(args.dest)
+    if dest is not None:
+        raise UsageError("pybuild cp copies out of containers, not into them",
+                         hint="put files into an image with COPY in a Dockerfile")
+    if src is None:
+        raise UsageError("pybuild cp: SRC must be CONTAINER:PATH",
+                         hint="pybuild cp CONTAINER:/path/in/it ./here")
+    copy_out(store_of(args), src[0], src[1], args.dest, follow=args.follow_link,
+             archive=args.archive)
+    return 0
 
 
 def cmd_exec(args) -> int:

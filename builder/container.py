@@ -46,17 +46,11 @@ def run(store: Store, image: Image, image_name: str, args: list[str], *, env: li
         entrypoint: str | None = None, name: str | None = None, detach: bool = False,
         interactive: bool = False, tty: bool = False, remove: bool = False) -> int | str:
     """Create and start a container; the exit status (foreground) or the container ID (-d)."""
-    rt = image.runtime
-    argv = command_of(image, args, entrypoint)
-    env = _merge_env(rt.get("Env") or [], env)
-    user = rt.get("User") or "" if user is None else user
-    workdir = workdir or rt.get("WorkingDir") or "/"
     containers = Containers(store)
-    with store.in_use():
-        c = containers.create(image, image_name, argv, name=name, env=env, user=user,
-                              workdir=workdir)
-    spec = sandbox.RunSpec(argv=argv, env=env, user=user, workdir=workdir, network=network,
-                           interactive=True)
+    c = create(store, image, image_name, args, env=env, user=user, workdir=workdir,
+               entrypoint=entrypoint, name=name)
+    spec = sandbox.RunSpec(argv=c.argv, env=c.env, user=c.user, workdir=c.workdir,
+                           network=network, interactive=True)
     if detach:
         return _start_detached(store, containers, c, spec, interactive, tty, remove)
     try:
@@ -66,6 +60,21 @@ def run(store: Store, image: Image, image_name: str, args: list[str], *, env: li
         if remove:
             containers.remove(containers._load(c.id) or c, force=True)
     return code
+
+
+def create(store: Store, image: Image, image_name: str, args: list[str], *,
+           env: list[str] = (), user: str | None = None, workdir: str | None = None,
+           entrypoint: str | None = None, name: str | None = None) -> Container:
+    """A container of `image` that has not run (`pybuild create`; `run` starts one): its
+    command, environment, user and working dir as `docker create` works them out."""
+    rt = image.runtime
+    argv = command_of(image, args, entrypoint)
+    env = _merge_env(rt.get("Env") or [], env)
+    user = rt.get("User") or "" if user is None else user
+    workdir = workdir or rt.get("WorkingDir") or "/"
+    with store.in_use():
+        return Containers(store).create(image, image_name, argv, name=name, env=env, user=user,
+                                        workdir=workdir)
 
 
 def _run_sandbox(store, containers: Containers, c: Container, spec, started=None) -> int:

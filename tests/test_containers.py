@@ -145,6 +145,79 @@ def test_stop_rm_commit_logs_and_statuses(walk):
     assert missing.returncode == 5 and b"no such container: nobody" in missing.stderr
 
 
+def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
+    """The CI way to take artifacts out of an image: create, cp, rm. Docker's rules for where
+    things go; modes, times, links kept, owners the caller's unless -a; paths resolved in
+    the container's root, and nothing written through a symlink of the destination."""
+    pybuild, root = walk
+    host_secret = tmp_path / "host-secret"
+    host_secret.write_text("the host's\n")
+    (tmp_path / "cow-test" / "Dockerfile.out").write_text(
+        "FROM busybox:demo\n"
+        "RUN mkdir -p /out/etc /out/sub && echo one > /out/f1 && echo two > /out/sub/f2 && "
+        "chmod 0750 /out/sub && chmod 0604 /out/f1 && touch -d '2001-02-03 04:05:06' /out/f1 && "
+        "ln /out/f1 /out/hard && ln -s f1 /out/rel && ln -s /out/sub /out/abs && "
+        "echo conf > /out/etc/conf && chown -R 1000:1000 /out/sub && "
+        f"ln -s /out /link && ln -s {host_secret} /esc\n"
+        "CMD [\"true\"]\n")
+    pybuild("build", "-q", "-t", "artifacts", "-f", "Dockerfile.out", ".")
+    cid = pybuild("create", "--name", "ex", "artifacts").strip()
+    assert len(cid) == 64 and re.search(r"Created\s+ex$", pybuild("ps", "-a"), re.M)
+
+    dist = tmp_path / "dist"                     # a directory to a new name: its contents
+    pybuild("cp", "ex:/out", str(dist))
+    assert sorted(os.listdir(dist)) == ["abs", "etc", "f1", "hard", "rel", "sub"]
+    f1 = (dist / "f1").stat()
+    assert (dist / "f1").read_text() == "one\n" and oct(f1.st_mode & 0o7777) == "0o604"
+    assert time.gmtime(f1.st_mtime)[:6] == (2001, 2, 3, 4, 5, 6)
+    assert (dist / "hard").stat().st_ino == f1.st_ino, "a hard link stays one"
+    assert os.readlink(dist / "rel") == "f1" and os.readlink(dist / "abs") == "/out/sub"
+    sub = (dist / "sub").stat()
+    assert oct(sub.st_mode & 0o7777) == "0o750" and (sub.st_uid, sub.st_gid) == (0, 0)
+    kept = tmp_path / "kept"
+    pybuild("cp", "-a", "ex:/out/sub", str(kept))
+    assert (kept / "f2").stat().st_uid == 1000 and kept.stat().st_gid == 1000
+
+    into = tmp_path / "into"                     # into an existing dir; a file by its name
+    into.mkdir()
+    pybuild("cp", "ex:/out/sub", str(into))
+    pybuild("cp", "ex:/link/f1", str(into) + "/")
+    assert sorted(os.listdir(into)) == ["f1", "sub"] and (into / "sub/f2").read_text() == "two\n"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "etc").symlink_to(victim)
+    pybuild("cp", "ex:/out/.", str(merged))      # /. : the contents; etc replaces the symlink
+    assert (merged / "etc").is_dir() and not (merged / "etc").is_symlink()
+    assert os.listdir(victim) == [] and (merged / "etc/conf").read_text() == "conf\n"
+
+    pybuild("cp", "ex:/esc", str(tmp_path / "esc"))     # a symlink is copied as one
+    assert os.readlink(tmp_path / "esc") == str(host_secret)
+    followed = pybuild("cp", "-L", "ex:/esc", str(tmp_path / "esc2"), check=False)
+    assert followed.returncode == 1 and b"could not find the file /esc" in followed.stderr
+    assert not (tmp_path / "esc2").exists(), "-L follows it inside the container, not here"
+
+    listing = subprocess.run(["tar", "-tv"], input=run_pybuild(
+        "cp", "ex:/out/sub", "-", root=root, env=pybuild.env, check=True).stdout,
+        capture_output=True, check=True).stdout.decode()
+    assert re.search(r"^-rw.* 0/0 .* sub/f2$", listing, re.M), listing
+
+    pybuild("run", "--name", "ran", "artifacts", "sh", "-c", "echo new > /out/new; rm /out/f1")
+    ran = tmp_path / "ran"
+    pybuild("cp", "ran:/out", str(ran))          # the container's writable layer on top
+    assert (ran / "new").read_text() == "new\n" and not (ran / "f1").exists()
+
+    missing = pybuild("cp", "ex:/nothere", str(tmp_path / "x"), check=False)
+    assert missing.returncode == 1 and b"could not find the file /nothere" in missing.stderr
+    no_dir = pybuild("cp", "ex:/out/f1", str(tmp_path / "absent") + "/", check=False)
+    assert no_dir.returncode == 2 and b"must exist" in no_dir.stderr
+    into_container = pybuild("cp", str(host_secret), "ex:/x", check=False)
+    assert into_container.returncode == 2 and b"not into them" in into_container.stderr
+    assert not list((root / "tmp").iterdir())
+    pybuild("rm", "ex", "ran")
+
+
 def test_system_df_and_info_show_what_is_shared(walk):
     pybuild, root = walk
     pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")

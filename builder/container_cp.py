@@ -1,0 +1,238 @@
+"""`pybuild cp CONTAINER:SRC DEST`: files out of a container, as `docker cp` takes them.
+
+The way CI jobs take a build's artifacts out of an image: `pybuild create
+--name out IMAGE`, `pybuild cp out:/app/dist ./dist`, `pybuild rm out`.
+The container's root (its writable layer over the image's layers, or the
+image's layers alone if it never ran) is mounted read-only, in a child with
+mounts of its own, and SRC is resolved in it as the container would resolve
+it: a symlink on the way is followed inside the container's root, never to
+the host's files. SRC itself, if it is a symlink, is copied as a symlink
+(`-L`: what it points to, inside the root).
+
+Docker's rules for where things go: a file goes to DEST, or into DEST if
+DEST is a directory (a DEST ending in `/` must be one); a directory becomes
+DEST if DEST does not exist, else goes into it, or only its contents with
+SRC ending in `/.`. Modes, times, symlinks, hard links and xattrs are kept;
+owners become the caller's (`-a`: kept from the container). DEST `-` writes
+a tar of SRC to standard output.
+
+Nothing copied out follows a name of the destination tree: an entry whose
+name is a symlink there replaces the symlink (a container cannot make
+`docker cp` write through `dest/etc -> /etc`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from .errors import PybuildError, UsageError
+from .hashing import NOT_COPIED_XATTRS
+from .sandbox import SetupError        # (raised in the child: the parent is told the reason)
+
+
+class CopyOutError(PybuildError):
+    """SRC is not in the container, or cannot go where DEST says."""
+    exit_code = 1
+
+
+def split_container_path(arg: str) -> tuple[str, str] | None:
+    """(container, path) of `NAME:PATH`, or None for a host path (absolute, or ./ relative,
+    or without a colon), as Docker tells them apart."""
+    if arg.startswith(("/", ".")) or ":" not in arg:
+        return None
+    name, _, path = arg.partition(":")
+    return name, path
+
+
+def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
+             archive: bool = False) -> None:
+    """Copy `src` of container `ref` to the host path `dest` ("-": a tar on stdout)."""
+    from . import sandbox
+    from .containers import Containers
+    from .snapshot.overlay import mount_overlay
+    containers = Containers(store)
+    c = containers.get(ref)
+    if not src:
+        raise UsageError("pybuild cp: the path in the container is empty",
+                         hint="give it after the colon: CONTAINER:/path")
+    if dest != "-":
+        _check_dest(src, dest)
+        dest = os.path.abspath(dest)        # (the child works from the store's dir)
+    with store.in_use(), store.tmpdir("cp") as tmp, containers.writable_layer(c) as upper:
+        root = os.path.join(tmp, "root")
+        os.mkdir(root)
+        # (Relative to the store, as steps mount them: a deep image's stack fits one mount.)
+        lowers = list(store.lower_links(c.diff_ids))
+        if os.path.isdir(upper):
+            lowers.insert(0, upper)
+        while len(lowers) < 2:               # (overlay needs two lower dirs to be read-only)
+            empty = os.path.join(tmp, f"empty-{len(lowers)}")
+            os.mkdir(empty)
+            lowers.append(empty)
+
+        def in_child() -> None:
+            os.chdir(store.root)
+            mount_overlay(root, lowers, readonly=True)
+            _copy(root, src, dest, follow=follow, archive=archive)
+        try:
+            sandbox.in_own_mounts(in_child)
+        except SetupError as e:                  # (what the child said went wrong)
+            raise CopyOutError(str(e), hint=e.hint) from None
+
+
+def _check_dest(src: str, dest: str) -> None:
+    """Docker's refusals that need only the host's side: checked before anything is mounted."""
+    parent = os.path.dirname(dest.rstrip("/")) or "."
+    if not os.path.exists(dest):
+        if dest.endswith("/"):
+            raise UsageError(f"destination directory {dest!r} must exist",
+                             hint="create it first, or drop the trailing /")
+        if not os.path.isdir(parent):
+            raise UsageError(f"{parent!r} is not a directory: the destination's parent must exist")
+
+
+def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> None:
+    """In the child, with the container's root mounted at `root`."""
+    from . import paths
+    contents_only = src.endswith("/.") or src == "."
+    parent, _, name = src.rstrip("/").rpartition("/")
+    if follow or contents_only or name in ("", ".", ".."):
+        host = paths.resolve_in_root(root, src)
+    else:                              # (SRC itself, if a symlink, is copied as one)
+        host = os.path.join(paths.resolve_in_root(root, parent), name)
+    try:
+        st = os.lstat(host)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SetupError(f"could not find the file {src} in the container") from None
+    if dest == "-":
+        _tar_to_stdout(host, os.path.basename(host.rstrip("/")) or ".", archive)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if os.path.isdir(dest):
+            target_dir = dest if contents_only else os.path.join(dest, os.path.basename(host))
+        elif os.path.lexists(dest):
+            raise SetupError(f"cannot copy a directory to the file {dest}")
+        else:
+            target_dir = dest
+        _copy_tree(host, target_dir, archive)
+        return
+    target = os.path.join(dest, name) if os.path.isdir(dest) else dest
+    if src.endswith("/"):
+        raise SetupError(f"{src} is not a directory in the container")
+    _Writer(archive).entry(host, st, target)
+
+
+def _copy_tree(top: str, target: str, archive: bool) -> None:
+    """`top` (a directory of the container's root) as `target` on the host, merged into what
+    is there (a directory stays; anything else of the same name is replaced)."""
+    w = _Writer(archive)
+    w.entry(top, os.lstat(top), target)
+    stack = [(top, target)]
+    dir_times = []
+    while stack:
+        src_dir, dst_dir = stack.pop()
+        with os.scandir(src_dir) as it:
+            children = sorted((e.name for e in it))
+        for child in children:
+            s, d = os.path.join(src_dir, child), os.path.join(dst_dir, child)
+            st = os.lstat(s)
+            w.entry(s, st, d)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((s, d))
+        dir_times.append((dst_dir, os.lstat(src_dir)))
+    for path, st in dir_times:          # (after their contents were written)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+class _Writer:
+    """Writes one entry of the container's root at a host path, keeping its metadata."""
+
+    def __init__(self, archive: bool):
+        self.archive = archive
+        self.owner = (os.getuid(), os.getgid())
+        self.links: dict[tuple[int, int], str] = {}
+
+    def entry(self, src: str, st: os.stat_result, target: str) -> None:
+        mode = st.st_mode
+        existing = _lstat(target)
+        if existing is not None and not (stat.S_ISDIR(mode) and stat.S_ISDIR(existing.st_mode)):
+            if stat.S_ISDIR(existing.st_mode):
+                raise SetupError(f"cannot overwrite the directory {target} with a non-directory")
+            os.unlink(target)          # (a symlink there is replaced, never followed)
+        if stat.S_ISDIR(mode):
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(target, 0o700)
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                os.link(self.links[key], target)
+                return
+            _copy_file(src, target)
+            if st.st_nlink > 1:
+                self.links[key] = target
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), target)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(target, 0o600)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            os.mknod(target, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+        else:
+            return                      # (a socket: nothing to copy)
+        owner = (st.st_uid, st.st_gid) if self.archive else self.owner
+        os.chown(target, *owner, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            os.chmod(target, stat.S_IMODE(mode))       # (after chown, which clears set-id bits)
+            _copy_xattrs(src, target)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _copy_file(src: str, target: str) -> None:
+    s = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        d = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600)
+        try:
+            offset = 0
+            while n := os.sendfile(d, s, offset, 1 << 30):
+                offset += n
+        finally:
+            os.close(d)
+    finally:
+        os.close(s)
+
+
+def _copy_xattrs(src: str, target: str) -> None:
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(NOT_COPIED_XATTRS):
+            try:
+                os.setxattr(target, name, os.getxattr(src, name, follow_symlinks=False),
+                            follow_symlinks=False)
+            except OSError:
+                pass
+
+
+def _tar_to_stdout(host: str, arcname: str, archive: bool) -> None:
+    """A tar of `host` named `arcname` (its contents under it), as `docker cp C:SRC -` gives."""
+    import tarfile
+
+    def numeric(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uname = info.gname = ""
+        if not archive:
+            info.uid, info.gid = os.getuid(), os.getgid()
+        return info
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    with out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as t:
+        t.add(host, arcname=arcname, recursive=True, filter=numeric)
