@@ -106,12 +106,15 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
         st = os.lstat(host)
     except (FileNotFoundError, NotADirectoryError):
         raise SetupError(f"could not find the file {src} in the container") from None
+    # What it is called where it goes: SRC's own last name (a symlink's, with -L), none for
+    # `/` or `dir/.` (their contents go).
+    called = "" if contents_only or name in ("", ".", "..") else name
     if dest == "-":
-        _tar_to_stdout(host, os.path.basename(host.rstrip("/")) or ".", archive)
+        _tar_to_stdout(host, called or ".", archive)
         return
     if stat.S_ISDIR(st.st_mode):
         if os.path.isdir(dest):
-            target_dir = dest if contents_only else os.path.join(dest, os.path.basename(host))
+            target_dir = os.path.join(dest, called) if called else dest
         elif os.path.lexists(dest):
             raise SetupError(f"cannot copy a directory to the file {dest}")
         else:

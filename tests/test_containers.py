@@ -183,6 +183,8 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
     pybuild("cp", "ex:/out/sub", str(into))
     pybuild("cp", "ex:/link/f1", str(into) + "/")
     assert sorted(os.listdir(into)) == ["f1", "sub"] and (into / "sub/f2").read_text() == "two\n"
+    pybuild("cp", "-L", "ex:/link", str(into))   # what /link points to, under its name
+    assert sorted(os.listdir(into / "link")) == sorted(os.listdir(dist))
     victim = tmp_path / "victim"
     victim.mkdir()
     merged = tmp_path / "merged"
