@@ -25,6 +25,12 @@ from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations, as Docker's CLI has none: `--compress` (docker build's) must not
+        # be taken for --compression, nor a misspelt option for another one.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
 

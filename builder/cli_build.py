@@ -95,6 +95,21 @@ def args_build(s: argparse.ArgumentParser) -> None:
     s.add_argument("--provenance", "--sbom", metavar="VALUE", action="append", default=[],
                    help="accepted as buildx takes them; pybuild attaches no attestations "
                         "(a value other than false warns)")
+    s.add_argument("--attest", metavar="type=TYPE[,...]", action="append", default=[],
+                   help="accepted as buildx takes it; pybuild attaches no attestations "
+                        "(a value other than disabled=true warns)")
+    s.add_argument("--compress", action="store_true",
+                   help="accepted as docker build takes it: there is no daemon to send the "
+                        "context to")
+    s.add_argument("--disable-content-trust", metavar="BOOL", nargs="?", const="true",
+                   default="true",
+                   help="accepted as docker build takes it (true, its default): pybuild does not "
+                        "verify image signatures; false warns")
+    s.add_argument("--allow", metavar="ENTITLEMENT", action="append", default=[],
+                   help="accepted as buildx takes it: network.host (RUN has the host's network "
+                        "by default); security.insecure warns (every RUN is sandboxed)")
+    s.add_argument("--builder", metavar="NAME",
+                   help="accepted as buildx takes it: pybuild is its own builder (warns)")
     s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
                         "$SSH_AUTH_SOCK); ID is usually `default`")
@@ -235,6 +250,26 @@ def _is_archive(head: bytes) -> bool:
     return True
 
 
+def _ignored_options(args) -> list[str]:
+    """Warnings for what Docker's or buildx's options ask that pybuild does not do: a CI
+    script written for them runs, and says what it did not get."""
+    out = []
+    if any(v.lower() not in ("false", "0", "disabled=true") for v in args.provenance) or \
+            any("disabled=true" not in v.lower() for v in args.attest):
+        out.append("--provenance/--sbom/--attest: pybuild attaches no attestations; the image "
+                   "is built without them")
+    if args.disable_content_trust.lower() in ("false", "0"):
+        out.append("--disable-content-trust=false: pybuild does not verify image signatures "
+                   "(content trust); base images are checked by digest only")
+    for entitlement in args.allow:
+        if entitlement != "network.host":
+            out.append(f"--allow {entitlement}: not granted (every RUN is sandboxed)")
+    if args.builder:
+        out.append(f"--builder {args.builder}: pybuild is its own builder (the option is "
+                   "ignored)")
+    return out
+
+
 def _build(args, context: str, dockerfile: str | None, name: str | None = None) -> int:
     from .engine import Builder, BuildOptions
     from .run_options import parse_add_host, parse_ulimit
@@ -272,10 +307,9 @@ def _build(args, context: str, dockerfile: str | None, name: str | None = None) 
                              hint="create the directory first, or name a file in an existing one")
     mode = "quiet" if args.quiet else args.progress
     renderer = make_renderer(mode, explain=args.explain_cache)
-    if any(v.lower() not in ("false", "0", "disabled=true") for v in args.provenance):
+    for warning in _ignored_options(args):
         from .progress import BuildWarning
-        renderer(BuildWarning("--provenance/--sbom: pybuild attaches no attestations; the "
-                              "image is built without them"))
+        renderer(BuildWarning(warning))
     try:
         image = Builder(opts, renderer).run()
     finally:

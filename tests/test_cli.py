@@ -216,7 +216,20 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
     assert image2.config["config"]["Labels"] == {"a": "dockerfile", "keep": "1"}
     # Asked for attestations, pybuild says it makes none, and builds.
     p = pybuild("-t", "flags2", "--progress", "plain", "--provenance=mode=max", ctx, check=True)
-    assert "WARNING: --provenance/--sbom: pybuild attaches no attestations" in p.stderr.decode()
+    assert "WARNING: --provenance/--sbom/--attest: pybuild attaches no attestations" in \
+        p.stderr.decode()
+    # Classic docker build's --compress and --disable-content-trust, buildx's --allow,
+    # --builder and --attest: accepted; what pybuild does not do is said.
+    p = pybuild("-t", "flags2", "--progress", "plain", "--compress", "--disable-content-trust",
+                "--allow", "network.host", "--attest", "type=sbom,disabled=true", ctx, check=True)
+    assert "WARNING" not in p.stderr.decode()
+    p = pybuild("-t", "flags2", "--progress", "plain", "--disable-content-trust=false",
+                "--allow", "security.insecure", "--builder", "ci-builder", ctx, check=True)
+    warnings = [line for line in p.stderr.decode().splitlines() if "WARNING" in line]
+    assert len(warnings) == 3 and "content trust" in warnings[0], warnings
+    assert "--allow security.insecure: not granted" in warnings[1] and "ci-builder" in warnings[2]
+    # No abbreviations (Docker's CLI has none): --compres is not --compression.
+    assert_clean_error(pybuild("-t", "x", "--compres", "gzip", ctx), 2, "unrecognized arguments")
 
     assert_clean_error(pybuild("-t", "x", "--platform", "linux/s390x" if host_architecture() !=
                                "s390x" else "linux/amd64", ctx), 2, "--platform linux/",
