@@ -110,6 +110,13 @@ def args_build(s: argparse.ArgumentParser) -> None:
                         "by default); security.insecure warns (every RUN is sandboxed)")
     s.add_argument("--builder", metavar="NAME",
                    help="accepted as buildx takes it: pybuild is its own builder (warns)")
+    s.add_argument("--isolation", metavar="default", choices=("default",),
+                   help="accepted as docker build takes it on Linux (default only)")
+    for flags, what in _REFUSED:
+        extra = {"action": "store_const", "const": "true"} if flags[-1] == "--squash" \
+            else {"metavar": "VALUE"}                   # (--squash takes no value)
+        s.add_argument(*flags, dest=f"refused_{flags[-1][2:].replace('-', '_')}",
+                       help=f"refused: {what}", **extra)
     s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
                         "$SSH_AUTH_SOCK); ID is usually `default`")
@@ -169,6 +176,7 @@ STDIN_NAME = "<stdin>"      # a Dockerfile read from standard input, in messages
 
 
 def cmd_build(args) -> int:
+    _refused_options(args)
     if args.context == "-" and args.file == "-":
         raise UsageError("can't use standard input for both the build context and the Dockerfile")
     if args.context != "-" and not os.path.isdir(args.context):
@@ -248,6 +256,29 @@ def _is_archive(head: bytes) -> bool:
     except tarfile.HeaderError:
         return False
     return True
+
+
+# The classic builder's options pybuild does not carry out. Refused by name, with why: a
+# limit silently ignored would mislead (and BuildKit has none of them either).
+_REFUSED = (
+    (("-m", "--memory"), "RUN's resources are not limited (no cgroups)"),
+    (("--memory-swap",), "RUN's resources are not limited (no cgroups)"),
+    (("-c", "--cpu-shares"), "RUN's resources are not limited (no cgroups)"),
+    (("--cpu-period",), "RUN's resources are not limited (no cgroups)"),
+    (("--cpu-quota",), "RUN's resources are not limited (no cgroups)"),
+    (("--cpuset-cpus",), "RUN's resources are not limited (no cgroups)"),
+    (("--cpuset-mems",), "RUN's resources are not limited (no cgroups)"),
+    (("--cgroup-parent",), "RUN's processes are not put in cgroups"),
+    (("--security-opt",), "RUN's sandbox is fixed (seccomp profile, no new privileges)"),
+    (("--squash",), "layers are never squashed: each step's layer is shared and cached"),
+)
+
+
+def _refused_options(args) -> None:
+    for flags, what in _REFUSED:
+        if getattr(args, f"refused_{flags[-1][2:].replace('-', '_')}", None) is not None:
+            raise UsageError(f"{flags[-1]} (docker build's classic builder) is not supported: "
+                             f"{what}", hint=f"drop {flags[-1]} from the command line")
 
 
 def _ignored_options(args) -> list[str]:

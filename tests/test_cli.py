@@ -228,6 +228,13 @@ def test_docker_build_flags_ci_jobs_pass(pybuild, tmp_path, base_image, store):
     warnings = [line for line in p.stderr.decode().splitlines() if "WARNING" in line]
     assert len(warnings) == 3 and "content trust" in warnings[0], warnings
     assert "--allow security.insecure: not granted" in warnings[1] and "ci-builder" in warnings[2]
+    # The classic builder's resource options are refused by name, with why; --isolation
+    # default (Docker's only one on Linux) is accepted.
+    assert_clean_error(pybuild("-t", "x", "--memory", "1g", ctx), 2,
+                       "--memory (docker build's classic builder) is not supported",
+                       "drop --memory")
+    assert_clean_error(pybuild("-t", "x", "--squash", ctx), 2, "never squashed")
+    pybuild("-q", "-t", "flags2", "--isolation", "default", ctx, check=True)
     # No abbreviations (Docker's CLI has none): --compres is not --compression.
     assert_clean_error(pybuild("-t", "x", "--compres", "gzip", ctx), 2, "unrecognized arguments")
 
