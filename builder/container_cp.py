@@ -13,8 +13,10 @@ Docker's rules for where things go: a file goes to DEST, or into DEST if
 DEST is a directory (a DEST ending in `/` must be one); a directory becomes
 DEST if DEST does not exist, else goes into it, or only its contents with
 SRC ending in `/.`. Modes, times, symlinks, hard links and xattrs are kept;
-owners become the caller's (`-a`: kept from the container). DEST `-` writes
-a tar of SRC to standard output.
+owners become the caller's (`-a`: kept from the container, by number, as
+Docker documents it; Docker itself keeps only owners whose names this
+machine also has, moby/moby#41727). DEST `-` writes a tar of SRC to
+standard output, with the container's owners.
 
 Nothing copied out follows a name of the destination tree: an entry whose
 name is a symlink there replaces the symlink (a container cannot make
@@ -110,7 +112,7 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
     # `/` or `dir/.` (their contents go).
     called = "" if contents_only or name in ("", ".", "..") else name
     if dest == "-":
-        _tar_to_stdout(host, called or ".", archive)
+        _tar_to_stdout(host, called or ".")
         return
     if stat.S_ISDIR(st.st_mode):
         if os.path.isdir(dest):
@@ -227,14 +229,14 @@ def _copy_xattrs(src: str, target: str) -> None:
                 pass
 
 
-def _tar_to_stdout(host: str, arcname: str, archive: bool) -> None:
-    """A tar of `host` named `arcname` (its contents under it), as `docker cp C:SRC -` gives."""
+def _tar_to_stdout(host: str, arcname: str) -> None:
+    """A tar of `host` named `arcname` (its contents under it), as `docker cp C:SRC -` gives:
+    with the owners the files have in the container (what `| tar -x` is used for), by number
+    only (a name would be looked up in this machine's users by whoever extracts it)."""
     import tarfile
 
     def numeric(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uname = info.gname = ""
-        if not archive:
-            info.uid, info.gid = os.getuid(), os.getgid()
         return info
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     with out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as t:
