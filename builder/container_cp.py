@@ -53,7 +53,7 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     """Copy `src` of container `ref` to the host path `dest` ("-": a tar on stdout)."""
     from . import sandbox
     from .containers import Containers
-    from .snapshot.overlay import mount_overlay
+    from .snapshot.overlay import lower_stack, mount_overlay
     containers = Containers(store)
     c = containers.get(ref)
     if not src:
@@ -65,8 +65,9 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     with store.in_use(), store.tmpdir("cp") as tmp, containers.writable_layer(c) as upper:
         root = os.path.join(tmp, "root")
         os.mkdir(root)
-        # (Relative to the store, as steps mount them: a deep image's stack fits one mount.)
-        lowers = list(store.lower_links(c.diff_ids))
+        # (Relative to the store, as steps mount them: a deep image's stack fits one mount,
+        # its oldest layers flattened beyond overlay's 500.)
+        lowers = lower_stack(store, c.diff_ids, ahead=False)
         if os.path.isdir(upper):
             lowers.insert(0, upper)
         while len(lowers) < 2:               # (overlay needs two lower dirs to be read-only)

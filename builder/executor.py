@@ -174,7 +174,7 @@ class Executor:
                     _ref, diff_ids, what, _spec = data
                     root = os.path.join(stepdir, f"from-{len(groups)}")
                     groups.append(fileops.SourceGroup(
-                        root, lowers=tuple(self.store.lower_links(list(diff_ids))),
+                        root, lowers=tuple(_stack(self.store, diff_ids)),
                         store_root=self.store.root, what=what, keep_owners=True))
                 last = key
             g = groups[-1]
@@ -250,7 +250,7 @@ class Executor:
             return self._bind_copy(m, kind, data, where, root)
         if kind == "rootfs":
             spec = sandbox.MountSpec(m.target, "overlay",
-                                     lowers=tuple(self.store.lower_links(list(data))) or
+                                     lowers=tuple(_stack(self.store, data)) or
                                      (_mkdirs(where, "empty"),),
                                      subpath=m.source, readonly=m.readonly)
             if not m.readonly:
@@ -346,7 +346,7 @@ class Executor:
             from .snapshot import vfs
             copy_from(vfs.full_root(self.store, diff_ids, _mkdirs(where, "")))
             return
-        lowers = self.store.lower_links(diff_ids)
+        lowers = _stack(self.store, diff_ids)
         mnt, empty = _mkdirs(where, "seed"), _mkdirs(where, "seed-empty")
         store_root = self.store.root
 
@@ -394,6 +394,13 @@ class Executor:
             raise BuildError(f"cannot forward the ssh agent {m.id!r}: {e.strerror}") from None
         mounts.append(sandbox.MountSpec(m.target, "bind", source=relays[-1].path,
                                         readonly=False))
+
+
+def _stack(store, diff_ids) -> list[str]:
+    """The lower dirs that show another stage's or an image's layers, mounted once read-only:
+    at any depth (overlay takes 500 lower dirs at most; snapshot/overlay.py)."""
+    from .snapshot.overlay import lower_stack
+    return lower_stack(store, list(diff_ids), ahead=False)
 
 
 def _mkdirs(where: str, name: str) -> str:

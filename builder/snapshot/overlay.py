@@ -135,8 +135,15 @@ def prepare(store, diff_ids: list[str], workdir: str, kind=None) -> Snapshot:
     return snap
 
 
-def lower_stack(store, diff_ids: list[str]) -> list[str]:
-    """The lower dirs (topmost first) that show the layers `diff_ids`: at most MAX_STACK of them."""
+def lower_stack(store, diff_ids: list[str], ahead: bool = True) -> list[str]:
+    """The lower dirs (topmost first) that show the layers `diff_ids`: at most MAX_STACK of them
+    (relative to the store's dir, as lower_links gives them).
+
+    Below that depth, the oldest layers are shown by a flattened union of them
+    (flatten.py); `ahead`: a stack a build's steps will grow, whose next
+    union is then started in the background (not for a stage's or image's
+    files mounted once: `COPY --from`, `RUN --mount=from=`, `pybuild cp`).
+    """
     if len(diff_ids) <= MAX_STACK:
         return store.lower_links(diff_ids)         # topmost first
     from ..image import chain_ids
@@ -144,9 +151,9 @@ def lower_stack(store, diff_ids: list[str]) -> list[str]:
     flat_depth = (len(diff_ids) - MAX_STACK // 2) // FLATTEN_CHUNK * FLATTEN_CHUNK
     chains = chain_ids(diff_ids)
     flat = flatten.flattened(store, diff_ids[:flat_depth], chains[flat_depth - 1])
-    ahead = flat_depth + FLATTEN_CHUNK       # what this stack's steps will need next
-    if len(diff_ids) >= max(ahead, ahead + MAX_STACK // 2 - FLATTEN_LEAD):
-        flatten.make_ahead(store, diff_ids[:ahead], chains[ahead - 1])
+    nxt = flat_depth + FLATTEN_CHUNK       # what this stack's steps will need next
+    if ahead and len(diff_ids) >= max(nxt, nxt + MAX_STACK // 2 - FLATTEN_LEAD):
+        flatten.make_ahead(store, diff_ids[:nxt], chains[nxt - 1])
     top = store.lower_links(diff_ids, top=len(diff_ids) - flat_depth)
     return top + [flat]
 
