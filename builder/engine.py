@@ -570,7 +570,8 @@ class Builder:
                 raise
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
         if certain:
-            self._copy_first(state, inst, stage, plan, inputs, n, step_key, prefix, t0)
+            self._copy_first(state, inst, stage, plan, inputs, n, step_key, prefix, position,
+                             no_cache, t0)
             return
         key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
         cached = None if no_cache else self.cache.get(key, diff_ids)
@@ -625,10 +626,11 @@ class Builder:
         return previous is None
 
     def _copy_first(self, state, inst, stage: _StagePlan, plan: steps.Plan, inputs: StepInputs,
-                    n: int, step_key: cachemod.StepKey, prefix: str, t0: float) -> None:
+                    n: int, step_key: cachemod.StepKey, prefix: str, position: str,
+                    no_cache: bool, t0: float) -> None:
         """A certain miss (_certain_miss): the COPY runs, then its sources' digests make its
         key (most of them hashed by the copy itself: executor.py)."""
-        no_cache = self._no_cache(stage)
+        # (No earlier build of the step, or --no-cache: the reason needs no recipe.)
         reason, details = explain.explain(None, {}, no_cache=no_cache, parent_missed=None)
         if stage.first_miss is None:
             stage.first_miss = f"step {n}: {reason}"
@@ -636,7 +638,6 @@ class Builder:
         layer = self._filesystem_step(state, inst, plan, inputs, n)
         digest_deferred(self, inputs)
         key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
-        position = f"{stage.stage.index}:{n - stage.numbers[0]}"
         recipe = self._recipe(state, stage, plan, inputs, key)
         self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position)
         self.emit(StepDone(n, time.monotonic() - t0, cached=False,
