@@ -1,5 +1,5 @@
-"""Commands for containers and the store's usage: run, create, cp, exec, ps, stop, rm, diff,
-commit, logs, system df, info. (cli.py holds the parser and the image commands.)"""
+"""Commands for containers and the store's usage: run, create, start, cp, exec, ps, stop, rm,
+diff, commit, logs, system df, info. (cli.py holds the parser and the image commands.)"""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def args_run(s: argparse.ArgumentParser) -> None:
 
 def args_create(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", metavar="NAME", help="name the container")
+    s.add_argument("--network", choices=("host", "none"), default="host",
+                   help="what it runs with when started")
     s.add_argument("-i", "--interactive", action="store_true", help="accepted, as Docker's")
     s.add_argument("-t", "--tty", action="store_true", help="accepted, as Docker's")
     s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
@@ -46,6 +48,13 @@ def args_create(s: argparse.ArgumentParser) -> None:
     s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
     s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
                    help="the command (default: the image's Entrypoint and Cmd)")
+
+
+def args_start(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-a", "--attach", action="store_true",
+                   help="in the foreground, with this terminal; exit with the command's status")
+    s.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    s.add_argument("containers", metavar="CONTAINER", nargs="+")
 
 
 def args_cp(s: argparse.ArgumentParser) -> None:
@@ -127,6 +136,7 @@ COMMANDS = {
     "run": ("run a command in a new container of an image", args_run),
     "create": ("make a container of an image without running it (for cp, diff, commit)",
                args_create),
+    "start": ("run a created or stopped container again, in its writable layer", args_start),
     "cp": ("copy files out of a container (as `docker cp CONTAINER:SRC DEST`)", args_cp),
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
@@ -145,6 +155,7 @@ GROUPS = {
               "rm": "rmi", "tag": "tag", "save": "save", "load": "load", "import": "import",
               "pull": "pull", "push": "push", "build": "build", "prune": "prune"},
     "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
+                  "start": "start",
                   "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect"},
@@ -173,8 +184,22 @@ def cmd_create(args) -> int:
     store = store_of(args)
     c = container.create(store, store.resolve(args.image), args.image, args.args, env=args.env,
                          user=args.user, workdir=args.workdir, entrypoint=args.entrypoint,
-                         name=args.name)
+                         name=args.name, network=args.network)
     print(c.id)
+    return 0
+
+
+def cmd_start(args) -> int:
+    from . import container
+    if args.attach and len(args.containers) > 1:
+        raise UsageError("pybuild start -a takes one container",
+                         hint="start the others without -a")
+    store = store_of(args)
+    for ref in args.containers:
+        code = container.start(store, ref, attach=args.attach, interactive=args.interactive)
+        if args.attach:
+            return code
+        print(ref)
     return 0
 
 

@@ -48,9 +48,8 @@ def run(store: Store, image: Image, image_name: str, args: list[str], *, env: li
     """Create and start a container; the exit status (foreground) or the container ID (-d)."""
     containers = Containers(store)
     c = create(store, image, image_name, args, env=env, user=user, workdir=workdir,
-               entrypoint=entrypoint, name=name)
-    spec = sandbox.RunSpec(argv=c.argv, env=c.env, user=c.user, workdir=c.workdir,
-                           network=network, interactive=True)
+               entrypoint=entrypoint, name=name, network=network)
+    spec = _spec_of(c)
     if detach:
         return _start_detached(store, containers, c, spec, interactive, tty, remove)
     try:
@@ -64,7 +63,8 @@ def run(store: Store, image: Image, image_name: str, args: list[str], *, env: li
 
 def create(store: Store, image: Image, image_name: str, args: list[str], *,
            env: list[str] = (), user: str | None = None, workdir: str | None = None,
-           entrypoint: str | None = None, name: str | None = None) -> Container:
+           entrypoint: str | None = None, name: str | None = None,
+           network: str = "host") -> Container:
     """A container of `image` that has not run (`pybuild create`; `run` starts one): its
     command, environment, user and working dir as `docker create` works them out."""
     rt = image.runtime
@@ -74,12 +74,35 @@ def create(store: Store, image: Image, image_name: str, args: list[str], *,
     workdir = workdir or rt.get("WorkingDir") or "/"
     with store.in_use():
         return Containers(store).create(image, image_name, argv, name=name, env=env, user=user,
-                                        workdir=workdir)
+                                        workdir=workdir, network=network)
+
+
+def start(store: Store, ref: str, *, attach: bool = False, interactive: bool = False) -> int:
+    """`pybuild start`: run a created or stopped container's command again, in its own
+    writable layer (what an earlier run changed is still there). Attached, its exit status;
+    else it runs detached (its output to `pybuild logs`) and this returns 0 once it has
+    started. A running container is left as it is."""
+    containers = Containers(store)
+    c = containers.get(ref)
+    if c.running():
+        return 0
+    spec = _spec_of(c)
+    if not attach:
+        _start_detached(store, containers, c, spec, interactive, False, False)
+        return 0
+    with store.in_use():
+        return _run_sandbox(store, containers, c, spec)
+
+
+def _spec_of(c: Container) -> "sandbox.RunSpec":
+    return sandbox.RunSpec(argv=c.argv, env=c.env, user=c.user, workdir=c.workdir,
+                           network=c.network, interactive=True)
 
 
 def _run_sandbox(store, containers: Containers, c: Container, spec, started=None) -> int:
     from . import snapshot
-    snap = snapshot.prepare(store, c.diff_ids, os.path.join(c.dir, "snap"))
+    # (A container that ran before keeps its writable layer: `pybuild start` again.)
+    snap = snapshot.reopen(store, c.diff_ids, os.path.join(c.dir, "snap"))
 
     def on_start(pid: int) -> None:
         containers.mark_running(c, pid)

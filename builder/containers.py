@@ -53,6 +53,7 @@ class Container:
     env: list[str] = field(default_factory=list)
     user: str = ""
     workdir: str = "/"
+    network: str = "host"          # host | none: what `pybuild start` runs it with again
     status: str = "created"        # created | running | exited
     pid: int = 0                   # the sandbox's first process while running
     pid_start: int = 0             # its start time (clock ticks), against pid reuse
@@ -95,7 +96,8 @@ class Containers:
     # ---- records ----------------------------------------------------------------------
 
     def create(self, image: Image, image_name: str, argv: list[str], *, name: str | None = None,
-               env: list[str] = (), user: str = "", workdir: str = "/") -> Container:
+               env: list[str] = (), user: str = "", workdir: str = "/",
+               network: str = "host") -> Container:
         with store_lock.locked(self._lock):
             if name is None:
                 name = self._generated_name()
@@ -109,7 +111,8 @@ class Containers:
                                      hint=f"remove it (`pybuild rm {name}`) or choose another")
             cid = os.urandom(32).hex()
             c = Container(cid, name, image_name, image.id, list(image.diff_ids), list(argv),
-                          time.time(), list(env), user, workdir, dir=os.path.join(self.dir, cid))
+                          time.time(), list(env), user, workdir, network,
+                          dir=os.path.join(self.dir, cid))
             os.mkdir(c.dir, 0o700)
             os.mkdir(os.path.join(c.dir, "scratch"), 0o700)
             self.save(c)

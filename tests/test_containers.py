@@ -220,6 +220,28 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
     pybuild("rm", "ex", "ran")
 
 
+def test_start_runs_a_created_or_stopped_container_again_in_its_writable_layer(walk):
+    pybuild, root = walk
+    pybuild("create", "--name", "again", "--network", "none", "-e", "WHO=me", "busybox:demo",
+            "sh", "-c", "echo $WHO >> /runs; wc -l < /runs; cat /sys/class/net/*/operstate "
+            "2>/dev/null | wc -l")
+    assert pybuild("start", "-a", "again") == "1\n1\n"        # (only lo: --network none kept)
+    assert pybuild("start", "-a", "again") == "2\n1\n", "the writable layer is kept"
+    assert pybuild("start", "again") == "again\n"              # detached
+    deadline = time.time() + 10
+    while "Exited (0)" not in pybuild("ps", "-a") and time.time() < deadline:
+        time.sleep(0.05)
+    assert pybuild("logs", "again") == "3\n1\n"
+    assert pybuild("diff", "again").splitlines() == ["A /runs"]
+    failing = pybuild("create", "--name", "fails", "busybox:demo", "sh", "-c", "exit 3").strip()
+    assert pybuild("start", "-a", failing[:12], check=False).returncode == 3
+    assert re.search(r"Exited \(3\) .*\s+fails$", pybuild("ps", "-a"), re.M)
+    both = pybuild("start", "-a", "again", "fails", check=False)
+    assert both.returncode == 2 and b"takes one container" in both.stderr
+    assert pybuild("start", "nobody", check=False).returncode == 5
+    pybuild("rm", "again", "fails")
+
+
 def test_system_df_and_info_show_what_is_shared(walk):
     pybuild, root = walk
     pybuild("build", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")

@@ -37,6 +37,22 @@ def prepare(store, diff_ids: list[str], workdir: str):
     return vfs.prepare(store, diff_ids, workdir)
 
 
+def reopen(store, diff_ids: list[str], workdir: str):
+    """The snapshot a container's earlier run left in `workdir`, its changes kept, to run in
+    again (`pybuild start`); a new one if it never ran."""
+    if not os.path.isdir(os.path.join(workdir, "upper")):
+        return prepare(store, diff_ids, workdir)
+    driver = store.driver
+    if driver == "overlay":
+        from . import overlay
+        return overlay.prepare(store, diff_ids, workdir, reuse=True)
+    if driver == "fuse":
+        from .fuse import snapshot
+        return snapshot.prepare(store, diff_ids, workdir, reuse=True)
+    from . import vfs
+    return vfs.reopen(store, workdir)
+
+
 def finish_background_work() -> None:
     """Wait for the flattened snapshots still being made ahead of time (flatten.py)."""
     flatten = sys.modules.get(__name__ + ".flatten")     # (never imported by a shallow build)

@@ -117,21 +117,23 @@ class OverlaySnapshot(Snapshot):
         linux.umount(self.merged)
 
 
-def prepare(store, diff_ids: list[str], workdir: str, kind=None) -> Snapshot:
+def prepare(store, diff_ids: list[str], workdir: str, kind=None, reuse: bool = False) -> Snapshot:
     """Dirs for a new snapshot over the layers `diff_ids` (bottom first) inside `workdir`.
 
-    `kind` is the Snapshot class (another driver that stacks the same lower dirs).
+    `kind` is the Snapshot class (another driver that stacks the same lower dirs);
+    `reuse`: the dirs an earlier snapshot left there, its upper dir kept (a container
+    started again).
     """
     lowers = lower_stack(store, diff_ids)
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     if not lowers:
         empty = os.path.join(workdir, "empty")
-        os.mkdir(empty, 0o755)
+        os.makedirs(empty, 0o755, exist_ok=reuse)
         lowers = [empty]
     snap = (kind or OverlaySnapshot)(store.root, lowers, os.path.join(workdir, "upper"),
                                      os.path.join(workdir, "work"), os.path.join(workdir, "merged"))
     for d in (snap.upper, snap.work, snap.merged):
-        os.mkdir(d, 0o755)
+        os.makedirs(d, 0o755, exist_ok=reuse)
     return snap
 
 

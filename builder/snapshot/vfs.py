@@ -42,7 +42,14 @@ class VfsSnapshot(Snapshot):
         for extra in self.extra_lowers:
             added += _overlay_entries(extra, self.merged)
         if added:
-            with open(os.path.join(self.work, _INIT_LIST), "w", encoding="utf-8") as f:
+            # (With what an earlier run of a container added, if it runs again.)
+            path = os.path.join(self.work, _INIT_LIST)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    added = sorted(set(json.load(f)) | set(added))
+            except FileNotFoundError:
+                pass
+            with open(path, "w", encoding="utf-8") as f:
                 json.dump(added, f)
         linux.mount(self.merged, self.merged, None, linux.MS_BIND)
 
@@ -80,6 +87,12 @@ def prepare(store, diff_ids: list[str], workdir: str) -> VfsSnapshot:
     clone_tree(snap.base, snap.merged, keep_links=False)
     snap.dir_inodes = _mark_dirs(snap.merged)
     return snap
+
+
+def reopen(store, workdir: str) -> VfsSnapshot:
+    """The copy a container's earlier run left in `workdir`, as it left it (`pybuild start`)."""
+    return VfsSnapshot(store.root, [], os.path.join(workdir, "upper"),
+                       os.path.join(workdir, "work"), os.path.join(workdir, "merged"))
 
 
 def _mark_dirs(merged: str) -> dict:

@@ -116,13 +116,13 @@ def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
     os._exit(code)
 
 
-def prepare(store, diff_ids: list[str], workdir: str) -> FuseSnapshot:
+def prepare(store, diff_ids: list[str], workdir: str, reuse: bool = False) -> FuseSnapshot:
     from .. import overlay
     # Imported here, in the long-lived parent, so that every server forked later has them:
     # pyfuse3 (with trio) takes ~70 ms to import, which each RUN step paid in its server.
     import pyfuse3  # noqa: F401
     from . import loop, unionfs  # noqa: F401
-    return overlay.prepare(store, diff_ids, workdir, kind=FuseSnapshot)
+    return overlay.prepare(store, diff_ids, workdir, kind=FuseSnapshot, reuse=reuse)
 
 
 def works() -> bool:
