@@ -20,7 +20,9 @@ standard output, with the container's owners.
 
 Nothing copied out follows a name of the destination tree: an entry whose
 name is a symlink there replaces the symlink (a container cannot make
-`docker cp` write through `dest/etc -> /etc`).
+`docker cp` write through `dest/etc -> /etc`). Device files are made only
+with `-a` (Docker makes them always): an image's `/dev/sda`-like node on
+this machine would open this machine's device to whoever can read DEST.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
     target = os.path.join(dest, name) if os.path.isdir(dest) else dest
     if src.endswith("/"):
         raise SetupError(f"{src} is not a directory in the container")
-    _Writer(archive).entry(host, st, target)
+    w = _Writer(archive)
+    w.entry(host, st, target)
+    w.done()
 
 
 def _copy_tree(top: str, target: str, archive: bool) -> None:
@@ -150,6 +154,7 @@ def _copy_tree(top: str, target: str, archive: bool) -> None:
         dir_times.append((dst_dir, os.lstat(src_dir)))
     for path, st in dir_times:          # (after their contents were written)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    w.done()
 
 
 class _Writer:
@@ -159,6 +164,12 @@ class _Writer:
         self.archive = archive
         self.owner = (os.getuid(), os.getgid())
         self.links: dict[tuple[int, int], str] = {}
+        self.devices_skipped = 0
+
+    def done(self) -> None:
+        if self.devices_skipped:
+            print(f"pybuild cp: {self.devices_skipped} device file(s) not copied (-a copies "
+                  "them)", file=sys.stderr, flush=True)
 
     def entry(self, src: str, st: os.stat_result, target: str) -> None:
         mode = st.st_mode
@@ -183,6 +194,11 @@ class _Writer:
         elif stat.S_ISFIFO(mode):
             os.mkfifo(target, 0o600)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            if not self.archive:
+                # An image's device node, made on this machine, would open this machine's
+                # device (its disk, its memory) to whoever may read DEST: only with -a.
+                self.devices_skipped += 1
+                return
             os.mknod(target, stat.S_IFMT(mode) | 0o600, st.st_rdev)
         else:
             return                      # (a socket: nothing to copy)
