@@ -20,9 +20,11 @@ standard output, with the container's owners.
 
 Nothing copied out follows a name of the destination tree: an entry whose
 name is a symlink there replaces the symlink (a container cannot make
-`docker cp` write through `dest/etc -> /etc`). Device files are made only
-with `-a` (Docker makes them always): an image's `/dev/sda`-like node on
-this machine would open this machine's device to whoever can read DEST.
+`docker cp` write through `dest/etc -> /etc`). Device files are made, and
+set-user-ID and set-group-ID bits of files kept, only with `-a` (Docker
+does both always): an image's `/dev/sda`-like node on this machine would
+open this machine's device to whoever can read DEST, and its setuid program
+owned by the caller (root) would be a setuid-root program of this machine.
 """
 
 from __future__ import annotations
@@ -205,7 +207,12 @@ class _Writer:
         owner = (st.st_uid, st.st_gid) if self.archive else self.owner
         os.chown(target, *owner, follow_symlinks=False)
         if not stat.S_ISLNK(mode):
-            os.chmod(target, stat.S_IMODE(mode))       # (after chown, which clears set-id bits)
+            perm = stat.S_IMODE(mode)
+            if stat.S_ISREG(mode) and not self.archive:
+                # Owned by the caller (root, often), an image's set-id program would be one of
+                # this machine's: kept only with -a, with the owners it had (as `cp -a`).
+                perm &= ~(stat.S_ISUID | stat.S_ISGID)
+            os.chmod(target, perm)                 # (after chown, which clears set-id bits)
             _copy_xattrs(src, target)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 

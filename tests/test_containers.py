@@ -159,6 +159,7 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
         "chmod 0750 /out/sub && chmod 0604 /out/f1 && touch -d '2001-02-03 04:05:06' /out/f1 && "
         "ln /out/f1 /out/hard && ln -s f1 /out/rel && ln -s /out/sub /out/abs && "
         "echo conf > /out/etc/conf && chown -R 1000:1000 /out/sub && mknod -m 666 /out/mem c 1 1 && "
+        "cp /bin/busybox /out/sub/suid && chmod 4755 /out/sub/suid && "
         f"ln -s /out /link && ln -s {host_secret} /esc\n"
         "CMD [\"true\"]\n")
     pybuild("build", "-q", "-t", "artifacts", "-f", "Dockerfile.out", ".")
@@ -181,6 +182,9 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
     assert (kept / "f2").stat().st_uid == 1000 and kept.stat().st_gid == 1000
     pybuild("cp", "-a", "ex:/out/mem", str(kept))       # a device file only with -a
     assert stat.S_ISCHR((kept / "mem").lstat().st_mode)
+    # A setuid program keeps the bit only with -a (and its owner): else it would be root's.
+    assert oct((kept / "suid").stat().st_mode & 0o7777) == "0o4755"
+    assert oct((dist / "sub/suid").stat().st_mode & 0o7777) == "0o755"
 
     into = tmp_path / "into"                     # into an existing dir; a file by its name
     into.mkdir()
