@@ -316,8 +316,7 @@ class TtyRenderer:
             elif isinstance(ev, Transfer):
                 self.transfers[ev.digest] = ev
             elif isinstance(ev, BuildDone):
-                self.live.refresh()
-                self.live.stop()
+                self._stop_live()
                 for line in self.summary.lines(ev):
                     self.console.print(line, overflow="ellipsis", no_wrap=True, soft_wrap=False)
                 return
@@ -327,8 +326,15 @@ class TtyRenderer:
         """Stop the live view (after an error, so the message is printed below it)."""
         with self._lock:
             if self.live.is_started:
-                self.live.refresh()
-                self.live.stop()
+                self._stop_live()
+
+    def _stop_live(self) -> None:
+        self.live.refresh()
+        self.live.stop()
+        if not self.console.is_terminal:
+            # (rich ends its last frame with a newline on a terminal only: forced onto a file
+            # or a pipe, the next line would run on from the last step's)
+            self.console.line()
 
     def _render(self):
         from rich.text import Text

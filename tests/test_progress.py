@@ -76,6 +76,17 @@ def test_dumb_terminal_falls_back_to_plain(demo_ctx, store_root):
     assert re.search(r"^#5 \[stage-0 5/10\] COPY", p.stderr.decode(), re.M)
 
 
+def test_tty_progress_asked_for_on_a_pipe_ends_its_view_before_the_summary(demo_ctx, store_root):
+    """--progress tty into a file (a CI log that asked for it): the last frame, then the
+    summary on lines of their own."""
+    p = run_pybuild("-t", "tty-pipe", "--no-cache", "--progress", "tty", demo_ctx,
+                    root=store_root, env={"TERM": "xterm"}, check=True)
+    lines = p.stderr.decode().splitlines()
+    built = [i for i, line in enumerate(lines) if line.startswith("built ")]
+    assert len(built) == 1, lines
+    assert lines[built[0] - 1].startswith("✔ ") and "steps run" in lines[built[0]]
+
+
 def test_quiet_prints_only_the_image_id(demo_ctx, store_root):
     p = run_pybuild("-q", "-t", "quiet", demo_ctx, root=store_root, check=True)
     assert p.stderr == b"" and re.fullmatch(rb"sha256:[0-9a-f]{64}\n", p.stdout)
