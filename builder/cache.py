@@ -136,8 +136,15 @@ class StepCache:
 
     def _list_prefix(self, prefix: str, key: str) -> None:
         """Add `key` to the entries of `prefix` (after the entry is in place)."""
-        fd = os.open(os.path.join(self.prefix_dir, prefix[7:]),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        path = os.path.join(self.prefix_dir, prefix[7:])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            # prefixes/ was removed under this build: made again, marked if entries are left.
+            self._start_prefixes()
+            self._legacy = self._legacy or os.path.exists(os.path.join(self.prefix_dir, LEGACY))
+            fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, (key + "\n").encode("ascii"))    # (one write: appends do not mix)
         finally:

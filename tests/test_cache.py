@@ -388,3 +388,18 @@ def test_prune_drops_the_prefixes_of_the_entries_it_removes(tmp_path, base_image
     assert os.listdir(prefixes) == []
     (ctx / "Dockerfile.other").write_text((ctx / "Dockerfile").read_text())
     assert ran(ctx, store_root, dockerfile=str(ctx / "Dockerfile.other")) == ["COPY"]
+
+
+def test_prefixes_removed_under_a_build_are_made_again_and_marked(tmp_path):
+    import shutil
+    from builder.cache import LEGACY, StepCache, StepKey, StepResult
+    cache = StepCache(builder.Store(str(tmp_path / "store")))
+    result = StepResult({"created_by": "COPY x /x"}, {})
+    keys = [StepKey(parent="sha256:" + "0" * 64, instruction={"copy": n}, sources=("x",))
+            for n in ("before", "after")]
+    cache.put(keys[0].digest(), result, keys[0].prefix())
+    shutil.rmtree(cache.prefix_dir)                   # (someone cleaning the store by hand)
+    cache.put(keys[1].digest(), result, keys[1].prefix())
+    assert sorted(os.listdir(cache.prefix_dir)) == sorted([LEGACY, keys[1].prefix()[7:]])
+    # The entry made before is listed nowhere: no miss is taken as certain any more.
+    assert cache.may_hold(keys[0].prefix()) and cache.may_hold("sha256:" + "1" * 64)
