@@ -63,6 +63,9 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     if not src:
         raise UsageError("pybuild cp: the path in the container is empty",
                          hint="give it after the colon: CONTAINER:/path")
+    if dest == "-" and sys.stdout.isatty():
+        raise UsageError("refusing to write an archive to a terminal",
+                         hint="redirect it: pybuild cp CONTAINER:SRC - > files.tar")
     if dest != "-":
         _check_dest(src, dest)
         dest = os.path.abspath(dest)        # (the child works from the store's dir)
