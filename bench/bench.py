@@ -6,7 +6,9 @@
 
 Tools: pybuild (this checkout), `docker build` with the classic builder
 (DOCKER_BUILDKIT=0; needs a running dockerd, DOCKER_HOST is honoured) and
-`buildah bud --layers --isolation=chroot`, each used when it is installed.
+with BuildKit (DOCKER_BUILDKIT=1: the daemon's BuildKit, through a CLI that
+has the built-in client or buildx), and `buildah bud --layers
+--isolation=chroot`, each used when it is installed.
 Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
 ~107 MB context (cold, unchanged, one file changed); a RUN that writes
 ~256 MB in 22,000 files; 140 and 1,000 RUN steps. The floor is
@@ -143,6 +145,32 @@ class DockerClassic(Tool):
     def build(self, ctx, tag, cold=False, keep_store=False):
         extra = ["--no-cache"] if cold else []
         return timed([self.docker, "build", "-q", *extra, "-t", tag, ctx], env=self.env)
+
+
+class DockerBuildKit(DockerClassic):
+    """`docker build` with BuildKit (DOCKER_BUILDKIT=1): the daemon's own BuildKit, driven by a
+    CLI that still has the built-in client (Docker 20.10's; a newer CLI needs the buildx
+    plugin), the first of `docker` on the PATH and /usr/bin/docker that builds."""
+    name = "docker-buildkit"
+
+    def __init__(self):
+        self.env = dict(os.environ, DOCKER_BUILDKIT="1")
+        self.docker = None
+
+    def available(self) -> bool:
+        import tempfile
+        with tempfile.TemporaryDirectory() as ctx:
+            write(os.path.join(ctx, "Dockerfile"), "FROM scratch\nCOPY Dockerfile /probe\n")
+            for cli in dict.fromkeys(c for c in (shutil.which("docker"), "/usr/bin/docker") if c):
+                try:
+                    probe = timed([cli, "build", "-q", ctx], env=self.env, check=False)
+                except OSError:
+                    continue
+                if "sha256:" in probe[2]:
+                    self.docker = cli
+                    timed([cli, "image", "prune", "-f"], env=self.env, check=False)
+                    return True
+        return False
 
 
 class Buildah(Tool):
@@ -304,7 +332,7 @@ def main() -> None:
     global REPEAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/pybuild-bench")
-    ap.add_argument("--tools", default="pybuild,docker,buildah")
+    ap.add_argument("--tools", default="pybuild,docker,docker-buildkit,buildah")
     ap.add_argument("--workloads", default="seven-step,copy-30k,run-256m,run-140,run-1000")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--repeat", type=int, default=REPEAT,
@@ -316,7 +344,8 @@ def main() -> None:
     tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")),
                          Pybuild(os.path.join(args.work, "pybuild-fuse-store"), "fuse"),
                          Pybuild(os.path.join(args.work, "pybuild-vfs-store"), "vfs"),
-                         DockerClassic(), Buildah(os.path.join(args.work, "buildah")))
+                         DockerClassic(), DockerBuildKit(),
+                         Buildah(os.path.join(args.work, "buildah")))
              if t.name in wanted and t.available()]
 
     base_tar = make_base_tar(args.work)
