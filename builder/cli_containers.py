@@ -59,13 +59,14 @@ def args_start(s: argparse.ArgumentParser) -> None:
 
 def args_cp(s: argparse.ArgumentParser) -> None:
     s.add_argument("-a", "--archive", action="store_true",
-                   help="keep the owners the files have in the container (default: yours)")
+                   help="keep the files' owners (default: yours here, root in a container)")
     s.add_argument("-L", "--follow-link", action="store_true",
-                   help="copy what SRC points to if it is a symlink (inside the container)")
+                   help="copy what SRC points to if it is a symlink")
     s.add_argument("-q", "--quiet", action="store_true", help="accepted, as Docker's")
-    s.add_argument("src", metavar="CONTAINER:SRC_PATH")
-    s.add_argument("dest", metavar="DEST_PATH",
-                   help="a path on this machine, or - for a tar on standard output")
+    s.add_argument("src", metavar="SRC", help="CONTAINER:PATH, or a path on this machine")
+    s.add_argument("dest", metavar="DEST",
+                   help="a path on this machine (- : a tar on standard output), or "
+                        "CONTAINER:PATH of a stopped container")
 
 
 def args_exec(s: argparse.ArgumentParser) -> None:
@@ -137,7 +138,7 @@ COMMANDS = {
     "create": ("make a container of an image without running it (for cp, diff, commit)",
                args_create),
     "start": ("run a created or stopped container again, in its writable layer", args_start),
-    "cp": ("copy files out of a container (as `docker cp CONTAINER:SRC DEST`)", args_cp),
+    "cp": ("copy files out of a container, or into a stopped one (as `docker cp`)", args_cp),
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
     "stop": ("stop running containers", args_stop),
@@ -204,16 +205,20 @@ def cmd_start(args) -> int:
 
 
 def cmd_cp(args) -> int:
-    from .container_cp import copy_out, split_container_path
+    from .container_cp import copy_in, copy_out, split_container_path
     src, dest = split_container_path(args.src), split_container_path(args.dest)
-    if dest is not None:
-        raise UsageError("pybuild cp copies out of containers, not into them",
-                         hint="put files into an image with COPY in a Dockerfile")
-    if src is None:
-        raise UsageError("pybuild cp: SRC must be CONTAINER:PATH",
+    if src is not None and dest is not None:
+        raise UsageError("pybuild cp: copying between containers is not supported",
+                         hint="copy out to a directory here, then into the other")
+    if src is None and dest is None:
+        raise UsageError("pybuild cp: SRC or DEST must be CONTAINER:PATH",
                          hint="pybuild cp CONTAINER:/path/in/it ./here")
-    copy_out(store_of(args), src[0], src[1], args.dest, follow=args.follow_link,
-             archive=args.archive)
+    if dest is not None:
+        copy_in(store_of(args), args.src, dest[0], dest[1], follow=args.follow_link,
+                archive=args.archive)
+    else:
+        copy_out(store_of(args), src[0], src[1], args.dest, follow=args.follow_link,
+                 archive=args.archive)
     return 0
 
 

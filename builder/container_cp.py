@@ -1,7 +1,10 @@
-"""`pybuild cp CONTAINER:SRC DEST`: files out of a container, as `docker cp` takes them.
+"""`pybuild cp`: files out of a container (`CONTAINER:SRC DEST`), and into a stopped one
+(`SRC CONTAINER:DEST`), as `docker cp` takes them.
 
 The way CI jobs take a build's artifacts out of an image: `pybuild create
---name out IMAGE`, `pybuild cp out:/app/dist ./dist`, `pybuild rm out`.
+--name out IMAGE`, `pybuild cp out:/app/dist ./dist`, `pybuild rm out`; and
+give a container its config before `pybuild start -a` (copy_in: stopped
+containers only, whose writable layer no mount is using).
 The container's root (its writable layer over the image's layers, or the
 image's layers alone if it never ran) is mounted read-only, in a child with
 mounts of its own, and SRC is resolved in it as the container would resolve
@@ -92,6 +95,77 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
             raise CopyOutError(str(e), hint=e.hint) from None
 
 
+def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
+            archive: bool = False) -> None:
+    """Copy the host path `src` to `dest` in container `ref`, which must not be running: its
+    root (writable layer and image) is mounted in a child with mounts of its own, DEST is
+    resolved inside it (its symlinks lead nowhere else), and what is written goes into the
+    container's writable layer, copied up as a running container's writes are."""
+    from . import sandbox, snapshot
+    from .containers import Containers
+    containers = Containers(store)
+    c = containers.get(ref)
+    if c.running():
+        raise UsageError(f"container {c.name} is running: pybuild cp writes into stopped "
+                         "containers only", hint=f"stop it first (`pybuild stop {c.name}`)")
+    if src == "-":
+        raise UsageError("pybuild cp: a tar on standard input is not taken into containers",
+                         hint="give a path: pybuild cp ./dir CONTAINER:/dest")
+    if not dest:
+        raise UsageError("pybuild cp: the path in the container is empty",
+                         hint="give it after the colon: CONTAINER:/path")
+    if not os.path.lexists(src):
+        raise UsageError(f"pybuild cp: no such file or directory: {src}")
+    contents_only = src.endswith("/.")
+    src = os.path.abspath(src) + ("/." if contents_only else "")   # (the child changes dir)
+    with store.in_use():
+        snap = snapshot.reopen(store, c.diff_ids, os.path.join(c.dir, "snap"))
+
+        def in_child() -> None:
+            snap.mount()
+            try:
+                _copy_into(snap.merged, src, dest, follow=follow, archive=archive)
+            finally:
+                snap.stop()
+        try:
+            sandbox.in_own_mounts(in_child)
+        except SetupError as e:
+            raise CopyOutError(str(e), hint=e.hint) from None
+
+
+def _copy_into(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> None:
+    """In the child, with the container's root mounted (writable) at `root`: Docker's rules."""
+    from . import paths
+    contents_only = src.endswith("/.")
+    name = os.path.basename(src.rstrip("/").removesuffix("/."))
+    st = os.stat(src) if follow else os.lstat(src)
+    host = paths.resolve_in_root(root, dest)      # (the container's symlinks, inside it)
+    existing = _lstat(host)
+    if stat.S_ISDIR(st.st_mode):
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            target = host if contents_only else os.path.join(host, name)
+        elif existing is not None:
+            raise SetupError(f"cannot copy a directory to the file {dest} in the container")
+        elif not os.path.isdir(os.path.dirname(host)):
+            raise SetupError(f"the directory {os.path.dirname(dest.rstrip('/')) or '/'} is not "
+                             "in the container")
+        else:
+            target = host
+        _copy_tree(os.path.realpath(src) if follow else src, target, archive, keep_setid=True)
+        return
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        target = os.path.join(host, name)
+    elif dest.endswith("/"):
+        raise SetupError(f"the directory {dest} is not in the container")
+    elif not os.path.isdir(os.path.dirname(host)):
+        raise SetupError(f"the directory {os.path.dirname(dest) or '/'} is not in the container")
+    else:
+        target = host
+    w = _Writer(archive, keep_setid=True)
+    w.entry(os.path.realpath(src) if follow else src, st, target)
+    w.done()
+
+
 def _check_dest(src: str, dest: str) -> None:
     """Docker's refusals that need only the host's side: checked before anything is mounted."""
     parent = os.path.dirname(dest.rstrip("/")) or "."
@@ -139,10 +213,10 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
     w.done()
 
 
-def _copy_tree(top: str, target: str, archive: bool) -> None:
-    """`top` (a directory of the container's root) as `target` on the host, merged into what
-    is there (a directory stays; anything else of the same name is replaced)."""
-    w = _Writer(archive)
+def _copy_tree(top: str, target: str, archive: bool, keep_setid: bool = False) -> None:
+    """The directory `top` as `target`, merged into what is there (a directory stays; anything
+    else of the same name is replaced)."""
+    w = _Writer(archive, keep_setid)
     w.entry(top, os.lstat(top), target)
     stack = [(top, target)]
     dir_times = []
@@ -163,10 +237,14 @@ def _copy_tree(top: str, target: str, archive: bool) -> None:
 
 
 class _Writer:
-    """Writes one entry of the container's root at a host path, keeping its metadata."""
+    """Writes one entry at a path (on the host, or in a container's mounted root), keeping its
+    metadata: never through a symlink already there, owners the caller's unless `archive`,
+    set-id bits only with `keep_setid` (copying in) or `archive`, device files only with
+    `archive`."""
 
-    def __init__(self, archive: bool):
+    def __init__(self, archive: bool, keep_setid: bool = False):
         self.archive = archive
+        self.keep_setid = keep_setid or archive
         self.owner = (os.getuid(), os.getgid())
         self.links: dict[tuple[int, int], str] = {}
         self.devices_skipped = 0
@@ -211,7 +289,7 @@ class _Writer:
         os.chown(target, *owner, follow_symlinks=False)
         if not stat.S_ISLNK(mode):
             perm = stat.S_IMODE(mode)
-            if stat.S_ISREG(mode) and not self.archive:
+            if stat.S_ISREG(mode) and not self.keep_setid:
                 # Owned by the caller (root, often), an image's set-id program would be one of
                 # this machine's: kept only with -a, with the owners it had (as `cp -a`).
                 perm &= ~(stat.S_ISUID | stat.S_ISGID)

@@ -222,10 +222,61 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
     assert missing.returncode == 1 and b"could not find the file /nothere" in missing.stderr
     no_dir = pybuild("cp", "ex:/out/f1", str(tmp_path / "absent") + "/", check=False)
     assert no_dir.returncode == 2 and b"must exist" in no_dir.stderr
-    into_container = pybuild("cp", str(host_secret), "ex:/x", check=False)
-    assert into_container.returncode == 2 and b"not into them" in into_container.stderr
+    pybuild("cp", str(host_secret), "ex:/x")                 # and back in (ex never ran)
+    pybuild("cp", "ex:/x", str(tmp_path / "back"))
+    assert (tmp_path / "back").read_text() == "the host's\n"
     assert not list((root / "tmp").iterdir())
     pybuild("rm", "ex", "ran")
+
+
+def test_cp_into_a_stopped_container_writes_its_writable_layer_and_nothing_here(walk, tmp_path):
+    """`create; cp SRC C:DEST; start -a`, as CI jobs give a container its config: Docker's
+    rules for DEST, resolved inside the container (its symlinks never lead to this machine's
+    files, and an entry replaces a symlink rather than write through it); owners root, or
+    the files' own with -a; refused for a running container."""
+    pybuild, root = walk
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "cow-test" / "Dockerfile.in").write_text(
+        "FROM busybox:demo\n"
+        f"RUN mkdir /app && ln -s /etc /evil && ln -s {victim}/f /app/f && "
+        f"ln -s ../../../../../../..{victim} /app/up\n"
+        "CMD [\"true\"]\n")
+    pybuild("build", "-q", "-t", "cp-in", "-f", "Dockerfile.in", ".")
+    conf = tmp_path / "conf"
+    (conf / "sub").mkdir(parents=True)
+    (conf / "f").write_text("config\n")
+    (conf / "sub" / "g").write_text("deeper\n")
+    os.chmod(conf / "f", 0o640)
+    os.chown(conf / "sub" / "g", 1234, 1234)
+    pybuild("create", "--name", "cin", "cp-in", "sh", "-c",
+            "cat /app/f /conf/sub/g /etc/f; ls -ln /conf/sub /app/f; stat -c %a /app/f")
+    pybuild("cp", str(conf), "cin:/conf")                  # a new name: the contents
+    pybuild("cp", str(conf) + "/.", "cin:/app")            # /. : into /app; f replaces a link
+    pybuild("cp", str(conf / "f"), "cin:/evil/")           # through /evil -> /etc, inside
+    up = pybuild("cp", str(conf / "f"), "cin:/app/up/x", check=False)   # climbs out: stays
+    assert up.returncode == 1 and b"is not in the container" in up.stderr   # in (not there)
+    assert os.listdir(victim) == [], "nothing written here through the container's links"
+    out = pybuild("start", "-a", "cin", check=False)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert text.startswith("config\ndeeper\nconfig\n"), text
+    assert re.search(r"^-rw-r--r-- .* 0 +0 .* g$", text, re.M), "root owns what is copied in"
+    assert text.rstrip().endswith("640") and "->" not in text
+    pybuild("cp", "-a", str(conf / "sub"), "cin:/kept")      # -a: the files' own owners
+    listing = subprocess.run(["tar", "-tv"], input=run_pybuild(
+        "cp", "cin:/kept", "-", root=root, env=pybuild.env, check=True).stdout,
+        capture_output=True, check=True).stdout.decode()
+    assert re.search(r"^-rw.* 1234/1234 .* kept/g$", listing, re.M), listing
+    refused = pybuild("cp", str(conf / "f"), "cin:/nowhere/f", check=False)
+    assert refused.returncode == 1 and b"/nowhere is not in the container" in refused.stderr
+
+    pybuild("run", "-d", "--name", "busy", "busybox:demo", "sleep", "30")
+    running = pybuild("cp", str(conf / "f"), "busy:/f", check=False)
+    assert running.returncode == 2 and b"is running" in running.stderr
+    both = pybuild("cp", "cin:/conf", "busy:/conf", check=False)
+    assert both.returncode == 2 and b"between containers" in both.stderr
+    pybuild("rm", "-f", "busy", "cin")
 
 
 def test_start_runs_a_created_or_stopped_container_again_in_its_writable_layer(walk):
