@@ -63,7 +63,8 @@ def args_cp(s: argparse.ArgumentParser) -> None:
     s.add_argument("-L", "--follow-link", action="store_true",
                    help="copy what SRC points to if it is a symlink")
     s.add_argument("-q", "--quiet", action="store_true", help="accepted, as Docker's")
-    s.add_argument("src", metavar="SRC", help="CONTAINER:PATH, or a path on this machine")
+    s.add_argument("src", metavar="SRC", help="CONTAINER:PATH, or a path on this machine "
+                                              "(- : a tar on standard input)")
     s.add_argument("dest", metavar="DEST",
                    help="a path on this machine (- : a tar on standard output), or "
                         "CONTAINER:PATH of a stopped container")

@@ -108,16 +108,17 @@ def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
     if c.running():
         raise UsageError(f"container {c.name} is running: pybuild cp writes into stopped "
                          "containers only", hint=f"stop it first (`pybuild stop {c.name}`)")
-    if src == "-":
-        raise UsageError("pybuild cp: a tar on standard input is not taken into containers",
-                         hint="give a path: pybuild cp ./dir CONTAINER:/dest")
     if not dest:
         raise UsageError("pybuild cp: the path in the container is empty",
                          hint="give it after the colon: CONTAINER:/path")
-    if not os.path.lexists(src):
+    if src != "-" and not os.path.lexists(src):
         raise UsageError(f"pybuild cp: no such file or directory: {src}")
+    if src == "-" and sys.stdin.isatty():
+        raise UsageError("pybuild cp: - reads a tar from standard input, which is a terminal",
+                         hint="pybuild cp - CONTAINER:/dir < files.tar")
     contents_only = src.endswith("/.")
-    src = os.path.abspath(src) + ("/." if contents_only else "")   # (the child changes dir)
+    if src != "-":
+        src = os.path.abspath(src) + ("/." if contents_only else "")   # (the child cds)
     with store.in_use():
         snap = snapshot.reopen(store, c.diff_ids, os.path.join(c.dir, "snap"))
 
@@ -136,6 +137,9 @@ def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
 def _copy_into(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> None:
     """In the child, with the container's root mounted (writable) at `root`: Docker's rules."""
     from . import paths
+    if src == "-":
+        _untar_into(paths.resolve_in_root(root, dest), dest)
+        return
     contents_only = src.endswith("/.")
     name = os.path.basename(src.rstrip("/").removesuffix("/."))
     st = os.stat(src) if follow else os.lstat(src)
@@ -164,6 +168,21 @@ def _copy_into(root: str, src: str, dest: str, *, follow: bool, archive: bool) -
     w = _Writer(archive, keep_setid=True)
     w.entry(os.path.realpath(src) if follow else src, st, target)
     w.done()
+
+
+def _untar_into(host: str, dest: str) -> None:
+    """`pybuild cp - CONTAINER:DEST`: the tar (plain or compressed) on standard input, into the
+    directory DEST, by the extractor that keeps every entry inside it (layer/extract.py), with
+    the owners, modes and times the tar gives."""
+    from .layer import extract
+    if not os.path.isdir(host) or os.path.islink(host):
+        raise SetupError(f"{dest} is not a directory in the container (a tar on standard "
+                         "input is extracted into one)")
+    try:
+        extract.extract(sys.stdin.buffer, host, what="the tar on standard input",
+                        whiteouts=False, compressed=True)
+    except PybuildError as e:
+        raise SetupError(str(e), getattr(e, "hint", None)) from None
 
 
 def _check_dest(src: str, dest: str) -> None:

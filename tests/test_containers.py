@@ -271,6 +271,16 @@ def test_cp_into_a_stopped_container_writes_its_writable_layer_and_nothing_here(
     refused = pybuild("cp", str(conf / "f"), "cin:/nowhere/f", check=False)
     assert refused.returncode == 1 and b"/nowhere is not in the container" in refused.stderr
 
+    # - : a tar (here gzip) on standard input, extracted into a directory of the container.
+    tar = subprocess.run(["tar", "-cz", "-C", str(conf), "."], capture_output=True,
+                         check=True).stdout
+    run_pybuild("cp", "-", "cin:/conf/sub", input=tar, root=root, env=pybuild.env, check=True)
+    back = tmp_path / "back"
+    pybuild("cp", "cin:/conf/sub", str(back))
+    assert (back / "f").read_text() == "config\n" and (back / "sub" / "g").exists()
+    not_dir = run_pybuild("cp", "-", "cin:/conf/f", input=tar, root=root, env=pybuild.env)
+    assert not_dir.returncode == 1 and b"is not a directory in the container" in not_dir.stderr
+
     pybuild("run", "-d", "--name", "busy", "busybox:demo", "sleep", "30")
     running = pybuild("cp", str(conf / "f"), "busy:/f", check=False)
     assert running.returncode == 2 and b"is running" in running.stderr
