@@ -30,15 +30,23 @@ def args_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("-w", "--workdir", metavar="DIR")
     s.add_argument("--entrypoint", metavar="CMD")
     s.add_argument("--network", choices=("host", "none"), default="host")
+    _volume_option(s)
     s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
     s.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER,
                    help="the command (default: the image's Entrypoint and Cmd)")
+
+
+def _volume_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:PATH[:ro]",
+                   help="bind-mount the directory (or file) HOST of this machine at PATH "
+                        "(made if missing; ro: read-only)")
 
 
 def args_create(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", metavar="NAME", help="name the container")
     s.add_argument("--network", choices=("host", "none"), default="host",
                    help="what it runs with when started")
+    _volume_option(s)
     s.add_argument("-i", "--interactive", action="store_true", help="accepted, as Docker's")
     s.add_argument("-t", "--tty", action="store_true", help="accepted, as Docker's")
     s.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]")
@@ -171,10 +179,12 @@ def cmd_run(args) -> int:
     from . import container
     store = store_of(args)
     img = store.resolve(args.image)
+    volumes = [container.parse_volume(v) for v in args.volume]
     result = container.run(store, img, args.image, args.args, env=args.env, user=args.user,
                            workdir=args.workdir, network=args.network,
                            entrypoint=args.entrypoint, name=args.name, detach=args.detach,
-                           interactive=args.interactive, tty=args.tty, remove=args.rm)
+                           interactive=args.interactive, tty=args.tty, remove=args.rm,
+                           volumes=volumes)
     if args.detach:
         print(result)
         return 0
@@ -184,9 +194,10 @@ def cmd_run(args) -> int:
 def cmd_create(args) -> int:
     from . import container
     store = store_of(args)
+    volumes = [container.parse_volume(v) for v in args.volume]
     c = container.create(store, store.resolve(args.image), args.image, args.args, env=args.env,
                          user=args.user, workdir=args.workdir, entrypoint=args.entrypoint,
-                         name=args.name, network=args.network)
+                         name=args.name, network=args.network, volumes=volumes)
     print(c.id)
     return 0
 

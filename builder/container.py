@@ -44,11 +44,12 @@ def command_of(image: Image, args: list[str], entrypoint: str | None = None) -> 
 def run(store: Store, image: Image, image_name: str, args: list[str], *, env: list[str] = (),
         user: str | None = None, workdir: str | None = None, network: str = "host",
         entrypoint: str | None = None, name: str | None = None, detach: bool = False,
-        interactive: bool = False, tty: bool = False, remove: bool = False) -> int | str:
+        interactive: bool = False, tty: bool = False, remove: bool = False,
+        volumes=()) -> int | str:
     """Create and start a container; the exit status (foreground) or the container ID (-d)."""
     containers = Containers(store)
     c = create(store, image, image_name, args, env=env, user=user, workdir=workdir,
-               entrypoint=entrypoint, name=name, network=network)
+               entrypoint=entrypoint, name=name, network=network, volumes=volumes)
     spec = _spec_of(c)
     if detach:
         return _start_detached(store, containers, c, spec, interactive, tty, remove)
@@ -64,9 +65,10 @@ def run(store: Store, image: Image, image_name: str, args: list[str], *, env: li
 def create(store: Store, image: Image, image_name: str, args: list[str], *,
            env: list[str] = (), user: str | None = None, workdir: str | None = None,
            entrypoint: str | None = None, name: str | None = None,
-           network: str = "host") -> Container:
+           network: str = "host", volumes=()) -> Container:
     """A container of `image` that has not run (`pybuild create`; `run` starts one): its
-    command, environment, user and working dir as `docker create` works them out."""
+    command, environment, user and working dir as `docker create` works them out.
+    `volumes`: (host dir, path in the container, read-only) bind mounts (parse_volume)."""
     rt = image.runtime
     argv = command_of(image, args, entrypoint)
     env = _merge_env(rt.get("Env") or [], env)
@@ -74,7 +76,7 @@ def create(store: Store, image: Image, image_name: str, args: list[str], *,
     workdir = workdir or rt.get("WorkingDir") or "/"
     with store.in_use():
         return Containers(store).create(image, image_name, argv, name=name, env=env, user=user,
-                                        workdir=workdir, network=network)
+                                        workdir=workdir, network=network, volumes=volumes)
 
 
 def start(store: Store, ref: str, *, attach: bool = False, interactive: bool = False) -> int:
@@ -95,8 +97,44 @@ def start(store: Store, ref: str, *, attach: bool = False, interactive: bool = F
 
 
 def _spec_of(c: Container) -> "sandbox.RunSpec":
+    mounts = [sandbox.MountSpec(target, "bind", source=host, readonly=readonly)
+              for host, target, readonly in c.volumes]
     return sandbox.RunSpec(argv=c.argv, env=c.env, user=c.user, workdir=c.workdir,
-                           network=c.network, interactive=True)
+                           network=c.network, interactive=True, mounts=mounts)
+
+
+VOLUME_OPTIONS = {"ro": True, "rw": False, "z": None, "Z": None, "consistent": None,
+                  "cached": None, "delegated": None}     # (SELinux and macOS ones: no effect)
+
+
+def parse_volume(spec: str) -> tuple[str, str, bool]:
+    """`-v HOST:CONTAINER[:OPTIONS]` as `docker run` takes it: (host dir, path, read-only).
+
+    The host path must be absolute (a name would be one of Docker's named
+    volumes, which pybuild does not have); one that does not exist is made, a
+    directory, as Docker makes it.
+    """
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise UsageError(f"-v {spec}: give HOST:CONTAINER[:ro]",
+                         hint="pybuild has no anonymous or named volumes: mount a directory "
+                              "of this machine, -v \"$PWD\":/src")
+    host, target = parts[0], parts[1]
+    if not host.startswith("/"):
+        raise UsageError(f"-v {spec}: {host!r} is not an absolute path",
+                         hint="pybuild has no named volumes: give a directory of this "
+                              "machine, -v \"$PWD\":/src")
+    if not target.startswith("/"):
+        raise UsageError(f"-v {spec}: the path in the container must be absolute")
+    readonly = False
+    for option in parts[2].split(",") if len(parts) == 3 else ():
+        if option not in VOLUME_OPTIONS:
+            raise UsageError(f"-v {spec}: unknown option {option!r}",
+                             hint="ro or rw (z, Z, cached, delegated are accepted)")
+        readonly = VOLUME_OPTIONS[option] if VOLUME_OPTIONS[option] is not None else readonly
+    if not os.path.exists(host):
+        os.makedirs(host)
+    return os.path.realpath(host), target, readonly
 
 
 def _run_sandbox(store, containers: Containers, c: Container, spec, started=None) -> int:

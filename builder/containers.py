@@ -54,6 +54,7 @@ class Container:
     user: str = ""
     workdir: str = "/"
     network: str = "host"          # host | none: what `pybuild start` runs it with again
+    volumes: list = field(default_factory=list)   # [host dir, path in it, read-only] (-v)
     status: str = "created"        # created | running | exited
     pid: int = 0                   # the sandbox's first process while running
     pid_start: int = 0             # its start time (clock ticks), against pid reuse
@@ -97,7 +98,7 @@ class Containers:
 
     def create(self, image: Image, image_name: str, argv: list[str], *, name: str | None = None,
                env: list[str] = (), user: str = "", workdir: str = "/",
-               network: str = "host") -> Container:
+               network: str = "host", volumes=()) -> Container:
         with store_lock.locked(self._lock):
             if name is None:
                 name = self._generated_name()
@@ -112,7 +113,7 @@ class Containers:
             cid = os.urandom(32).hex()
             c = Container(cid, name, image_name, image.id, list(image.diff_ids), list(argv),
                           time.time(), list(env), user, workdir, network,
-                          dir=os.path.join(self.dir, cid))
+                          [list(v) for v in volumes], dir=os.path.join(self.dir, cid))
             os.mkdir(c.dir, 0o700)
             os.mkdir(os.path.join(c.dir, "scratch"), 0o700)
             self.save(c)

@@ -289,6 +289,33 @@ def test_cp_into_a_stopped_container_writes_its_writable_layer_and_nothing_here(
     pybuild("rm", "-f", "busy", "cin")
 
 
+def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
+    """`docker run --rm -v "$PWD":/src -w /src IMAGE make test`, the way CI jobs run a build's
+    tests on their workspace: bind mounts, read-only with :ro, made if missing, kept by
+    start, and no mount point left in the container's writable layer."""
+    pybuild, root = walk
+    work = tmp_path / "workspace"
+    work.mkdir()
+    (work / "in.txt").write_text("input\n")
+    conf = tmp_path / "app.conf"
+    conf.write_text("conf\n")
+    out = pybuild("run", "--name", "ci", "-v", f"{work}:/src", "-v", f"{conf}:/etc/app.conf:ro",
+                  "-v", f"{tmp_path}/made:/made", "-w", "/src", "busybox:demo", "sh", "-c",
+                  "cat in.txt /etc/app.conf; echo output >> out.txt; "
+                  "echo no > /etc/app.conf 2>/dev/null || echo read-only; touch /made/x")
+    assert out == "input\nconf\nread-only\n"
+    assert (work / "out.txt").read_text() == "output\n" and conf.read_text() == "conf\n"
+    assert (tmp_path / "made" / "x").exists(), "a missing host dir is made, as Docker does"
+    assert pybuild("diff", "ci") == "", "mount points are not the container's changes"
+    pybuild("start", "-a", "ci")                         # the same mounts again
+    assert (work / "out.txt").read_text() == "output\noutput\n"
+    for bad, message in (("rel:/src", b"not an absolute path"), ("/x", b"HOST:CONTAINER"),
+                         (f"{work}:src", b"must be absolute"), (f"{work}:/s:bogus", b"unknown option")):
+        p = pybuild("run", "--rm", "-v", bad, "busybox:demo", "true", check=False)
+        assert p.returncode == 2 and message in p.stderr, (bad, p.stderr)
+    pybuild("rm", "ci")
+
+
 def test_start_runs_a_created_or_stopped_container_again_in_its_writable_layer(walk):
     pybuild, root = walk
     pybuild("create", "--name", "again", "--network", "none", "-e", "WHO=me", "busybox:demo",
