@@ -78,6 +78,12 @@ def args_cp(s: argparse.ArgumentParser) -> None:
                         "CONTAINER:PATH of a stopped container")
 
 
+def args_export(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-o", "--output", metavar="FILE", help="write the tar to FILE (default: "
+                                                          "standard output, not a terminal)")
+    s.add_argument("container", metavar="CONTAINER")
+
+
 def args_exec(s: argparse.ArgumentParser) -> None:
     s.add_argument("-i", "--interactive", action="store_true", help="accepted (stdin is passed)")
     s.add_argument("-t", "--tty", action="store_true", help="accepted (the terminal is passed)")
@@ -148,6 +154,7 @@ COMMANDS = {
                args_create),
     "start": ("run a created or stopped container again, in its writable layer", args_start),
     "cp": ("copy files out of a container, or into a stopped one (as `docker cp`)", args_cp),
+    "export": ("a container's whole filesystem as a tar (as `docker export`)", args_export),
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
     "stop": ("stop running containers", args_stop),
@@ -165,7 +172,7 @@ GROUPS = {
               "rm": "rmi", "tag": "tag", "save": "save", "load": "load", "import": "import",
               "pull": "pull", "push": "push", "build": "build", "prune": "prune"},
     "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
-                  "start": "start",
+                  "start": "start", "export": "export",
                   "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect"},
@@ -231,6 +238,32 @@ def cmd_cp(args) -> int:
     else:
         copy_out(store_of(args), src[0], src[1], args.dest, follow=args.follow_link,
                  archive=args.archive)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .container_cp import export
+    store = store_of(args)
+    if args.output is None:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write an archive to a terminal",
+                             hint="use -o FILE, or redirect it")
+        sys.stdout.flush()
+        export(store, args.container, sys.stdout.fileno())
+        return 0
+    tmp = f"{args.output}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.set_inheritable(fd, True)
+        export(store, args.container, fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, args.output)      # (whole or not at all)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return 0
 
 

@@ -58,9 +58,7 @@ def split_container_path(arg: str) -> tuple[str, str] | None:
 def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
              archive: bool = False) -> None:
     """Copy `src` of container `ref` to the host path `dest` ("-": a tar on stdout)."""
-    from . import sandbox
     from .containers import Containers
-    from .snapshot.overlay import lower_stack, mount_overlay
     containers = Containers(store)
     c = containers.get(ref)
     if not src:
@@ -72,6 +70,24 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     if dest != "-":
         _check_dest(src, dest)
         dest = os.path.abspath(dest)        # (the child works from the store's dir)
+    _in_root(store, containers, c, lambda root: _copy(root, src, dest, follow=follow,
+                                                     archive=archive))
+
+
+def export(store, ref: str, out_fd: int) -> None:
+    """`pybuild export`: the container's whole root (its writable layer over its image) as a
+    tar written to `out_fd`, entries named from the root as `docker export` names them."""
+    from .containers import Containers
+    containers = Containers(store)
+    c = containers.get(ref)
+    _in_root(store, containers, c, lambda root: _tar_to(out_fd, root, None))
+
+
+def _in_root(store, containers, c, work) -> None:
+    """Call `work(root)` in a child with mounts of its own, the container's root mounted
+    read-only at `root`; what the child raises as SetupError comes back as CopyOutError."""
+    from . import sandbox
+    from .snapshot.overlay import lower_stack, mount_overlay
     with store.in_use(), store.tmpdir("cp") as tmp, containers.writable_layer(c) as upper:
         root = os.path.join(tmp, "root")
         os.mkdir(root)
@@ -88,7 +104,7 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
         def in_child() -> None:
             os.chdir(store.root)
             mount_overlay(root, lowers, readonly=True)
-            _copy(root, src, dest, follow=follow, archive=archive)
+            work(root)
         try:
             sandbox.in_own_mounts(in_child)
         except SetupError as e:                  # (what the child said went wrong)
@@ -213,7 +229,7 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
     # `/` or `dir/.` (their contents go).
     called = "" if contents_only or name in ("", ".", "..") else name
     if dest == "-":
-        _tar_to_stdout(host, called or ".")
+        _tar_to(sys.stdout.fileno(), host, called or ".")
         return
     if stat.S_ISDIR(st.st_mode):
         if os.path.isdir(dest):
@@ -353,15 +369,20 @@ def _copy_xattrs(src: str, target: str) -> None:
                 pass
 
 
-def _tar_to_stdout(host: str, arcname: str) -> None:
-    """A tar of `host` named `arcname` (its contents under it), as `docker cp C:SRC -` gives:
-    with the owners the files have in the container (what `| tar -x` is used for), by number
-    only (a name would be looked up in this machine's users by whoever extracts it)."""
+def _tar_to(fd: int, host: str, arcname: str | None) -> None:
+    """A tar of `host` to `fd`: named `arcname` with its contents under it, as `docker cp C:SRC
+    -` gives; or (None) its entries from the top, as `docker export` gives a root. With the
+    owners the files have in the container (what `| tar -x` is used for), by number only (a
+    name would be looked up in this machine's users by whoever extracts it)."""
     import tarfile
 
     def numeric(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uname = info.gname = ""
         return info
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    out = os.fdopen(os.dup(fd), "wb")
     with out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as t:
-        t.add(host, arcname=arcname, recursive=True, filter=numeric)
+        if arcname is not None:
+            t.add(host, arcname=arcname, recursive=True, filter=numeric)
+            return
+        for name in sorted(os.listdir(host)):
+            t.add(os.path.join(host, name), arcname=name, recursive=True, filter=numeric)

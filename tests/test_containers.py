@@ -289,6 +289,25 @@ def test_cp_into_a_stopped_container_writes_its_writable_layer_and_nothing_here(
     pybuild("rm", "-f", "busy", "cin")
 
 
+def test_export_writes_the_containers_whole_filesystem(walk, tmp_path):
+    pybuild, root = walk
+    pybuild("run", "--name", "exp", "busybox:demo", "sh", "-c",
+            "echo made > /made && rm /etc/motd")
+    pybuild("export", "-o", str(tmp_path / "root.tar"), "exp")
+    import tarfile
+    with tarfile.open(tmp_path / "root.tar") as t:
+        names = t.getnames()
+        assert t.extractfile("made").read() == b"made\n"
+    assert "bin/busybox" in names and "etc/motd" not in names
+    assert not any(n.startswith(("./", "/")) for n in names), "named from the root, as Docker"
+    piped = run_pybuild("export", "exp", root=root, env=pybuild.env, check=True).stdout
+    assert piped == (tmp_path / "root.tar").read_bytes()
+    missing = pybuild("export", "-o", str(tmp_path / "none.tar"), "nobody", check=False)
+    assert missing.returncode == 5 and not (tmp_path / "none.tar").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    pybuild("rm", "exp")
+
+
 def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
     """`docker run --rm -v "$PWD":/src -w /src IMAGE make test`, the way CI jobs run a build's
     tests on their workspace: bind mounts, read-only with :ro, made if missing, kept by
