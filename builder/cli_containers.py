@@ -1,5 +1,6 @@
-"""Commands for containers and the store's usage: run, create, start, cp, exec, ps, stop, rm,
-diff, commit, logs, system df, info. (cli.py holds the parser and the image commands.)"""
+"""Commands for containers and the store's usage: run, create, start, cp, export, exec, ps,
+stop, rm, diff, commit, logs, system df, info. (cli.py holds the parser and the image
+commands.)"""
 
 from __future__ import annotations
 
