@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 
 from . import reference
@@ -181,7 +182,9 @@ def _spool(source: str, tmp: str) -> str:
         raise UsageError(f"{source}: is a directory, not an archive") from None
     try:
         head = src.peek(4)[:4] if hasattr(src, "peek") else b""
-        if source != "-" and not compress.is_compressed(head):
+        # (A pipe or a FIFO, as `load -i <(cmd)` gives, cannot be read twice: spooled too.)
+        seekable = source != "-" and stat.S_ISREG(os.fstat(src.fileno()).st_mode)
+        if seekable and not compress.is_compressed(head):
             return source
         out = os.path.join(tmp, "archive.tar")
         with open(out, "wb") as f:

@@ -101,6 +101,23 @@ def test_load_round_trip_keeps_the_image_id(saved, demo_image, pybuild):
     assert run.stdout.decode().splitlines()[0] == "saved from pybuild"
 
 
+def test_load_reads_a_pipe_given_as_a_file(saved, demo_image, pybuild, tmp_path):
+    """`pybuild load -i <(cmd)` (a FIFO): read once, into a spool, as standard input is."""
+    fifo = tmp_path / "archive.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {saved} > {fifo}"])
+    try:
+        p = pybuild("load", "-i", fifo)
+        assert p.returncode == 0, p.stderr.decode()
+        assert p.stdout.decode().strip() == "Loaded image: archive-demo:1"
+    finally:
+        if writer.poll() is None:
+            writer.kill()           # (still waiting for a reader: the load never opened it)
+        writer.wait()
+    data = json.loads(pybuild("inspect", "archive-demo:1", check=True).stdout)[0]
+    assert data["Id"] == demo_image.id
+
+
 def _docker_only(saved, out, mutate_layer=None):
     """A plain docker-archive (no OCI files), with layers uncompressed as old Docker wrote them."""
     import gzip
