@@ -549,14 +549,8 @@ def _cmd_save(args) -> int:
     from . import archive
     store = store_of(args)
     if args.output:
-        tmp = args.output + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                archive.save(store, args.images, f)
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from .outputs import write_output
+        write_output(args.output, lambda f: archive.save(store, args.images, f))
     else:
         if sys.stdout.isatty():
             raise UsageError("refusing to write an archive to a terminal", hint="use -o FILE")

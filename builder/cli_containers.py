@@ -252,19 +252,12 @@ def cmd_export(args) -> int:
         sys.stdout.flush()
         export(store, args.container, sys.stdout.fileno())
         return 0
-    tmp = f"{args.output}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.set_inheritable(fd, True)
-        export(store, args.container, fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, args.output)      # (whole or not at all)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .outputs import write_output
+
+    def fill(f) -> None:
+        f.flush()
+        export(store, args.container, f.fileno())
+    write_output(args.output, fill)       # (whole or not at all; a pipe written as it is)
     return 0
 
 

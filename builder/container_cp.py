@@ -204,6 +204,10 @@ def _untar_into(host: str, dest: str) -> None:
 def _check_dest(src: str, dest: str) -> None:
     """Docker's refusals that need only the host's side: checked before anything is mounted."""
     parent = os.path.dirname(dest.rstrip("/")) or "."
+    if os.path.exists(dest) and not (os.path.isdir(dest) or os.path.isfile(dest)):
+        # (/dev/null, /dev/stdout, a FIFO: replacing it with the file would be a disaster)
+        raise UsageError(f"{dest} is neither a directory nor a file",
+                         hint="write a tar to standard output with - instead")
     if not os.path.exists(dest):
         if dest.endswith("/"):
             raise UsageError(f"destination directory {dest!r} must exist",

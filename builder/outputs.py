@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 
 from .record import record
@@ -60,11 +61,26 @@ def write(store, image, spec: OutputSpec) -> None:
 
 def write_archive(store, image, dest: str) -> None:
     from . import archive
-    _write_then_move(dest, lambda f: archive.save(store, [image.id], f))
+    write_output(dest, lambda f: archive.save(store, [image.id], f))
 
 
-def _write_then_move(dest: str, fill) -> None:
-    """`fill(file)` writes `dest` beside it first: a failure leaves no half-written `dest`."""
+def write_output(dest: str, fill) -> None:
+    """`fill(file)` writes the file `dest` a user named (`-o`, `--output dest=`).
+
+    A new or regular file is written beside it first and renamed into place,
+    so a failure leaves no half-written `dest`. Anything else already there is
+    written as it is, never replaced: a pipe or FIFO (`-o >(gzip > x.gz)`),
+    `/dev/stdout` (a symlink in /dev, which a rename would replace with the
+    archive), a device, or a symlink to a file.
+    """
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(dest, "wb") as f:
+            fill(f)
+        return
     tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -100,7 +116,10 @@ def write_rootfs_tar(store, image, dest: str) -> None:
             copy_to(sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
+        if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+            write_output(dest, copy_to)       # (a pipe, /dev/stdout: written, not replaced)
+            return
         try:
             os.replace(tar_path, dest)         # (the store and dest on one file system)
         except OSError:
-            _write_then_move(dest, copy_to)
+            write_output(dest, copy_to)

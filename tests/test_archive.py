@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 
@@ -116,6 +117,29 @@ def test_load_reads_a_pipe_given_as_a_file(saved, demo_image, pybuild, tmp_path)
         writer.wait()
     data = json.loads(pybuild("inspect", "archive-demo:1", check=True).stdout)[0]
     assert data["Id"] == demo_image.id
+
+
+def test_save_writes_into_a_pipe_or_a_symlink_and_never_replaces_them(demo_image, pybuild,
+                                                                      tmp_path, saved):
+    """`-o >(gzip > x)` (a FIFO) and `-o /dev/stdout` (a symlink in /dev) are written as they
+    are: renaming a temp file over them replaced /dev/stdout with the archive."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["sh", "-c", f"cat {fifo} > {tmp_path}/from-fifo.tar"])
+    try:
+        p = pybuild("save", "archive-demo:1", "-o", fifo)
+        assert p.returncode == 0, p.stderr.decode()
+    finally:
+        if reader.poll() is None and p.returncode != 0:
+            reader.kill()
+        reader.wait(timeout=60)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert (tmp_path / "from-fifo.tar").read_bytes() == saved.read_bytes()
+    (tmp_path / "real.tar").write_bytes(b"")
+    (tmp_path / "link.tar").symlink_to(tmp_path / "real.tar")
+    pybuild("save", "archive-demo:1", "-o", tmp_path / "link.tar", check=True)
+    assert (tmp_path / "link.tar").is_symlink()
+    assert (tmp_path / "real.tar").read_bytes() == saved.read_bytes()
 
 
 def _docker_only(saved, out, mutate_layer=None):

@@ -218,6 +218,8 @@ def test_create_and_cp_take_files_out_as_docker_cp_does(walk, tmp_path):
     pybuild("cp", "ran:/out", str(ran))          # the container's writable layer on top
     assert (ran / "new").read_text() == "new\n" and not (ran / "f1").exists()
 
+    device = pybuild("cp", "ex:/out/f1", "/dev/null", check=False)   # never replaced
+    assert device.returncode == 2 and stat.S_ISCHR(os.lstat("/dev/null").st_mode)
     missing = pybuild("cp", "ex:/nothere", str(tmp_path / "x"), check=False)
     assert missing.returncode == 1 and b"could not find the file /nothere" in missing.stderr
     no_dir = pybuild("cp", "ex:/out/f1", str(tmp_path / "absent") + "/", check=False)
