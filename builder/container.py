@@ -84,16 +84,22 @@ def start(store: Store, ref: str, *, attach: bool = False, interactive: bool = F
     writable layer (what an earlier run changed is still there). Attached, its exit status;
     else it runs detached (its output to `pybuild logs`) and this returns 0 once it has
     started. A running container is left as it is."""
+    from .store import lock as store_lock
     containers = Containers(store)
     c = containers.get(ref)
     if c.running():
         return 0
-    spec = _spec_of(c)
-    if not attach:
-        _start_detached(store, containers, c, spec, interactive, False, False)
-        return 0
-    with store.in_use():
-        return _run_sandbox(store, containers, c, spec)
+    # (Held until it runs, and in the foreground while it runs: a cp into it waits or is told.)
+    with store_lock.locked(containers.lock_path(c)):
+        c = containers._load(c.id) or c
+        if c.running():
+            return 0
+        spec = _spec_of(c)
+        if not attach:
+            _start_detached(store, containers, c, spec, interactive, False, False)
+            return 0
+        with store.in_use():
+            return _run_sandbox(store, containers, c, spec)
 
 
 def _spec_of(c: Container) -> "sandbox.RunSpec":

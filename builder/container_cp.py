@@ -117,13 +117,10 @@ def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
     root (writable layer and image) is mounted in a child with mounts of its own, DEST is
     resolved inside it (its symlinks lead nowhere else), and what is written goes into the
     container's writable layer, copied up as a running container's writes are."""
-    from . import sandbox, snapshot
     from .containers import Containers
+    from .store import lock as store_lock
     containers = Containers(store)
     c = containers.get(ref)
-    if c.running():
-        raise UsageError(f"container {c.name} is running: pybuild cp writes into stopped "
-                         "containers only", hint=f"stop it first (`pybuild stop {c.name}`)")
     if not dest:
         raise UsageError("pybuild cp: the path in the container is empty",
                          hint="give it after the colon: CONTAINER:/path")
@@ -135,6 +132,25 @@ def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
     contents_only = src.endswith("/.")
     if src != "-":
         src = os.path.abspath(src) + ("/." if contents_only else "")   # (the child cds)
+    lock = containers.lock_path(c)
+    open(lock, "a").close()
+    held = store_lock.try_lock(lock)
+    c = containers._load(c.id) or c
+    if held is None or c.running():
+        if held is not None:
+            os.close(held)
+        raise UsageError(f"container {c.name} is running (or being started, or copied into): "
+                         "pybuild cp writes into stopped containers only",
+                         hint=f"stop it first (`pybuild stop {c.name}`)")
+    try:
+        _copy_into_stopped(store, c, src, dest, follow, archive)
+    finally:
+        os.close(held)
+
+
+def _copy_into_stopped(store, c, src: str, dest: str, follow: bool, archive: bool) -> None:
+    """copy_in's work, with the container's lock held: its snapshot mounted in a child."""
+    from . import sandbox, snapshot
     with store.in_use():
         snap = snapshot.reopen(store, c.diff_ids, os.path.join(c.dir, "snap"))
 

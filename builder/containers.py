@@ -161,6 +161,11 @@ class Containers:
             raise ContainerNotFound(ref)
         return found[0]
 
+    def lock_path(self, c: Container) -> str:
+        """The lock a container's start and a cp into it take: no two of them mount its
+        writable layer at once (two overlays over one upper dir corrupt it)."""
+        return os.path.join(c.dir, "lock")
+
     def remove(self, c: Container, force: bool = False) -> None:
         if c.running():
             if not force:

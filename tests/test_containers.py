@@ -286,6 +286,29 @@ def test_cp_into_a_stopped_container_writes_its_writable_layer_and_nothing_here(
     pybuild("run", "-d", "--name", "busy", "busybox:demo", "sleep", "30")
     running = pybuild("cp", str(conf / "f"), "busy:/f", check=False)
     assert running.returncode == 2 and b"is running" in running.stderr
+    # The container's lock: a start or a cp into it holds it while it mounts its writable
+    # layer (two overlays over one upper dir corrupt it). Held here, cp is refused and a
+    # start waits for it.
+    import fcntl
+    pybuild("create", "--name", "slow", "busybox:demo", "sh", "-c", "echo ran")
+    cid = pybuild("ps", "-aq", "--no-trunc").split()[0]
+    lock = os.open(root / "containers" / cid / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    starting = subprocess.Popen([sys.executable, "-m", "builder", "start", "-a", "slow"],
+                                env=dict(os.environ, PYBUILD_ROOT=str(root), **pybuild.env),
+                                stdout=subprocess.PIPE)
+    try:
+        during = pybuild("cp", str(conf / "f"), "slow:/f", check=False)
+        assert during.returncode == 2 and b"being started, or copied into" in during.stderr
+        time.sleep(0.5)
+        assert starting.poll() is None and re.search(r"Created\s+slow$", pybuild("ps", "-a"),
+                                                      re.M), "the start waits for the lock"
+    finally:
+        os.close(lock)
+        out, _ = starting.communicate(timeout=30)
+    assert starting.returncode == 0 and out == b"ran\n"
+    pybuild("cp", str(conf / "f"), "slow:/f")              # stopped again: taken
+    pybuild("rm", "slow")
     both = pybuild("cp", "cin:/conf", "busy:/conf", check=False)
     assert both.returncode == 2 and b"between containers" in both.stderr
     pybuild("rm", "-f", "busy", "cin")
