@@ -143,6 +143,12 @@ def _args_images(s: argparse.ArgumentParser) -> None:
 def _args_history(s: argparse.ArgumentParser) -> None:
     s.add_argument("image", metavar="IMAGE", help="name[:tag] or image ID")
     s.add_argument("--no-trunc", action="store_true", help="do not shorten the output")
+    s.add_argument("-q", "--quiet", action="store_true", help="only the image IDs")
+    s.add_argument("-H", "--human", default="true", metavar="BOOL",
+                   help="sizes and dates in human form (default true; false: bytes, RFC 3339)")
+    s.add_argument("--format", metavar="TEMPLATE",
+                   help="Go-template subset, fields ID, CreatedSince, CreatedAt, CreatedBy, "
+                        "Size, Comment; json: each entry as JSON")
 
 
 def _args_inspect(s: argparse.ArgumentParser) -> None:
@@ -413,11 +419,17 @@ def _image_filter(reference: str | None, filters: list[str]):
     return wanted
 
 
+_HISTORY_HEADERS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT",
+                    "CreatedBy": "CREATED BY", "Size": "SIZE", "Comment": "COMMENT"}
+
+
 def _cmd_history(args) -> int:
     from .image import chain_ids, short_id
     from .progress import human_size
+    from .cli_format import render_all
     store = store_of(args)
     img = store.resolve(args.image)
+    human = args.human.lower() not in ("false", "0")
     chains = chain_ids(img.diff_ids)
     sizes = []
     for chain in chains:
@@ -425,24 +437,33 @@ def _cmd_history(args) -> int:
             sizes.append(int(store.layer_info(chain).get("content_size", 0)))
         except PybuildError:
             sizes.append(0)
-    rows = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    entries = []
     layer_i = len(sizes) - 1
-    entries = list(reversed(img.history))
-    for n, h in enumerate(entries):
+    for n, h in enumerate(reversed(img.history)):
         if h.get("empty_layer"):
             size = 0
         else:
             size = sizes[layer_i] if layer_i >= 0 else 0
             layer_i -= 1
         created_by = h.get("created_by", "")
-        if not args.no_trunc and len(created_by) > 45:
+        if not args.no_trunc and len(created_by) > 45:        # (in --format too, as Docker)
             created_by = created_by[:44] + "…"
         iid = "<missing>"
         if n == 0:
             iid = img.id if args.no_trunc else short_id(img.id)
-        rows.append([iid, ago(h.get("created", "")), created_by, human_size(size),
-                     h.get("comment", "")])
-    print(table(rows))
+        created = h.get("created", "")
+        entries.append({"ID": iid, "CreatedSince": ago(created) if human else created,
+                        "CreatedAt": created, "CreatedBy": created_by,
+                        "Size": human_size(size) if human else str(size),
+                        "Comment": h.get("comment", "")})
+    if args.quiet:
+        print("\n".join(e["ID"] for e in entries))
+    elif args.format:
+        print(render_all(args.format, entries, _HISTORY_HEADERS))
+    else:
+        columns = ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"]
+        print(table([[_HISTORY_HEADERS[c] for c in columns]] +
+                    [[e[c] for c in columns] for e in entries]))
     return 0
 
 

@@ -133,6 +133,8 @@ def _index(value, key: str, action: str):
 def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
     """Every object through the template; with `table`, a header row and aligned columns.
     `headers` names the column of each field (`ID` -> `CONTAINER ID`)."""
+    if template.strip() == "json":           # (Docker 23's: each object as a JSON line)
+        template = "{{json .}}"
     if not template.startswith("table"):
         return "\n".join(render(template, o) for o in objects)
     body = template[len("table"):].strip() or "\t".join("{{." + k + "}}" for k in headers)

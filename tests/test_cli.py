@@ -40,6 +40,23 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
     assert history[1].startswith(image_id[7:19]) and "CMD [\"sh\" \"/app/hello.sh\"]" in history[1]
     assert "<missing>" in history[2]
     assert any("COPY --chown=app:app app/ /app/" in h for h in history)
+    # --format (a template, or json: one object a line), -q and -H false, as Docker's.
+    lines = pybuild("history", "--format", "{{.ID}}|{{.CreatedBy}}|{{.Size}}", "listed:1",
+                    check=True).stdout.decode().splitlines()
+    assert lines[0].startswith(image_id[7:19] + '|CMD ["sh" "/app/hello.sh"]|0B')
+    assert len(lines) == len(history) - 1
+    entries = [json.loads(line) for line in pybuild("history", "--format", "json", "listed:1",
+                                                    check=True).stdout.decode().splitlines()]
+    assert entries[0]["ID"] == image_id[7:19] and set(entries[0]) == {
+        "ID", "CreatedSince", "CreatedAt", "CreatedBy", "Size", "Comment"}
+    assert pybuild("history", "-q", "listed:1", check=True).stdout.decode().split() == \
+        [e["ID"] for e in entries]
+    raw = pybuild("history", "-H", "false", "--format", "{{.Size}} {{.CreatedSince}}",
+                  "listed:1", check=True).stdout.decode().splitlines()
+    assert all(r.split()[0].isdigit() and "T" in r.split()[1] for r in raw), raw
+    assert [json.loads(line)["Repository"] for line in pybuild(
+        "images", "--format", "json", "listed", check=True).stdout.decode().splitlines()] == \
+        ["listed"]
 
     data = json.loads(pybuild("inspect", "listed:1", check=True).stdout)
     assert data[0]["Id"] == image_id and data[0]["RepoTags"] == ["listed:1"]
