@@ -482,8 +482,9 @@ def _cmd_inspect(args) -> int:
             except ContainerNotFound:
                 raise ImageNotFound(name) from None
     if args.format:
+        template = "{{json .}}" if args.format.strip() == "json" else args.format
         for obj in out:
-            print(render(args.format, obj))
+            print(render(template, obj))
         return 0
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")

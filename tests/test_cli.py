@@ -60,6 +60,8 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
 
     data = json.loads(pybuild("inspect", "listed:1", check=True).stdout)
     assert data[0]["Id"] == image_id and data[0]["RepoTags"] == ["listed:1"]
+    assert json.loads(pybuild("inspect", "--format", "json", "listed:1",
+                              check=True).stdout) == data[0]
     assert [l["diff_id"] for l in data[0]["Layers"]] == data[0]["RootFS"]["Layers"]
     assert data[0]["Manifest"]["config"]["digest"] == image_id
 
