@@ -131,6 +131,8 @@ def _args_images(s: argparse.ArgumentParser) -> None:
     s.add_argument("reference", metavar="REPOSITORY[:TAG]", nargs="?",
                    help="only the images of this repository (and tag); * and ? match any text")
     s.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    s.add_argument("-a", "--all", action="store_true",
+                   help="accepted as Docker's (pybuild keeps no intermediate images)")
     s.add_argument("--no-trunc", action="store_true", help="full image IDs")
     s.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="dangling=true (untagged images only) or false, reference=PATTERN "
@@ -335,7 +337,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         # `pybuild image ls`, `pybuild container rm C`: Docker's grouped names for our commands.
         if len(rest) < 2 or rest[1] not in group:
             raise UsageError(f"pybuild {rest[0]}: expected one of: {', '.join(sorted(group))}")
-        argv = argv[:i] + [group[rest[1]]] + rest[2:]
+        target = group[rest[1]]
+        argv = argv[:i] + ([target] if isinstance(target, str) else list(target)) + rest[2:]
         rest = argv[i:]
     if rest[0] not in _COMMANDS:
         # `pybuild -t x -f Dockerfile .` is a build.

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .cli_format import ago, render_all, table
-from .errors import UsageError
+from .errors import PybuildError, UsageError
 
 
 def store_of(args):
@@ -101,6 +101,9 @@ def args_ps(s: argparse.ArgumentParser) -> None:
                    help="SIZE: the writable layer; virtual: it and the image's layers")
     s.add_argument("-q", "--quiet", action="store_true", help="only container IDs")
     s.add_argument("--no-trunc", action="store_true", help="full IDs and commands")
+    s.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="status=created|running|exited, name=TEXT, id=PREFIX, "
+                        "ancestor=IMAGE, exited=CODE (one key's values: any; keys: all)")
     s.add_argument("--format", metavar="TEMPLATE",
                    help="Go-template subset: 'table {{.ID}}\\t{{.Names}}\\t{{.Size}}'")
 
@@ -143,6 +146,10 @@ def args_system(s: argparse.ArgumentParser) -> None:
                    help="prune: do not ask (pybuild never asks; accepted as Docker's)")
     s.add_argument("--volumes", action="store_true",
                    help="prune: accepted as Docker's (cache mounts nothing holds go anyway)")
+    # (`container prune` and `image prune` are `system prune` with only their part.)
+    s.add_argument("--only", choices=("containers", "images"), help=argparse.SUPPRESS)
+    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="prune: until=... accepted as Docker's (not applied); no other")
 
 
 def args_info(s: argparse.ArgumentParser) -> None:
@@ -171,12 +178,13 @@ COMMANDS = {
 GROUPS = {
     "image": {"ls": "images", "list": "images", "history": "history", "inspect": "inspect",
               "rm": "rmi", "tag": "tag", "save": "save", "load": "load", "import": "import",
-              "pull": "pull", "push": "push", "build": "build", "prune": "prune"},
+              "pull": "pull", "push": "push", "build": "build",
+              "prune": ("system", "prune", "--only=images")},
     "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
                   "start": "start", "export": "export",
                   "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
-                  "inspect": "inspect"},
+                  "inspect": "inspect", "prune": ("system", "prune", "--only=containers")},
     "builder": {"build": "build", "prune": "prune"},
 }
 
@@ -279,7 +287,11 @@ def cmd_ps(args) -> int:
     from .progress import human_size
     store = store_of(args)
     containers = Containers(store)
-    listed = containers.list(all=args.all)
+    wanted = _ps_filters(args.filter)
+    # (A status asked for is looked for among stopped containers too, as Docker does.)
+    listed = [c for c in containers.list(all=args.all or "status" in wanted or
+                                         "exited" in wanted)
+              if _ps_matches(store, containers, c, wanted)]
     if args.quiet:
         for c in listed:
             print(c.id if args.no_trunc else c.short_id)
@@ -305,6 +317,41 @@ def cmd_ps(args) -> int:
         (["Size"] if args.size else [])
     print(table([[headers[k] for k in columns]] + [[r[k] for k in columns] for r in rows]))
     return 0
+
+
+_PS_FILTERS = ("status", "name", "id", "ancestor", "exited")
+
+
+def _ps_filters(specs: list[str]) -> dict[str, list[str]]:
+    """`-f KEY=VALUE` of `pybuild ps`, by key (as `docker ps -f`)."""
+    wanted: dict[str, list[str]] = {}
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        if not eq or key not in _PS_FILTERS:
+            raise UsageError(f"ps --filter {spec!r}: not a filter pybuild has",
+                             hint="status=..., name=..., id=..., ancestor=..., exited=CODE")
+        wanted.setdefault(key, []).append(value)
+    return wanted
+
+
+def _ps_matches(store, containers, c, wanted: dict[str, list[str]]) -> bool:
+    status = "running" if c.running() else ("created" if c.status == "created" else "exited")
+    tests = {
+        "status": lambda v: v == status,
+        "name": lambda v: v in c.name,
+        "id": lambda v: c.id.startswith(v.lower()),
+        "ancestor": lambda v: v in (c.image, c.image_id, c.image_id[7:19]) or
+        _resolves_to(store, v, c.image_id),
+        "exited": lambda v: status == "exited" and str(c.exit_code) == v,
+    }
+    return all(any(tests[key](v) for v in values) for key, values in wanted.items())
+
+
+def _resolves_to(store, name: str, image_id: str) -> bool:
+    try:
+        return store.resolve(name).id == image_id
+    except PybuildError:
+        return False
 
 
 def cmd_stop(args) -> int:
@@ -435,23 +482,34 @@ def _system_prune(args) -> int:
     from .cache import StepCache
     from .containers import Containers
     from .store import gc
+    from .progress import human_size
+    for f in args.filter:
+        if not f.startswith("until="):
+            raise UsageError(f"--filter {f}: pybuild's prune takes until=... only (accepted, "
+                             "not applied)")
     store = store_of(args)
     containers = Containers(store)
-    stopped = [c for c in containers.list() if not c.running()]
-    for c in stopped:
-        containers.remove(c)
-    if stopped:
-        print("Deleted Containers:\n" + "\n".join(c.id for c in stopped) + "\n")
-    used = {c.image_id for c in containers.list()}
-    lines = []
-    for img in store.images():
-        if img.id in used or (img.tags and not args.all):
-            continue
-        lines += [f"untagged: {t}" for t in store.remove_manifest(img.digest)]
-        lines.append(f"deleted: {img.id}")
-    if lines:
-        print("Deleted Images:\n" + "\n".join(lines) + "\n")
-    print_pruned(gc.prune(store, StepCache(store)))
+    if args.only != "images":
+        stopped = [c for c in containers.list() if not c.running()]
+        for c in stopped:
+            containers.remove(c)
+        if stopped:
+            print("Deleted Containers:\n" + "\n".join(c.id for c in stopped) + "\n")
+    if args.only != "containers":
+        used = {c.image_id for c in containers.list()}
+        lines = []
+        for img in store.images():
+            if img.id in used or (img.tags and not args.all):
+                continue
+            lines += [f"untagged: {t}" for t in store.remove_manifest(img.digest)]
+            lines.append(f"deleted: {img.id}")
+        if lines:
+            print("Deleted Images:\n" + "\n".join(lines) + "\n")
+    if args.only is None:
+        print_pruned(gc.prune(store, StepCache(store)))
+    else:
+        # (Only the layers and blobs nothing needs now: the build cache is `builder prune`'s.)
+        print(f"Total reclaimed space: {human_size(gc.collect(store, StepCache(store)).bytes)}")
     return 0
 
 

@@ -360,6 +360,47 @@ def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
     pybuild("rm", "ci")
 
 
+def test_ps_filters_and_container_and_image_prune_as_cleanup_scripts_use_them(walk):
+    """`docker ps -aq -f status=exited | xargs docker rm`, `docker container prune -f`,
+    `docker image prune [-a] -f`, `docker images -aq`."""
+    pybuild, root = walk
+    pybuild("build", "-q", "-t", "acme/my-base-image:1.0", "-f", "Dockerfile.base", ".")
+    pybuild("create", "--name", "made", "busybox:demo")
+    pybuild("run", "--name", "failed", "busybox:demo", "sh", "-c", "exit 3", check=False)
+    pybuild("run", "--name", "fine", "acme/my-base-image:1.0", "true")
+    pybuild("run", "-d", "--name", "up", "busybox:demo", "sleep", "30")
+
+    def names(*filters):
+        return sorted(pybuild("ps", "-a", *filters, "--format", "{{.Names}}").split())
+    assert names("-f", "status=exited") == ["failed", "fine"]
+    assert names("-f", "status=created", "-f", "status=running") == ["made", "up"]
+    assert names("-f", "exited=3") == ["failed"]
+    assert names("-f", "ancestor=acme/my-base-image:1.0") == ["fine"]
+    assert names("-f", "name=f", "-f", "status=exited") == ["failed", "fine"]
+    assert len(pybuild("ps", "-aq", "-f", "status=exited").split()) == 2
+    bad = pybuild("ps", "-f", "label=x", check=False)
+    assert bad.returncode == 2 and b"not a filter" in bad.stderr
+    assert pybuild("images", "-aq").split() == pybuild("images", "-q").split()
+
+    out = pybuild("container", "prune", "-f")
+    assert out.startswith("Deleted Containers:") and names() == ["up"]
+    pybuild("tag", "acme/my-base-image:1.0", "second:1")
+    pybuild("rmi", "acme/my-base-image:1.0", "second:1")   # (untagged: gone with its tags)
+    pybuild("build", "-q", "-t", "dangling:1", "-f", "Dockerfile.base", ".")
+    pybuild("build", "-q", "-t", "dangling:1", "--build-arg", "X=1", "-f", "Dockerfile.base",
+            "--no-cache", ".")                      # dangling:1 moves: the old one is dangling
+    before = pybuild("images", "-q", "-f", "dangling=true").split()
+    assert len(before) == 1
+    out = pybuild("image", "prune", "-f")
+    assert "Deleted Images:" in out and f"deleted: sha256:{before[0]}" in out
+    assert pybuild("images", "-q", "-f", "dangling=true") == ""
+    assert "dangling" in pybuild("images"), "tagged images stay without -a"
+    out = pybuild("image", "prune", "-a", "-f")
+    assert "dangling" not in pybuild("images") and "busybox" in pybuild("images"), \
+        "-a: every image no container uses (busybox:demo is used by `up`)"
+    pybuild("rm", "-f", "up")
+
+
 def test_start_runs_a_created_or_stopped_container_again_in_its_writable_layer(walk):
     pybuild, root = walk
     pybuild("create", "--name", "again", "--network", "none", "-e", "WHO=me", "busybox:demo",
