@@ -202,6 +202,9 @@ def _args_prune(s: argparse.ArgumentParser) -> None:
                    help="remove all build cache (what prune does without --keep-storage)")
     s.add_argument("-f", "--force", action="store_true",
                    help="do not ask (pybuild never asks; accepted as Docker's)")
+    s.add_argument("--filter", action="append", default=[], metavar="until=WHEN",
+                   help="only entries last used before WHEN: a duration ago (24h, 90m), a Unix "
+                        "time or an RFC 3339 time")
 
 
 _COMMANDS = {
@@ -694,7 +697,9 @@ def _cmd_prune(args) -> int:
     from .store import gc
     store = store_of(args)
     keep = parse_size(args.keep_storage) if args.keep_storage else None
-    cli_containers.print_pruned(gc.prune(store, StepCache(store), keep))
+    from .cli_format import prune_cutoff
+    cli_containers.print_pruned(gc.prune(store, StepCache(store), keep,
+                                         prune_cutoff(args.filter)))
     return 0
 
 

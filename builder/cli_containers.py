@@ -148,8 +148,9 @@ def args_system(s: argparse.ArgumentParser) -> None:
                    help="prune: accepted as Docker's (cache mounts nothing holds go anyway)")
     # (`container prune` and `image prune` are `system prune` with only their part.)
     s.add_argument("--only", choices=("containers", "images"), help=argparse.SUPPRESS)
-    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="prune: until=... accepted as Docker's (not applied); no other")
+    s.add_argument("--filter", action="append", default=[], metavar="until=WHEN",
+                   help="prune: only what was made (cache: last used) before WHEN: a duration "
+                        "ago (24h), a Unix time or an RFC 3339 time")
 
 
 def args_info(s: argparse.ArgumentParser) -> None:
@@ -483,14 +484,20 @@ def _system_prune(args) -> int:
     from .containers import Containers
     from .store import gc
     from .progress import human_size
-    for f in args.filter:
-        if not f.startswith("until="):
-            raise UsageError(f"--filter {f}: pybuild's prune takes until=... only (accepted, "
-                             "not applied)")
+    from .cli_format import _rfc3339, prune_cutoff
+    cutoff = prune_cutoff(args.filter)
+
+    def old_enough(created) -> bool:
+        if cutoff is None:
+            return True
+        if isinstance(created, str):
+            parsed = _rfc3339(created)
+            created = parsed.timestamp() if parsed is not None else 0.0
+        return created < cutoff
     store = store_of(args)
     containers = Containers(store)
     if args.only != "images":
-        stopped = [c for c in containers.list() if not c.running()]
+        stopped = [c for c in containers.list() if not c.running() and old_enough(c.created)]
         for c in stopped:
             containers.remove(c)
         if stopped:
@@ -499,14 +506,14 @@ def _system_prune(args) -> int:
         used = {c.image_id for c in containers.list()}
         lines = []
         for img in store.images():
-            if img.id in used or (img.tags and not args.all):
+            if img.id in used or (img.tags and not args.all) or not old_enough(img.created):
                 continue
             lines += [f"untagged: {t}" for t in store.remove_manifest(img.digest)]
             lines.append(f"deleted: {img.id}")
         if lines:
             print("Deleted Images:\n" + "\n".join(lines) + "\n")
     if args.only is None:
-        print_pruned(gc.prune(store, StepCache(store)))
+        print_pruned(gc.prune(store, StepCache(store), used_before=cutoff))
     else:
         # (Only the layers and blobs nothing needs now: the build cache is `builder prune`'s.)
         print(f"Total reclaimed space: {human_size(gc.collect(store, StepCache(store)).bytes)}")

@@ -70,6 +70,42 @@ def ago(when: float | str) -> str:
     return duration(time.time() - when) + " ago"
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def until_cutoff(value: str) -> float:
+    """`--filter until=VALUE` as Docker takes it: a Go duration before now (`24h`, `1h30m`),
+    a Unix time, or an RFC 3339 time; the Unix time it means."""
+    text = value.strip()
+    if re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+", text):
+        return time.time() - sum(float(n) * _SECONDS[u] for n, u in _DURATION.findall(text))
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    parsed = _rfc3339(text if "T" in text or ":" in text else text + "T00:00:00Z")
+    if parsed is None:
+        raise UsageError(f"until={value}: not a duration (24h), a Unix time or an RFC 3339 "
+                         "time")
+    if parsed.tzinfo is None:
+        import datetime
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.timestamp()
+
+
+def prune_cutoff(filters: list[str]) -> float | None:
+    """The Unix time of `--filter until=...` (the earliest if several), None without one; any
+    other filter is refused: ignoring it would remove more than was asked."""
+    cutoff = None
+    for f in filters:
+        key, eq, value = f.partition("=")
+        if key != "until" or not eq:
+            raise UsageError(f"--filter {f}: pybuild's prune takes until=WHEN only",
+                             hint="until=24h, until=2026-11-01T00:00:00Z")
+        t = until_cutoff(value)
+        cutoff = t if cutoff is None else min(cutoff, t)
+    return cutoff
+
+
 def docker_time(created: str) -> str:
     """An RFC 3339 time as Docker's templates print one: `2026-11-26 15:45:06 +0000 UTC`."""
     import datetime

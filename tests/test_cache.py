@@ -277,6 +277,8 @@ def test_prune_keeps_images_and_recent_cache(tmp_path, base_image, store_root, p
     store = builder.Store(store_root)
     assert [store.layers.has(ch) for ch in chains] == [False, True, True], \
         "the older unused layer goes, the newer one fits the budget, the image's stays"
+    p = pybuild("builder", "prune", "-af", "--filter", "until=1h")   # used since: all kept
+    assert p.returncode == 0 and p.stdout.decode().startswith("Deleted 0 cache entries")
     p = pybuild("builder", "prune", "-af")        # (as CI scripts call Docker's)
     assert p.returncode == 0, p.stderr.decode()
     store = builder.Store(store_root)

@@ -319,3 +319,17 @@ def test_annotations_go_on_the_manifest_and_leave_the_image_id(pybuild, tmp_path
     assert_clean_error(pybuild("-t", "x", "--annotation", "index:k=v", ctx), 2,
                        "only manifest annotations are supported")
     assert_clean_error(pybuild("-t", "x", "--annotation", "novalue", ctx), 2, "expected KEY=VALUE")
+
+
+def test_until_takes_durations_unix_and_rfc3339_times():
+    import time
+    from builder.cli_format import until_cutoff
+    now = time.time()
+    assert abs(now - 86400 - until_cutoff("24h")) < 5
+    assert abs(now - 5400 - until_cutoff("1h30m")) < 5
+    assert abs(now - 0.25 - until_cutoff("250ms")) < 5
+    assert until_cutoff("1700000000") == 1700000000.0
+    assert until_cutoff("2026-11-01T10:00:00Z") == until_cutoff("2026-11-01") + 36000
+    from builder.errors import UsageError
+    with pytest.raises(UsageError):
+        until_cutoff("yesterday")

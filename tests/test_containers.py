@@ -382,6 +382,16 @@ def test_ps_filters_and_container_and_image_prune_as_cleanup_scripts_use_them(wa
     assert bad.returncode == 2 and b"not a filter" in bad.stderr
     assert pybuild("images", "-aq").split() == pybuild("images", "-q").split()
 
+    # until=: only what was made before (an hour ago: nothing here); other filters refused.
+    assert "Deleted Containers" not in pybuild("container", "prune", "-f", "--filter",
+                                                "until=1h")
+    out = pybuild("system", "prune", "-af", "--filter", "until=1h")
+    assert "Deleted Containers" not in out and "Deleted Images" not in out
+    assert "Deleted 0 cache entries" in out, "used within the hour: kept"
+    assert names() == ["failed", "fine", "made", "up"] and "acme/my-base-image" in \
+        pybuild("images")
+    label = pybuild("system", "prune", "-f", "--filter", "label=x", check=False)
+    assert label.returncode == 2 and b"until=WHEN only" in label.stderr
     out = pybuild("container", "prune", "-f")
     assert out.startswith("Deleted Containers:") and names() == ["up"]
     pybuild("tag", "acme/my-base-image:1.0", "second:1")

@@ -78,9 +78,11 @@ class Pruned:
     collected: Collected | None = None
 
 
-def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
+def prune(store, cache, keep_bytes: int | None = None, used_before: float | None = None
+          ) -> Pruned:
     """Drop step-cache entries (all, or all but the most recently used `keep_bytes` of layers
-    that no image needs), unused cache mounts, and then everything nothing needs any more.
+    that no image needs; with `used_before`, a Unix time, only those last used before it),
+    unused cache mounts, and then everything nothing needs any more.
 
     While a build holds the store, only the entries go (a build that meets a removed one
     misses, or builds without its donor): the mounts, layers and blobs wait for a later
@@ -96,7 +98,9 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
         kept_bytes = 0
         counted: set[str] = set()
         full = keep_bytes is None
-        for key, _used, result in entries:
+        for key, used, result in entries:
+            if used_before is not None and used >= used_before:
+                continue                 # (--filter until=: used since then, kept)
             chain = result.extra.get("chain") if result.layer is not None else None
             size = 0
             if chain and chain not in in_images and chain not in counted:
@@ -111,7 +115,7 @@ def prune(store, cache, keep_bytes: int | None = None) -> Pruned:
             out.entries += 1
         if out.entries:
             cache.prune_prefixes()
-        if keep_bytes is None and fd is not None:
+        if keep_bytes is None and used_before is None and fd is not None:
             out.mounts = _prune_cache_mounts(store)
     finally:
         if fd is not None:
