@@ -131,6 +131,10 @@ def args_commit(s: argparse.ArgumentParser) -> None:
 
 
 def args_logs(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing what it prints until it stops")
+    s.add_argument("-n", "--tail", metavar="N", default="all",
+                   help="only the last N lines (default: all)")
     s.add_argument("container", metavar="CONTAINER")
 
 
@@ -393,13 +397,37 @@ def cmd_commit(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    import time
     from .containers import Containers
-    c = Containers(store_of(args)).get(args.container)
+    if args.tail != "all" and not args.tail.isdigit():
+        raise UsageError(f"--tail {args.tail}: give a number of lines, or all")
+    containers = Containers(store_of(args))
+    c = containers.get(args.container)
+    out = sys.stdout.buffer
     try:
-        with open(os.path.join(c.dir, "log"), "rb") as f:
-            sys.stdout.buffer.write(f.read())
+        f = open(os.path.join(c.dir, "log"), "rb")
     except FileNotFoundError:
-        pass
+        if not args.follow:
+            return 0
+        f = None
+    with f or open(os.devnull, "rb") as log:
+        data = log.read()
+        if args.tail != "all":
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[len(lines) - int(args.tail):]) if int(args.tail) else b""
+        out.write(data)
+        out.flush()
+        # -f: what it prints next, until it has stopped and everything is out (as docker's).
+        while args.follow:
+            running = (containers._load(c.id) or c).running()
+            more = log.read()
+            if more:
+                out.write(more)
+                out.flush()
+            elif not running:
+                break
+            else:
+                time.sleep(0.1)
     return 0
 
 

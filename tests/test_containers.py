@@ -333,6 +333,19 @@ def test_export_writes_the_containers_whole_filesystem(walk, tmp_path):
     pybuild("rm", "exp")
 
 
+def test_logs_follow_until_the_container_stops_and_tail(walk):
+    pybuild, root = walk
+    pybuild("run", "-d", "--name", "talks", "busybox:demo", "sh", "-c",
+            "for i in 1 2 3; do echo line $i; sleep 0.3; done")
+    started = time.time()
+    assert pybuild("logs", "-f", "talks") == "line 1\nline 2\nline 3\n"
+    assert time.time() - started >= 0.5, "it waited for the lines printed later"
+    assert pybuild("logs", "--tail", "2", "talks") == "line 2\nline 3\n"
+    assert pybuild("logs", "-n", "0", "talks") == ""
+    assert pybuild("logs", "--tail", "x", "talks", check=False).returncode == 2
+    pybuild("rm", "talks")
+
+
 def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
     """`docker run --rm -v "$PWD":/src -w /src IMAGE make test`, the way CI jobs run a build's
     tests on their workspace: bind mounts, read-only with :ro, made if missing, kept by
