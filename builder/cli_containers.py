@@ -1,5 +1,5 @@
-"""Commands for containers and the store's usage: run, create, start, cp, export, exec, ps,
-stop, rm, diff, commit, logs, system df, info. (cli.py holds the parser and the image
+"""Commands for containers and the store's usage: run, create, start, cp, export, wait, exec,
+ps, stop, rm, diff, commit, logs, system df, info. (cli.py holds the parser and the image
 commands.)"""
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ def args_cp(s: argparse.ArgumentParser) -> None:
     s.add_argument("dest", metavar="DEST",
                    help="a path on this machine (- : a tar on standard output), or "
                         "CONTAINER:PATH of a stopped container")
+
+
+def args_wait(s: argparse.ArgumentParser) -> None:
+    s.add_argument("containers", metavar="CONTAINER", nargs="+")
 
 
 def args_export(s: argparse.ArgumentParser) -> None:
@@ -168,6 +172,7 @@ COMMANDS = {
     "start": ("run a created or stopped container again, in its writable layer", args_start),
     "cp": ("copy files out of a container, or into a stopped one (as `docker cp`)", args_cp),
     "export": ("a container's whole filesystem as a tar (as `docker export`)", args_export),
+    "wait": ("wait until containers stop; print their exit codes", args_wait),
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
     "stop": ("stop running containers", args_stop),
@@ -186,7 +191,7 @@ GROUPS = {
               "pull": "pull", "push": "push", "build": "build",
               "prune": ("system", "prune", "--only=images")},
     "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
-                  "start": "start", "export": "export",
+                  "start": "start", "export": "export", "wait": "wait",
                   "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect", "prune": ("system", "prune", "--only=containers")},
@@ -252,6 +257,25 @@ def cmd_cp(args) -> int:
     else:
         copy_out(store_of(args), src[0], src[1], args.dest, follow=args.follow_link,
                  archive=args.archive)
+    return 0
+
+
+def cmd_wait(args) -> int:
+    """`docker wait`: each container's exit code once it has stopped (a CI job that started
+    its tests detached). A container that never ran is waited for as Docker does."""
+    import time
+    from .containers import Containers
+    containers = Containers(store_of(args))
+    for ref in args.containers:
+        c = containers.get(ref)
+        while True:
+            c = containers._load(c.id) or c
+            if c.status == "exited" and not c.running():
+                break
+            if c.status == "running" and not c.running():
+                break                     # (its monitor died with it: kill -9)
+            time.sleep(0.1)
+        print(137 if c.exit_code is None else c.exit_code)
     return 0
 
 

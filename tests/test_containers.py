@@ -343,7 +343,9 @@ def test_logs_follow_until_the_container_stops_and_tail(walk):
     assert pybuild("logs", "--tail", "2", "talks") == "line 2\nline 3\n"
     assert pybuild("logs", "-n", "0", "talks") == ""
     assert pybuild("logs", "--tail", "x", "talks", check=False).returncode == 2
-    pybuild("rm", "talks")
+    pybuild("run", "-d", "--name", "exits", "busybox:demo", "sh", "-c", "sleep 0.5; exit 7")
+    assert pybuild("wait", "exits", "talks") == "7\n0\n"     # (docker wait)
+    pybuild("rm", "talks", "exits")
 
 
 def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
