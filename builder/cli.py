@@ -435,7 +435,7 @@ def _cmd_history(args) -> int:
     from .cli_format import render_all
     store = store_of(args)
     img = store.resolve(args.image)
-    human = args.human.lower() not in ("false", "0")
+    human = args.human.lstrip("=").lower() not in ("false", "0")     # (-H=false too)
     chains = chain_ids(img.diff_ids)
     sizes = []
     for chain in chains:

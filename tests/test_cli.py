@@ -54,6 +54,8 @@ def test_images_history_inspect_tag_rmi(pybuild, demo_ctx):
     raw = pybuild("history", "-H", "false", "--format", "{{.Size}} {{.CreatedSince}}",
                   "listed:1", check=True).stdout.decode().splitlines()
     assert all(r.split()[0].isdigit() and "T" in r.split()[1] for r in raw), raw
+    assert pybuild("history", "-H=false", "--format", "{{.Size}} {{.CreatedSince}}",
+                   "listed:1", check=True).stdout.decode().splitlines() == raw
     assert [json.loads(line)["Repository"] for line in pybuild(
         "images", "--format", "json", "listed", check=True).stdout.decode().splitlines()] == \
         ["listed"]
