@@ -1,5 +1,5 @@
 """Commands for containers and the store's usage: run, create, start, cp, export, wait, exec,
-ps, stop, rm, diff, commit, logs, system df, info. (cli.py holds the parser and the image
+ps, stop, kill, rm, diff, commit, logs, system df, info. (cli.py holds the parser and the image
 commands.)"""
 
 from __future__ import annotations
@@ -118,6 +118,12 @@ def args_stop(s: argparse.ArgumentParser) -> None:
     s.add_argument("containers", metavar="CONTAINER", nargs="+")
 
 
+def args_kill(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-s", "--signal", default="KILL", metavar="SIGNAL",
+                   help="the signal, by name (KILL, SIGTERM) or number (default KILL)")
+    s.add_argument("containers", metavar="CONTAINER", nargs="+")
+
+
 def args_rm(s: argparse.ArgumentParser) -> None:
     s.add_argument("-f", "--force", action="store_true", help="stop running ones first")
     s.add_argument("containers", metavar="CONTAINER", nargs="+")
@@ -176,6 +182,7 @@ COMMANDS = {
     "exec": ("run a command in a running container", args_exec),
     "ps": ("list containers", args_ps),
     "stop": ("stop running containers", args_stop),
+    "kill": ("send a signal to running containers (default SIGKILL)", args_kill),
     "rm": ("remove containers", args_rm),
     "diff": ("list what a container changed (A added, C changed, D deleted)", args_diff),
     "commit": ("make an image of a container's changes", args_commit),
@@ -191,7 +198,7 @@ GROUPS = {
               "pull": "pull", "push": "push", "build": "build",
               "prune": ("system", "prune", "--only=images")},
     "container": {"ls": "ps", "list": "ps", "run": "run", "create": "create", "cp": "cp",
-                  "start": "start", "export": "export", "wait": "wait",
+                  "start": "start", "export": "export", "wait": "wait", "kill": "kill",
                   "exec": "exec", "stop": "stop",
                   "rm": "rm", "diff": "diff", "commit": "commit", "logs": "logs",
                   "inspect": "inspect", "prune": ("system", "prune", "--only=containers")},
@@ -389,6 +396,23 @@ def cmd_stop(args) -> int:
     for ref in args.containers:
         c = containers.get(ref)
         containers.stop(c, timeout=args.time)
+        print(ref)
+    return 0
+
+
+def cmd_kill(args) -> int:
+    import signal
+    from .containers import Containers
+    name = args.signal.upper()
+    try:
+        sig = int(name) if name.isdigit() else \
+            signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
+    except KeyError:
+        raise UsageError(f"--signal {args.signal}: not a signal", hint="KILL, TERM, HUP, 9, ...") \
+            from None
+    containers = Containers(store_of(args))
+    for ref in args.containers:
+        containers.kill(containers.get(ref), sig)
         print(ref)
     return 0
 

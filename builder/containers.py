@@ -196,6 +196,19 @@ class Containers:
             return "Exited (137) " + ago(c.finished or c.started or c.created)
         return f"Exited ({c.exit_code}) {ago(c.finished)}"
 
+    def kill(self, c: Container, sig: int) -> None:
+        """`docker kill`: `sig` to the container's PID 1 (SIGKILL: to the whole sandbox)."""
+        if not c.running():
+            raise UsageError(f"container {c.name} is not running")
+        from .sandbox import init_of
+        target = c.pid if sig == signal.SIGKILL else (init_of(c.pid) or c.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)
+        if sig == signal.SIGKILL:
+            deadline = time.time() + 5
+            while _start_ticks(c.pid) == c.pid_start and time.time() < deadline:
+                time.sleep(0.02)
+
     def stop(self, c: Container, timeout: float = 10) -> None:
         """SIGTERM to the container's PID 1 (which passes it on), SIGKILL after `timeout`."""
         if not c.running():

@@ -186,13 +186,25 @@ def fork_in_server(snap: Snapshot, spec: RunSpec, scratch: str, out_w: int, err_
 
 
 def init_of(sandbox_pid: int) -> int | None:
-    """The PID 1 of a running sandbox (B): the child of its first process (A)."""
+    """The PID 1 of a running sandbox (B): the child of its first process (A) that lives in
+    the sandbox's own PID namespace. (A's other child, with the fuse driver, is the FUSE
+    server, forked before the namespace: a signal or an exec meant for the container must
+    not reach it.)"""
+    try:
+        a_ns = os.readlink(f"/proc/{sandbox_pid}/ns/pid")
+    except OSError:
+        return None
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         fields = linux.proc_stat(int(entry))
-        if fields is not None and int(fields[1]) == sandbox_pid:
-            return int(entry)
+        if fields is None or int(fields[1]) != sandbox_pid:
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != a_ns:
+                return int(entry)
+        except OSError:
+            continue
     return None
 
 

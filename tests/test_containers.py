@@ -345,7 +345,17 @@ def test_logs_follow_until_the_container_stops_and_tail(walk):
     assert pybuild("logs", "--tail", "x", "talks", check=False).returncode == 2
     pybuild("run", "-d", "--name", "exits", "busybox:demo", "sh", "-c", "sleep 0.5; exit 7")
     assert pybuild("wait", "exits", "talks") == "7\n0\n"     # (docker wait)
-    pybuild("rm", "talks", "exits")
+    pybuild("run", "-d", "--name", "trapped", "busybox:demo", "sh", "-c",
+            'trap "exit 5" USR1; while true; do sleep 0.1; done')
+    time.sleep(0.3)
+    assert pybuild("kill", "-s", "USR1", "trapped") == "trapped\n"
+    assert pybuild("wait", "trapped") == "5\n"
+    pybuild("run", "-d", "--name", "killed", "busybox:demo", "sleep", "30")
+    pybuild("kill", "killed")                                  # SIGKILL by default
+    assert pybuild("wait", "killed") == "137\n"
+    again = pybuild("kill", "killed", check=False)
+    assert again.returncode == 2 and b"is not running" in again.stderr
+    pybuild("rm", "talks", "exits", "trapped", "killed")
 
 
 def test_run_v_mounts_a_directory_of_this_machine(walk, tmp_path):
