@@ -592,18 +592,19 @@ class Builder:
             return
         recipe = self._recipe(state, stage, plan, inputs, key)
         previous = self.recipes.load(position)
-        reason, details = explain.explain(previous, recipe, no_cache=no_cache,
-                                          parent_missed=stage.first_miss)
-        if stage.first_miss is None:
-            stage.first_miss = f"step {n}: {reason}"
-        self.emit(CacheMiss(n, reason, tuple(details)))
+        self._missed(stage, n, *explain.explain(previous, recipe, no_cache=no_cache,
+                                                parent_missed=stage.first_miss))
         layer = None
         if plan.kind in ("run", "copy", "workdir"):
             layer = self._filesystem_step(state, inst, plan, inputs, n,
                                           self._donor(plan, previous, diff_ids))
-        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position)
-        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
-                           layer_size=layer.size if layer else None))
+        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position, n, t0)
+
+    def _missed(self, stage: _StagePlan, n: int, reason: str, details: list[str]) -> None:
+        """Say why step `n` missed (the stage's first miss is what later misses point to)."""
+        if stage.first_miss is None:
+            stage.first_miss = f"step {n}: {reason}"
+        self.emit(CacheMiss(n, reason, tuple(details)))
 
     def _certain_miss(self, plan: steps.Plan, prefix: str | None, no_cache: bool,
                       position: str, diff_ids: list[str]) -> bool:
@@ -631,21 +632,18 @@ class Builder:
         """A certain miss (_certain_miss): the COPY runs, then its sources' digests make its
         key (most of them hashed by the copy itself: executor.py)."""
         # (No earlier build of the step, or --no-cache: the reason needs no recipe.)
-        reason, details = explain.explain(None, {}, no_cache=no_cache, parent_missed=None)
-        if stage.first_miss is None:
-            stage.first_miss = f"step {n}: {reason}"
-        self.emit(CacheMiss(n, reason, tuple(details)))
+        self._missed(stage, n, *explain.explain(None, {}, no_cache=no_cache, parent_missed=None))
         layer = self._filesystem_step(state, inst, plan, inputs, n)
         digest_deferred(self, inputs)
         key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
         recipe = self._recipe(state, stage, plan, inputs, key)
-        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position)
-        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
-                           layer_size=layer.size if layer else None))
+        self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position, n, t0)
 
     def _store_result(self, state, inst, stage: _StagePlan, plan: steps.Plan, layer, key: str,
-                      prefix: str | None, recipe: dict, position: str) -> None:
-        """A step that ran: its history entry and result, into the cache and the stage."""
+                      prefix: str | None, recipe: dict, position: str, n: int,
+                      t0: float) -> None:
+        """A step that ran (step `n`, started at `t0`): its history entry and result, into
+        the cache and the stage; then it is done."""
         runtime = steps.apply_to_copy(state.runtime, plan.apply)
         diff_ids = state.diff_ids()
         history = {"created": cachemod.now(self.opts.source_date_epoch),
@@ -665,6 +663,8 @@ class Builder:
         self._apply(state, result)
         with self._lock:
             self.steps_run += 1
+        self.emit(StepDone(n, time.monotonic() - t0, cached=False,
+                           layer_size=layer.size if layer else None))
 
     def _no_cache(self, stage: _StagePlan) -> bool:
         """--no-cache, or --no-cache-filter naming this stage (as BuildKit: by name)."""
