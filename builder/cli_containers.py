@@ -267,6 +267,9 @@ def cmd_cp(args) -> int:
     return 0
 
 
+WAIT_FOR_MONITOR = 3.0      # seconds: a stopped container's exit code, recorded by its monitor
+
+
 def cmd_wait(args) -> int:
     """`docker wait`: each container's exit code once it has stopped (a CI job that started
     its tests detached). A container that never ran is waited for as Docker does."""
@@ -275,13 +278,15 @@ def cmd_wait(args) -> int:
     containers = Containers(store_of(args))
     for ref in args.containers:
         c = containers.get(ref)
-        while True:
-            c = containers._load(c.id) or c
-            if c.status == "exited" and not c.running():
-                break
+        gone_since = None
+        while (c := containers._load(c.id) or c).status != "exited":
             if c.status == "running" and not c.running():
-                break                     # (its monitor died with it: kill -9)
-            time.sleep(0.1)
+                # Its process is gone: its monitor records the exit code a moment later,
+                # unless it died with it (kill -9), which a few seconds tell.
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > WAIT_FOR_MONITOR:
+                    break
+            time.sleep(0.05)
         print(137 if c.exit_code is None else c.exit_code)
     return 0
 
