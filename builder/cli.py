@@ -20,7 +20,7 @@ from . import __version__
 from . import cli_build, cli_containers, rootless
 from .cli_build import insecure_option
 from .cli_containers import store_of
-from .cli_format import ago, docker_time, parse_size, render_all, table
+from .cli_format import ago, docker_time, listing, parse_size, refuse_terminal
 from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
 
 
@@ -386,12 +386,9 @@ def _cmd_images(args) -> int:
     if args.quiet:
         for iid in ids:
             print(iid)
-    elif args.format:
-        print(render_all(args.format, rows, _IMAGE_HEADERS))
     else:
-        columns = ["Repository", "Tag", "ID", "CreatedSince", "Size"]
-        print(table([[_IMAGE_HEADERS[c] for c in columns]] +
-                    [[row[c] for c in columns] for row in rows]))
+        print(listing(rows, _IMAGE_HEADERS, ["Repository", "Tag", "ID", "CreatedSince", "Size"],
+                      args.format))
     return 0
 
 
@@ -432,7 +429,6 @@ _HISTORY_HEADERS = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREA
 def _cmd_history(args) -> int:
     from .image import chain_ids, short_id
     from .progress import human_size
-    from .cli_format import render_all
     store = store_of(args)
     img = store.resolve(args.image)
     human = args.human.lstrip("=").lower() not in ("false", "0")     # (-H=false too)
@@ -464,12 +460,9 @@ def _cmd_history(args) -> int:
                         "Comment": h.get("comment", "")})
     if args.quiet:
         print("\n".join(e["ID"] for e in entries))
-    elif args.format:
-        print(render_all(args.format, entries, _HISTORY_HEADERS))
     else:
-        columns = ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"]
-        print(table([[_HISTORY_HEADERS[c] for c in columns]] +
-                    [[e[c] for c in columns] for e in entries]))
+        print(listing(entries, _HISTORY_HEADERS,
+                      ["ID", "CreatedSince", "CreatedBy", "Size", "Comment"], args.format))
     return 0
 
 
@@ -580,8 +573,7 @@ def _cmd_save(args) -> int:
         from .outputs import write_output
         write_output(args.output, lambda f: archive.save(store, args.images, f))
     else:
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write an archive to a terminal", hint="use -o FILE")
+        refuse_terminal("use -o FILE")
         archive.save(store, args.images, sys.stdout.buffer)
         sys.stdout.flush()
     return 0

@@ -115,7 +115,7 @@ def args_build(s: argparse.ArgumentParser) -> None:
     for flags, what in _REFUSED:
         extra = {"action": "store_const", "const": "true"} if flags[-1] == "--squash" \
             else {"metavar": "VALUE"}                   # (--squash takes no value)
-        s.add_argument(*flags, dest=f"refused_{flags[-1][2:].replace('-', '_')}",
+        s.add_argument(*flags, dest=_refused_dest(flags),
                        help=f"refused: {what}", **extra)
     s.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="forward an ssh agent to RUN --mount=type=ssh,id=ID (default: the one of "
@@ -274,9 +274,14 @@ _REFUSED = (
 )
 
 
+def _refused_dest(flags: tuple[str, ...]) -> str:
+    """Where argparse keeps a refused option's value: `refused_memory_swap`."""
+    return "refused_" + flags[-1][2:].replace("-", "_")
+
+
 def _refused_options(args) -> None:
     for flags, what in _REFUSED:
-        if getattr(args, f"refused_{flags[-1][2:].replace('-', '_')}", None) is not None:
+        if getattr(args, _refused_dest(flags), None) is not None:
             raise UsageError(f"{flags[-1]} (docker build's classic builder) is not supported: "
                              f"{what}", hint=f"drop {flags[-1]} from the command line")
 

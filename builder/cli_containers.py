@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .cli_format import ago, render_all, table
+from .cli_format import ago, listing, refuse_terminal, table
 from .errors import PybuildError, UsageError
 
 
@@ -295,9 +295,7 @@ def cmd_export(args) -> int:
     from .container_cp import export
     store = store_of(args)
     if args.output is None:
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write an archive to a terminal",
-                             hint="use -o FILE, or redirect it")
+        refuse_terminal("use -o FILE, or redirect it")
         sys.stdout.flush()
         export(store, args.container, sys.stdout.fileno())
         return 0
@@ -351,12 +349,8 @@ def cmd_ps(args) -> int:
     headers = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND",
                "CreatedAt": "CREATED", "RunningFor": "CREATED", "Status": "STATUS",
                "Ports": "PORTS", "Names": "NAMES", "Size": "SIZE"}
-    if args.format:
-        print(render_all(args.format, rows, headers))
-        return 0
-    columns = ["ID", "Image", "Command", "CreatedAt", "Status", "Ports", "Names"] + \
-        (["Size"] if args.size else [])
-    print(table([[headers[k] for k in columns]] + [[r[k] for k in columns] for r in rows]))
+    print(listing(rows, headers, ["ID", "Image", "Command", "CreatedAt", "Status", "Ports",
+                                  "Names"] + (["Size"] if args.size else []), args.format))
     return 0
 
 

@@ -181,6 +181,22 @@ def render_all(template: str, objects: list, headers: dict[str, str]) -> str:
     return table(rows)
 
 
+def listing(rows: list[dict], headers: dict[str, str], columns: list[str],
+            template: str | None = None) -> str:
+    """A list command's output (images, history, ps): `rows` through the --format `template`
+    if one is given, else a table of `columns`, titled as `headers` names them."""
+    if template:
+        return render_all(template, rows, headers)
+    return table([[headers[c] for c in columns]] + [[r[c] for c in columns] for r in rows])
+
+
+def refuse_terminal(hint: str) -> None:
+    """An archive is not written to a terminal (save, export, cp ... -), as Docker refuses."""
+    import sys
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write an archive to a terminal", hint=hint)
+
+
 def _parse_action(m: re.Match) -> tuple[str | None, list[str]]:
     """An action's verb (json, index, or None) and its other words."""
     words = _WORD.findall(m.group(1))

@@ -36,6 +36,7 @@ import os
 import stat
 import sys
 
+from .cli_format import refuse_terminal
 from .errors import PybuildError, UsageError
 from .hashing import NOT_COPIED_XATTRS
 from .sandbox import SetupError        # (raised in the child: the parent is told the reason)
@@ -64,9 +65,8 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     if not src:
         raise UsageError("pybuild cp: the path in the container is empty",
                          hint="give it after the colon: CONTAINER:/path")
-    if dest == "-" and sys.stdout.isatty():
-        raise UsageError("refusing to write an archive to a terminal",
-                         hint="redirect it: pybuild cp CONTAINER:SRC - > files.tar")
+    if dest == "-":
+        refuse_terminal("redirect it: pybuild cp CONTAINER:SRC - > files.tar")
     if dest != "-":
         _check_dest(src, dest)
         dest = os.path.abspath(dest)        # (the child works from the store's dir)
