@@ -126,13 +126,18 @@ class StepCache:
         if self._legacy:
             return True
         try:
-            with open(os.path.join(self.prefix_dir, prefix[7:]), encoding="ascii") as f:
-                keys = f.read().split()
+            keys = self._listed(prefix[7:])
         except FileNotFoundError:
             return False
         except (OSError, ValueError):
             return True
         return any(os.path.exists(self._path(key)) for key in reversed(keys))   # newest first
+
+    def _listed(self, name: str) -> list[str]:
+        """The keys the prefix file `name` lists, oldest first (OSError, ValueError: none
+        there, or not readable)."""
+        with open(os.path.join(self.prefix_dir, name), encoding="ascii") as f:
+            return f.read().split()
 
     def _list_prefix(self, prefix: str, key: str) -> None:
         """Add `key` to the entries of `prefix` (after the entry is in place)."""
@@ -159,8 +164,7 @@ class StepCache:
                 continue
             path = os.path.join(self.prefix_dir, name)
             try:
-                with open(path, encoding="ascii") as f:
-                    keys = f.read().split()
+                keys = self._listed(name)
             except (OSError, ValueError):
                 continue
             live = [key for key in dict.fromkeys(keys) if os.path.exists(self._path(key))]

@@ -63,7 +63,7 @@ TABLE = "copied-3"      # in the layer's directory, beside diff/ and layer.json
 # numbers, the source path the COPY read it from (by which the next build finds the row),
 # and whether the layer's base holds the file (else its own diff dir does).
 INO, CTIME, SIZE, MTIME, PERM, UID, GID, GROUP = range(8)   # (INO, CTIME: the source's stamp)
-NUMBERS = 8
+_NUMBERS = 8
 
 
 class Table:
@@ -102,7 +102,7 @@ class Table:
         digests = other.digests
         self.digests += b"".join([digests[i * 32:i * 32 + 32] for i in rows])
         # (Whole rows of numbers, as bytes: one slice per row, not one item per number.)
-        raw, width = other.numbers.tobytes(), NUMBERS * other.numbers.itemsize
+        raw, width = other.numbers.tobytes(), _NUMBERS * other.numbers.itemsize
         self.numbers.frombytes(b"".join([raw[i * width:(i + 1) * width] for i in rows]))
         self.in_base += b"\1" * len(rows)
         self.sources += [other.sources[i] for i in rows]
@@ -138,7 +138,7 @@ class TableView:
 
     def attributes(self, target: str) -> tuple[int, int, int, int, int]:
         """(size, mtime_ns, mode bits, uid, gid) of the file at `target`."""
-        k = self.index[target] * NUMBERS
+        k = self.index[target] * _NUMBERS
         return tuple(self.table.numbers[k + SIZE:k + GID + 1])
 
 
@@ -163,7 +163,7 @@ def read_table(path: str) -> Table | None:
         return None
     n = len(table.targets)
     if not (len(table.digests) == 32 * n and len(table.in_base) == len(table.sources) == n
-            and len(numbers) == n * NUMBERS) or (table.dirs is not None
+            and len(numbers) == n * _NUMBERS) or (table.dirs is not None
                                                   and not isinstance(table.dirs, list)):
         return None
     return table
@@ -225,7 +225,7 @@ class Donor:
                     if i is None:
                         continue
                     st = e.st
-                    k = i * NUMBERS
+                    k = i * _NUMBERS
                     if numbers[k + SIZE] != st.st_size or numbers[k + MTIME] != st.st_mtime_ns \
                             or numbers[k + GROUP] != gi or not stat.S_ISREG(st.st_mode):
                         continue
@@ -237,7 +237,7 @@ class Donor:
 
     def row_is(self, i: int, target: str, perm: int, owner: tuple[int, int]) -> bool:
         """Is row `i` a file at `target` with `perm` and `owner`?"""
-        k = i * NUMBERS
+        k = i * _NUMBERS
         numbers = self.table.numbers
         return self.table.targets[i] == target and numbers[k + PERM] == perm \
             and numbers[k + UID] == owner[0] and numbers[k + GID] == owner[1]
@@ -249,7 +249,7 @@ class Donor:
 
     def item_of(self, i: int) -> tuple:
         """Row `i` as fileops' work item: (target, group, source path, mode, owner)."""
-        k = i * NUMBERS
+        k = i * _NUMBERS
         numbers = self.table.numbers
         return (self.table.targets[i], numbers[k + GROUP], self.table.sources[i],
                 numbers[k + PERM], (numbers[k + UID], numbers[k + GID]))

@@ -462,22 +462,13 @@ class _CopyRecord:
 
     def teach(self, ctx, sources) -> None:
         """Tell the build context the digests the copy made of its files (fileops.CopyOp's
-        hash_content), for the step's key: each where the source file still has the stat
-        the build walked (size, times, inode) and its row recorded."""
+        hash_content), for the step's key. A row is only recorded for a file copied exactly
+        as the build walked it (fileops._Copier._copy_file: same size and times at the end,
+        no xattrs), with the stat of that walk: the stat `sources` hold."""
         stats = {e.src: e.st for s in sources for e in s.entries}
         t = self.table
-        numbers = t.numbers.tolist()
-        digests = t.digests
-        learnt = []
-        for i, src in enumerate(t.sources):
-            st = stats.get(src)
-            k = i * donors.NUMBERS
-            if st is not None and st.st_ino == numbers[k + donors.INO] and \
-                    st.st_ctime_ns == numbers[k + donors.CTIME] and \
-                    st.st_size == numbers[k + donors.SIZE] and \
-                    st.st_mtime_ns == numbers[k + donors.MTIME]:
-                learnt.append((src, st, digests[i * 32:i * 32 + 32].hex()))
-        ctx.learn(learnt)
+        ctx.learn([(src, stats[src], t.digests[i * 32:i * 32 + 32].hex())
+                   for i, src in enumerate(t.sources) if src in stats])
 
     def view(self) -> donors.TableView | None:
         """The rows by target, for the commit (None if there are none)."""
