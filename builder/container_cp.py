@@ -49,10 +49,13 @@ class CopyOutError(PybuildError):
 
 def split_container_path(arg: str) -> tuple[str, str] | None:
     """(container, path) of `NAME:PATH`, or None for a host path (absolute, or ./ relative,
-    or without a colon), as Docker tells them apart."""
+    or without a colon), as Docker tells them apart; an empty PATH is refused."""
     if arg.startswith(("/", ".")) or ":" not in arg:
         return None
     name, _, path = arg.partition(":")
+    if not path:
+        raise UsageError("pybuild cp: the path in the container is empty",
+                         hint="give it after the colon: CONTAINER:/path")
     return name, path
 
 
@@ -62,9 +65,6 @@ def copy_out(store, ref: str, src: str, dest: str, *, follow: bool = False,
     from .containers import Containers
     containers = Containers(store)
     c = containers.get(ref)
-    if not src:
-        raise UsageError("pybuild cp: the path in the container is empty",
-                         hint="give it after the colon: CONTAINER:/path")
     if dest == "-":
         refuse_terminal("redirect it: pybuild cp CONTAINER:SRC - > files.tar")
     if dest != "-":
@@ -121,9 +121,6 @@ def copy_in(store, src: str, ref: str, dest: str, *, follow: bool = False,
     from .store import lock as store_lock
     containers = Containers(store)
     c = containers.get(ref)
-    if not dest:
-        raise UsageError("pybuild cp: the path in the container is empty",
-                         hint="give it after the colon: CONTAINER:/path")
     if src != "-" and not os.path.lexists(src):
         raise UsageError(f"pybuild cp: no such file or directory: {src}")
     if src == "-" and sys.stdin.isatty():
@@ -172,31 +169,14 @@ def _copy_into(root: str, src: str, dest: str, *, follow: bool, archive: bool) -
     if src == "-":
         _untar_into(paths.resolve_in_root(root, dest), dest)
         return
-    contents_only = src.endswith("/.")
-    name = os.path.basename(src.rstrip("/").removesuffix("/."))
     st = os.stat(src) if follow else os.lstat(src)
-    host = paths.resolve_in_root(root, dest)      # (the container's symlinks, inside it)
-    existing = _lstat(host)
+    called = "" if src.endswith("/.") else os.path.basename(src.rstrip("/"))
+    # (DEST: the container's symlinks followed inside its root; the result has none left.)
+    target = _target(stat.S_ISDIR(st.st_mode), called, paths.resolve_in_root(root, dest), dest,
+                     " in the container")
     if stat.S_ISDIR(st.st_mode):
-        if existing is not None and stat.S_ISDIR(existing.st_mode):
-            target = host if contents_only else os.path.join(host, name)
-        elif existing is not None:
-            raise SetupError(f"cannot copy a directory to the file {dest} in the container")
-        elif not os.path.isdir(os.path.dirname(host)):
-            raise SetupError(f"the directory {os.path.dirname(dest.rstrip('/')) or '/'} is not "
-                             "in the container")
-        else:
-            target = host
         _copy_tree(os.path.realpath(src) if follow else src, target, archive, keep_setid=True)
         return
-    if existing is not None and stat.S_ISDIR(existing.st_mode):
-        target = os.path.join(host, name)
-    elif dest.endswith("/"):
-        raise SetupError(f"the directory {dest} is not in the container")
-    elif not os.path.isdir(os.path.dirname(host)):
-        raise SetupError(f"the directory {os.path.dirname(dest) or '/'} is not in the container")
-    else:
-        target = host
     w = _Writer(archive, keep_setid=True)
     w.entry(os.path.realpath(src) if follow else src, st, target)
     w.done()
@@ -251,21 +231,31 @@ def _copy(root: str, src: str, dest: str, *, follow: bool, archive: bool) -> Non
     if dest == "-":
         _tar_to(sys.stdout.fileno(), host, called or ".")
         return
-    if stat.S_ISDIR(st.st_mode):
-        if os.path.isdir(dest):
-            target_dir = os.path.join(dest, called) if called else dest
-        elif os.path.lexists(dest):
-            raise SetupError(f"cannot copy a directory to the file {dest}")
-        else:
-            target_dir = dest
-        _copy_tree(host, target_dir, archive)
-        return
-    target = os.path.join(dest, name) if os.path.isdir(dest) else dest
-    if src.endswith("/"):
+    if not stat.S_ISDIR(st.st_mode) and src.endswith("/"):
         raise SetupError(f"{src} is not a directory in the container")
+    target = _target(stat.S_ISDIR(st.st_mode), called, dest, dest, "")
+    if stat.S_ISDIR(st.st_mode):
+        _copy_tree(host, target, archive)
+        return
     w = _Writer(archive)
     w.entry(host, st, target)
     w.done()
+
+
+def _target(is_dir: bool, called: str, path: str, shown: str, where: str) -> str:
+    """Where SRC goes by Docker's rules, `path` being DEST (`shown` as it was written, in
+    `where`: "" here, " in the container"): into it if it is a directory (as `called`, or
+    its contents when that is empty), else `path` itself, whose directory must exist."""
+    if os.path.isdir(path):
+        return os.path.join(path, called) if called else path
+    if is_dir and os.path.lexists(path):
+        raise SetupError(f"cannot copy a directory to the file {shown}{where}")
+    if not is_dir and shown.endswith("/"):
+        raise SetupError(f"the directory {shown} is not{where or ' there'}")
+    if not os.path.isdir(os.path.dirname(path.rstrip("/"))):
+        raise SetupError(f"the directory {os.path.dirname(shown.rstrip('/')) or '/'} is "
+                         f"not{where or ' there'}")
+    return path
 
 
 def _copy_tree(top: str, target: str, archive: bool, keep_setid: bool = False) -> None:
