@@ -88,8 +88,8 @@ def start(store: Store, ref: str, *, attach: bool = False, interactive: bool = F
     containers = Containers(store)
     c = containers.get(ref)
     if c.running():
-        return 0
-    # (Held until it runs, and in the foreground while it runs: a cp into it waits or is told.)
+        return 0                # (not waiting for the lock: a running one may hold it)
+    # (Held until it runs, and in the foreground while it runs: a cp into it is told so.)
     with store_lock.locked(containers.lock_path(c)):
         c = containers._load(c.id) or c
         if c.running():

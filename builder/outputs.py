@@ -64,14 +64,15 @@ def write_archive(store, image, dest: str) -> None:
     write_output(dest, lambda f: archive.save(store, [image.id], f))
 
 
-def write_output(dest: str, fill) -> None:
+def write_output(dest: str, fill, made: str | None = None) -> None:
     """`fill(file)` writes the file `dest` a user named (`-o`, `--output dest=`).
 
     A new or regular file is written beside it first and renamed into place,
-    so a failure leaves no half-written `dest`. Anything else already there is
-    written as it is, never replaced: a pipe or FIFO (`-o >(gzip > x.gz)`),
-    `/dev/stdout` (a symlink in /dev, which a rename would replace with the
-    archive), a device, or a symlink to a file.
+    so a failure leaves no half-written `dest` (or `made`, a finished file on
+    the same file system, is renamed there, when it can be). Anything else
+    already there is written as it is, never replaced: a pipe or FIFO
+    (`-o >(gzip > x.gz)`), `/dev/stdout` (a symlink in /dev, which a rename
+    would replace with the archive), a device, or a symlink to a file.
     """
     try:
         st = os.lstat(dest)
@@ -81,6 +82,12 @@ def write_output(dest: str, fill) -> None:
         with open(dest, "wb") as f:
             fill(f)
         return
+    if made is not None:
+        try:
+            os.replace(made, dest)
+            return
+        except OSError:
+            pass                           # (another file system: written instead)
     tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -116,10 +123,4 @@ def write_rootfs_tar(store, image, dest: str) -> None:
             copy_to(sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
-            write_output(dest, copy_to)       # (a pipe, /dev/stdout: written, not replaced)
-            return
-        try:
-            os.replace(tar_path, dest)         # (the store and dest on one file system)
-        except OSError:
-            write_output(dest, copy_to)
+        write_output(dest, copy_to, made=tar_path)
