@@ -326,11 +326,11 @@ def cmd_ps(args) -> int:
     from .progress import human_size
     store = store_of(args)
     containers = Containers(store)
-    wanted = _ps_filters(args.filter)
+    wanted = _ps_filters(store, args.filter)
     # (A status asked for is looked for among stopped containers too, as Docker does.)
     listed = [c for c in containers.list(all=args.all or "status" in wanted or
                                          "exited" in wanted)
-              if _ps_matches(store, containers, c, wanted)]
+              if _ps_matches(c, wanted)]
     if args.quiet:
         for c in listed:
             print(c.id if args.no_trunc else c.short_id)
@@ -357,8 +357,9 @@ def cmd_ps(args) -> int:
 _PS_FILTERS = ("status", "name", "id", "ancestor", "exited")
 
 
-def _ps_filters(specs: list[str]) -> dict[str, list[str]]:
-    """`-f KEY=VALUE` of `pybuild ps`, by key (as `docker ps -f`)."""
+def _ps_filters(store, specs: list[str]) -> dict[str, list[str]]:
+    """`-f KEY=VALUE` of `pybuild ps`, by key (as `docker ps -f`); an ancestor given by a
+    name or ID the store knows is also taken as its image ID (resolved once, here)."""
     wanted: dict[str, list[str]] = {}
     for spec in specs:
         key, eq, value = spec.partition("=")
@@ -366,27 +367,24 @@ def _ps_filters(specs: list[str]) -> dict[str, list[str]]:
             raise UsageError(f"ps --filter {spec!r}: not a filter pybuild has",
                              hint="status=..., name=..., id=..., ancestor=..., exited=CODE")
         wanted.setdefault(key, []).append(value)
+        if key == "ancestor":
+            try:
+                wanted[key].append(store.resolve(value).id)
+            except PybuildError:
+                pass
     return wanted
 
 
-def _ps_matches(store, containers, c, wanted: dict[str, list[str]]) -> bool:
+def _ps_matches(c, wanted: dict[str, list[str]]) -> bool:
     status = "running" if c.running() else ("created" if c.status == "created" else "exited")
     tests = {
         "status": lambda v: v == status,
         "name": lambda v: v in c.name,
         "id": lambda v: c.id.startswith(v.lower()),
-        "ancestor": lambda v: v in (c.image, c.image_id, c.image_id[7:19]) or
-        _resolves_to(store, v, c.image_id),
+        "ancestor": lambda v: v in (c.image, c.image_id, c.image_id[7:19]),
         "exited": lambda v: status == "exited" and str(c.exit_code) == v,
     }
     return all(any(tests[key](v) for v in values) for key, values in wanted.items())
-
-
-def _resolves_to(store, name: str, image_id: str) -> bool:
-    try:
-        return store.resolve(name).id == image_id
-    except PybuildError:
-        return False
 
 
 def cmd_stop(args) -> int:
