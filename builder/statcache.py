@@ -133,15 +133,11 @@ class StatCache:
         return None
 
     def put(self, rel: str, st: os.stat_result, digest: str, xattrs: str) -> None:
-        if not settled(max(st.st_mtime_ns, st.st_ctime_ns)):
-            return
-        with self._lock:
-            self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                                 xattrs)
-            self._changed = True
+        self.put_many([(rel, st, digest, xattrs)])
 
     def put_many(self, items) -> None:
-        """put() of each (rel, stat, digest, xattr digest) of `items`."""
+        """Keep each (rel, stat, digest, xattr digest) of `items`, except files changed within
+        the last two seconds (settled())."""
         recent = time.time_ns() - _RACY_NS
         with self._lock:
             table = self._load()
