@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
 import stat
@@ -13,6 +15,7 @@ import pytest
 
 from builder.errors import LayerError
 from builder.layer import diff, extract, whiteout
+from builder.store import direct
 
 
 class Sink:
@@ -368,3 +371,105 @@ def test_chain_ids_from_many_threads_at_once():
     finally:
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+@pytest.mark.parametrize("rate", ["kept", "too slow"])
+@pytest.mark.parametrize("size", [0, 100, direct.CHUNK, direct.JUDGED_AFTER + 12345, 3 * direct.JUDGED_AFTER + 7])
+def test_direct_file_writes_every_byte_in_order_whether_it_stays_direct_or_not(tmp_path, monkeypatch,
+                                                                             size, rate):
+    """Written past the page cache in aligned chunks, the tail and whatever follows a switch
+    to the page cache (a disk slower than DIRECT_MIN_RATE) through it: the same bytes."""
+    # (Any disk is slower than 1 PB/s, and faster than 0.)
+    monkeypatch.setattr(direct, "DIRECT_MIN_RATE", 1e15 if rate == "too slow" else 0)
+    data = os.urandom(size)
+    path = tmp_path / "blob"
+    f = direct.DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    was_direct = f.direct
+    for i in range(0, size, 1000003):          # pieces that never line up with a chunk
+        f.write(data[i:i + 1000003])
+    still_direct = f.direct
+    f.close()
+    assert path.read_bytes() == data
+    assert f.closed
+    if was_direct and size > direct.JUDGED_AFTER:
+        assert still_direct == (rate == "kept")   # judged once, on the first 16 MB
+
+
+def test_direct_file_falls_back_where_the_file_system_refuses_o_direct(tmp_path, monkeypatch):
+    """EINVAL from a direct write (a file system without O_DIRECT, an alignment it does not
+    take): what the chunk held goes through the page cache, nothing twice, nothing lost."""
+    real_write = os.write
+    calls = []
+
+    def refusing(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+    data = os.urandom(2 * direct.CHUNK + 99)
+    path = tmp_path / "blob"
+    f = direct.DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    monkeypatch.setattr(direct.os, "write", refusing)
+    f.write(data)
+    f.close()
+    assert path.read_bytes() == data
+    if calls and calls[0] == direct.CHUNK:
+        assert not f.direct
+
+
+def test_a_committed_blob_is_the_same_whether_written_direct_or_not(tmp_path):
+    """The store's writer with and without O_DIRECT: same digest, same file, and an aborted
+    one leaves no temp file."""
+    from builder.store.blobs import BlobStore
+    (tmp_path / "blobs" / "sha256").mkdir(parents=True)
+    (tmp_path / "tmp").mkdir()
+    store = BlobStore(str(tmp_path), str(tmp_path / "tmp"))
+    data = os.urandom(direct.JUDGED_AFTER + 5000)
+    digests = []
+    for flag in (False, True):
+        with store.writer(direct=flag) as w:
+            w.write(data[:7])
+            w.write(data[7:])
+            digests.append(w.commit())
+    assert digests[0] == digests[1] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert open(store.path(digests[0]), "rb").read() == data
+    with store.writer(direct=True) as w:
+        w.write(data)
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("offset,length", [(0, 0), (0, 10), (4095, 2), (5000, 2 * direct.CHUNK),
+                                           (0, 2 * direct.CHUNK + 5), (100, 2 * direct.CHUNK + 4900)])
+def test_read_range_gives_the_bytes_asked_for_from_the_cache_or_past_it(tmp_path, cached,
+                                                                        offset, length):
+    """Every range of a blob, at any offset, aligned or not, to its last byte: read past the
+    page cache where the blob is not in it (written by DirectFile), through it where it is."""
+    data = os.urandom(2 * direct.CHUNK + 5000)
+    path = tmp_path / "blob"
+    if cached:
+        path.write_bytes(data)
+    else:
+        f = direct.DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        went_direct = f.direct
+        f.write(data)
+        f.close()
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # (the tail went through it)
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = direct._direct_reader(fd, offset)
+        if reader is not None:
+            os.close(reader)
+        if cached:
+            assert reader is None
+        elif went_direct and hasattr(os, "RWF_NOWAIT"):
+            assert reader is not None
+        got = b"".join(bytes(p) for p in direct.read_range(fd, offset, length))
+        assert got == data[offset:offset + length]
+        with pytest.raises(OSError, match="ends early"):
+            for _ in direct.read_range(fd, len(data) - 10, 11):
+                pass
+    finally:
+        os.close(fd)

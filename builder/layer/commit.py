@@ -49,7 +49,7 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     base = _spliceable(store, stacked_on[0], clamp_mtime) \
         if stacked_on and segmented and digests is not None else None
     try:
-        with store.blobs.writer() as blob, (
+        with store.blobs.writer(direct=True) as blob, (
                 segments.SegmentedSink(blob, donor) if segmented
                 else compress.LayerSink(blob, algorithm=compression)) as sink:
             segmenter = segments.Segmenter(sink, digests, mapped) if segmented else None

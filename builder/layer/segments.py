@@ -43,6 +43,7 @@ import zlib
 
 import isal
 
+from ..store import direct
 from . import compress, resumable, tarformat
 
 INDEX = "segments"          # in the layer's directory, beside diff/ and layer.json
@@ -336,14 +337,8 @@ class SegmentedSink(compress.LayerSink):
         kind = item[0]
         if kind == "copy":                       # (from the donor's blob, or another's)
             _, signature, tar_size, (offset, size), fd = item[:5]
-            end = offset + size
-            while offset < end:
-                data = os.pread(fd, min(compress._FLUSH_AT, end - offset), offset)
-                if not data:
-                    raise OSError(f"the layer blob a member is copied from ends early "
-                                  f"(at byte {offset})")
-                self.out.write(data)
-                offset += len(data)
+            for piece in direct.read_range(fd, offset, size):
+                self.out.write(piece)
             self.members.append((signature, tar_size, size))
         else:
             _, signature, tar_size = item[:3]

@@ -13,6 +13,7 @@ import os
 import re
 
 from ..errors import StoreError
+from .direct import DirectFile, read_range
 from .lock import new_temp_file
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -61,9 +62,10 @@ class BlobStore:
                 os.unlink(tmp)
         return digest
 
-    def writer(self) -> "BlobWriter":
-        """A file-like sink that hashes as it writes; commit() verifies and renames."""
-        return BlobWriter(self)
+    def writer(self, direct: bool = False) -> "BlobWriter":
+        """A file-like sink that hashes as it writes; commit() verifies and renames.
+        `direct`: past the page cache while the disk keeps up (direct.py), for big blobs."""
+        return BlobWriter(self, direct)
 
     def put_file(self, tmp_path: str, digest: str) -> None:
         """Install a temp file (already hashed by the caller) under `digest`."""
@@ -109,10 +111,10 @@ class BlobStore:
 class BlobWriter:
     """Streams bytes to a temp file while hashing them."""
 
-    def __init__(self, blobs: BlobStore):
+    def __init__(self, blobs: BlobStore, direct: bool = False):
         self.blobs = blobs
         fd, self.tmp = new_temp_file(blobs.tmp_dir, "blob-")
-        self.f = os.fdopen(fd, "wb")
+        self.f = DirectFile(fd) if direct else os.fdopen(fd, "wb")
         self.hash = hashlib.sha256()
         self.size = 0
         self.new = False
@@ -128,12 +130,17 @@ class BlobWriter:
         0), whose hash (`hash_state`, a resumable.Sha256 of them) the caller has: copied
         in the kernel (fileops.copy_data, a reflink where the file system has them),
         neither read nor hashed here. Only before the first write()."""
-        from ..fileops import copy_data       # (only a spliced COPY commit comes here)
         if self.size:
             raise ValueError("resume() after a write")
-        self.f.flush()
-        if copy_data(fd, self.f.fileno(), length):
-            raise OSError("the blob a layer's first members come from ends early")
+        if isinstance(self.f, DirectFile) and self.f.direct:
+            # (A blob DirectFile wrote is read past the page cache too, unless it is there.)
+            for piece in read_range(fd, 0, length):
+                self.f.write(piece)
+        else:
+            from ..fileops import copy_data   # (only a spliced COPY commit comes here)
+            self.f.flush()
+            if copy_data(fd, self.f.fileno(), length):
+                raise OSError("the blob a layer's first members come from ends early")
         self.hash = hash_state
         self.size = length
 
@@ -153,7 +160,9 @@ class BlobWriter:
         return digest
 
     def abort(self) -> None:
-        if not self.f.closed:
+        if isinstance(self.f, DirectFile):
+            self.f.discard()
+        elif not self.f.closed:
             self.f.close()
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
