@@ -235,15 +235,16 @@ class SegmentedSink(compress.LayerSink):
         self.tar_size += sum(m[1] for m in members)
 
     def add_member(self, tar: bytes, fd: int, offset: int, size: int,
-                   signature: str | None) -> None:
+                   signature: str | None, blob: bytes | None = None) -> None:
         """Add a whole member of another layer's blob as it is: the `size` bytes at `offset`
-        of the blob open at `fd`, and `tar`, the bytes it holds (the caller has them:
-        splice.py). Only where the stream was just cut (a Segmenter's since-cut count is 0)."""
+        of the blob open at `fd` (or `blob`, those bytes, if the caller has read them), and
+        `tar`, the bytes it holds (the caller has them: splice.py). Only where the stream
+        was just cut (a Segmenter's since-cut count is 0)."""
         self._flush()
         if self._member_tar or self._pieces:
             raise ValueError("add_member() inside a member")
         self.tar_size += len(tar)
-        self._compress.put(("member", tar, signature, (offset, size), fd))
+        self._compress.put(("member", tar, signature, (offset, size), fd, blob))
 
     def _flush(self, last: bool = False) -> None:
         if not self._pieces:
@@ -275,7 +276,7 @@ class SegmentedSink(compress.LayerSink):
         if found is not None:
             for piece in self._held:
                 self._compress.put(("hash", piece))
-            self._compress.put(("copy", signature, self._member_tar, found, self.donor.fd))
+            self._compress.put(("copy", signature, self._member_tar, found, self.donor.fd, None))
             self.reused += 1
         else:
             if self._held:
@@ -310,9 +311,9 @@ class SegmentedSink(compress.LayerSink):
                 self.diff_hash.update(item[1])
                 return
             if kind == "member":                 # copied from its blob by the writing thread
-                _, tar, signature, where, fd = item
+                _, tar, signature, where, fd, blob = item
                 self.diff_hash.update(tar)
-                item = ("copy", signature, len(tar), where, fd)
+                item = ("copy", signature, len(tar), where, fd, blob)
             elif kind == "cut":
                 out = self._compressor.flush()
                 self._compressor = compress._compressor("gzip")
@@ -336,9 +337,12 @@ class SegmentedSink(compress.LayerSink):
             return
         kind = item[0]
         if kind == "copy":                       # (from the donor's blob, or another's)
-            _, signature, tar_size, (offset, size), fd = item[:5]
-            for piece in direct.read_range(fd, offset, size):
-                self.out.write(piece)
+            _, signature, tar_size, (offset, size), fd, blob = item[:6]
+            if blob is not None:
+                self.out.write(blob)
+            else:
+                for piece in direct.read_range(fd, offset, size):
+                    self.out.write(piece)
             self.members.append((signature, tar_size, size))
         else:
             _, signature, tar_size = item[:3]

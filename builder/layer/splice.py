@@ -45,6 +45,7 @@ import marshal
 import os
 import struct
 
+from ..store import direct
 from . import basetar, diff, resumable, segments, tarformat
 
 MAP = "tar-map"                  # in the layer's directory, beside diff/ and segments
@@ -89,6 +90,7 @@ class Base:
             self.tar_at.append(self.tar_at[-1] + tar_size)
             self.blob_at.append(self.blob_at[-1] + blob_size)
         self.tar_fd = self.tar_writer = None
+        self.last_blob: tuple[int, bytes] | None = None     # (member, its blob bytes): tar()
 
     def consistent(self) -> bool:
         """Do the map's entries add up to each member's tar bytes (the last one's with the
@@ -153,7 +155,11 @@ class Base:
             self.tar_fd = None
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.layer_dir, basetar.TAR))
-        blob = _pread_exactly(self.fd, self.members[k][2], self.blob_at[k])
+        # (Past the page cache unless it holds the blob: a blob is written past it, and read
+        # here once, to make the base's tar; the writing thread gets the bytes, blob_read.)
+        blob = b"".join([bytes(piece) for piece in
+                         direct.read_range(self.fd, self.blob_at[k], self.members[k][2])])
+        self.last_blob = (k, blob)
         tar = segments.compress.isal_zlib.decompress(blob, segments.compress._GZIP_WBITS)
         if len(tar) != tar_size:
             raise OSError(f"a member of the layer blob a commit is spliced from holds "
@@ -161,6 +167,11 @@ class Base:
         if self.tar_writer is not None:
             self.tar_writer.add(tar)
         return tar
+
+    def blob_read(self, k: int) -> bytes | None:
+        """Member k's blob bytes, if tar(k) has just read them (else None)."""
+        last, self.last_blob = self.last_blob, None
+        return last[1] if last is not None and last[0] == k else None
 
     def keep_tar(self) -> None:
         """The commit succeeded: install the tar written on the way, if one was."""
@@ -271,7 +282,8 @@ def write_spliced(upper: str, sink: segments.SegmentedSink, seg: segments.Segmen
         start, end = base.starts[k], base.starts[k + 1]
         if in_step and k not in by_member:
             signature, _, blob_size = base.members[k]
-            sink.add_member(base.tar(k), base.fd, base.blob_at[k], blob_size, signature)
+            tar = base.tar(k)
+            sink.add_member(tar, base.fd, base.blob_at[k], blob_size, signature, base.blob_read(k))
             stats.entries += end - start
             stats.content_bytes += sum(base.sizes[start:end])
         else:
