@@ -9,7 +9,8 @@ its commit), while the same bytes written with O_DIRECT went at 1.4-2.1 GB/s
 for almost no CPU. A slow disk is the opposite case: there the page cache
 absorbs the write and the kernel flushes it later. So DirectFile writes
 directly while the device takes at least DIRECT_MIN_RATE, measured over the
-first writes, and through the page cache otherwise, and wherever the file
+first writes (once per file system and process), and through the page cache
+otherwise, and wherever the file
 system refuses O_DIRECT (EINVAL: tmpfs before Linux 6.6, some FUSE and
 network file systems).
 
@@ -32,6 +33,7 @@ CHUNK = 4 << 20             # bytes per direct write: a multiple of any block si
 JUDGED_AFTER = 16 << 20     # bytes written directly before the rate is judged
 DIRECT_MIN_RATE = 800e6     # bytes per second: slower than this, the page cache does better
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_slow_devices: set[int] = set()     # st_dev of file systems judged too slow, in this process
 
 
 class DirectFile:
@@ -44,7 +46,8 @@ class DirectFile:
         self._used = 0
         self._direct_bytes = 0
         self._direct_seconds = 0.0
-        if _O_DIRECT:
+        self._device = os.fstat(fd).st_dev
+        if _O_DIRECT and self._device not in _slow_devices:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
                 self._buf = mmap.mmap(-1, CHUNK)
@@ -93,6 +96,7 @@ class DirectFile:
         self._direct_seconds += time.perf_counter() - t0
         if self._direct_bytes == JUDGED_AFTER and \
                 self._direct_bytes < DIRECT_MIN_RATE * self._direct_seconds:
+            _slow_devices.add(self._device)      # (the next blobs there start buffered)
             self._to_buffered()
 
     def _to_buffered(self, start: int = 0) -> None:
