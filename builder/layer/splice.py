@@ -145,7 +145,8 @@ class Base:
         """Member k's tar bytes, checked against its gzip trailer (CRC-32 and length)."""
         tar_size = self.members[k][1]
         if self.tar_fd is not None:
-            tar = _pread_exactly(self.tar_fd, tar_size, self.tar_at[k])
+            tar = b"".join([bytes(piece) for piece in
+                            direct.read_range(self.tar_fd, self.tar_at[k], tar_size)])
             trailer = _pread_exactly(self.fd, 8, self.blob_at[k + 1] - 8)
             if struct.unpack("<II", trailer) == (segments.compress.isal_zlib.crc32(tar),
                                                  tar_size & 0xFFFFFFFF):
