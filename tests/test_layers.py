@@ -478,3 +478,35 @@ def test_read_range_gives_the_bytes_asked_for_from_the_cache_or_past_it(tmp_path
                 pass
     finally:
         os.close(fd)
+
+
+def test_members_read_ahead_come_in_order_and_errors_reach_the_caller(tmp_path, monkeypatch):
+    """splice's read-ahead: each member's bytes from the file they were asked from, never
+    more than AHEAD_BYTES held; a member asked out of order or from another file is read
+    by the caller; a read that fails fails take() for that member."""
+    from builder.layer import splice
+    monkeypatch.setattr(splice, "AHEAD_BYTES", 3000)
+    data = os.urandom(10000)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        ranges = [(fd, i * 1000, 1000) for i in range(10)]
+        ahead = splice._MembersAhead(5, ranges[:8])          # members 5..12
+        for k in range(5, 13):
+            assert ahead.take(k, fd) == data[(k - 5) * 1000:(k - 4) * 1000]
+            assert ahead._held <= 3000
+        assert ahead.take(13, fd) is None                       # past the last: none
+        ahead.close()
+        ahead = splice._MembersAhead(0, ranges)
+        assert ahead.take(2, fd) == data[2000:3000]             # 0 and 1 never asked for
+        assert ahead.take(2, fd) is None                        # (3 came: stopped)
+        assert not ahead._thread.is_alive()
+        ahead = splice._MembersAhead(0, ranges)
+        assert ahead.take(0, fd + 1000) is None                 # another file's member
+        ahead.close()
+        ahead = splice._MembersAhead(0, [(fd, 9500, 1000)])     # past the end of the file
+        with pytest.raises(OSError, match="ends early"):
+            ahead.take(0, fd)
+        ahead.close()
+    finally:
+        os.close(fd)
