@@ -296,7 +296,7 @@ class _MembersAhead:
         self._thread.join()
 
 
-AHEAD_BYTES = 16 << 20      # member bytes read ahead at most (but always the next member)
+AHEAD_BYTES = 4 << 20       # member bytes read ahead at most (but always the next member)
 
 
 def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
