@@ -1,4 +1,4 @@
-"""Writing a layer blob past the page cache (O_DIRECT), while the disk keeps up.
+"""Writing layer blobs (and base tars) past the page cache (O_DIRECT), while the disk keeps up.
 
 A blob is written once and read rarely (a push, a save, the next build of
 its COPY): kept in the page cache, it only pushes out the files the next
@@ -9,10 +9,10 @@ its commit), while the same bytes written with O_DIRECT went at 1.4-2.1 GB/s
 for almost no CPU. A slow disk is the opposite case: there the page cache
 absorbs the write and the kernel flushes it later. So DirectFile writes
 directly while the device takes at least DIRECT_MIN_RATE, measured over the
-first writes (once per file system and process), and through the page cache
-otherwise, and wherever the file
-system refuses O_DIRECT (EINVAL: tmpfs before Linux 6.6, some FUSE and
-network file systems).
+first writes (once per file system and process); through the page cache
+otherwise, and wherever the file system refuses O_DIRECT (EINVAL: tmpfs
+before Linux 6.6, some FUSE and network file systems). read_range() reads
+such files back the same way, unless they are in the page cache after all.
 
 O_DIRECT wants the buffer, the length and the file offset aligned to the
 device's block: bytes are gathered in a page-aligned buffer (an anonymous
@@ -171,11 +171,11 @@ def read_range(fd: int, offset: int, length: int):
     end = offset + length
     direct_fd = _direct_reader(fd, offset) if length > 0 else None
     if direct_fd is not None:
-        buf = mmap.mmap(-1, CHUNK)
+        at = offset - offset % _BLOCK          # aligned; the bytes before `offset` are skipped
+        buf = mmap.mmap(-1, min(CHUNK, -(-(end - at) // _BLOCK) * _BLOCK))
         try:
-            at = offset - offset % _BLOCK      # aligned; the bytes before `offset` are skipped
             while offset < end:
-                want = min(CHUNK, -(-(end - at) // _BLOCK) * _BLOCK)
+                want = min(len(buf), -(-(end - at) // _BLOCK) * _BLOCK)
                 try:
                     got = os.preadv(direct_fd, [memoryview(buf)[:want]], at)
                 except OSError as e:
