@@ -127,9 +127,10 @@ class BlobWriter:
 
     def resume(self, fd: int, length: int, hash_state) -> None:
         """Begin the blob with the first `length` bytes of the file open at `fd` (at offset
-        0), whose hash (`hash_state`, a resumable.Sha256 of them) the caller has: copied
-        in the kernel (fileops.copy_data, a reflink where the file system has them),
-        neither read nor hashed here. Only before the first write()."""
+        0), whose hash (`hash_state`, a resumable.Sha256 of them) the caller has: not
+        hashed here, and copied in the kernel (fileops.copy_data, a reflink where the
+        file system has them), or, by a writer past the page cache, read past it
+        (direct.read_range) unless it holds them. Only before the first write()."""
         if self.size:
             raise ValueError("resume() after a write")
         if isinstance(self.f, DirectFile) and self.f.direct:
