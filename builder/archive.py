@@ -30,6 +30,7 @@ from .image import (DOCKER_MANIFEST, Image, LayerDesc, MEDIA_MANIFEST,
                     canonical_json, chain_ids, digest_of, empty_config, host_architecture)
 from .layer import commit, compress, tarformat
 from .store import Store
+from .store.direct import BlobEndsEarly, read_range
 from .store.index import REF_NAME
 
 INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -81,9 +82,11 @@ def save(store: Store, names: list[str], out) -> list[Image]:
         w(tarformat.header("blobs/sha256/" + digest[7:], typeflag=tarformat.REGULAR, mode=0o444,
                            size=size))
         with store.blobs.open(digest) as f:
-            copied = _copy(f, out, size)
-        if copied != size:
-            raise StoreError(f"blob {digest} changed size while it was being saved")
+            try:
+                for piece in read_range(f.fileno(), 0, size):      # (past the page cache)
+                    w(piece)
+            except BlobEndsEarly:
+                raise StoreError(f"blob {digest} changed size while it was being saved") from None
         w(tarformat.pad(size))
     index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPES[0], "manifests": oci_manifests}
     for name, data in (("index.json", canonical_json(index)),
@@ -94,17 +97,6 @@ def save(store: Store, names: list[str], out) -> list[Image]:
         w(data + tarformat.pad(len(data)))
     w(tarformat.END_OF_ARCHIVE)
     return [img for img, _ in images]
-
-
-def _copy(src, dst, size: int) -> int:
-    done = 0
-    while done < size:
-        chunk = src.read(min(1 << 20, size - done))
-        if not chunk:
-            break
-        dst.write(chunk)
-        done += len(chunk)
-    return done
 
 
 # ---- load -------------------------------------------------------------------------

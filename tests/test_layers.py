@@ -510,3 +510,23 @@ def test_members_read_ahead_come_in_order_and_errors_reach_the_caller(tmp_path, 
         ahead.close()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("n", [1000, 1 << 20, 3 * direct.CHUNK])
+def test_read_chunks_are_bytes_of_n_in_order(tmp_path, n):
+    """A push's chunks: bytes objects (its HTTP client may keep them while the next is read
+    into the same buffer), each `n` bytes but the last, together the file's first bytes."""
+    data = os.urandom(2 * direct.CHUNK + 12345)
+    path = tmp_path / "blob"
+    f = direct.DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    f.write(data)
+    f.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = list(direct.read_chunks(fd, len(data) - 5, n))
+    finally:
+        os.close(fd)
+    assert all(type(c) is bytes for c in chunks)
+    assert [len(c) for c in chunks[:-1]] == [n] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= n
+    assert b"".join(chunks) == data[:-5]

@@ -29,6 +29,7 @@ from ..errors import Interrupted, RegistryError, UsageError
 from ..image import Image, LayerDesc, chain_ids, digest_of, host_architecture
 from ..layer import commit
 from ..progress import Transfer
+from ..store.direct import read_chunks
 from ..store.lock import write_atomic
 from .client import Client
 
@@ -249,7 +250,7 @@ def send_blobs(store, client: Client, ref: reference.Reference, blobs: list[tupl
         def chunks(n: int):
             meter.count = 0               # (a retried upload reads the blob again)
             with store.blobs.open(digest) as f:
-                while data := f.read(n):
+                for data in read_chunks(f.fileno(), size, n):     # (past the page cache)
                     meter.add(len(data))
                     yield data
         client.upload_blob(ref.repository, digest, chunks, size, chunk_size)
