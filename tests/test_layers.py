@@ -530,3 +530,28 @@ def test_read_chunks_are_bytes_of_n_in_order(tmp_path, n):
     assert all(type(c) is bytes for c in chunks)
     assert [len(c) for c in chunks[:-1]] == [n] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= n
     assert b"".join(chunks) == data[:-5]
+
+
+@pytest.mark.parametrize("fails", ["mmap", "fcntl"])
+def test_direct_file_without_its_buffer_or_o_direct_writes_through_the_page_cache(tmp_path,
+                                                                               monkeypatch, fails):
+    """No aligned buffer (no memory for it) or no O_DIRECT (the file system refuses it at
+    fcntl): the file is written as any file, and O_DIRECT is not left on its descriptor."""
+    import fcntl
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM if fails == "mmap" else errno.EINVAL, "refused")
+    real_fcntl = fcntl.fcntl
+    if fails == "mmap":
+        monkeypatch.setattr(direct.mmap, "mmap", refuse)
+    else:
+        monkeypatch.setattr(direct.fcntl, "fcntl", lambda fd, cmd, *a: refuse()
+                            if cmd == fcntl.F_SETFL else real_fcntl(fd, cmd, *a))
+    fd = os.open(tmp_path / "blob", os.O_WRONLY | os.O_CREAT, 0o600)
+    f = direct.DirectFile(fd)
+    assert not f.direct
+    assert not real_fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
+    data = os.urandom(direct.CHUNK + 3)
+    f.write(data)
+    f.close()
+    assert (tmp_path / "blob").read_bytes() == data

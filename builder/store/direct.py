@@ -48,11 +48,14 @@ class DirectFile:
         self._direct_seconds = 0.0
         self._device = os.fstat(fd).st_dev
         if _O_DIRECT and self._device not in _slow_devices:
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
-                self._buf = mmap.mmap(-1, CHUNK)
-            except OSError:
-                self._buf = None
+            # (The buffer first: O_DIRECT is never left on without one.)
+            with contextlib.suppress(OSError):
+                buf = mmap.mmap(-1, CHUNK)
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+                    self._buf = buf
+                except OSError:
+                    _close(buf)
 
     @property
     def direct(self) -> bool:
