@@ -171,10 +171,10 @@ def read_range(fd: int, offset: int, length: int):
 
     For copying a blob's bytes into another (segments.py, BlobWriter.resume), or
     out (save, push: read_chunks): a blob written by DirectFile is not in the
-    page cache, and reading it through the cache costs what writing it that
-    way did (`save` of copy-30k right after its build: 0.13 -> 0.33 s). So where its first page is not
-    cached (a read with RWF_NOWAIT says so), it is read past the cache, in
-    aligned pieces; otherwise, or where O_DIRECT is refused, through it.
+    page cache, and reading it through the cache fills fresh pages as writing
+    it that way would have. So where its first page is not cached (a read with
+    RWF_NOWAIT says so), it is read past the cache, in aligned pieces;
+    otherwise, or where O_DIRECT is refused, through it.
     """
     end = offset + length
     direct_fd = _direct_reader(fd, offset) if length > 0 else None
