@@ -42,6 +42,7 @@ from . import donor as donors
 from .donor import Donor, DonorSpec
 from .hashing import NOT_COPIED_XATTRS
 from .sandbox import SetupError
+from .store.direct import write_all
 from .errors import DISK_FULL, DISK_FULL_HINT
 from .snapshot.overlay import mount_overlay
 
@@ -425,9 +426,7 @@ def _copy_hashed(src: int, dst: int, size: int, hasher) -> int:
         if not data:
             break
         hasher.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view):]
+        write_all(dst, data)
         left -= len(data)
     return left
 

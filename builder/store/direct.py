@@ -63,7 +63,7 @@ class DirectFile:
 
     def write(self, data) -> None:
         if self._buf is None:
-            _write_all(self.fd, data)
+            write_all(self.fd, data)
             return
         view = memoryview(data)
         while view:
@@ -74,7 +74,7 @@ class DirectFile:
             if self._used == CHUNK:
                 self._write_chunk()
                 if self._buf is None:            # (became buffered: the rest goes as it is)
-                    _write_all(self.fd, view)
+                    write_all(self.fd, view)
                     return
 
     def _write_chunk(self) -> None:
@@ -109,7 +109,7 @@ class DirectFile:
         self._buf, self._used = None, 0
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
         try:
-            _write_all(self.fd, memoryview(buf)[start:used])
+            write_all(self.fd, memoryview(buf)[start:used])
         finally:
             _close(buf)
 
@@ -145,7 +145,8 @@ class DirectFile:
             self.fd = -1
 
 
-def _write_all(fd: int, data) -> None:
+def write_all(fd: int, data) -> None:
+    """os.write() until all of `data` is written (a write may take less)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
