@@ -29,12 +29,13 @@ import marshal
 import lzma  # noqa: F401
 import os
 import posixpath
+import signal
 import stat
 import tarfile
 import zlib  # noqa: F401
 
 from .record import record
-from . import filemode, paths, users
+from . import filemode, linux, paths, users
 from .layer import extract
 from .context import (BuildContext, IgnoreRules, Source, filter_excludes, known_digest,
                       learn_cached_runs)
@@ -740,6 +741,7 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
     shares: list[list] = [[] for _ in range(workers)]
     for group in sorted(by_dir.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
+    parent = os.getpid()
     children = []
     for k in range(workers):
         r, w = os.pipe()
@@ -748,6 +750,11 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
             os.close(r)
             code = 0
             try:
+                # Killed with the process that forked it (itself killed with the build's,
+                # sandbox.py): never left writing into a layer dir its build gave up on.
+                linux.set_parent_death_signal(signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
                 for item in shares[k]:
                     work(item)
                 if done is not None:

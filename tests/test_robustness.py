@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -327,3 +328,43 @@ RUN p=/deep; i=0; while [ $i -lt 1200 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $
     assert p.returncode == 0, p.stderr.decode()
     assert not any(os.path.exists(d) for d in layers)
     assert our_mounts() == []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is not: nothing of it runs, and only its new parent can reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_copy_workers_die_with_the_process_that_forked_them(tmp_path):
+    # A COPY's workers are forked by its sandbox process, which is killed with the build;
+    # they must not go on writing into the layer dir the build is removing.
+    from builder import fileops
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    items = [(f"/d{i}/f",) for i in range(fileops._PARALLEL_FROM)]
+    forker = os.fork()
+    if forker == 0:
+        try:
+            def work(_item):
+                (pids / str(os.getpid())).touch()
+                time.sleep(60)
+            fileops._in_parallel(items, work)
+        finally:
+            os._exit(0)
+    workers = min(4, 2 * len(os.sched_getaffinity(0)))
+    try:
+        assert wait_until(lambda: len(os.listdir(pids)) == workers), "the workers started"
+        os.kill(forker, signal.SIGKILL)
+        os.waitpid(forker, 0)
+        assert wait_until(lambda: not any(_alive(int(p)) for p in os.listdir(pids))), \
+            "a copy worker outlived the process that forked it"
+    finally:
+        for p in os.listdir(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p), signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(forker, os.WNOHANG)
