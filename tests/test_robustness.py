@@ -363,8 +363,13 @@ def test_copy_workers_die_with_the_process_that_forked_them(tmp_path):
         assert wait_until(lambda: not any(_alive(int(p)) for p in os.listdir(pids))), \
             "a copy worker outlived the process that forked it"
     finally:
+        # (Only a worker left running: forked from this process, it has its command line.)
+        with open("/proc/self/cmdline", "rb") as f:
+            ours = f.read()
         for p in os.listdir(pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(p), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if f.read() == ours and _alive(int(p)):
+                        os.kill(int(p), signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(forker, os.WNOHANG)
