@@ -7,10 +7,12 @@
 Builds bench.py's copy-30k context through the library (`builder.build`)
 with a few engine functions wrapped in timers, and prints one line per
 build: its total, and the seconds spent reading the step's inputs (context
-walk and digests), matching sources to the last layer's rows, in the COPY's
-processes, and in the commit (hashes, blob) and its tar walk (part of it); and, of the COPY's
-processes, the chrooted pass (what goes where) and the writing of the files
-into the upper dir after the unmount. `cold` starts from a store holding only the
+walk and digests), matching sources to the last layer's rows, in the
+COPY's processes, and in the commit (hashes, blob) and its tar walk (part
+of it); and, of the COPY's processes, the chrooted pass (what goes where)
+and the writing of the files into the upper dir after the unmount; then
+the CPU seconds and page faults of the build process and of the processes
+it waited for. `cold` starts from a store holding only the
 base image (the previous store is moved aside and deleted at the end, as
 bench.py does: see discard()); `unchanged` builds again; `one` appends a byte
 to one file first, as bench.py's "1 file changed" does; `settled` does the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -70,6 +73,16 @@ def timing(spent: dict, child_log: int) -> None:
                 else:
                     spent[_label] = spent.get(_label, 0.0) + seconds
         setattr(module, name, timed)
+
+
+def usage() -> tuple[float, float, int, int]:
+    """(CPU seconds, page faults) so far of this process and of the processes it waited for
+    (the COPY's sandbox, its chrooted pass and copy workers, the RUN's sandboxes): CPU of
+    each, then faults of each. A fault costs 1.5-6 us of CPU here (bench/README.md)."""
+    own, waited = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime, waited.ru_utime + waited.ru_stime,
+            own.ru_minflt, waited.ru_minflt)
 
 
 def child_times(path: str) -> dict[str, float]:
@@ -116,13 +129,17 @@ def main() -> None:
                 if kind == "settled":
                     time.sleep(2.1)
             spent.clear()
+            before = usage()
             t0 = time.perf_counter()
             builder.build(ctx, tags=["phases-copy"], root=store)
             total = time.perf_counter() - t0
+            used = [b - a for a, b in zip(before, usage())]
             spent.update(child_times(log_path))
             print(f"{kind:9}  build {total:.3f} s  " +
                   "  ".join(f"{label} {spent[label]:.3f}" for _, _, label in PHASES + CHILD_PHASES
-                            if label in spent), flush=True)
+                            if label in spent) +
+                  f"  | CPU s: build process {used[0]:.2f}, its processes {used[1]:.2f}; "
+                  f"page faults {used[2]:.0f} / {used[3]:.0f}", flush=True)
     finally:
         os.close(child_log)
         bench.empty_trash(args.work)
