@@ -45,9 +45,9 @@ from builder.layer import commit, diff  # noqa: E402
 PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
           (sandbox, "run_in_root", "processes"), (commit, "commit_upper", "commit"),
           (diff, "write_tar", "tar walk"), (statcache.StatCache, "save", "cache save"),
-          # A certain miss (engine._copy_first): the digests the copy made, taken up, then
-          # the source's digest and the recipe made from them.
-          (executor._CopyRecord, "teach", "learnt"), (engine, "digest_deferred", "digests"),
+          # A certain miss (engine._copy_first): the workers' rows read, the digests the copy
+          # made taken up, then the source's digest and the recipe made from them.
+          (executor._CopyRecord, "__init__", "rows"), (executor._CopyRecord, "teach", "learnt"), (engine, "digest_deferred", "digests"),
           (engine.Builder, "_recipe", "recipe")]
 # Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
 # through a descriptor opened before the fork (nothing of the host is visible after chroot).

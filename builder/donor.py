@@ -87,14 +87,24 @@ class Table:
         """Row `i`'s content digest, in hex."""
         return self.digests[i * 32:i * 32 + 32].hex()
 
-    def add(self, row: tuple) -> None:
-        """Add a row made by row(), of a file in the layer's own diff dir."""
-        target, digest, *numbers, source = row
+    def add_file(self, target: str, digest: str, st: os.stat_result, perm: int,
+                 owner: tuple[int, int], group: int, src: str) -> None:
+        """Add the row of a file of the layer's own diff dir: copied to `target` from `src`
+        of source group `group` (its stat is `st`) with `perm` and `owner`; `digest` in hex."""
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
-        self.numbers.extend(numbers)
+        self.numbers.extend((st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, perm,
+                             owner[0], owner[1], group))
         self.in_base.append(0)
-        self.sources.append(source)
+        self.sources.append(src)
+
+    def extend(self, other: "Table") -> None:
+        """Add all of `other`'s rows, as they are (a copy worker's, fileops.py)."""
+        self.targets += other.targets
+        self.digests += other.digests
+        self.numbers.extend(other.numbers)
+        self.in_base += other.in_base
+        self.sources += other.sources
 
     def add_rows_of(self, other: "Table", rows) -> None:
         """Add the rows `rows` (numbers) of `other`, as files the base holds."""
@@ -140,14 +150,6 @@ class TableView:
         """(size, mtime_ns, mode bits, uid, gid) of the file at `target`."""
         k = self.index[target] * _NUMBERS
         return tuple(self.table.numbers[k + SIZE:k + GID + 1])
-
-
-def row(target: str, digest: str, st: os.stat_result, perm: int, owner: tuple[int, int],
-        source: tuple[int, str]) -> tuple:
-    """The row of a file copied to `target` from `source` (group, path; its stat is `st`)
-    with `perm` and `owner`, as Table.add takes it."""
-    return (target, digest, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, perm,
-            owner[0], owner[1], source[0], source[1])
 
 
 def read_table(path: str) -> Table | None:

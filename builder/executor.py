@@ -441,12 +441,15 @@ class _CopyRecord:
         self.table = donors.Table()
         self.stacked_on = None
         for name in sorted(os.listdir(record)):
-            with open(os.path.join(record, name), "rb") as f:
-                data = marshal.loads(f.read())
+            path = os.path.join(record, name)
             if name != fileops.STACKED:
-                for row in data:
-                    self.table.add(row)
+                rows = donors.read_table(path)
+                if rows is None:
+                    raise StoreError(f"{path}: a copy worker's rows are unreadable")
+                self.table.extend(rows)
                 continue
+            with open(path, "rb") as f:
+                data = marshal.loads(f.read())
             provided = array.array("q")
             provided.frombytes(data["rows"])
             start = len(self.table)

@@ -220,7 +220,7 @@ def prepare_finish(op: CopyOp) -> dict:
     return entries
 
 
-ROWS_PREFIX = "rows-"       # in op.record: each worker's rows (marshal: [donor.row(), ...])
+ROWS_PREFIX = "rows-"       # in op.record: each worker's rows (a donor.Table's encode())
 STACKED = "stacked"         # in op.record: the base, and which donor rows it provides
 
 
@@ -303,7 +303,7 @@ def _left_to_base(donor: Donor, pending: dict, dir_times: list, todo: list) -> s
 def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> None:
     """Copy (or link from the donor) the files finish_in_upper left to write, on every core."""
     copiers = {}
-    rows: list[tuple] = []
+    rows = donors.Table()          # (a worker's: each worker writes its own, keep_rows())
     if len(todo) > 64:
         # Each file's digest goes into its row: learnt here once, not by every worker.
         learn_cached_runs()
@@ -327,7 +327,7 @@ def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> No
         # (A source matched by its stamp alone may have no digest in this build: the row's.)
         digest = link[1] if done and link is not None else hashed or known_digest(e.st)
         if done and digest is not None:
-            rows.append(donors.row(target, digest, e.st, perm, owner, (gi, src)))
+            rows.add_file(target, digest, e.st, perm, owner, gi, src)
 
     def copy_one(job):
         item, link = job
@@ -350,9 +350,9 @@ def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> No
             place(copier, e, item, link)
 
     def keep_rows(worker: int) -> None:
-        if op.record and rows:
+        if op.record and len(rows):
             with open(os.path.join(op.record, f"{ROWS_PREFIX}{worker}"), "wb") as f:
-                f.write(marshal.dumps(rows))
+                f.write(rows.encode())
 
     _in_parallel(todo, copy_one, keep_rows, key=lambda job: job[0][0])
 
