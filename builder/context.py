@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import hashlib
 import marshal
+import operator
 import os
 import re
 import stat
@@ -258,6 +259,7 @@ class BuildContext:
         self.ignore = ignore if ignore is not None else IgnoreRules.for_context(self.root, dockerfile)
         # source path -> (its entries, file_table()) the last _digest made (see file_table)
         self._tables: dict[str, tuple[tuple, dict]] = {}
+        self._learned: dict[str, tuple[os.stat_result, str]] = {}    # learn()'s: path -> (stat, digest)
 
     def _lstat(self, rel: str) -> os.stat_result | None:
         try:
@@ -400,8 +402,13 @@ class BuildContext:
         each."""
         items = [(rel, st, digest, "") for rel, st, digest in files]
         self.stat_cache.put_many(items)
-        for _rel, st, digest, xattrs in items:
-            _remember(st, (digest, xattrs))
+        # For this context's digest() (_file_digests), by path, with the very stat walked; the
+        # process's memo takes them when asked (learn_cached_runs): a cold COPY of 30,000
+        # files asks for none, and putting them there cost 0.04 s.
+        learned = self._learned
+        for rel, st, digest, _xattrs in items:
+            learned[rel] = (st, digest)
+        _not_learned(None, [(st, (digest, xattrs)) for _rel, st, digest, xattrs in items])
 
     def _file_digests(self, entries, cached: bool = True) -> dict[str, tuple[str, str]]:
         """Context path -> file_digest() of every regular file among `entries`.
@@ -417,8 +424,13 @@ class BuildContext:
         unknown = []
         # A new process (a `pybuild` command) remembers nothing yet: not asked 30,000 times.
         memo = _known if _content_digests else lambda st: None
+        learned = self._learned
         for e in entries:
             if not stat.S_ISREG(e.st.st_mode):
+                continue
+            got = learned.get(e.src)
+            if got is not None and got[0] is e.st:         # (learn(): this very walk's file)
+                out[e.src] = (got[1], "")
                 continue
             known = memo(e.st)
             if known is None:
@@ -505,7 +517,7 @@ class BuildContext:
                 # was kept of the run stays, for the files of it that do not change)
                 if settled(_latest(rows[start:end])):
                     keep[entries[start].src] = (fingerprint, text, part,
-                                                _identities(entries[start:end]))
+                                                _identities(rows[start:end]))
                     learned = True
                 elif ids is not None:
                     keep[entries[start].src] = ids
@@ -523,15 +535,25 @@ class BuildContext:
         every regular file's (_file_digests)."""
         lines = []
         table = {}
+        # What a line and a row take from a mode, made once per mode (most entries share a few):
+        # (regular file?, its row's type and permissions, its line's middle)
+        by_mode: dict[int, tuple[bool, str, str, str]] = {}
         for e in entries:
             mode = e.st.st_mode
-            content, xattrs = digests[e.src] if stat.S_ISREG(mode) else self._content(e)
-            perm = f"{stat.S_IMODE(mode):o}"
-            line = f"{e.rel}\0{stat.S_IFMT(mode):o}\0{perm}\0{content}"
+            known = by_mode.get(mode)
+            if known is None:
+                perm = f"{stat.S_IMODE(mode):o}"
+                known = by_mode[mode] = (stat.S_ISREG(mode), _kind(mode), perm,
+                                         f"\0{stat.S_IFMT(mode):o}\0{perm}\0")
+            regular, kind, perm, middle = known
+            content, xattrs = digests[e.src] if regular else self._content(e)
             # (xattrs only where there are some: keys made before they counted stay valid)
-            lines.append(f"{line}\0{XATTRS_MARK}{xattrs}\n" if xattrs else line + "\n")
-            table[e.src or "."] = (_kind(mode), perm,
-                                   f"{content} {XATTRS_MARK}{xattrs}" if xattrs else content)
+            if xattrs:
+                lines.append(f"{e.rel}{middle}{content}\0{XATTRS_MARK}{xattrs}\n")
+                table[e.src or "."] = (kind, perm, f"{content} {XATTRS_MARK}{xattrs}")
+            else:
+                lines.append(f"{e.rel}{middle}{content}\n")
+                table[e.src or "."] = (kind, perm, content)
         return "".join(lines), table
 
     def file_table(self, source: Source) -> dict[str, tuple[str, str, str]]:
@@ -572,7 +594,10 @@ def _stat_rows(entries) -> list[tuple]:
 
 def _latest(rows: list[tuple]) -> int:
     """The latest mtime or ctime among entries' stats (_stat_rows)."""
-    return max((max(r[4], r[5]) for r in rows), default=0)
+    return max(max(map(_MTIME_OF, rows), default=0), max(map(_CTIME_OF, rows), default=0))
+
+
+_MTIME_OF, _CTIME_OF = operator.itemgetter(4), operator.itemgetter(5)
 
 
 def _stat_fingerprint(rows: list[tuple]) -> bytes:
@@ -595,10 +620,10 @@ def _run_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def _identities(entries) -> bytes:
-    """_run_identity() of each entry of a run, in order, kept with the run so that a run
-    with one file changed digests that file only."""
-    return array.array("q", [n for e in entries for n in _run_identity(e.st)]).tobytes()
+def _identities(rows: list[tuple]) -> bytes:
+    """_run_identity() of each entry of a run, in order (from its _stat_rows()), kept with the
+    run so that a run with one file changed digests that file only."""
+    return array.array("q", [n for r in rows for n in r[3:7]]).tobytes()
 
 
 def _changed_files(entries, hit, reused: dict, todo: list, moved: list) -> None:
@@ -667,19 +692,22 @@ def known_digest(st: os.stat_result) -> str | None:
 
 
 # Runs of sources whose digests this process took whole from the store's runs cache
-# (BuildContext._digest): their files' digests go into the memo only when one of them is
-# asked for. A COPY stacked on its last layer asks for none (0.045 s saved for 30,000
-# files); a full copy records every file's digest in its table (donor.py), and a table
-# without them would keep the next build from sharing anything with the layer.
-_unlearned: list[tuple[tuple, dict]] = []      # (entries, their file table rows)
+# (BuildContext._digest), and of the files a COPY hashed (BuildContext.learn): their
+# digests go into the memo only when one of them is asked for. A COPY stacked on its last
+# layer asks for none (0.045 s saved for 30,000 files); a full copy records every file's
+# digest in its table (donor.py), and a table without them would keep the next build from
+# sharing anything with the layer.
+# (entries, their file table rows), or (None, [(stat, (digest, xattr digest)), ...])
+_unlearned: list[tuple] = []
 _unlearned_files = [0]                          # how many entries those runs have
 
 
-def _not_learned(entries: tuple, table: dict) -> None:
-    """Keep a run taken from the cache for learn_cached_runs(); a long-lived process (an
-    orchestrator) learns them once they are many: the memo is bounded, this list is not."""
+def _not_learned(entries: tuple | None, table) -> None:
+    """Keep a run taken from the cache (or, with no `entries`, stats and their digests) for
+    learn_cached_runs(); a long-lived process (an orchestrator) learns them once they are
+    many: the memo is bounded, this list is not."""
     _unlearned.append((entries, table))
-    _unlearned_files[0] += len(entries)
+    _unlearned_files[0] += len(entries if entries is not None else table)
     if _unlearned_files[0] > _MEMO_MAX // 2:
         learn_cached_runs()
 
@@ -692,6 +720,10 @@ def learn_cached_runs() -> None:
             entries, table = _unlearned.pop()
         except IndexError:
             return                  # (another thread took the last one)
+        if entries is None:
+            for st, known in table:
+                _remember(st, known)
+            continue
         for e in entries:
             if stat.S_ISREG(e.st.st_mode):
                 _remember(e.st, _row_digests(table[e.src or "."]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 
 import pytest
 
@@ -378,3 +379,32 @@ def test_the_process_digest_memo_forgets_its_oldest_files_when_full(tmp_path, mo
     assert context.known_digest(entries[0].st) is None                  # the oldest went
     assert c.file_digest("f00", entries[0].st)[0] == digests["f00"] == \
         hashlib.sha256(b"0\n").hexdigest()
+
+
+def test_learned_digests_make_the_source_digest_and_answer_known_digest(tmp_path, monkeypatch):
+    """learn() (the digests a COPY made of what it copied) is what digest() uses for those very
+    files, without reading them; known_digest() has them too (taken into the memo when asked);
+    a file walked again (another stat) is not answered from what was learned of the old one."""
+    import hashlib
+    from builder import context
+    monkeypatch.setattr(context, "_content_digests", {})
+    monkeypatch.setattr(context, "_unlearned", [])
+    ctx_dir = write_context(tmp_path / "ctx", {f"d{i}/f{i}": f"{i}\n" for i in range(12)})
+    ctx = BuildContext(str(ctx_dir))
+    source, = ctx.sources(".")
+    files = [e for e in source.entries if stat.S_ISREG(e.st.st_mode)]
+    real = BuildContext(str(ctx_dir)).digest(source)
+    context._content_digests.clear()
+    # Digests no file has: if digest() read the files, it could not give them.
+    made_up = {e.src: hashlib.sha256(b"learned " + e.src.encode()).hexdigest() for e in files}
+    ctx.learn([(e.src, e.st, made_up[e.src]) for e in files])
+    learned = ctx.digest(source)
+    assert learned != real
+    assert ctx.file_table(source)[files[0].src][2] == made_up[files[0].src]
+    assert all(context.known_digest(e.st) == made_up[e.src] for e in files)
+    # A new walk of the same files (new stat objects; a build walks the context once per step
+    # that reads it): digest() no longer takes what was learned of the old ones by path.
+    context._content_digests.clear()
+    again = BuildContext(str(ctx_dir))
+    again._learned = ctx._learned
+    assert again.digest(again.sources(".")[0]) == real
