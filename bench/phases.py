@@ -47,8 +47,8 @@ PHASES = [(engine, "read_inputs", "inputs"), (fileops, "match_donor", "match"),
           (diff, "write_tar", "tar walk"), (statcache.StatCache, "save", "cache save"),
           # A certain miss (engine._copy_first): the workers' rows read, the digests the copy
           # made taken up, then the source's digest and the recipe made from them.
-          (executor._CopyRecord, "__init__", "rows"), (executor._CopyRecord, "teach", "learnt"), (engine, "digest_deferred", "digests"),
-          (engine.Builder, "_recipe", "recipe")]
+          (executor._CopyRecord, "__init__", "rows"), (executor._CopyRecord, "teach", "learnt"),
+          (engine, "digest_deferred", "digests"), (engine.Builder, "_recipe", "recipe")]
 # Parts of "processes" that run in the COPY's forked (and chrooted) processes: they report
 # through a descriptor opened before the fork (nothing of the host is visible after chroot).
 CHILD_PHASES = [(fileops, "copy_into_root", "chrooted pass"),

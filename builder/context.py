@@ -259,7 +259,8 @@ class BuildContext:
         self.ignore = ignore if ignore is not None else IgnoreRules.for_context(self.root, dockerfile)
         # source path -> (its entries, file_table()) the last _digest made (see file_table)
         self._tables: dict[str, tuple[tuple, dict]] = {}
-        self._learned: dict[str, tuple[os.stat_result, str]] = {}    # learn()'s: path -> (stat, digest)
+        # learn()'s digests: path -> (the stat walked, content digest)
+        self._learned: dict[str, tuple[os.stat_result, str]] = {}
 
     def _lstat(self, rel: str) -> os.stat_result | None:
         try:
