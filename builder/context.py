@@ -685,6 +685,8 @@ def _identity(st: os.stat_result) -> tuple:
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest this process computed (or took from the store's runs) for the file
     with this stat, if any."""
+    if not _content_digests and not _unlearned:
+        return None                  # (a cold build's copy workers: nothing known yet)
     known = _known(st)
     if known is None and _unlearned:
         learn_cached_runs()
