@@ -470,8 +470,8 @@ class _CopyRecord:
         no xattrs), with the stat of that walk: the stat `sources` hold."""
         stats = {e.src: e.st for s in sources for e in s.entries}
         t = self.table
-        ctx.learn([(src, stats[src], t.digests[i * 32:i * 32 + 32].hex())
-                   for i, src in enumerate(t.sources) if src in stats])
+        ctx.learn([(src, stats[src], t.digest(i)) for i, src in enumerate(t.sources)
+                   if src in stats])
 
     def view(self) -> donors.TableView | None:
         """The rows by target, for the commit (None if there are none)."""
