@@ -164,9 +164,9 @@ def read_table(path: str) -> Table | None:
     except (OSError, EOFError, ValueError, TypeError, KeyError):
         return None
     n = len(table.targets)
-    if not (len(table.digests) == 32 * n and len(table.in_base) == len(table.sources) == n
-            and len(numbers) == n * _NUMBERS) or (table.dirs is not None
-                                                  and not isinstance(table.dirs, list)):
+    columns_agree = len(table.digests) == 32 * n and \
+        len(table.in_base) == len(table.sources) == n and len(numbers) == n * _NUMBERS
+    if not columns_agree or (table.dirs is not None and not isinstance(table.dirs, list)):
         return None
     return table
 

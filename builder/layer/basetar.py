@@ -12,9 +12,10 @@ by a thread of its own, past the page cache as blobs are (store/direct.py:
 putting 141 MB into the cache cost the VM that first commit most of a CPU
 core; later commits read it with direct.read_range), installed by a rename
 (a reader that has it open keeps the version it opened), removed with its
-layer; a write that fails (a full disk) drops it, never the commit. Its bytes are checked as they are
-used: each member's against the CRC-32 in the blob's gzip trailer. It costs
-the base's tar size again on disk, once per base that has been stacked on.
+layer; a write that fails (a full disk) drops it, never the commit. Its
+bytes are checked as they are used: each member's against the CRC-32 in the
+blob's gzip trailer. It costs the base's tar size again on disk, once per
+base that has been stacked on.
 """
 
 from __future__ import annotations
