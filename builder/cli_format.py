@@ -78,7 +78,7 @@ def until_cutoff(value: str) -> float:
     """`--filter until=VALUE` as Docker takes it: a Go duration before now (`24h`, `1h30m`),
     a Unix time, or an RFC 3339 time; the Unix time it means."""
     text = value.strip()
-    if re.fullmatch(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+", text):
+    if re.fullmatch(f"(?:{_DURATION.pattern})+", text):
         return time.time() - sum(float(n) * _SECONDS[u] for n, u in _DURATION.findall(text))
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
         return float(text)
