@@ -87,14 +87,13 @@ class Table:
         """Row `i`'s content digest, in hex."""
         return self.digests[i * 32:i * 32 + 32].hex()
 
-    def add_file(self, target: str, digest: str, st: os.stat_result, perm: int,
-                 owner: tuple[int, int], group: int, src: str) -> None:
-        """Add the row of a file of the layer's own diff dir: copied to `target` from `src`
-        of source group `group` (its stat is `st`) with `perm` and `owner`; `digest` in hex."""
+    def add_file(self, target: str, digest: str, numbers: tuple, src: str) -> None:
+        """Add the row of a file of the layer's own diff dir: copied to `target` from `src`;
+        `numbers` are the row's (INO .. GROUP: the source's stamp and size, the copy's mode
+        bits and owner, the source group), `digest` in hex."""
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
-        self.numbers.extend((st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, perm,
-                             owner[0], owner[1], group))
+        self.numbers.extend(numbers)
         self.in_base.append(0)
         self.sources.append(src)
 

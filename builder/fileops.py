@@ -301,60 +301,64 @@ def _left_to_base(donor: Donor, pending: dict, dir_times: list, todo: list) -> s
 
 
 def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> None:
-    """Copy (or link from the donor) the files finish_in_upper left to write, on every core."""
-    copiers = {}
+    """Copy (or link from the donor) the files finish_in_upper left to write, on every core.
+
+    Each file goes to the workers as a job of plain values (target, group,
+    source, mode bits, owner, the source's stamp, its known digest, the
+    donor's copy to link and its digest): marshalled, not the walk's entries,
+    which a forked worker would copy page by page as it touched them.
+    """
     rows = donors.Table()          # (a worker's: each worker writes its own, keep_rows())
     if len(todo) > 64:
         # Each file's digest goes into its row: learnt here once, not by every worker.
         learn_cached_runs()
+    jobs = []
+    for (target, gi, src, perm, owner), link in todo:
+        st = entries[(gi, src)].st
+        jobs.append((target, gi, src, perm, owner[0], owner[1], st.st_ino, st.st_ctime_ns,
+                     st.st_size, st.st_mtime_ns,
+                     known_digest(st) if link is None else None, *(link or (None, None))))
+    fds = [g.fd for g in op.groups]
 
-    def place(copier, e, item, link):
-        target, gi, src, perm, owner = item
+    def place(job) -> None:
+        target, gi, src, perm, uid, gid, ino, ctime, size, mtime, known, link, linked = job
         path = upper + target
-        done = False
         if link is not None:
             try:
-                os.link(link[0], path, follow_symlinks=False)
-                done = True
+                os.link(link, path, follow_symlinks=False)
+                rows.add_file(target, linked, (ino, ctime, size, mtime, perm, uid, gid, gi), src)
+                return
             except FileExistsError:
                 raise
             except OSError:
                 pass                    # (gone meanwhile: copied after all)
-        hashed = None
-        if not done:
-            hash_it = op.hash_content and known_digest(e.st) is None
-            done, hashed = copier._copy_file(e, path, perm, owner, hash_it)
+        hash_it = op.hash_content and link is None and known is None
+        exact, hashed = _copy_file(fds[gi], src, path, size, mtime, ctime, perm, (uid, gid),
+                                   hash_it)
         # (A source matched by its stamp alone may have no digest in this build: the row's.)
-        digest = link[1] if done and link is not None else hashed or known_digest(e.st)
-        if done and digest is not None:
-            rows.add_file(target, digest, e.st, perm, owner, gi, src)
+        digest = linked if link is not None else hashed or known
+        if exact and digest is not None:
+            rows.add_file(target, digest, (ino, ctime, size, mtime, perm, uid, gid, gi), src)
 
-    def copy_one(job):
-        item, link = job
-        target, gi, src, perm, owner = item
-        copier = copiers.get(gi)
-        if copier is None:      # (each file brings its owner; the copier's own is not used)
-            copier = copiers[gi] = _Copier(op.groups[gi].fd, 0, 0, op.chmod, gi)
-        e = entries[(gi, src)]
-        item = (target, gi, src, perm, tuple(owner))
+    def copy_one(job) -> None:
         try:
-            place(copier, e, item, link)
+            place(job)
         except FileExistsError:
             # Only a whiteout of a file an earlier layer deleted may be there (checked
             # after the fact: asking first cost a lookup per file).
-            path = upper + target
+            path = upper + job[0]
             st = os.lstat(path)
             if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                raise CopyError(f"{target} appeared while it was being copied") from None
+                raise CopyError(f"{job[0]} appeared while it was being copied") from None
             os.unlink(path)
-            place(copier, e, item, link)
+            place(job)
 
     def keep_rows(worker: int) -> None:
         if op.record and len(rows):
             with open(os.path.join(op.record, f"{ROWS_PREFIX}{worker}"), "wb") as f:
                 f.write(rows.encode())
 
-    _in_parallel(todo, copy_one, keep_rows, key=lambda job: job[0][0])
+    _in_parallel(jobs, copy_one, keep_rows)
 
 
 def mkdir_workdir(path: str, user: str) -> None:
@@ -635,35 +639,10 @@ class _Copier:
     def _owner(self, e) -> tuple[int, int]:
         return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
 
-    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int],
-                   hash_content: bool = False) -> tuple[bool, str | None]:
-        """Copy one regular file and set its owner, mode, xattrs and time (by fd).
-
-        (exact, digest): exact if the copy is exactly the file that was
-        walked (no extended attributes, not changed since): what donor.py may
-        share with a later build; with `hash_content`, the sha256 of what was
-        copied when exact, else None.
-        """
-        hasher = hashlib.sha256() if hash_content else None
-        src = os.open(e.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.ctx)
-        try:
-            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600)
-            try:
-                left = copy_data(src, dst, e.st.st_size, hasher)
-                os.fchown(dst, *owner)
-                os.fchmod(dst, perm)          # after chown, which clears set-id bits
-                # After chown too, which drops security.capability (file capabilities).
-                had_xattrs = self._copy_xattrs(src, dst)
-                os.utime(dst, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns))
-            finally:
-                os.close(dst)
-            now = os.fstat(src)
-        finally:
-            os.close(src)
-        exact = not had_xattrs and left == 0 and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
-            e.st.st_size, e.st.st_mtime_ns, e.st.st_ctime_ns)
-        return exact, hasher.hexdigest() if exact and hasher is not None else None
+    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int]) -> None:
+        st = e.st
+        _copy_file(self.ctx, e.src, target, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
+                   owner)
 
     @staticmethod
     def _copy_xattrs(src: int, dst: int) -> bool:
@@ -687,6 +666,39 @@ class _Copier:
             os.chmod(target, perm)
         os.utime(target, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns), follow_symlinks=False)
 
+
+
+def _copy_file(ctx: int, src: str, target: str, size: int, mtime_ns: int, ctime_ns: int,
+               perm: int, owner: tuple[int, int], hash_content: bool = False
+               ) -> tuple[bool, str | None]:
+    """Copy the regular file `src` (under the group's directory `ctx`; its walk saw `size`
+    and the times) to `target` and set its owner, mode, xattrs and time (by fd).
+
+    (exact, digest): exact if the copy is exactly the file that was walked
+    (no extended attributes, not changed since): what donor.py may share
+    with a later build; with `hash_content`, the sha256 of what was copied
+    when exact, else None.
+    """
+    hasher = hashlib.sha256() if hash_content else None
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ctx)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+        try:
+            left = copy_data(fd, dst, size, hasher)
+            os.fchown(dst, *owner)
+            os.fchmod(dst, perm)          # after chown, which clears set-id bits
+            # After chown too, which drops security.capability (file capabilities).
+            had_xattrs = _Copier._copy_xattrs(fd, dst)
+            os.utime(dst, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(dst)
+        now = os.fstat(fd)
+    finally:
+        os.close(fd)
+    exact = not had_xattrs and left == 0 and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+        size, mtime_ns, ctime_ns)
+    return exact, hasher.hexdigest() if exact and hasher is not None else None
 
 
 def _make_dir(path: str, ctx: int, src: str, perm: int, owner: tuple[int, int]) -> None:
@@ -741,6 +753,10 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
     shares: list[list] = [[] for _ in range(workers)]
     for group in sorted(by_dir.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
+    # Marshalled: each worker makes its own items from bytes (a few ms) instead of touching
+    # the parent's, whose reference counts would copy every page they are on (a cold
+    # copy-30k's workers faulted 34,000 pages, 7,900 with their items marshalled).
+    shares = [marshal.dumps(share) for share in shares]
     parent = os.getpid()
     children = []
     for k in range(workers):
@@ -755,7 +771,7 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
                 linux.set_parent_death_signal(signal.SIGKILL)
                 if os.getppid() != parent:
                     os._exit(1)
-                for item in shares[k]:
+                for item in marshal.loads(shares[k]):
                     work(item)
                 if done is not None:
                     done(k)

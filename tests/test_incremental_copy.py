@@ -779,3 +779,47 @@ def test_a_big_file_of_the_base_written_entry_by_entry_is_cut_as_the_walk_cuts_i
     assert store.layers.base(copy_layer(store, again)[0]) == base and spliced
     twin = cold_twin(tmp_path, ctx, root, "plain")
     assert (again.layers[-1].diff_id, again.layers[-1].digest) == (twin.diff_id, twin.digest)
+
+
+def test_copy_workers_copy_and_hash_a_file_whose_donor_copy_is_gone(tmp_path):
+    # The workers get plain jobs (fileops._write_files): a file whose donor copy vanished
+    # before it could be linked (a prune meanwhile) is copied instead, with the owner, mode
+    # and time of its job, and its row keeps the donor's digest (the source matched it).
+    from builder import fileops
+
+    class Entry:
+        def __init__(self, src, st):
+            self.src, self.st = src, st
+    ctx, upper, record = tmp_path / "ctx", tmp_path / "upper", tmp_path / "record"
+    for d in (ctx, upper / "app", record):
+        d.mkdir(parents=True)
+    n = fileops._PARALLEL_FROM + 44                  # (enough for the parallel workers)
+    for i in range(n):
+        (ctx / f"f{i}").write_bytes(f"content {i}\n".encode())
+        os.utime(ctx / f"f{i}", ns=(1_600_000_000_000_000_000 + i,) * 2)
+    entries = {(0, f"f{i}"): Entry(f"f{i}", os.lstat(ctx / f"f{i}")) for i in range(n)}
+    fd = os.open(ctx, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        op = fileops.CopyOp(groups=(fileops.SourceGroup(root=str(ctx), fd=fd),), dest="/app",
+                            dest_is_dir=True, record=str(record))
+        linked = hashlib.sha256(b"content 0\n").hexdigest()
+        todo = [((f"/app/f{i}", 0, f"f{i}", 0o640, (1000, 1001)),
+                 (str(tmp_path / "gone"), linked) if i == 0 else None) for i in range(n)]
+        fileops._write_files(op, todo, entries, str(upper))
+    finally:
+        os.close(fd)
+    for i in (0, 1, n - 1):
+        st = os.lstat(upper / f"app/f{i}")
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1000, 1001)
+        assert st.st_mtime_ns == entries[(0, f"f{i}")].st.st_mtime_ns
+        assert (upper / f"app/f{i}").read_bytes() == f"content {i}\n".encode()
+    rows = donor.Table()
+    for name in sorted(os.listdir(record)):
+        rows.extend(donor.read_table(str(record / name)))
+    # Nothing else was hashed (no digests known, hash_content off): only the copied file's row.
+    assert rows.targets == ["/app/f0"] and rows.sources == ["f0"]
+    assert rows.digest(0) == linked
+    st = entries[(0, "f0")].st
+    assert list(rows.numbers) == [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns,
+                                  0o640, 1000, 1001, 0]
+    assert len(os.listdir(record)) == 1
