@@ -7,12 +7,15 @@
 
 On this machine the same build varies by a third from one minute to the
 next (bench/README.md), far more than most changes move it; two versions
-built one right after the other, pair by pair, see the same machine. Each
+built one right after the other, pair by pair, see the same machine; and a
+build's CPU seconds (its own and those of the processes it waited for)
+vary far less than its wall time, so they show a change that saves CPU
+where two busy cores hide it from the clock. Each
 version gets a git worktree (`--head` defaults to this checkout as it is,
 uncommitted changes included) and a store of its own under --work, and
 each build runs `python -m builder` in that tree. Prints each pair's times
-(the whole build and, for the COPY workloads, the COPY step), the
-medians, and how many pairs the head won.
+(the whole build and, for the COPY workloads, the COPY step) and CPU
+seconds, the medians, and how many pairs the head won on each.
 
 Workloads: `one-file` (copy-30k, one file appended to before each build),
 `unchanged` (copy-30k, nothing changed), `cold` (copy-30k into a store with
@@ -60,14 +63,16 @@ class Version:
         self.run("--root", store, "load", "-i", self.base_tar)
         return store
 
-    def run(self, *args: str) -> tuple[float, str]:
-        seconds, _, out, _ = bench.timed([sys.executable, "-m", "builder", *args], cwd=self.tree)
-        return seconds, out
+    def run(self, *args: str) -> tuple[float, str, float]:
+        seconds, _, out, cpu = bench.timed([sys.executable, "-m", "builder", *args],
+                                           cwd=self.tree)
+        return seconds, out, cpu
 
-    def build(self, ctx: str, *extra: str) -> tuple[float, float | None]:
-        """(seconds of the whole build, seconds of its step 2, the COPY in copy-30k)."""
-        seconds, out = self.run("--root", self.store, "build", *extra, "-t", "ab", ctx)
-        return seconds, bench._step_times(out).get(2)
+    def build(self, ctx: str, *extra: str) -> tuple[float, float | None, float]:
+        """(seconds of the whole build, seconds of its step 2 (the COPY in copy-30k), CPU
+        seconds of the build)."""
+        seconds, out, cpu = self.run("--root", self.store, "build", *extra, "-t", "ab", ctx)
+        return seconds, bench._step_times(out).get(2), cpu
 
     def close(self) -> None:
         if self.worktree:
@@ -75,9 +80,10 @@ class Version:
                             self.worktree], check=False)
 
 
-def measure(workload: str, version: Version, work: str) -> tuple[float, float | None]:
+def measure(workload: str, version: Version, work: str) -> tuple[float, float | None, float]:
     if workload == "run-50":
-        return version.build(bench.many_runs(work, 50), "--no-cache")[0], None
+        seconds, _, cpu = version.build(bench.many_runs(work, 50), "--no-cache")
+        return seconds, None, cpu
     ctx = bench.copy_30k(work)
     if workload == "one-file":
         with open(os.path.join(ctx, "src", "d000", "f00000.dat"), "ab") as f:
@@ -107,22 +113,26 @@ def main() -> None:
             ctx = bench.copy_30k(args.work)
             for v in versions:            # (untimed: the layer the timed builds start from)
                 v.build(ctx)
-        results: dict[str, list[tuple[float, float | None]]] = {"base": [], "head": []}
+        results: dict[str, list[tuple[float, float | None, float]]] = {"base": [], "head": []}
         for i in range(args.pairs):
             line = []
             for v in versions:
-                seconds, step = measure(args.workload, v, args.work)
-                results[v.name].append((seconds, step))
-                line.append(f"{v.name} {seconds:.2f} s" + (f" (COPY {step:.2f} s)" if step else ""))
+                seconds, step, cpu = measure(args.workload, v, args.work)
+                results[v.name].append((seconds, step, cpu))
+                line.append(f"{v.name} {seconds:.2f} s (" +
+                            (f"COPY {step:.2f} s, " if step else "") + f"CPU {cpu:.2f} s)")
             print(f"pair {i + 1}: " + ", ".join(line), flush=True)
-        won = sum(h[0] < b[0] for b, h in zip(results["base"], results["head"]))
+        pairs = list(zip(results["base"], results["head"]))
+        won = sum(h[0] < b[0] for b, h in pairs)
         for name, runs in results.items():
             builds = sorted(r[0] for r in runs)
             steps = sorted(r[1] for r in runs if r[1] is not None)
             print(f"{name}: builds {builds[0]:.2f}-{builds[-1]:.2f} s, median "
                   f"{statistics.median(builds):.2f} s" +
-                  (f"; COPY step median {statistics.median(steps):.2f} s" if steps else ""))
-        print(f"head faster in {won} of {args.pairs} pairs")
+                  (f"; COPY step median {statistics.median(steps):.2f} s" if steps else "") +
+                  f"; CPU median {statistics.median(r[2] for r in runs):.2f} s")
+        print(f"head faster in {won} of {args.pairs} pairs, "
+              f"used less CPU in {sum(h[2] < b[2] for b, h in pairs)}")
     finally:
         for v in versions:
             v.close()
