@@ -466,7 +466,7 @@ class _CopyRecord:
     def teach(self, ctx, sources) -> None:
         """Tell the build context the digests the copy made of its files (fileops.CopyOp's
         hash_content), for the step's key. A row is only recorded for a file copied exactly
-        as the build walked it (fileops._Copier._copy_file: same size and times at the end,
+        as the build walked it (fileops._copy_file: same size and times at the end,
         no xattrs), with the stat of that walk: the stat `sources` hold."""
         stats = {e.src: e.st for s in sources for e in s.entries}
         t = self.table

@@ -590,7 +590,8 @@ class _Copier:
                 return
             self.deferred.pop(target, None)
             self.provided.pop(target, None)
-            self._copy_file(e, target, perm, self._owner(e))
+            _copy_file(self.ctx, e.src, target, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
+                       self._owner(e))
             if st.st_nlink > 1:
                 self.links[key] = target
             return
@@ -639,11 +640,6 @@ class _Copier:
     def _owner(self, e) -> tuple[int, int]:
         return (e.st.st_uid, e.st.st_gid) if self.keep_owners else (self.uid, self.gid)
 
-    def _copy_file(self, e, target: str, perm: int, owner: tuple[int, int]) -> None:
-        st = e.st
-        _copy_file(self.ctx, e.src, target, st.st_size, st.st_mtime_ns, st.st_ctime_ns, perm,
-                   owner)
-
     @staticmethod
     def _copy_xattrs(src: int, dst: int) -> bool:
         """Copy the xattrs a layer may hold; True if the source had any."""
@@ -665,7 +661,6 @@ class _Copier:
         if not is_link:
             os.chmod(target, perm)
         os.utime(target, ns=(e.st.st_mtime_ns, e.st.st_mtime_ns), follow_symlinks=False)
-
 
 
 def _copy_file(ctx: int, src: str, target: str, size: int, mtime_ns: int, ctime_ns: int,
