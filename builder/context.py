@@ -397,19 +397,16 @@ class BuildContext:
             _remember(st, known)
         return known
 
-    def learn(self, files) -> None:
-        """The content digests of files without xattrs, made elsewhere from exactly the bytes
-        of each file with its stat (a COPY that hashed what it copied): (path, stat, digest)
-        each."""
-        items = [(rel, st, digest, "") for rel, st, digest in files]
-        self.stat_cache.put_many(items)
+    def learn(self, paths: list[str], stats: list, digests: list[str]) -> None:
+        """The content digests (hex) of files without xattrs, made elsewhere from exactly the
+        bytes of each file with its stat (a COPY that hashed what it copied): three columns,
+        in the same order."""
+        self.stat_cache.put_files(paths, stats, digests)
         # For this context's digest() (_file_digests), by path, with the very stat walked; the
         # process's memo takes them when asked (learn_cached_runs): a cold COPY of 30,000
         # files asks for none, and putting them there cost 0.04 s.
-        learned = self._learned
-        for rel, st, digest, _xattrs in items:
-            learned[rel] = (st, digest)
-        _not_learned(None, [(st, (digest, xattrs)) for _rel, st, digest, xattrs in items])
+        self._learned.update(zip(paths, zip(stats, digests)))
+        _not_learned(None, (stats, digests))
 
     def _file_digests(self, entries, cached: bool = True) -> dict[str, tuple[str, str]]:
         """Context path -> file_digest() of every regular file among `entries`.
@@ -706,11 +703,12 @@ _unlearned_files = [0]                          # how many entries those runs ha
 
 
 def _not_learned(entries: tuple | None, table) -> None:
-    """Keep a run taken from the cache (or, with no `entries`, stats and their digests) for
-    learn_cached_runs(); a long-lived process (an orchestrator) learns them once they are
-    many: the memo is bounded, this list is not."""
+    """Keep a run taken from the cache (or, with no `entries`, a list of stats and one of
+    their content digests: BuildContext.learn's) for learn_cached_runs(); a long-lived
+    process (an orchestrator) learns them once they are many: the memo is bounded, this
+    list is not."""
     _unlearned.append((entries, table))
-    _unlearned_files[0] += len(entries if entries is not None else table)
+    _unlearned_files[0] += len(entries if entries is not None else table[0])
     if _unlearned_files[0] > _MEMO_MAX // 2:
         learn_cached_runs()
 
@@ -724,8 +722,8 @@ def learn_cached_runs() -> None:
         except IndexError:
             return                  # (another thread took the last one)
         if entries is None:
-            for st, known in table:
-                _remember(st, known)
+            for st, digest in zip(*table):
+                _remember(st, (digest, ""))
             continue
         for e in entries:
             if stat.S_ISREG(e.st.st_mode):

@@ -470,8 +470,15 @@ class _CopyRecord:
         no xattrs), with the stat of that walk: the stat `sources` hold."""
         stats = {e.src: e.st for s in sources for e in s.entries}
         t = self.table
-        ctx.learn([(src, stats[src], t.digest(i)) for i, src in enumerate(t.sources)
-                   if src in stats])
+        found = [stats.get(src) for src in t.sources]
+        hexes = t.digests.hex()
+        digests = [hexes[i:i + 64] for i in range(0, len(hexes), 64)]
+        paths = t.sources
+        if None in found:                # (a row of a source this build did not walk)
+            keep = [i for i, st in enumerate(found) if st is not None]
+            paths, found, digests = ([column[i] for i in keep]
+                                     for column in (paths, found, digests))
+        ctx.learn(paths, found, digests)
 
     def view(self) -> donors.TableView | None:
         """The rows by target, for the commit (None if there are none)."""

@@ -133,19 +133,25 @@ class StatCache:
         return None
 
     def put(self, rel: str, st: os.stat_result, digest: str, xattrs: str) -> None:
-        self.put_many([(rel, st, digest, xattrs)])
+        """Keep a path's (content digest, xattr digest) with its stat, unless it changed
+        within the last two seconds (settled())."""
+        if max(st.st_mtime_ns, st.st_ctime_ns) <= time.time_ns() - _RACY_NS:
+            with self._lock:
+                self._load()[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                     digest, xattrs)
+                self._changed = True
 
-    def put_many(self, items) -> None:
-        """Keep each (rel, stat, digest, xattr digest) of `items`, except files changed within
-        the last two seconds (settled())."""
+    def put_files(self, paths: list[str], stats: list, digests: list[str]) -> None:
+        """put() for files without xattrs, given as three columns (a COPY's 30,000 copied
+        files: one pass, not a call and a tuple of arguments each)."""
         recent = time.time_ns() - _RACY_NS
-        with self._lock:
-            table = self._load()
-            for rel, st, digest, xattrs in items:
-                if max(st.st_mtime_ns, st.st_ctime_ns) <= recent:
-                    table[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest,
-                                  xattrs)
-                    self._changed = True
+        kept = [(rel, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, ""))
+                for rel, st, digest in zip(paths, stats, digests)
+                if st.st_mtime_ns <= recent and st.st_ctime_ns <= recent]
+        if kept:
+            with self._lock:
+                self._load().update(kept)
+                self._changed = True
 
     def save(self) -> None:
         if self.trees_path and self._trees_changed and self._trees is not None:

@@ -397,7 +397,7 @@ def test_learned_digests_make_the_source_digest_and_answer_known_digest(tmp_path
     context._content_digests.clear()
     # Digests no file has: if digest() read the files, it could not give them.
     made_up = {e.src: hashlib.sha256(b"learned " + e.src.encode()).hexdigest() for e in files}
-    ctx.learn([(e.src, e.st, made_up[e.src]) for e in files])
+    ctx.learn([e.src for e in files], [e.st for e in files], [made_up[e.src] for e in files])
     learned = ctx.digest(source)
     assert learned != real
     assert ctx.file_table(source)[files[0].src][2] == made_up[files[0].src]
