@@ -823,3 +823,32 @@ def test_copy_workers_copy_and_hash_a_file_whose_donor_copy_is_gone(tmp_path):
     assert list(rows.numbers) == [st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns,
                                   0o640, 1000, 1001, 0]
     assert len(os.listdir(record)) == 1
+
+
+def test_file_names_that_are_not_utf8_go_through_the_workers_and_are_shared_next_time(
+        tmp_path, base_image, store_root):
+    # A name is whatever bytes the file system holds: the workers' marshalled jobs and rows
+    # carry it (as Python's surrogate escapes), the layer keeps it byte for byte, and the
+    # next build finds its row by it.
+    many = {f"src/d{i % 4}/g{i}.txt": f"g {i}\n" for i in range(300)}
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n", **many})
+    odd = [b"caf\xe9.txt", "na\u00efve-\u00fc.txt".encode()]    # Latin-1 (not UTF-8), UTF-8
+    for name in odd:
+        with open(os.fsencode(ctx / "src/d0") + b"/" + name, "wb") as f:
+            f.write(b"odd " + name)
+    first = build(ctx, store_root)
+    store = Store(store_root)
+    _, old = copy_layer(store, first)
+    for name in odd:
+        with open(os.fsencode(old) + b"/app/d0/" + name, "rb") as f:
+            assert f.read() == b"odd " + name
+    files = layer_files(store, first.layers[-1])
+    assert {n: files.get("app/d0/" + os.fsdecode(n)) for n in odd} == {n: b"odd " + n for n in odd}
+    table = donor.read_table(store.layers.table(chain_ids(first.diff_ids)[-1]))
+    assert {"/app/d0/" + os.fsdecode(n) for n in odd} <= set(table.targets)
+
+    (ctx / "src/d1/g1.txt").write_text("changed\n")
+    second = build(ctx, store_root)
+    chain, _ = copy_layer(store, second)
+    for name in odd:
+        assert shared(store, chain, old, "d0/" + os.fsdecode(name)), name
