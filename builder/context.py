@@ -682,12 +682,17 @@ def _identity(st: os.stat_result) -> tuple:
 def known_digest(st: os.stat_result) -> str | None:
     """The content digest this process computed (or took from the store's runs) for the file
     with this stat, if any."""
+    return known_digest_of(_identity(st))
+
+
+def known_digest_of(identity: tuple) -> str | None:
+    """known_digest() of the file whose stat identity (_identity()) this is."""
     if not _content_digests and not _unlearned:
         return None                  # (a cold build's copy workers: nothing known yet)
-    known = _known(st)
+    known = _content_digests.get(identity)
     if known is None and _unlearned:
         learn_cached_runs()
-        known = _known(st)
+        known = _content_digests.get(identity)
     return None if known is None else known[0]
 
 

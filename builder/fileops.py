@@ -31,6 +31,7 @@ import os
 import posixpath
 import signal
 import stat
+import struct
 import tarfile
 import zlib  # noqa: F401
 
@@ -38,7 +39,7 @@ from .record import record
 from . import filemode, linux, paths, users
 from .layer import extract
 from .context import (BuildContext, IgnoreRules, Source, filter_excludes, known_digest,
-                      learn_cached_runs)
+                      known_digest_of, learn_cached_runs)
 from . import donor as donors
 from .donor import Donor, DonorSpec
 from .hashing import NOT_COPIED_XATTRS
@@ -209,15 +210,26 @@ def match_donor(op: CopyOp) -> Matched:
     return Matched(donor, donor.unchanged(groups, known_digest, xattrs_of))
 
 
+# A source file's stamp as the copy workers get it: its stat identity (context._identity's
+# dev, inode, size, mtime, ctime) packed into bytes, the worker's own numbers once unpacked.
+_STAMP = struct.Struct("5q")
+
+
 def prepare_finish(op: CopyOp) -> dict:
-    """Every source entry by (group, path), for finish_in_upper. Made while the chrooted
-    pass runs (sandbox.run_in_root's `meanwhile`), on the core that would wait for it."""
-    entries = {}
+    """Every source entry's stamp (_STAMP) by (group, path), for finish_in_upper. Made while
+    the chrooted pass runs (sandbox.run_in_root's `meanwhile`), on the core that would wait
+    for it: the copy workers read these, not the walk's entries and their stats, which sit
+    all over this process's memory and would be copied page by page into every worker that
+    touched them (their reference counts)."""
+    stamps = {}
+    pack = _STAMP.pack
     for gi, g in enumerate(op.groups):
         for s in g.sources:
             for e in s.entries:
-                entries[(gi, e.src)] = e
-    return entries
+                st = e.st
+                stamps[(gi, e.src)] = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                           st.st_ctime_ns)
+    return stamps
 
 
 ROWS_PREFIX = "rows-"       # in op.record: each worker's rows (a donor.Table's encode())
@@ -225,7 +237,7 @@ STACKED = "stacked"         # in op.record: the base, and which donor rows it pr
 
 
 def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
-                    entries: dict | None = None) -> None:
+                    stamps: dict | None = None) -> None:
     """With the overlay unmounted: write the deferred files into the upper dir, then dir times.
 
     Every parent of a deferred file is a real directory of the upper dir (the
@@ -235,10 +247,10 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
     else they are hard-linked from it, as is a file the donor's own diff dir
     holds unchanged. Every file whose digest is known is recorded in
     `op.record` for the next build to do the same. `matched` is what
-    match_donor(op) gave, `entries` what prepare_finish(op) gave, if it ran.
+    match_donor(op) gave, `stamps` what prepare_finish(op) gave, if it ran.
     """
-    if entries is None:
-        entries = prepare_finish(op)
+    if stamps is None:
+        stamps = prepare_finish(op)
     donor = matched.donor
     pending = dict(work["mkdirs"])       # target -> (source group fd, source path, mode, owner)
     todo: list[tuple] = []          # (item, the donor's copy to link and its digest, or None)
@@ -260,7 +272,7 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
                                        "rows": provided.tobytes(), "dirs": sorted(skipped)}))
     elif provided:
         todo += [(donor.item_of(i), donor.copy_of(i)) for i in provided]   # linked instead
-    _write_files(op, todo, entries, upper)
+    _write_files(op, todo, stamps, upper)
     for path, mtime in reversed(work["dirs"]):
         if path not in skipped:
             os.utime(upper + path, ns=(mtime, mtime), follow_symlinks=False)
@@ -300,65 +312,61 @@ def _left_to_base(donor: Donor, pending: dict, dir_times: list, todo: list) -> s
     return same - needed
 
 
-def _write_files(op: CopyOp, todo: list[tuple], entries: dict, upper: str) -> None:
+def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> None:
     """Copy (or link from the donor) the files finish_in_upper left to write, on every core.
 
-    Each file goes to the workers as a job of plain values (target, group,
-    source, mode bits, owner, the source's stamp, its known digest, the
-    donor's copy to link and its digest): marshalled, not the walk's entries,
-    which a forked worker would copy page by page as it touched them.
+    `todo` holds (item, the donor's copy to link and its digest, or None) per
+    file, `stamps` each source's stamp (prepare_finish).
     """
     rows = donors.Table()          # (a worker's: each worker writes its own, keep_rows())
     if len(todo) > 64:
         # Each file's digest goes into its row: learnt here once, not by every worker.
         learn_cached_runs()
-    jobs = []
-    for (target, gi, src, perm, owner), link in todo:
-        st = entries[(gi, src)].st
-        jobs.append((target, gi, src, perm, owner[0], owner[1], st.st_ino, st.st_ctime_ns,
-                     st.st_size, st.st_mtime_ns,
-                     known_digest(st) if link is None else None, *(link or (None, None))))
     fds = [g.fd for g in op.groups]
 
-    def place(job) -> None:
-        target, gi, src, perm, uid, gid, ino, ctime, size, mtime, known, link, linked = job
+    def place(item, link) -> None:
+        target, gi, src, perm, (uid, gid) = item
+        identity = _STAMP.unpack(stamps[(gi, src)])
+        _dev, ino, size, mtime, ctime = identity
+        row = (ino, ctime, size, mtime, perm, uid, gid, gi)
         path = upper + target
         if link is not None:
             try:
-                os.link(link, path, follow_symlinks=False)
-                rows.add_file(target, linked, (ino, ctime, size, mtime, perm, uid, gid, gi), src)
+                os.link(link[0], path, follow_symlinks=False)
+                rows.add_file(target, link[1], row, src)
                 return
             except FileExistsError:
                 raise
             except OSError:
                 pass                    # (gone meanwhile: copied after all)
-        hash_it = op.hash_content and link is None and known is None
+        known = known_digest_of(identity)
         exact, hashed = _copy_file(fds[gi], src, path, size, mtime, ctime, perm, (uid, gid),
-                                   hash_it)
+                                   op.hash_content and known is None)
         # (A source matched by its stamp alone may have no digest in this build: the row's.)
-        digest = linked if link is not None else hashed or known
+        digest = link[1] if link is not None else hashed or known
         if exact and digest is not None:
-            rows.add_file(target, digest, (ino, ctime, size, mtime, perm, uid, gid, gi), src)
+            rows.add_file(target, digest, row, src)
 
     def copy_one(job) -> None:
+        item, link = job
         try:
-            place(job)
+            place(item, link)
         except FileExistsError:
             # Only a whiteout of a file an earlier layer deleted may be there (checked
             # after the fact: asking first cost a lookup per file).
-            path = upper + job[0]
+            path = upper + item[0]
             st = os.lstat(path)
             if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                raise CopyError(f"{job[0]} appeared while it was being copied") from None
+                raise CopyError(f"{item[0]} appeared while it was being copied") from None
             os.unlink(path)
-            place(job)
+            place(item, link)
 
     def keep_rows(worker: int) -> None:
         if op.record and len(rows):
             with open(os.path.join(op.record, f"{ROWS_PREFIX}{worker}"), "wb") as f:
                 f.write(rows.encode())
 
-    _in_parallel(jobs, copy_one, keep_rows)
+    _in_parallel(todo, copy_one, keep_rows, key=lambda job: job[0][0])
 
 
 def mkdir_workdir(path: str, user: str) -> None:
@@ -728,8 +736,6 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
 
     `done(worker)` runs in each worker after its last item (numbered from 0);
     `key(item)` is the path an item writes (items are shared out by its directory).
-    Items must be marshal-able (plain tuples of str, int, bytes, None): each worker
-    gets its share as bytes.
 
     Creating files is mostly kernel time, and it scales: on ext4, 30,000
     files take 1.9 s in one process and 0.6 s in two. A worker's failure
@@ -750,10 +756,6 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
     shares: list[list] = [[] for _ in range(workers)]
     for group in sorted(by_dir.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
-    # Marshalled: each worker makes its own items from bytes (a few ms) instead of touching
-    # the parent's, whose reference counts would copy every page they are on (a cold
-    # copy-30k's four workers: 4,800-5,800 page faults each, 2,400-3,000 since).
-    shares = [marshal.dumps(share) for share in shares]
     parent = os.getpid()
     children = []
     for k in range(workers):
@@ -768,7 +770,7 @@ def _in_parallel(items: list, work, done=None, key=lambda item: item[0]) -> None
                 linux.set_parent_death_signal(signal.SIGKILL)
                 if os.getppid() != parent:
                     os._exit(1)
-                for item in marshal.loads(shares[k]):
+                for item in shares[k]:
                     work(item)
                 if done is not None:
                     done(k)

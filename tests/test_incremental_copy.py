@@ -18,6 +18,7 @@ import random
 import shutil
 import subprocess
 import tarfile
+import types
 
 import pytest
 
@@ -782,9 +783,10 @@ def test_a_big_file_of_the_base_written_entry_by_entry_is_cut_as_the_walk_cuts_i
 
 
 def test_copy_workers_copy_and_hash_a_file_whose_donor_copy_is_gone(tmp_path):
-    # The workers get plain jobs (fileops._write_files): a file whose donor copy vanished
-    # before it could be linked (a prune meanwhile) is copied instead, with the owner, mode
-    # and time of its job, and its row keeps the donor's digest (the source matched it).
+    # The workers copy from each source's stamp (fileops.prepare_finish), not its walked
+    # stat: a file whose donor copy vanished before it could be linked (a prune meanwhile)
+    # is copied instead, with its item's owner and mode and its source's time, and its row
+    # keeps the donor's digest (the source matched it) and the source's stamp.
     from builder import fileops
 
     class Entry:
@@ -800,12 +802,13 @@ def test_copy_workers_copy_and_hash_a_file_whose_donor_copy_is_gone(tmp_path):
     entries = {(0, f"f{i}"): Entry(f"f{i}", os.lstat(ctx / f"f{i}")) for i in range(n)}
     fd = os.open(ctx, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        op = fileops.CopyOp(groups=(fileops.SourceGroup(root=str(ctx), fd=fd),), dest="/app",
-                            dest_is_dir=True, record=str(record))
+        source = types.SimpleNamespace(entries=list(entries.values()))
+        op = fileops.CopyOp(groups=(fileops.SourceGroup(root=str(ctx), fd=fd, sources=(source,)),),
+                            dest="/app", dest_is_dir=True, record=str(record))
         linked = hashlib.sha256(b"content 0\n").hexdigest()
         todo = [((f"/app/f{i}", 0, f"f{i}", 0o640, (1000, 1001)),
                  (str(tmp_path / "gone"), linked) if i == 0 else None) for i in range(n)]
-        fileops._write_files(op, todo, entries, str(upper))
+        fileops._write_files(op, todo, fileops.prepare_finish(op), str(upper))
     finally:
         os.close(fd)
     for i in (0, 1, n - 1):
