@@ -279,6 +279,13 @@ def run_in_root(snap: Snapshot, func: Callable[[], object],
     prepare_to_fork()
 
     def body(err_w: int):
+        # No garbage collection in these processes (this one, the chrooted one and the copy
+        # workers, which inherit it): each is short and leaves with os._exit, and a
+        # collection writes to every tracked object, which copies each page they are on
+        # from the build process (a full one took 13-22 ms of a 30,000-file COPY's chrooted
+        # pass and of its preparation beside it). A FUSE server the mount starts turns it
+        # back on (it serves as long as its mount lasts).
+        gc.disable()
         linux.private_mount_namespace()
         snap.mount()
         if before_chroot is not None:
@@ -481,11 +488,6 @@ def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: i
     `status_fd`: a sandbox forked by the fork server tells its exit status there (its
     parent, the server, is not the process that waits for it)."""
     code = 0
-    # No garbage collection here: this process is short and leaves with os._exit, and a
-    # collection writes to every tracked object, which copies each page they are on from
-    # the process that forked it (a full one took 13-22 ms of a 30,000-file COPY's
-    # chrooted pass and of its preparation beside it). Its copy workers inherit this.
-    gc.disable()
     try:
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)

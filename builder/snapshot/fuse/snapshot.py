@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 import signal
 
@@ -86,6 +87,7 @@ def _reap(pid: int) -> None:
 def _serve(snap: FuseSnapshot, lowers: list[str], ready_w: int) -> None:
     """F: open everything, mount, chroot away, serve. Reports `ok` or the error on `ready_w`."""
     code = 0
+    gc.enable()              # (F serves as long as its mount lasts; a COPY's process has it off)
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
