@@ -212,7 +212,8 @@ def match_donor(op: CopyOp) -> Matched:
 
 # A source file's stamp as the copy workers get it: its stat identity (context._identity's
 # dev, inode, size, mtime, ctime) packed into bytes, the worker's own numbers once unpacked.
-_STAMP = struct.Struct("5q")
+# (Device and inode numbers are unsigned 64-bit, times may be before 1970.)
+_STAMP = struct.Struct("2Q3q")
 
 
 def prepare_finish(op: CopyOp) -> dict:

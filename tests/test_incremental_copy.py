@@ -855,3 +855,17 @@ def test_file_names_that_are_not_utf8_go_through_the_workers_and_are_shared_next
     chain, _ = copy_layer(store, second)
     for name in odd:
         assert shared(store, chain, old, "d0/" + os.fsdecode(name)), name
+
+
+def test_a_stamp_holds_any_inode_number_and_a_time_before_1970():
+    # Overlayfs may hand out inode numbers with the top bit set (xino), and a file's time
+    # may be before 1970: the copy workers' stamps (fileops.prepare_finish) keep both.
+    from builder import fileops
+    st = types.SimpleNamespace(st_dev=2**64 - 2, st_ino=2**63 + 5, st_size=7,
+                               st_mtime_ns=-86_400_000_000_000, st_ctime_ns=5)
+    entry = types.SimpleNamespace(src="old", st=st)
+    op = fileops.CopyOp(groups=(fileops.SourceGroup(
+        root="/", sources=(types.SimpleNamespace(entries=[entry]),)),), dest="/app",
+        dest_is_dir=True)
+    stamp, = fileops.prepare_finish(op).values()
+    assert fileops._STAMP.unpack(stamp) == (2**64 - 2, 2**63 + 5, 7, -86_400_000_000_000, 5)
