@@ -66,6 +66,13 @@ INO, CTIME, SIZE, MTIME, PERM, UID, GID, GROUP = range(8)   # (INO, CTIME: the s
 _NUMBERS = 8
 
 
+def _signed(ino: int) -> int:
+    """An inode number as the rows' signed 64-bit numbers hold it: one with the top bit set
+    (overlayfs hands them out with xino) wraps around, instead of failing the copy."""
+    return ino - (1 << 64) if ino >= 1 << 63 else ino
+
+
+
 class Table:
     """The rows of a COPY layer's table, in columns: 30,000 rows load in milliseconds
     (as one tuple each, two tables took 0.1 s to load)."""
@@ -93,7 +100,8 @@ class Table:
         bits and owner, the source group), `digest` in hex."""
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
-        self.numbers.extend(numbers)
+        self.numbers.append(_signed(numbers[INO]))
+        self.numbers.extend(numbers[INO + 1:])
         self.in_base.append(0)
         self.sources.append(src)
 
@@ -230,7 +238,8 @@ class Donor:
                     if numbers[k + SIZE] != st.st_size or numbers[k + MTIME] != st.st_mtime_ns \
                             or numbers[k + GROUP] != gi or not stat.S_ISREG(st.st_mode):
                         continue
-                    if numbers[k + INO] != st.st_ino or numbers[k + CTIME] != st.st_ctime_ns:
+                    if numbers[k + INO] != _signed(st.st_ino) or \
+                            numbers[k + CTIME] != st.st_ctime_ns:
                         if table.digest(i) != digest_of(st) or xattrs_of(gi, e.src):
                             continue
                     found[e.src] = -1 - i if stacks and (everything or in_base[i] == 1) else i

@@ -869,3 +869,18 @@ def test_a_stamp_holds_any_inode_number_and_a_time_before_1970():
         dest_is_dir=True)
     stamp, = fileops.prepare_finish(op).values()
     assert fileops._STAMP.unpack(stamp) == (2**64 - 2, 2**63 + 5, 7, -86_400_000_000_000, 5)
+
+
+def test_a_row_holds_an_inode_number_with_the_top_bit_set(tmp_path):
+    # The rows' numbers are signed 64-bit: a source whose inode number has the top bit set
+    # (overlayfs with xino) failed its copy worker with OverflowError. Its row is kept
+    # wrapped around, the way the donor's stamp check (Donor.unchanged) wraps the source's.
+    table = donor.Table()
+    table.add_file("/app/x", "ab" * 32, (2**63 + 5, 10, 3, 20, 0o644, 0, 0, 0), "x")
+    table.add_file("/app/y", "cd" * 32, (42, 11, 4, 21, 0o600, 1, 2, 0), "y")
+    (tmp_path / "table").write_bytes(table.encode())
+    back = donor.read_table(str(tmp_path / "table"))
+    assert back.targets == ["/app/x", "/app/y"] and back.digest(1) == "cd" * 32
+    assert list(back.numbers) == [donor._signed(2**63 + 5), 10, 3, 20, 0o644, 0, 0, 0,
+                                  42, 11, 4, 21, 0o600, 1, 2, 0]
+    assert donor._signed(2**63 + 5) == 5 - 2**63 and donor._signed(42) == 42
