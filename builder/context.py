@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .record import record
 from . import hashing, paths
+from .donor import signed64
 from .errors import BuildError
 from .forksafe import ForkSafeLock
 from .statcache import StatCache, settled
@@ -615,13 +616,17 @@ _RUN_MAX = 1000          # entries: a run is cut there even inside one directory
 def _run_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What a run keeps of each entry's stat (the stat cache's rule: size, mtime, ctime,
     inode): a file whose identity is the one kept has the digest kept with it."""
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, signed64(st.st_ino)
 
 
 def _identities(rows: list[tuple]) -> bytes:
     """_run_identity() of each entry of a run, in order (from its _stat_rows()), kept with the
     run so that a run with one file changed digests that file only."""
-    return array.array("q", [n for r in rows for n in r[3:7]]).tobytes()
+    numbers = [n for r in rows for n in r[3:7]]
+    try:
+        return array.array("q", numbers).tobytes()
+    except OverflowError:                 # (an inode number with the top bit set)
+        return array.array("q", [signed64(n) for n in numbers]).tobytes()
 
 
 def _changed_files(entries, hit, reused: dict, todo: list, moved: list) -> None:

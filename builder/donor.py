@@ -66,10 +66,12 @@ INO, CTIME, SIZE, MTIME, PERM, UID, GID, GROUP = range(8)   # (INO, CTIME: the s
 _NUMBERS = 8
 
 
-def _signed(ino: int) -> int:
-    """An inode number as the rows' signed 64-bit numbers hold it: one with the top bit set
-    (overlayfs hands them out with xino) wraps around, instead of failing the copy."""
-    return ino - (1 << 64) if ino >= 1 << 63 else ino
+def signed64(n: int) -> int:
+    """A stat number as an array of signed 64-bit integers (the rows', a run's identities in
+    context.py) holds it: an inode number with the top bit set (overlayfs hands them out with
+    xino) wraps around instead of failing; sizes and times never reach that bit (times may
+    be negative, before 1970)."""
+    return n - (1 << 64) if n >= 1 << 63 else n
 
 
 
@@ -100,7 +102,7 @@ class Table:
         bits and owner, the source group), `digest` in hex."""
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
-        self.numbers.append(_signed(numbers[INO]))
+        self.numbers.append(signed64(numbers[INO]))
         self.numbers.extend(numbers[INO + 1:])
         self.in_base.append(0)
         self.sources.append(src)
@@ -238,7 +240,7 @@ class Donor:
                     if numbers[k + SIZE] != st.st_size or numbers[k + MTIME] != st.st_mtime_ns \
                             or numbers[k + GROUP] != gi or not stat.S_ISREG(st.st_mode):
                         continue
-                    if numbers[k + INO] != _signed(st.st_ino) or \
+                    if numbers[k + INO] != signed64(st.st_ino) or \
                             numbers[k + CTIME] != st.st_ctime_ns:
                         if table.digest(i) != digest_of(st) or xattrs_of(gi, e.src):
                             continue

@@ -408,3 +408,53 @@ def test_learned_digests_make_the_source_digest_and_answer_known_digest(tmp_path
     again = BuildContext(str(ctx_dir))
     again._learned = ctx._learned
     assert again.digest(again.sources(".")[0]) == real
+
+
+def test_a_run_keeps_an_inode_number_with_the_top_bit_set():
+    # A run's identities are signed 64-bit numbers: an inode number with the top bit set
+    # (overlayfs hands them out with xino) made the digest of such a context fail with
+    # OverflowError. It is kept wrapped around, as the check that reads it back wraps it.
+    import array
+    import types
+    from builder import context
+    st = types.SimpleNamespace(st_size=3, st_mtime_ns=-5, st_ctime_ns=11, st_ino=2**63 + 5)
+    rows = [("f", "f", 0o100644, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 1)]
+    kept = array.array("q", context._identities(rows))
+    assert tuple(kept) == context._run_identity(st) == (3, -5, 11, 5 - 2**63)
+
+
+def test_a_context_on_an_overlay_whose_inode_numbers_pass_63_bits_builds_and_rebuilds(
+        tmp_path, base_image, store_root, monkeypatch):
+    # Overlayfs with xino puts a layer's number in the top bits of the inode numbers it
+    # reports: a context on such a mount (a container's root, say) has files whose inode
+    # numbers do not fit the signed 64-bit numbers of a COPY's rows and of its digest's
+    # runs. The COPY failed with "internal error in the sandbox: OverflowError".
+    import builder
+    from builder import linux, statcache
+    from builder.store import Store
+    from conftest import BASE, layer_files
+    monkeypatch.setattr(statcache, "_RACY_NS", 0)          # keep the runs of fresh files
+    low, upper, work, merged = (tmp_path / n for n in ("low", "upper", "work", "merged"))
+    for d in (low, upper, work, merged):
+        d.mkdir()
+    linux.mount("tmpfs", str(low), "tmpfs", 0, "size=4m")   # (another file system than upper)
+    try:
+        write_context(low, {"Dockerfile": f"FROM {BASE}\nCOPY . /app\n", "a.txt": "a\n"})
+        linux.mount("overlay", str(merged), "overlay", 0,
+                    f"lowerdir={low},upperdir={upper},workdir={work},xino=on")
+        try:
+            (merged / "b.txt").write_text("b\n")
+            if os.stat(merged / "a.txt").st_ino < 2**63:
+                pytest.skip("this kernel's overlay gave no inode number past 63 bits")
+            store = Store(store_root)
+            first = builder.build(str(merged), root=store_root)
+            files = layer_files(store, first.layers[-1])
+            assert (files["app/a.txt"], files["app/b.txt"]) == (b"a\n", b"b\n")
+            (merged / "b.txt").write_text("b, again\n")
+            second = builder.build(str(merged), root=store_root)
+            files = layer_files(store, second.layers[-1])
+            assert (files["app/a.txt"], files["app/b.txt"]) == (b"a\n", b"b, again\n")
+        finally:
+            linux.umount(str(merged))
+    finally:
+        linux.umount(str(low))

@@ -881,6 +881,6 @@ def test_a_row_holds_an_inode_number_with_the_top_bit_set(tmp_path):
     (tmp_path / "table").write_bytes(table.encode())
     back = donor.read_table(str(tmp_path / "table"))
     assert back.targets == ["/app/x", "/app/y"] and back.digest(1) == "cd" * 32
-    assert list(back.numbers) == [donor._signed(2**63 + 5), 10, 3, 20, 0o644, 0, 0, 0,
+    assert list(back.numbers) == [donor.signed64(2**63 + 5), 10, 3, 20, 0o644, 0, 0, 0,
                                   42, 11, 4, 21, 0o600, 1, 2, 0]
-    assert donor._signed(2**63 + 5) == 5 - 2**63 and donor._signed(42) == 42
+    assert donor.signed64(2**63 + 5) == 5 - 2**63 and donor.signed64(42) == 42
