@@ -616,7 +616,8 @@ _RUN_MAX = 1000          # entries: a run is cut there even inside one directory
 def _run_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What a run keeps of each entry's stat (the stat cache's rule: size, mtime, ctime,
     inode): a file whose identity is the one kept has the digest kept with it."""
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, signed64(st.st_ino)
+    return (st.st_size, signed64(st.st_mtime_ns), signed64(st.st_ctime_ns),
+            signed64(st.st_ino))
 
 
 def _identities(rows: list[tuple]) -> bytes:
@@ -625,7 +626,7 @@ def _identities(rows: list[tuple]) -> bytes:
     numbers = [n for r in rows for n in r[3:7]]
     try:
         return array.array("q", numbers).tobytes()
-    except OverflowError:                 # (an inode number with the top bit set)
+    except OverflowError:        # (an inode number with the top bit set, a time past 2262)
         return array.array("q", [signed64(n) for n in numbers]).tobytes()
 
 

@@ -66,13 +66,15 @@ INO, CTIME, SIZE, MTIME, PERM, UID, GID, GROUP = range(8)   # (INO, CTIME: the s
 _NUMBERS = 8
 
 
-def signed64(n: int) -> int:
-    """A stat number as an array of signed 64-bit integers (the rows', a run's identities in
-    context.py) holds it: an inode number with the top bit set (overlayfs hands them out with
-    xino) wraps around instead of failing; sizes and times never reach that bit (times may
-    be negative, before 1970)."""
-    return n - (1 << 64) if n >= 1 << 63 else n
+_I64 = 1 << 63
 
+
+def signed64(n: int) -> int:
+    """A stat number that is only ever compared, as an array of signed 64-bit integers (the
+    rows', a run's identities in context.py) can hold it: an inode number with the top bit
+    set (overlayfs hands them out with xino), a time in nanoseconds past 2262, wrap around
+    instead of failing (times before 1970 are negative already)."""
+    return n - (1 << 64) if n >= _I64 else n
 
 
 class Table:
@@ -99,7 +101,11 @@ class Table:
     def add_file(self, target: str, digest: str, numbers: tuple, src: str) -> None:
         """Add the row of a file of the layer's own diff dir: copied to `target` from `src`;
         `numbers` are the row's (INO .. GROUP: the source's stamp and size, the copy's mode
-        bits and owner, the source group), `digest` in hex."""
+        bits and owner, the source group), `digest` in hex. A file whose time does not fit
+        (past 2262: a stacked layer's header takes MTIME as it is) gets no row: the next
+        build copies it instead of sharing it."""
+        if not (-_I64 <= numbers[MTIME] < _I64 and -_I64 <= numbers[CTIME] < _I64):
+            return
         self.targets.append(target)
         self.digests += bytes.fromhex(digest)
         self.numbers.append(signed64(numbers[INO]))

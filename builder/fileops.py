@@ -31,7 +31,6 @@ import os
 import posixpath
 import signal
 import stat
-import struct
 import tarfile
 import zlib  # noqa: F401
 
@@ -211,25 +210,25 @@ def match_donor(op: CopyOp) -> Matched:
 
 
 # A source file's stamp as the copy workers get it: its stat identity (context._identity's
-# dev, inode, size, mtime, ctime) packed into bytes, the worker's own numbers once unpacked.
-# (Device and inode numbers are unsigned 64-bit, times may be before 1970.)
-_STAMP = struct.Struct("2Q3q")
+# dev, inode, size, mtime, ctime) marshalled into bytes, the worker's own numbers once read
+# back. (marshal, not struct: inode numbers may use all 64 bits, times in nanoseconds run
+# past 64 bits after 2262 and are negative before 1970.)
 
 
 def prepare_finish(op: CopyOp) -> dict:
-    """Every source entry's stamp (_STAMP) by (group, path), for finish_in_upper. Made while
+    """Every source entry's stamp (above) by (group, path), for finish_in_upper. Made while
     the chrooted pass runs (sandbox.run_in_root's `meanwhile`), on the core that would wait
     for it: the copy workers read these, not the walk's entries and their stats, which sit
     all over this process's memory and would be copied page by page into every worker that
     touched them (their reference counts)."""
     stamps = {}
-    pack = _STAMP.pack
+    dumps = marshal.dumps
     for gi, g in enumerate(op.groups):
         for s in g.sources:
             for e in s.entries:
                 st = e.st
-                stamps[(gi, e.src)] = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                           st.st_ctime_ns)
+                stamps[(gi, e.src)] = dumps((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                             st.st_ctime_ns))
     return stamps
 
 
@@ -327,7 +326,7 @@ def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> Non
 
     def place(item, link) -> None:
         target, gi, src, perm, (uid, gid) = item
-        identity = _STAMP.unpack(stamps[(gi, src)])
+        identity = marshal.loads(stamps[(gi, src)])
         _dev, ino, size, mtime, ctime = identity
         row = (ino, ctime, size, mtime, perm, uid, gid, gi)
         path = upper + target

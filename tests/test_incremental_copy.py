@@ -857,18 +857,51 @@ def test_file_names_that_are_not_utf8_go_through_the_workers_and_are_shared_next
         assert shared(store, chain, old, "d0/" + os.fsdecode(name)), name
 
 
-def test_a_stamp_holds_any_inode_number_and_a_time_before_1970():
-    # Overlayfs may hand out inode numbers with the top bit set (xino), and a file's time
-    # may be before 1970: the copy workers' stamps (fileops.prepare_finish) keep both.
+def test_a_stamp_holds_any_inode_number_and_any_time():
+    # Overlayfs may hand out inode numbers with the top bit set (xino), and a file's time in
+    # nanoseconds is negative before 1970 and past 64 bits after 2262 (ext4 goes to 2446):
+    # the copy workers' stamps (fileops.prepare_finish) keep them all.
     from builder import fileops
-    st = types.SimpleNamespace(st_dev=2**64 - 2, st_ino=2**63 + 5, st_size=7,
-                               st_mtime_ns=-86_400_000_000_000, st_ctime_ns=5)
+    numbers = (2**64 - 2, 2**63 + 5, 7, -86_400_000_000_000, 15_000_000_000 * 10**9)
+    st = types.SimpleNamespace(st_dev=numbers[0], st_ino=numbers[1], st_size=numbers[2],
+                               st_mtime_ns=numbers[3], st_ctime_ns=numbers[4])
     entry = types.SimpleNamespace(src="old", st=st)
     op = fileops.CopyOp(groups=(fileops.SourceGroup(
         root="/", sources=(types.SimpleNamespace(entries=[entry]),)),), dest="/app",
         dest_is_dir=True)
     stamp, = fileops.prepare_finish(op).values()
-    assert fileops._STAMP.unpack(stamp) == (2**64 - 2, 2**63 + 5, 7, -86_400_000_000_000, 5)
+    assert marshal.loads(stamp) == numbers
+
+
+def test_files_from_before_1970_and_after_2262_are_copied_with_their_times(
+        tmp_path, base_image, store_root):
+    # Times in nanoseconds that a signed 64-bit number cannot hold (after 2262): the COPY
+    # failed ("internal error in the sandbox: error('argument out of range')"). Such a file
+    # gets no row (copied, not shared, next time); both keep their times in the layer.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY . /app/\n",
+                                           "old.txt": "old\n", "late.txt": "late\n",
+                                           "now.txt": "now\n"})
+    old, late = -14_182_940, 15_000_000_000             # 1969-07-20, 2445-05-01 (ext4 holds it)
+    os.utime(ctx / "old.txt", (old, old))
+    os.utime(ctx / "late.txt", (late, late))
+    if os.stat(ctx / "late.txt").st_mtime != late:
+        pytest.skip("this file system does not hold a time past 2262")
+    first = build(ctx, store_root)
+    store = Store(store_root)
+    members = {m.name: m for m in tarfile.open(
+        fileobj=io.BytesIO(layer_tar(store, first.layers[-1]))).getmembers()}
+    assert (members["app/old.txt"].mtime, members["app/late.txt"].mtime) == (old, late)
+    chain, diff = copy_layer(store, first)
+    assert (os.stat(f"{diff}/app/old.txt").st_mtime, os.stat(f"{diff}/app/late.txt").st_mtime) \
+        == (old, late)
+    table = donor.read_table(store.layers.table(chain))
+    assert "/app/late.txt" not in table.targets and "/app/old.txt" in table.targets
+
+    (ctx / "now.txt").write_text("now, again\n")
+    second = build(ctx, store_root)
+    files = layer_files(store, second.layers[-1])
+    assert (files["app/old.txt"], files["app/late.txt"], files["app/now.txt"]) == \
+        (b"old\n", b"late\n", b"now, again\n")
 
 
 def test_a_row_holds_an_inode_number_with_the_top_bit_set(tmp_path):
