@@ -20,6 +20,7 @@ thousands of files nobody knows yet are hashed on every core (hashing.py).
 from __future__ import annotations
 
 import array
+import errno
 import hashlib
 import marshal
 import operator
@@ -294,7 +295,11 @@ class BuildContext:
             st = self._lstat(resolved)
             if st is None or self.ignore.excluded(resolved):
                 continue
-            out.append(Source(spec, resolved, tuple(self._walk(resolved, st)), pivot))
+            try:
+                entries = tuple(self._walk(resolved, st))
+            except OSError as e:
+                raise _unreadable(e, self.root, instruction, spec, where) from None
+            out.append(Source(spec, resolved, entries, pivot))
         if not out and names == [cleaned] and not _GLOB_CHARS.search(cleaned):
             # A pattern that matches nothing is no error, as in BuildKit (AllowEmptyWildcard):
             # `COPY package.json yarn.lock* ./` is how Dockerfiles copy a file that may be absent.
@@ -578,6 +583,21 @@ class BuildContext:
     def save(self) -> None:
         """Keep what this build learned about the context's files for the next one."""
         self.stat_cache.save()
+
+
+def _unreadable(e: OSError, root: str, instruction: str, spec: str, where: str) -> BuildError:
+    """The BuildError of a source whose walk failed: the file, by its path in the context
+    (shortened when it is very long), and what to do about a path past PATH_MAX."""
+    name = e.filename if isinstance(e.filename, str) else ""
+    if name.startswith(root + "/"):
+        name = name[len(root) + 1:]
+    hint = None
+    if e.errno == errno.ENAMETOOLONG:
+        hint = (f"its path from / is longer than this system allows ({len(e.filename)} "
+                "bytes): move the context to a shorter directory, shorten the path, or "
+                "leave it out with .dockerignore")
+    return BuildError(f"{instruction} source {spec!r}: cannot read {paths.shortened(name)} in "
+                      f"{where}: {e.strerror or e}", hint=hint)
 
 
 def _kind(mode: int) -> str:

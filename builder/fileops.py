@@ -248,7 +248,25 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
     holds unchanged. Every file whose digest is known is recorded in
     `op.record` for the next build to do the same. `matched` is what
     match_donor(op) gave, `stamps` what prepare_finish(op) gave, if it ran.
+    An error names the file by its path in the image, not in the upper dir.
     """
+    try:
+        _finish_in_upper(op, work, upper, matched, stamps)
+    except OSError as e:
+        raise _in_image(e, upper)
+
+
+def _in_image(e: OSError, upper: str) -> OSError:
+    """`e`, naming its file by the path in the image instead of the path in the step's upper
+    dir (which means nothing to the user), and with the middle of a very long one left out."""
+    name = e.filename
+    if isinstance(name, str):
+        e.filename = paths.shortened(name[len(upper):] if name.startswith(upper + "/") else name)
+    return e
+
+
+def _finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
+                     stamps: dict | None) -> None:
     if stamps is None:
         stamps = prepare_finish(op)
     donor = matched.donor
@@ -350,16 +368,19 @@ def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> Non
     def copy_one(job) -> None:
         item, link = job
         try:
-            place(item, link)
-        except FileExistsError:
-            # Only a whiteout of a file an earlier layer deleted may be there (checked
-            # after the fact: asking first cost a lookup per file).
-            path = upper + item[0]
-            st = os.lstat(path)
-            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                raise CopyError(f"{item[0]} appeared while it was being copied") from None
-            os.unlink(path)
-            place(item, link)
+            try:
+                place(item, link)
+            except FileExistsError:
+                # Only a whiteout of a file an earlier layer deleted may be there (checked
+                # after the fact: asking first cost a lookup per file).
+                path = upper + item[0]
+                st = os.lstat(path)
+                if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+                    raise CopyError(f"{item[0]} appeared while it was being copied") from None
+                os.unlink(path)
+                place(item, link)
+        except OSError as e:
+            raise _in_image(e, upper)
 
     def keep_rows(worker: int) -> None:
         if op.record and len(rows):

@@ -34,6 +34,14 @@ def clean(path: str) -> str:
     return "/".join(parts)
 
 
+def shortened(path: str, limit: int = 200) -> str:
+    """`path` for a message: one longer than `limit` keeps its first and last 80 characters
+    (a path near PATH_MAX is 4 KB of text, and its two ends say which it is)."""
+    if len(path) <= limit:
+        return path
+    return f"{path[:80]}...({len(path) - 160} characters)...{path[-80:]}"
+
+
 def escapes(path: str) -> bool:
     """True if the relative or absolute name `path` climbs above its root with `..` (lexically)."""
     norm = posixpath.normpath("/" + path.lstrip("/")) if path.startswith("/") else posixpath.normpath(path)

@@ -21,6 +21,7 @@ import tarfile
 import types
 
 import pytest
+from pathlib import Path
 
 import builder
 from builder import donor
@@ -917,3 +918,55 @@ def test_a_row_holds_an_inode_number_with_the_top_bit_set(tmp_path):
     assert list(back.numbers) == [donor.signed64(2**63 + 5), 10, 3, 20, 0o644, 0, 0, 0,
                                   42, 11, 4, 21, 0o600, 1, 2, 0]
     assert donor.signed64(2**63 + 5) == 5 - 2**63 and donor.signed64(42) == 42
+
+
+def _deep_tree(root, length: int) -> str:
+    """Make root/deep/dddd.../f, whose path from `root` is `length` characters; that path."""
+    rel = "deep/" + "/".join(["d" * 100] * 39)
+    rel += "/" + "e" * (length - len(rel) - len("//f"))
+    rel += "/f"
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in rel.split("/")[:-1]:           # (one by one: the whole may pass PATH_MAX)
+        os.mkdir(name, dir_fd=fd)
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+        f.write("deep\n")
+    os.close(fd)
+    assert len(rel) == length
+    return rel
+
+
+def test_a_copy_that_fails_names_the_file_by_its_path_in_the_image(
+        tmp_path, base_image, store_root):
+    # A path the context and the image can hold but the step's upper dir cannot (the dir's
+    # own path comes first, past PATH_MAX): the error named the file in the upper dir, all
+    # 4 KB of it. It names it in the image, with its middle left out.
+    import tempfile
+    ctx = tempfile.mkdtemp(prefix="c", dir="/tmp")          # (a short path to the context)
+    try:
+        write_context(Path(ctx), {"Dockerfile": f"FROM {BASE}\nCOPY . /app/\n"})
+        rel = _deep_tree(ctx, 4094 - len(ctx) - 1)
+        assert len(store_root) + len("/tmp/build-0/step-2/upper/app/") + len(rel) > 4096
+        with pytest.raises(builder.BuildError) as err:
+            build(ctx, store_root)
+    finally:
+        shutil.rmtree(ctx)
+    message = str(err.value)
+    assert "COPY: File name too long: /app/deep/dddd" in message, message[:300]
+    assert "characters)..." in message and "upper" not in message and len(message) < 600
+
+
+def test_a_context_path_past_path_max_is_a_clear_error(tmp_path, base_image, store_root):
+    # The context's walk opened each directory by its path from /: past PATH_MAX that
+    # failed with an OSError and a 4 KB path (a traceback from the library). It is a
+    # BuildError naming the step, the path in the context (shortened) and what to do.
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY . /app/\n"})
+    _deep_tree(ctx, 4090)
+    with pytest.raises(builder.BuildError) as err:
+        build(ctx, store_root)
+    message = str(err.value)
+    assert "[2/2] COPY: COPY source '.': cannot read deep/dddd" in message, message[:300]
+    assert "characters)..." in message and "File name too long" in message
+    assert len(message) < 600 and "shorter directory" in err.value.hint
