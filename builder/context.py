@@ -253,7 +253,9 @@ class BuildContext:
 
     def __init__(self, root: str, dockerfile: str | None = None, ignore: IgnoreRules | None = None,
                  strict: bool = True, cache_dir: str | None = None):
-        self.root = os.path.abspath(root)
+        # (Resolved: a context named through a symlink to its directory is that directory,
+        # as Docker's CLI takes it; its own entry must be the directory, not the link.)
+        self.root = os.path.realpath(root)
         self.strict = strict     # a context's symlinks may not lead out; an image's may
         self.stat_cache = StatCache(cache_dir, self.root)
         if not os.path.isdir(self.root):

@@ -458,3 +458,22 @@ def test_a_context_on_an_overlay_whose_inode_numbers_pass_63_bits_builds_and_reb
             linux.umount(str(merged))
     finally:
         linux.umount(str(low))
+
+
+def test_a_context_named_through_a_symlink_is_its_directory(tmp_path, base_image, store_root):
+    # `pybuild build link-to-ctx`: the context's own entry was the symlink, and the digest
+    # of `COPY .` read it as one ("Invalid argument" from readlink). It is the directory.
+    import builder
+    from builder.store import Store
+    from conftest import BASE, layer_files
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY . /app/\n",
+                                           "a.txt": "a\n", "sub/b.txt": "b\n"})
+    link = tmp_path / "link"
+    link.symlink_to(ctx)
+    image = builder.build(str(link), root=store_root)
+    files = layer_files(Store(store_root), image.layers[-1])
+    assert (files["app/a.txt"], files["app/sub/b.txt"]) == (b"a\n", b"b\n")
+    source, = BuildContext(str(link)).sources(".")
+    assert stat.S_ISDIR(source.entries[0].st.st_mode)
+    assert BuildContext(str(link)).digest(source) == BuildContext(str(ctx)).digest(
+        BuildContext(str(ctx)).sources(".")[0])
