@@ -103,6 +103,32 @@ def test_any_depth_and_the_order_of_a_sorted_walk(tmp_path):
         assert t.extractfile(members[-1]).read() == b"bottom\n"
 
 
+def test_a_tree_past_path_max_archives_its_symlinks_fifos_and_devices(tmp_path):
+    """A layer's tree may be deeper than a path from / can say (PATH_MAX, 4,096 bytes): the
+    walk opens files and dirs through their parent's descriptor, and asked symlinks,
+    fifos and devices by their path from the root, which failed ("File name too long")."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    names = ["d" * 100] * 42                                  # 4,242 bytes, and the root's
+    for name in names:
+        os.mkdir(name, dir_fd=fd)
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    try:
+        os.symlink("f", "link", dir_fd=fd)
+        os.mkfifo("fifo", dir_fd=fd)
+        os.mknod("null", stat.S_IFCHR | 0o600, os.makedev(1, 3), dir_fd=fd)
+    finally:
+        os.close(fd)
+    with tarfile.open(fileobj=io.BytesIO(tar_of(tmp_path))) as t:
+        members = {m.name: m for m in t.getmembers()}
+    bottom = "/".join(names)
+    assert members[f"{bottom}/link"].issym() and members[f"{bottom}/link"].linkname == "f"
+    assert members[f"{bottom}/fifo"].isfifo()
+    null = members[f"{bottom}/null"]
+    assert null.ischr() and (null.devmajor, null.devminor, null.mode) == (1, 3, 0o600)
+
+
 def test_extract_round_trip_restores_overlay_form(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -574,3 +600,21 @@ def test_direct_file_without_its_buffer_or_o_direct_writes_through_the_page_cach
     f.write(data)
     f.close()
     assert (tmp_path / "blob").read_bytes() == data
+
+
+def test_a_layer_path_the_disk_cannot_take_is_named_in_the_layer_and_shortened(tmp_path):
+    """Extraction writes by path from its staging dir: a member whose path passes PATH_MAX
+    there fails, and the error named it in the staging dir with all 4 KB of it."""
+    deep = "/".join(["d" * 100] * 42) + "/f"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo(deep)
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"x\n"))
+    buf.seek(0)
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(LayerError) as err:
+        extract.extract(buf, str(tmp_path / "dest"), what="layer 1")
+    message = str(err.value)
+    assert message.startswith("layer 1: cannot write /dddd"), message[:200]
+    assert "characters)..." in message and str(tmp_path) not in message and len(message) < 400

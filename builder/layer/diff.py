@@ -161,9 +161,11 @@ class _Walk:
                         self.base_file(rel, base, name)
                     continue
                 if not (is_dir or is_file):
-                    # Symlinks, devices (whiteouts among them), fifos: they cannot be opened.
+                    # Symlinks, devices (whiteouts among them), fifos: they cannot be opened,
+                    # and are asked by a path through their open directory (short, however
+                    # deep the tree: from the root, a path may pass PATH_MAX).
                     self.entry(name, os.stat(base, dir_fd=dfd, follow_symlinks=False),
-                               os.path.join(self.root, name))
+                               f"/proc/self/fd/{dfd}/{base}")
                     continue
                 fd = os.open(base, _O_DIR if is_dir else _O_FILE, dir_fd=dfd)
                 try:

@@ -18,6 +18,7 @@ import os
 import stat
 import tarfile
 
+from .. import paths
 from ..errors import LayerError
 from ..trees import remove_tree
 from . import whiteout
@@ -49,7 +50,10 @@ def extract(stream, dest: str, *, what: str = "layer", whiteouts: bool = True,
     except EOFError:
         raise LayerError(f"{what}: the tar archive is truncated") from None
     except OSError as e:
-        raise LayerError(f"{what}: cannot write {e.filename or ''}: {e.strerror}") from None
+        name = e.filename if isinstance(e.filename, str) else ""
+        if name.startswith(dest + "/"):
+            name = name[len(dest):]          # (the path in the layer, not in the staging dir)
+        raise LayerError(f"{what}: cannot write {paths.shortened(name)}: {e.strerror}") from None
     extractor.finish()
     return extractor.content_bytes
 
