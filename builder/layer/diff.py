@@ -128,6 +128,7 @@ class _Walk:
         self.clamp = clamp
         self.stats = DiffStats()
         self.links: dict[tuple[int, int], str] = {}
+        self.by_fd = os.path.isdir("/proc/self/fd")
 
     def run(self, dfd: int) -> None:
         """Walk the tree whose directory `dfd` is open (and closed here), in tar order.
@@ -162,10 +163,12 @@ class _Walk:
                     continue
                 if not (is_dir or is_file):
                     # Symlinks, devices (whiteouts among them), fifos: they cannot be opened,
-                    # and are asked by a path through their open directory (short, however
-                    # deep the tree: from the root, a path may pass PATH_MAX).
+                    # and are asked by a path through their open directory where /proc is
+                    # (short, however deep the tree: from the root, a path may pass
+                    # PATH_MAX), else from the root (flatten.py walks in a chroot).
                     self.entry(name, os.stat(base, dir_fd=dfd, follow_symlinks=False),
-                               f"/proc/self/fd/{dfd}/{base}")
+                               f"/proc/self/fd/{dfd}/{base}" if self.by_fd
+                               else os.path.join(self.root, name))
                     continue
                 fd = os.open(base, _O_DIR if is_dir else _O_FILE, dir_fd=dfd)
                 try:
