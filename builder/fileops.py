@@ -209,18 +209,17 @@ def match_donor(op: CopyOp) -> Matched:
     return Matched(donor, donor.unchanged(groups, known_digest, xattrs_of))
 
 
-# A source file's stamp as the copy workers get it: its stat identity (context._identity's
-# dev, inode, size, mtime, ctime) marshalled into bytes, the worker's own numbers once read
-# back. (marshal, not struct: inode numbers may use all 64 bits, times in nanoseconds run
-# past 64 bits after 2262 and are negative before 1970.)
-
-
 def prepare_finish(op: CopyOp) -> dict:
-    """Every source entry's stamp (above) by (group, path), for finish_in_upper. Made while
-    the chrooted pass runs (sandbox.run_in_root's `meanwhile`), on the core that would wait
-    for it: the copy workers read these, not the walk's entries and their stats, which sit
-    all over this process's memory and would be copied page by page into every worker that
-    touched them (their reference counts)."""
+    """Every source entry's stamp by (group, path), for finish_in_upper: its stat identity
+    (context._identity's dev, inode, size, mtime, ctime), marshalled.
+
+    Made while the chrooted pass runs (sandbox.run_in_root's `meanwhile`), on
+    the core that would wait for it. The copy workers read these bytes, not the
+    walk's entries and their stats, which sit all over this process's memory
+    and would be copied page by page into every worker that touched them (their
+    reference counts). marshal, not struct: inode numbers may use all 64 bits,
+    times in nanoseconds pass 63 bits after 2262 and are negative before 1970.
+    """
     stamps = {}
     dumps = marshal.dumps
     for gi, g in enumerate(op.groups):
