@@ -136,6 +136,19 @@ def write_context(path: Path, files: dict[str, str | bytes]) -> Path:
     return path
 
 
+def nested_dirs(root, names) -> int:
+    """Make root/names[0]/names[1]/..., one directory at a time through its parent's
+    descriptor (the whole path may pass PATH_MAX, and pathlib's mkdir(parents=True)
+    recurses); the deepest one's open descriptor, for the caller to fill and close."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in names:
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
 def layer_tar(store, layer) -> bytes:
     """The uncompressed tar of a layer blob (gzip or zstd), decompressed by the reference libraries."""
     with store.blobs.open(layer.digest) as f:

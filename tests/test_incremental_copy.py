@@ -30,7 +30,8 @@ from builder.layer import basetar, segments, splice
 from isal import isal_zlib
 from builder.store import Store
 
-from conftest import BASE, busybox_context, layer_files, layer_tar, run_pybuild, write_context
+from conftest import (BASE, busybox_context, layer_files, layer_tar, nested_dirs, run_pybuild,
+                      write_context)
 
 FILES = {f"src/d{i % 3}/f{i}.txt": f"file {i}\n" * (i + 1) for i in range(12)}
 
@@ -925,12 +926,7 @@ def _deep_tree(root, length: int) -> str:
     rel = "deep/" + "/".join(["d" * 100] * 39)
     rel += "/" + "e" * (length - len(rel) - len("//f"))
     rel += "/f"
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for name in rel.split("/")[:-1]:           # (one by one: the whole may pass PATH_MAX)
-        os.mkdir(name, dir_fd=fd)
-        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
+    fd = nested_dirs(root, rel.split("/")[:-1])
     with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
         f.write("deep\n")
     os.close(fd)

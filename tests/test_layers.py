@@ -17,6 +17,8 @@ from builder.errors import LayerError
 from builder.layer import diff, extract, whiteout
 from builder.store import direct
 
+from conftest import nested_dirs
+
 
 class Sink:
     def __init__(self):
@@ -107,13 +109,8 @@ def test_a_tree_past_path_max_archives_its_symlinks_fifos_and_devices(tmp_path):
     """A layer's tree may be deeper than a path from / can say (PATH_MAX, 4,096 bytes): the
     walk opens files and dirs through their parent's descriptor, and asked symlinks,
     fifos and devices by their path from the root, which failed ("File name too long")."""
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     names = ["d" * 100] * 42                                  # 4,242 bytes, and the root's
-    for name in names:
-        os.mkdir(name, dir_fd=fd)
-        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
+    fd = nested_dirs(tmp_path, names)
     try:
         os.symlink("f", "link", dir_fd=fd)
         os.mkfifo("fifo", dir_fd=fd)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BASE, fork_servers_of, forked_by_fork_server, our_mounts, processes_with,
-                      run_pybuild, write_context)
+from conftest import (BASE, fork_servers_of, forked_by_fork_server, nested_dirs, our_mounts,
+                      processes_with, run_pybuild, write_context)
 
 
 def wait_until(cond, timeout: float = 10.0):
@@ -305,12 +305,7 @@ COPY src /src
 RUN p=/deep; i=0; while [ $i -lt 1200 ]; do p=$p/d; i=$((i+1)); done; mkdir -p $p && echo bottom > $p/leaf
 """})
     nested = ["d"] * 1200
-    fd = os.open(ctx, os.O_RDONLY | os.O_DIRECTORY)
-    for name in ["src", *nested]:                 # (pathlib's mkdir(parents=True) recurses)
-        os.mkdir(name, dir_fd=fd)
-        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
+    fd = nested_dirs(ctx, ["src", *nested])
     with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
         f.write("from the context\n")
     os.close(fd)
