@@ -590,15 +590,13 @@ class BuildContext:
 def _unreadable(e: OSError, root: str, instruction: str, spec: str, where: str) -> BuildError:
     """The BuildError of a source whose walk failed: the file, by its path in the context
     (shortened when it is very long), and what to do about a path past PATH_MAX."""
-    name = e.filename if isinstance(e.filename, str) else ""
-    if name.startswith(root + "/"):
-        name = name[len(root) + 1:]
+    name = paths.shortened(e.filename if isinstance(e.filename, str) else "", root)
     hint = None
     if e.errno == errno.ENAMETOOLONG:
         hint = (f"its path from / is longer than this system allows ({len(e.filename)} "
                 "bytes): move the context to a shorter directory, shorten the path, or "
                 "leave it out with .dockerignore")
-    return BuildError(f"{instruction} source {spec!r}: cannot read {paths.shortened(name)} in "
+    return BuildError(f"{instruction} source {spec!r}: cannot read {name.lstrip('/')} in "
                       f"{where}: {e.strerror or e}", hint=hint)
 
 

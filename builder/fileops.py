@@ -258,9 +258,8 @@ def finish_in_upper(op: CopyOp, work: dict, upper: str, matched: Matched,
 def _in_image(e: OSError, upper: str) -> OSError:
     """`e`, naming its file by the path in the image instead of the path in the step's upper
     dir (which means nothing to the user), and with the middle of a very long one left out."""
-    name = e.filename
-    if isinstance(name, str):
-        e.filename = paths.shortened(name[len(upper):] if name.startswith(upper + "/") else name)
+    if isinstance(e.filename, str):
+        e.filename = paths.shortened(e.filename, upper)
     return e
 
 

@@ -34,9 +34,13 @@ def clean(path: str) -> str:
     return "/".join(parts)
 
 
-def shortened(path: str, limit: int = 200) -> str:
-    """`path` for a message: one longer than `limit` keeps its first and last 80 characters
-    (a path near PATH_MAX is 4 KB of text, and its two ends say which it is)."""
+def shortened(path: str, root: str = "", limit: int = 200) -> str:
+    """`path` for a message: below `root` (a layer's or an image's directory on the host),
+    the part from there on (`/x/y`, as the layer or image sees it); one longer than `limit`
+    keeps its first and last 80 characters (a path near PATH_MAX is 4 KB of text, and its
+    two ends say which it is)."""
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
     if len(path) <= limit:
         return path
     return f"{path[:80]}...({len(path) - 160} characters)...{path[-80:]}"

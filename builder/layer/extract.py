@@ -50,10 +50,9 @@ def extract(stream, dest: str, *, what: str = "layer", whiteouts: bool = True,
     except EOFError:
         raise LayerError(f"{what}: the tar archive is truncated") from None
     except OSError as e:
-        name = e.filename if isinstance(e.filename, str) else ""
-        if name.startswith(dest + "/"):
-            name = name[len(dest):]          # (the path in the layer, not in the staging dir)
-        raise LayerError(f"{what}: cannot write {paths.shortened(name)}: {e.strerror}") from None
+        # (named in the layer, not in the staging dir)
+        name = paths.shortened(e.filename if isinstance(e.filename, str) else "", dest)
+        raise LayerError(f"{what}: cannot write {name}: {e.strerror}") from None
     extractor.finish()
     return extractor.content_bytes
 
