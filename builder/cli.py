@@ -8,7 +8,6 @@ error tree (errors.py); a traceback is shown only with `--debug`.
 from __future__ import annotations
 
 import argparse
-import errno
 import fnmatch
 import functools
 import json
@@ -21,7 +20,7 @@ from . import cli_build, cli_containers, rootless
 from .cli_build import insecure_option
 from .cli_containers import store_of
 from .cli_format import ago, docker_time, listing, parse_size, refuse_terminal
-from .errors import DISK_FULL_HINT, Interrupted, PybuildError, UsageError
+from .errors import Interrupted, PybuildError, UsageError, os_error_hint, os_error_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -278,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         # The system said no (a full disk, a read-only or missing path): say what and where.
         if debug:
             _print_traceback()
-        where = f": {e.filename}" if e.filename else ""
-        hint = _OS_HINTS.get(e.errno)
-        _say(f"error: {e.strerror or e}{where}" + (f"\n  hint: {hint}" if hint else ""))
+        hint = os_error_hint(e.errno)
+        _say(f"error: {os_error_text(e)}" + (f"\n  hint: {hint}" if hint else ""))
         return 1
     except RecursionError:
         # Builds, drivers and the store walk trees without recursion (trees.py); this is
@@ -305,13 +303,6 @@ def _print_traceback() -> None:
     traceback.print_exc()
 
 
-_OS_HINTS = {
-    errno.ENOSPC: DISK_FULL_HINT,
-    errno.EDQUOT: "the disk quota of the store is exhausted",
-    errno.EROFS: "the store is on a read-only filesystem: choose another with --root",
-    errno.EACCES: "pybuild needs root for its store and for builds",
-    errno.EPERM: "pybuild needs root for its store and for builds",
-}
 
 
 def _raise_interrupt(signum, frame):

@@ -31,8 +31,8 @@ from .run_options import parse_add_host, parse_ulimit
 from .context import BuildContext
 from .dockerfile import instructions as ins
 from .dockerfile.shell import ExpansionError, expand_word
-from .errors import (DISK_FULL, DISK_FULL_HINT, BuildError, DockerfileError, ImageNotFound,
-                     Interrupted, PybuildError, StepFailed, StoreError, UsageError)
+from .errors import (BuildError, DockerfileError, ImageNotFound, Interrupted, PybuildError,
+                     StepFailed, StoreError, UsageError, os_error_hint, os_error_text)
 from .inputs import StepInputs, digest_deferred, only_context_sources, read_inputs
 from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, host_architecture,
                     is_host_platform)
@@ -782,13 +782,11 @@ class Builder:
                 raise
             raise BuildError(e.reason, step=self._where(inst, n), hint=e.hint) from None
         except OSError as e:
-            # The disk filled up while the step's files or its layer were being written:
-            # the build's own failure, said with the step (its temp files are gone by now).
-            if e.errno not in DISK_FULL:
-                raise
-            where = f": {e.filename}" if e.filename else ""
-            raise BuildError(f"{e.strerror or e}{where}", step=self._where(inst, n),
-                             hint=DISK_FULL_HINT) from None
+            # The system refused while the step's files or its layer were being written (a
+            # full disk, a read-only or immutable store, an I/O error): said with the step
+            # (its temp files are gone by now), a BuildError for a library's caller.
+            raise BuildError(os_error_text(e), step=self._where(inst, n),
+                             hint=os_error_hint(e.errno)) from e
 
 
 def _pullable(name: str) -> bool:

@@ -28,6 +28,34 @@ DISK_FULL_HINT = ("the disk holding the store is full: free space, or run `pybui
                   "images you no longer need")
 
 
+def os_error_text(e: OSError) -> str:
+    """What the system refused, and on which path(s): `Read-only file system: /a -> /b`."""
+    where = f": {e.filename}" if e.filename else ""
+    if e.filename2:
+        where += f" -> {e.filename2}"
+    return f"{e.strerror or e}{where}"
+
+
+def os_error_hint(number: int | None) -> str | None:
+    """What to do about an OSError of this errno met while working on the store, if we know."""
+    if number in (errno.EACCES, errno.EPERM):
+        import os
+        if os.geteuid() != 0:
+            return "pybuild needs root for its store and for builds"
+        return ("refused even to root: an immutable attribute (see `lsattr`), a read-only "
+                "mount or a security module (see `dmesg`) forbids it")
+    return _OS_HINTS.get(number)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: DISK_FULL_HINT,
+    errno.EDQUOT: "the disk quota of the store is exhausted",
+    errno.EROFS: "the store is on a read-only filesystem: choose another with --root",
+    errno.EXDEV: "the store spans filesystems (something is mounted inside it): keep it on one",
+    errno.EIO: "the disk reported an I/O error: see `dmesg`",
+}
+
+
 class PybuildError(Exception):
     """Base of every error pybuild raises on purpose."""
 

@@ -49,7 +49,7 @@ from collections.abc import Callable
 
 from .record import record
 from . import linux, paths, seccomp, users
-from .errors import DISK_FULL, DISK_FULL_HINT, BuildError
+from .errors import DISK_FULL, DISK_FULL_HINT, BuildError, os_error_text
 from .snapshot.base import Snapshot
 from .snapshot.overlay import mount_overlay
 
@@ -514,9 +514,8 @@ def _child(err_w: int, body: Callable[[], None], parent: int | None, lifeline: i
     except OSError as e:
         if os.environ.get("PYBUILD_DEBUG_SANDBOX"):
             traceback.print_exc()
-        where = f": {e.filename}" if e.filename else ""
         hint = DISK_FULL_HINT if e.errno in DISK_FULL else None
-        _report(err_w, f"{e.strerror or e}{where}", hint)
+        _report(err_w, os_error_text(e), hint)
         code = 125
     except BaseException as e:   # a bug: say where, the parent shows it with --debug
         _report(err_w, f"internal error in the sandbox: {e!r}",

@@ -261,6 +261,44 @@ mount -o remount,size=64m {small}
     assert "busybox" in images and "big" in images
 
 
+def test_a_store_that_refuses_a_step_s_layer_is_one_error_naming_the_step(tmp_path, base_image,
+                                                                          store_root):
+    """Not only a full disk: any refusal while a step's layer goes into the store (here
+    `layers/` made immutable, so the layer's rename fails with EPERM even for root) is a
+    BuildError of that step, with what was refused and a hint (exit 4, no traceback; a
+    library caller catches BuildError, not OSError), and leaves tmp/ empty. It was an
+    OSError: "error: Operation not permitted: <paths>", exit 1, no step."""
+    import builder
+    from builder.errors import BuildError
+
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    root = str(tmp_path / "store")
+    run_pybuild("load", "-i", base_tar, root=root, check=True)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY f /f\n",
+                                           "f": "content\n"})
+    layers = os.path.join(root, "layers")
+    subprocess.run(["chattr", "+i", layers], check=True)
+    try:
+        p = run_pybuild("-t", "refused", ctx, root=root)
+        with pytest.raises(BuildError) as caught:
+            builder.build(str(ctx), tags=["refused"], root=root)
+        left = tmp_entries(root)
+    finally:
+        subprocess.run(["chattr", "-i", layers], check=True)
+    err = p.stderr.decode()
+    assert p.returncode == 4, err
+    assert f"error: {ctx}/Dockerfile:2 [2/2] COPY: Operation not permitted: " in err, err
+    assert f" -> {layers}/" in err and "hint: refused even to root: an immutable" in err, err
+    assert "Traceback" not in err
+    assert caught.value.step == f"{ctx}/Dockerfile:2 [2/2] COPY"
+    assert caught.value.reason.startswith("Operation not permitted: ")
+    assert left == []
+    # Once the store takes it, the same build goes through.
+    again = run_pybuild("-q", "-t", "refused", ctx, root=root, check=True)
+    assert again.stdout.decode().startswith("sha256:")
+
+
 def test_stopping_sandboxes_waits_for_a_sandbox_module_still_being_imported():
     """A failing stage stops the others' sandboxes while another stage's thread may still be
     importing builder.sandbox (imports are lazy): that must wait, not see half a module."""
