@@ -237,7 +237,10 @@ class Builder:
                 finally:
                     snapshot.finish_background_work()
                     if self.executor is not None:
-                        self.executor.close()
+                        # (and let go of it: it refers back to this Builder, a cycle only a
+                        # full collection would free, with every entry of the context)
+                        self.executor, executor = None, self.executor
+                        executor.close()
         finally:
             for ctx in (self.ctx, *self._named_dirs.values()):
                 ctx.save()      # what was hashed stays hashed, even if a later step failed

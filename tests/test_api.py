@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import builder
+from conftest import BASE
 
 PUBLIC = {
     "__version__", "build", "BuildOptions", "Builder", "Store", "Image", "LayerDesc",
@@ -61,3 +62,32 @@ def test_errors_from_a_library_build_are_catchable(tmp_path, store_root):
     with pytest.raises(builder.DockerfileError) as err:
         builder.build(str(tmp_path), root=store_root)
     assert err.value.line == 2 and "unknown instruction: BOGUS" in str(err.value)
+
+
+def test_a_finished_build_is_freed_when_build_returns(tmp_path, base_image, store_root,
+                                                       monkeypatch):
+    """An orchestrator builds again and again in one process: each Builder, with every entry
+    of its context, must go when build() returns, not at some later full collection of the
+    garbage collector. Its Executor referred back to it (a cycle), so it stayed."""
+    import gc
+    import weakref
+    from builder import engine
+
+    made = []
+    real_init = engine.Builder.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+    monkeypatch.setattr(engine.Builder, "__init__", init)
+    (tmp_path / "f").write_text("x\n")
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nCOPY f /f\nRUN cat /f > /g\n")
+    gc.collect()
+    gc.disable()
+    try:
+        image = builder.build(str(tmp_path), root=store_root, no_cache=True)
+        alive = made[0]() is not None
+    finally:
+        gc.enable()
+    assert len(image.diff_ids) > len(base_image.diff_ids)    # (the steps ran: an Executor was made)
+    assert not alive, "the Builder outlived build()"
