@@ -8,7 +8,10 @@ Tools: pybuild (this checkout), `docker build` with the classic builder
 (DOCKER_BUILDKIT=0; needs a running dockerd, DOCKER_HOST is honoured) and
 with BuildKit (DOCKER_BUILDKIT=1: the daemon's BuildKit, through a CLI that
 has the built-in client or buildx), and `buildah bud --layers
---isolation=chroot`, each used when it is installed.
+--isolation=chroot`, each used when it is installed. Named with --tools
+only: pybuild-fuse and pybuild-vfs (the other storage drivers), and
+pybuild-uncompressed (`--compression uncompressed`: new layers kept as
+plain tars, as Docker's classic builder and Buildah keep them locally).
 Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
 ~107 MB context (cold, unchanged, one file changed); a RUN that writes
 ~256 MB in 22,000 files; 140 and 1,000 RUN steps. The floor is
@@ -108,11 +111,16 @@ def empty_trash(work: str) -> None:
 class Pybuild(Tool):
     name = "pybuild"
 
-    def __init__(self, root: str, driver: str = "overlay"):
+    def __init__(self, root: str, driver: str = "overlay", compression: str = "gzip"):
         self.root = root
         self.cmd = [sys.executable, "-m", "builder", "--root", root, "--storage-driver", driver]
+        self.compression = compression
         if driver != "overlay":
             self.name = f"pybuild-{driver}"
+        elif compression != "gzip":
+            # New layers kept as plain tars, as Docker's classic builder and Buildah keep
+            # them in their stores (they compress when pushing): not the default.
+            self.name = f"pybuild-{compression}"
 
     def prepare(self, base_tar: str) -> None:
         self.base_tar = base_tar
@@ -123,6 +131,8 @@ class Pybuild(Tool):
         if cold and not keep_store:   # the strictest cold: a store with nothing but the base image
             self.prepare(self.base_tar)
         extra = ["--no-cache"] if cold and keep_store else []
+        if self.compression != "gzip":
+            extra += ["--compression", self.compression]
         return timed(self.cmd + ["build", *extra, "-t", tag, ctx], cwd=REPO)
 
 
@@ -344,6 +354,8 @@ def main() -> None:
     tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")),
                          Pybuild(os.path.join(args.work, "pybuild-fuse-store"), "fuse"),
                          Pybuild(os.path.join(args.work, "pybuild-vfs-store"), "vfs"),
+                         Pybuild(os.path.join(args.work, "pybuild-plain-store"),
+                                 compression="uncompressed"),
                          DockerClassic(), DockerBuildKit(),
                          Buildah(os.path.join(args.work, "buildah")))
              if t.name in wanted and t.available()]

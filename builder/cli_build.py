@@ -75,8 +75,9 @@ def args_build(s: argparse.ArgumentParser) -> None:
                    help="also write the result: type=oci|docker,dest=FILE (archive), "
                         "type=registry (push), type=local,dest=DIR (the root filesystem), "
                         "type=tar,dest=FILE (the same as one tar; - or dest=-: on stdout)")
-    s.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
-                   help="compression of new layers (default gzip)")
+    s.add_argument("--compression", choices=("gzip", "zstd", "uncompressed"), default="gzip",
+                   help="compression of new layers (default gzip; uncompressed: plain tars, as "
+                        "Docker's classic builder keeps them)")
     s.add_argument("--source-date-epoch", metavar="SECONDS",
                    help="reproducible images: every time in the config, history and layers is "
                         "clamped to this (default: $SOURCE_DATE_EPOCH)")

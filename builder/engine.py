@@ -69,7 +69,7 @@ class BuildOptions:
     cache_to: tuple[CacheSpec, ...] = ()        # export the step cache (remote_cache.py)
     cache_from: tuple[CacheSpec, ...] = ()      # import step caches
     outputs: tuple[OutputSpec, ...] = ()        # also write the image there (outputs.py)
-    compression: str = "gzip"                   # of new layers: gzip | zstd
+    compression: str = "gzip"                   # of new layers: gzip | zstd | uncompressed
     source_date_epoch: int | None = None        # clamp every time in the image to this (seconds)
     labels: Mapping[str, str] = field(default_factory=dict)   # added to the image's config
     platform: str | None = None                 # must be this host's (no emulation): linux/amd64
@@ -142,8 +142,9 @@ class Builder:
             raise UsageError(f"--network {opts.network}: must be host or none")
         if opts.pull not in ("always", "missing", "never"):
             raise UsageError(f"--pull {opts.pull}: must be always, missing or never")
-        if opts.compression not in ("gzip", "zstd"):
-            raise UsageError(f"--compression {opts.compression}: must be gzip or zstd")
+        if opts.compression not in ("gzip", "zstd", "uncompressed"):
+            raise UsageError(f"--compression {opts.compression}: must be gzip, zstd or "
+                             "uncompressed")
         if opts.shm_size is not None and opts.shm_size < 4096:
             raise UsageError(f"--shm-size {opts.shm_size}: too small for /dev/shm",
                              hint="give a size such as 64m or 1g")

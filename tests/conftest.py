@@ -150,12 +150,15 @@ def nested_dirs(root, names) -> int:
 
 
 def layer_tar(store, layer) -> bytes:
-    """The uncompressed tar of a layer blob (gzip or zstd), decompressed by the reference libraries."""
+    """The uncompressed tar of a layer blob (gzip, zstd or none), decompressed by the reference
+    libraries."""
     with store.blobs.open(layer.digest) as f:
         data = f.read()
     if data.startswith(b"\x28\xb5\x2f\xfd"):
         import zstandard
         return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    if layer.media_type == "application/vnd.oci.image.layer.v1.tar":
+        return data
     return gzip.decompress(data)
 
 

@@ -147,12 +147,18 @@ def stacked_context(tmp_path):
         **FILES, **NESTED})
 
 
+@pytest.mark.parametrize("compression", ["gzip", "uncompressed"])
 def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_files(
-        tmp_path, own_store, driver):
+        tmp_path, own_store, driver, compression):
+    """(Uncompressed layers are not spliced from gzip members: their stacked commit walks
+    the base's files, diff.write_tar's other way.)"""
     store = Store(own_store)
     ctx = stacked_context(tmp_path)
     # A time 1 ns before a whole second: tar headers have whole seconds, st_mtime rounds up.
     os.utime(ctx / "src/d2/f5.txt", ns=(0, 1_700_000_000_999_999_999))
+
+    def build(ctx, root):
+        return builder.build(str(ctx), root=root, compression=compression)
     first = build(ctx, own_store)
     base, _ = copy_layer(store, first, -2)
     table = donor.read_table(os.path.join(store.layers.path(base), donor.TABLE))
@@ -170,6 +176,8 @@ def test_a_rebuilt_copy_is_stacked_on_its_base_and_shows_exactly_a_plain_copys_f
     second = build(ctx, own_store)
     chain, new = copy_layer(store, second, -2)
     assert store.layers.base(chain) == base
+    assert second.layers[-2].media_type == "application/vnd.oci.image.layer.v1.tar" + (
+        "" if compression == "uncompressed" else "+gzip")
     # The new diff dir holds what changed and the directories it is in, nothing else: d2
     # and d4 with its subdirectories, unchanged in the base, are the base's.
     held = sorted(os.path.relpath(os.path.join(d, f), new) for d, dirs, files in os.walk(new)

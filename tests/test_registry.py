@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 
@@ -467,6 +468,53 @@ def test_zstd_layers_have_the_zstd_media_type_and_round_trip(registry, base_imag
     assert builder.pull(name, root=other).id == image.id
     out = run_pybuild("run", name, "tail", "-n1", "/numbers", root=other, check=True)
     assert out.stdout == b"20000\n"
+
+
+def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_read(
+        registry, base_image, store_root, tmp_path):
+    """`--compression uncompressed` (BuildKit's compression=uncompressed): a new layer's blob
+    is its tar, so its digest is its diff_id; skopeo and umoci read the store and the
+    registry copy, a pushed image pulls back to the same ID, and save/load round-trips. (The
+    RUN's layer is over a megabyte: written by the sink's thread, the COPY's by close().)"""
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nCOPY f /f\nRUN seq 1 300000 > /numbers && chmod 640 /f\n",
+        "f": "plain\n"})
+    name = f"{registry.host}/test/plain:1"
+    p = run_pybuild("build", "-q", "--compression", "uncompressed", "-t", name, ctx,
+                    root=store_root, check=True)
+    image = builder.Store(store_root).resolve(name)
+    assert p.stdout.decode().strip() == image.id
+    new = image.layers[len(base_image.layers):]
+    assert len(new) == 2
+    for layer in new:
+        assert layer.media_type == "application/vnd.oci.image.layer.v1.tar"
+        assert layer.digest == layer.diff_id
+        with builder.Store(store_root).blobs.open(layer.digest) as f:
+            assert tarfile.is_tarfile(f)
+    assert image.manifest["layers"][-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+    assert layer_files(builder.Store(store_root), new[0])["f"] == b"plain\n"
+    assert layer_files(builder.Store(store_root), new[1])["numbers"].count(b"\n") == 300000
+    # The base's layers stay as they were (gzip): only new layers are left uncompressed.
+    assert image.layers[:len(base_image.layers)] == base_image.layers
+
+    bundle = tmp_path / "bundle"
+    unpacked = subprocess.run(["umoci", "unpack", "--image", f"{store_root}:{name}", str(bundle)],
+                              capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (bundle / "rootfs" / "f").stat().st_mode & 0o777 == 0o640
+    builder.push(name, root=store_root)
+    info = skopeo("inspect", "--tls-verify=false", f"docker://{name}")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["Layers"] == [l.digest for l in image.layers]
+    other = fresh_store(tmp_path)
+    assert builder.pull(name, root=other).id == image.id
+    out = run_pybuild("run", name, "tail", "-n1", "/numbers", root=other, check=True)
+    assert out.stdout == b"300000\n"
+    archive = tmp_path / "plain.tar"
+    run_pybuild("save", name, "-o", archive, root=store_root, check=True)
+    loaded = fresh_store(tmp_path, "loaded")
+    run_pybuild("load", "-i", archive, root=loaded, check=True)
+    assert builder.Store(loaded).resolve(name).id == image.id
 
 
 # ---- progress ----------------------------------------------------------------------------------

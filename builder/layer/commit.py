@@ -16,7 +16,7 @@ import os
 
 from ..record import record
 from ..errors import LayerError, StoreError
-from ..image import LayerDesc, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
+from ..image import LayerDesc, MEDIA_LAYER, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
 from . import compress, diff, extract, segments, splice
 
 
@@ -42,7 +42,8 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     `beside(stats)` gives files (name -> bytes) to install with the layer,
     from the walk's census (diff.DiffStats).
     """
-    media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
+    media_type = {"zstd": MEDIA_LAYER_ZSTD, "uncompressed": MEDIA_LAYER}.get(compression,
+                                                                           MEDIA_LAYER_GZIP)
     segmented = segmented and compression == "gzip"
     # A full COPY layer maps its tar, for the layers that will be stacked on it (splice.py).
     mapped = segmented and digests is not None and not stacked_on and beside is not None
@@ -51,6 +52,7 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     try:
         with store.blobs.writer(direct=True) as blob, (
                 segments.SegmentedSink(blob, donor) if segmented
+                else compress.PlainSink(blob) if compression == "uncompressed"
                 else compress.LayerSink(blob, algorithm=compression)) as sink:
             segmenter = segments.Segmenter(sink, digests, mapped) if segmented else None
             stats = splice.write_spliced(upper, sink, segmenter, base, stacked_on[2],

@@ -130,6 +130,41 @@ class LayerSink:
         return "sha256:" + self.diff_hash.hexdigest()
 
 
+class PlainSink(LayerSink):
+    """A LayerSink that does not compress (`--compression uncompressed`): the blob is the tar.
+
+    Its digest is then the diff_id, so the tar is hashed once, by the blob writer, in
+    the writing thread (the caller's thread only walks and gathers pieces).
+    """
+
+    def __init__(self, blob_writer):
+        super().__init__(blob_writer, compress=False)
+
+    def _flush(self, last: bool = False) -> None:
+        if not self._pieces:
+            return
+        data = self._take()
+        if self._write is None:
+            if last:                    # (a small layer: no thread for it)
+                self.out.write(data)
+                return
+            self._write = Stage(self.out.write, "pybuild-blob-write")
+        self._write.put(data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._flush(last=True)
+        if self._write is not None:
+            write, self._write = self._write, None
+            write.finish()
+
+    @property
+    def diff_id(self) -> str:
+        return self.out.digest
+
+
 class Stage:
     """A thread that calls `work(item)` for each item put, in order.
 
