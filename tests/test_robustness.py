@@ -225,13 +225,16 @@ def test_concurrent_builds_share_one_store(tmp_path, base_image, store_root, sto
     store_is_consistent(store)
 
 
-@pytest.mark.parametrize("big, where", [(16 << 20, "copy"), (5_000_000, "commit")])
+@pytest.mark.parametrize("big, where, compression", [
+    (16 << 20, "copy", "gzip"), (5_000_000, "commit", "gzip"),
+    (5_000_000, "commit", "uncompressed")])
 def test_a_full_disk_is_one_clear_error_naming_the_step_and_the_store_survives(
-        tmp_path, base_image, store_root, big, where):
+        tmp_path, base_image, store_root, big, where, compression):
     """A store on a 12 MB tmpfs (in a private mount namespace) and a COPY of one file: too
     big for it (the copy meets the full disk), or fitting while its layer's blob does not
-    (the commit does). Either way the error names the step and gives the hint (exit 4),
-    tmp/ is left empty, and the store builds again once the tmpfs is remounted bigger."""
+    (the commit does; its blob written by a gzip or a plain sink's thread). Either way the
+    error names the step and gives the hint (exit 4), tmp/ is left empty, and the store
+    builds again once the tmpfs is remounted bigger."""
     base_tar = tmp_path / "base.tar"
     run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY big /big\n",
@@ -242,10 +245,10 @@ def test_a_full_disk_is_one_clear_error_naming_the_step_and_the_store_survives(
     script = f"""
 mount -t tmpfs -o size=12m tmpfs {small}
 {py} load -i {base_tar} >/dev/null || exit 90
-{py} -t big {ctx} 2>{tmp_path}/err; echo $? > {tmp_path}/rc
+{py} -t big --compression {compression} {ctx} 2>{tmp_path}/err; echo $? > {tmp_path}/rc
 ls {small}/tmp > {tmp_path}/tmp-left
 mount -o remount,size=64m {small}
-{py} -q -t big {ctx} > {tmp_path}/again || exit 91
+{py} -q -t big --compression {compression} {ctx} > {tmp_path}/again || exit 91
 {py} images > {tmp_path}/images || exit 92
 """
     p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
