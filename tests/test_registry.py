@@ -7,6 +7,8 @@ own client, and reaches into the registry's storage to tamper with a blob.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import socket
@@ -474,7 +476,8 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
         registry, base_image, store_root, tmp_path):
     """`--compression uncompressed` (BuildKit's compression=uncompressed): a new layer's blob
     is its tar, so its digest is its diff_id; skopeo and umoci read the store and the
-    registry copy, a pushed image pulls back to the same ID, and save/load round-trips. (The
+    registry copy, a push sends gzip twins of the plain layers (as Docker pushes), the image
+    pulls back to the same ID, and save/load round-trips. (The
     RUN's layer is over a megabyte: written by the sink's thread, the COPY's by close().)"""
     ctx = write_context(tmp_path / "ctx", {
         "Dockerfile": f"FROM {BASE}\nCOPY f /f\nRUN seq 1 300000 > /numbers && chmod 640 /f\n",
@@ -502,10 +505,30 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
                               capture_output=True, text=True)
     assert unpacked.returncode == 0, unpacked.stderr
     assert (bundle / "rootfs" / "f").stat().st_mode & 0o777 == 0o640
-    builder.push(name, root=store_root)
-    info = skopeo("inspect", "--tls-verify=false", f"docker://{name}")
-    assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["Layers"] == [l.digest for l in image.layers]
+    # Pushed as Docker pushes: plain layers as gzip twins (made once), the rest as they are.
+    pushed = builder.push(name, root=store_root)
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
+    assert raw.returncode == 0, raw.stderr
+    manifest = json.loads(raw.stdout)
+    assert [d["mediaType"] for d in manifest["layers"]] == \
+        ["application/vnd.oci.image.layer.v1.tar+gzip"] * len(image.layers)
+    assert manifest["config"]["digest"] == image.id
+    assert pushed.digest != image.digest and pushed.digest == "sha256:" + hashlib.sha256(
+        raw.stdout.encode()).hexdigest()
+    sent = [d["digest"] for d in manifest["layers"]]
+    assert sent[:len(base_image.layers)] == [l.digest for l in base_image.layers]
+    store = builder.Store(store_root)
+    for layer, digest in zip(new, sent[len(base_image.layers):]):
+        assert digest != layer.digest
+        with store.blobs.open(digest) as twin, store.blobs.open(layer.digest) as plain:
+            assert gzip.decompress(twin.read()) == plain.read()
+    # Garbage collection keeps the twins of layers it keeps: the next push makes none again.
+    from builder import cache
+    from builder.store import gc
+    gc.collect(store, cache.StepCache(store))
+    assert all(store.blobs.has(digest) for digest in sent)
+    again = builder.push(name, root=store_root)
+    assert (again.digest, again.uploaded) == (pushed.digest, 0)
     other = fresh_store(tmp_path)
     assert builder.pull(name, root=other).id == image.id
     out = run_pybuild("run", name, "tail", "-n1", "/numbers", root=other, check=True)
@@ -515,6 +538,31 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
     loaded = fresh_store(tmp_path, "loaded")
     run_pybuild("load", "-i", archive, root=loaded, check=True)
     assert builder.Store(loaded).resolve(name).id == image.id
+
+
+def test_a_plain_layer_whose_blob_was_damaged_is_not_pushed(registry, base_image, store_root,
+                                                            tmp_path):
+    """A gzip twin is made from the plain blob and checked against the layer's diff_id: a
+    damaged blob is an error naming the layer (exit 6), and the registry gets no image.
+    (In a store of its own: the damage must not reach the other tests' checks.)"""
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    root = fresh_store(tmp_path)
+    run_pybuild("load", "-i", base_tar, root=root, check=True)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY f /f\n",
+                                           "f": "to be damaged " * 1000})
+    name = f"{registry.host}/test/damaged:1"
+    image = builder.build(str(ctx), tags=[name], root=root, compression="uncompressed")
+    path = builder.Store(root).blobs.path(image.layers[-1].digest)
+    with open(path, "r+b") as f:
+        f.seek(2000)
+        f.write(b"X")
+    p = run_pybuild("push", name, root=root)
+    err = p.stderr.decode()
+    assert p.returncode == 6, err
+    assert f"error: layer {image.layers[-1].digest} is damaged: its blob is not its tar" in err
+    assert "Traceback" not in err
+    assert skopeo("inspect", "--tls-verify=false", f"docker://{name}").returncode != 0
 
 
 # ---- progress ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..record import record
 from .. import reference
 from ..errors import Interrupted, RegistryError, UsageError
 from ..image import Image, LayerDesc, chain_ids, digest_of, host_architecture
-from ..layer import commit
+from ..layer import commit, twins
 from ..progress import Transfer
 from ..store.direct import read_chunks
 from ..store.lock import write_atomic
@@ -211,17 +211,21 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
         dest = name
     ref = reference.parse(dest)
     client = Client(ref.registry, insecure=insecure)
-    try:
-        blobs = [(l.digest, l.size) for l in image.layers] + \
-                [(image.id, store.blobs.size(image.id))]
-        result = send_blobs(store, client, ref, blobs, on_event, chunk_size)
-        media = image.manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
-        client.put_manifest(ref.repository, ref.tag or ref.digest or "latest",
-                            store.blobs.read(image.digest), media)
-        result.digest = image.digest
-        return result
-    finally:
-        client.close()
+    # (Held so that no garbage collection removes a gzip twin before it is sent.)
+    with store.in_use():
+        try:
+            # Plain-tar layers (--compression uncompressed) go as gzip, as Docker pushes them.
+            layers, manifest, digest = twins.for_registry(store, image)
+            blobs = [(l.digest, l.size) for l in layers] + \
+                    [(image.id, store.blobs.size(image.id))]
+            result = send_blobs(store, client, ref, blobs, on_event, chunk_size)
+            media = image.manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
+            client.put_manifest(ref.repository, ref.tag or ref.digest or "latest", manifest,
+                                media)
+            result.digest = digest
+            return result
+        finally:
+            client.close()
 
 
 def send_blobs(store, client: Client, ref: reference.Reference, blobs: list[tuple[str, int]],

@@ -12,7 +12,7 @@ import os
 from ..record import record
 from ..errors import StoreError
 from ..image import chain_ids
-from ..layer import basetar
+from ..layer import basetar, twins
 
 
 @record(frozen=False)
@@ -47,6 +47,7 @@ def collect(store, cache) -> Collected:
                 continue             # not in the store (or damaged): nothing to keep for it
             if base is not None:
                 chains.add(base)
+        blobs.update(twins.of(store, blobs))     # a kept plain layer's gzip twin, for pushes
         out = Collected()
         for layer_store in (store.layers, store.flats, store.vfs_roots):
             for chain in layer_store.list():

@@ -1,0 +1,88 @@
+"""Gzip twins: plain-tar layers (`--compression uncompressed`) compressed when they leave the store.
+
+Docker's classic builder and Buildah keep layers uncompressed on the
+machine and compress them when they push; a build with `--compression
+uncompressed` does the same. Its plain layers stay as they are in the store
+(the image's own manifest names them), and a push sends gzip twins: each
+made once, from the plain blob, by the same compressor new gzip layers use
+(so the same plain layer always gives the same twin), stored beside it as a
+blob, and remembered in `cache/gzip-twins.json` (plain digest -> twin digest
+and size) for the next push. The pushed manifest is the image's with those
+layers' descriptors replaced: the image ID (its config) is the same, its
+manifest digest in the registry is not the local one, as with Docker.
+
+A twin is checked before it is used: compressing it must give back exactly
+the plain blob's bytes (its diff_id), and a remembered twin must still be a
+blob of the store (garbage collection may have removed it: it is made again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import StoreError
+from ..image import MEDIA_LAYER, MEDIA_LAYER_GZIP, Image, LayerDesc, canonical_json
+from ..store.direct import read_range
+from ..store.lock import write_atomic
+from . import compress
+
+_TWINS = "gzip-twins.json"      # in the store's cache dir
+
+
+def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
+    """What a push sends for `image`: its layers with plain ones replaced by their gzip twins,
+    and the manifest naming them (bytes, digest; stored as a blob of the store). An image
+    without plain layers is sent as it is stored."""
+    if not any(layer.media_type == MEDIA_LAYER for layer in image.layers):
+        return list(image.layers), store.blobs.read(image.digest), image.digest
+    known = _remembered(store)
+    layers = [_twin(store, layer, known) if layer.media_type == MEDIA_LAYER else layer
+              for layer in image.layers]
+    manifest = json.loads(store.blobs.read(image.digest))
+    manifest["layers"] = [dict(old, **new.descriptor())
+                          for old, new in zip(manifest["layers"], layers, strict=True)]
+    data = canonical_json(manifest)
+    return layers, data, store.blobs.put_bytes(data)
+
+
+def _twin(store, layer: LayerDesc, known: dict) -> LayerDesc:
+    """The gzip twin of the plain layer `layer`: remembered, or made now (and remembered)."""
+    remembered = known.get(layer.digest)
+    if isinstance(remembered, list) and len(remembered) == 2 and store.blobs.has(remembered[0]):
+        return LayerDesc(layer.diff_id, remembered[0], remembered[1], MEDIA_LAYER_GZIP)
+    with store.blobs.open(layer.digest) as plain, store.blobs.writer(direct=True) as blob, \
+            compress.LayerSink(blob, algorithm="gzip") as sink:
+        for piece in read_range(plain.fileno(), 0, layer.size):
+            sink.write(bytes(piece))        # (pieces may share a buffer; the sink keeps them)
+        sink.close()
+        if sink.diff_id != layer.diff_id:
+            raise StoreError(f"layer {layer.digest} is damaged: its blob is not its tar "
+                             f"({sink.diff_id})",
+                             hint="remove the images that use it (pybuild rmi) and run "
+                                  "pybuild prune; a build makes the layer again")
+        digest = blob.commit()
+        size = blob.size
+    known[layer.digest] = [digest, size]
+    try:
+        write_atomic(os.path.join(store.cache_dir, _TWINS), json.dumps(known).encode())
+    except OSError:
+        pass            # (only saves the next push a compression)
+    return LayerDesc(layer.diff_id, digest, size, MEDIA_LAYER_GZIP)
+
+
+def of(store, digests) -> list[str]:
+    """The remembered gzip twins of those of `digests` that are plain layers (garbage
+    collection keeps a kept layer's twin, so that the next push need not make it again)."""
+    known = _remembered(store)
+    return [twin[0] for plain, twin in known.items()
+            if plain in digests and isinstance(twin, list) and twin]
+
+
+def _remembered(store) -> dict:
+    try:
+        with open(os.path.join(store.cache_dir, _TWINS), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
