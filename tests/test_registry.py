@@ -322,8 +322,12 @@ def cache_context(path: Path, base: str) -> Path:
     })
 
 
-@pytest.mark.parametrize("kind", ["registry", "local"])
-def test_a_second_machine_rebuilds_from_the_exported_cache(kind, registry, remote_base, tmp_path):
+@pytest.mark.parametrize("kind, compression", [("registry", "gzip"), ("local", "gzip"),
+                                               ("registry", "uncompressed")])
+def test_a_second_machine_rebuilds_from_the_exported_cache(kind, compression, registry,
+                                                           remote_base, tmp_path):
+    """(Plain layers, --compression uncompressed, go into the cache as they are, and the
+    second machine keeps them so: the same image, manifest and all.)"""
     ctx = cache_context(tmp_path / "ctx", remote_base)
     if kind == "registry":
         to = from_ = f"type=registry,ref={registry.host}/cache/app:buildcache,mode=max"
@@ -331,7 +335,8 @@ def test_a_second_machine_rebuilds_from_the_exported_cache(kind, registry, remot
         to = f"type=local,dest={tmp_path / 'ci-cache'},mode=max"
         from_ = f"type=local,src={tmp_path / 'ci-cache'}"
     store_a, store_b = fresh_store(tmp_path, "a"), fresh_store(tmp_path, "b")
-    first = builder.build(str(ctx), tags=["cached:1"], root=store_a, cache_to=[to])
+    first = builder.build(str(ctx), tags=["cached:1"], root=store_a, cache_to=[to],
+                          compression=compression)
 
     events = []
     second = builder.build(str(ctx), tags=["cached:1"], root=store_b, cache_from=[from_],
@@ -340,6 +345,9 @@ def test_a_second_machine_rebuilds_from_the_exported_cache(kind, registry, remot
     assert done.steps_run == 0, [e for e in events]
     assert not [e for e in events if isinstance(e, StepOutput)]
     assert second.id == first.id and second.digest == first.digest
+    assert second.layers == first.layers
+    if compression == "uncompressed":
+        assert second.layers[-1].media_type == "application/vnd.oci.image.layer.v1.tar"
     assert layer_files(builder.Store(store_b), second.layers[-2])["app/tool"] == b"tool\n"
     assert run_pybuild("run", "cached:1", "cat", "/app/app.txt", root=store_b,
                        check=True).stdout == b"the app\n"

@@ -168,14 +168,20 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
            expected_diff_id: str | None = None, expected_digest: str | None = None) -> Ingested:
     """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`.
 
-    A compressed layer is kept as it came (its digest is the registry's); a
-    plain one is compressed on the way in.
+    A compressed layer is kept as it came (its digest is the registry's), and
+    so is a plain one whose expected digest is its diff_id (a registry's or a
+    cache's plain layer, `--compression uncompressed`: the image or cache
+    entry names it by that digest); other plain ones (archives) are
+    compressed on the way in.
     """
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
     compressed = compress.is_compressed(head)
+    keep_plain = not compressed and expected_digest is not None and \
+        expected_digest == expected_diff_id
     blob_writer = read_ahead = None     # threads of their own: compressed layers (ReadAhead)
-    with store.blobs.writer() as blob, compress.LayerSink(blob, compress=not compressed) as sink, \
+    with store.blobs.writer() as blob, \
+            compress.LayerSink(blob, compress=not (compressed or keep_plain)) as sink, \
             store.tmpdir("ingest") as staging:
         try:
             if compressed:
@@ -191,7 +197,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                                                 "pybuild-decompress")
                 plain = read_ahead
             else:
-                media_type = MEDIA_LAYER_GZIP
+                media_type = MEDIA_LAYER if keep_plain else MEDIA_LAYER_GZIP
                 outer, diff_hash = None, sink.diff_hash
                 plain = _TeeReader(buffered, [sink.write], what)
             diff_dir = os.path.join(staging, "diff")
@@ -220,7 +226,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
             if blob_writer is not None:
                 blob_writer.stop()
         diff_id = "sha256:" + diff_hash.hexdigest()
-        if expected_digest and compressed:
+        if expected_digest and (compressed or keep_plain):
             _check_digest(what, blob.digest, expected_digest)
         if expected_diff_id and diff_id != expected_diff_id:
             raise LayerError(f"{what}: content does not match its diff_id: expected "

@@ -37,8 +37,7 @@ def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
     if not any(layer.media_type == MEDIA_LAYER for layer in image.layers):
         return list(image.layers), store.blobs.read(image.digest), image.digest
     known = _remembered(store)
-    layers = [_twin(store, layer, known) if layer.media_type == MEDIA_LAYER else layer
-              for layer in image.layers]
+    layers = [gzip_twin(store, layer, known) for layer in image.layers]
     manifest = json.loads(store.blobs.read(image.digest))
     manifest["layers"] = [dict(old, **new.descriptor())
                           for old, new in zip(manifest["layers"], layers, strict=True)]
@@ -46,8 +45,13 @@ def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
     return layers, data, store.blobs.put_bytes(data)
 
 
-def _twin(store, layer: LayerDesc, known: dict) -> LayerDesc:
-    """The gzip twin of the plain layer `layer`: remembered, or made now (and remembered)."""
+def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
+    """`layer` as it leaves the store: itself, or if it is a plain tar its gzip twin,
+    remembered or made now (and remembered). `known`: what _remembered() read, if at hand."""
+    if layer.media_type != MEDIA_LAYER:
+        return layer
+    if known is None:
+        known = _remembered(store)
     remembered = known.get(layer.digest)
     if isinstance(remembered, list) and len(remembered) == 2 and store.blobs.has(remembered[0]):
         return LayerDesc(layer.diff_id, remembered[0], remembered[1], MEDIA_LAYER_GZIP)
