@@ -541,6 +541,22 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
     assert builder.pull(name, root=other).id == image.id
     out = run_pybuild("run", name, "tail", "-n1", "/numbers", root=other, check=True)
     assert out.stdout == b"300000\n"
+    # The image as it is stored, plain layers and all, put in the registry by hand (skopeo
+    # would compress them): pulled, its plain layers are kept as they came.
+    from builder import reference
+    from builder.registry import transfer
+    from builder.registry.client import Client
+    as_is = reference.parse(f"{registry.host}/test/plain-as-is:1")
+    client = Client(as_is.registry)
+    try:
+        transfer.send_blobs(store, client, as_is, [(l.digest, l.size) for l in image.layers]
+                            + [(image.id, store.blobs.size(image.id))])
+        client.put_manifest(as_is.repository, as_is.tag, store.blobs.read(image.digest),
+                            image.manifest["mediaType"])
+    finally:
+        client.close()
+    pulled = builder.pull(str(as_is), root=fresh_store(tmp_path, "as-is"))
+    assert (pulled.id, pulled.digest, pulled.layers) == (image.id, image.digest, image.layers)
     archive = tmp_path / "plain.tar"
     run_pybuild("save", name, "-o", archive, root=store_root, check=True)
     loaded = fresh_store(tmp_path, "loaded")
