@@ -365,7 +365,7 @@ def _build(args, context: str, dockerfile: str | None, name: str | None = None) 
             f.write(image.id)
     if args.metadata_file:
         with open(args.metadata_file, "w", encoding="utf-8") as f:
-            json.dump(build_metadata(image), f, indent=2, sort_keys=True)
+            json.dump(build_metadata(image, build.pushed), f, indent=2, sort_keys=True)
             f.write("\n")
     if mode != "json" and not any(o.dest == "-" for o in opts.outputs):
         print(image.id)     # (not into a tar that goes to standard output: -o -)
@@ -404,21 +404,26 @@ def _build_contexts(items: list[str]) -> dict[str, str]:
     return out
 
 
-def build_metadata(image) -> dict:
+def build_metadata(image, pushed=None) -> dict:
     """What `docker buildx build --metadata-file` writes of an image, under the same keys
-    (CI jobs read the digests from it); buildx's own keys (buildx.build.*) are left out."""
+    (CI jobs read the digests from it); buildx's own keys (buildx.build.*) are left out.
+    `pushed` (--push: a transfer.PushResult) gives the manifest the registry has, which is
+    not the local one when plain layers went as gzip twins (twins.py): CI jobs deploy and
+    sign by that digest."""
     from .image import canonical_json
     from .reference import DEFAULT_TAG, parse
     names = []
     for tag in image.tags:
         ref = parse(tag)
         names.append(f"{ref.registry}/{ref.repository}:{ref.tag or DEFAULT_TAG}")
+    digest, size = (pushed.digest, pushed.manifest_size) if pushed is not None else \
+        (image.digest, len(canonical_json(image.manifest)))
     out = {
         "containerimage.config.digest": image.id,
-        "containerimage.digest": image.digest,
+        "containerimage.digest": digest,
         "containerimage.descriptor": {
-            "mediaType": image.manifest.get("mediaType"), "digest": image.digest,
-            "size": len(canonical_json(image.manifest)),
+            "mediaType": image.manifest.get("mediaType"), "digest": digest,
+            "size": size,
             "annotations": {"config.digest": image.id,
                             "org.opencontainers.image.created": image.created}},
     }

@@ -175,6 +175,7 @@ class Builder:
         self.steps_cached = 0
         self.cancelled = threading.Event()
         self.executor = None
+        self.pushed = None           # --push: the last tag's transfer.PushResult
         self._resolved: dict[str, Image] = {}
         self.named = named_contexts.parse(opts.build_contexts)     # --build-context
         self._named_dirs: dict[str, BuildContext] = {}
@@ -295,7 +296,8 @@ class Builder:
         if self.opts.push or any(o.type == "registry" for o in self.opts.outputs):
             from .registry import transfer
             for tag in self.tags:
-                transfer.push(self.store, tag, insecure=self.insecure, on_event=self.emit)
+                self.pushed = transfer.push(self.store, tag, insecure=self.insecure,
+                                            on_event=self.emit)
 
     def _build_parallel(self, plans: list[_StagePlan]) -> None:
         """Independent stages at the same time; a failure or Ctrl-C stops all of them."""

@@ -491,8 +491,9 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
         "Dockerfile": f"FROM {BASE}\nCOPY f /f\nRUN seq 1 300000 > /numbers && chmod 640 /f\n",
         "f": "plain\n"})
     name = f"{registry.host}/test/plain:1"
-    p = run_pybuild("build", "-q", "--compression", "uncompressed", "-t", name, ctx,
-                    root=store_root, check=True)
+    meta = tmp_path / "meta.json"
+    p = run_pybuild("build", "-q", "--compression", "uncompressed", "-t", name, "--push",
+                    "--metadata-file", meta, ctx, root=store_root, check=True)
     image = builder.Store(store_root).resolve(name)
     assert p.stdout.decode().strip() == image.id
     new = image.layers[len(base_image.layers):]
@@ -513,7 +514,8 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
                               capture_output=True, text=True)
     assert unpacked.returncode == 0, unpacked.stderr
     assert (bundle / "rootfs" / "f").stat().st_mode & 0o777 == 0o640
-    # Pushed as Docker pushes: plain layers as gzip twins (made once), the rest as they are.
+    # Pushed (by the build, and again here) as Docker pushes: plain layers as gzip twins
+    # (made once), the rest as they are.
     pushed = builder.push(name, root=store_root)
     raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
     assert raw.returncode == 0, raw.stderr
@@ -523,6 +525,11 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
     assert manifest["config"]["digest"] == image.id
     assert pushed.digest != image.digest and pushed.digest == "sha256:" + hashlib.sha256(
         raw.stdout.encode()).hexdigest()
+    # build --push's --metadata-file names the manifest the registry has (CI deploys by it).
+    said = json.loads(meta.read_text())
+    assert said["containerimage.digest"] == pushed.digest
+    assert said["containerimage.descriptor"]["size"] == len(raw.stdout.encode())
+    assert said["containerimage.config.digest"] == image.id
     sent = [d["digest"] for d in manifest["layers"]]
     assert sent[:len(base_image.layers)] == [l.digest for l in base_image.layers]
     store = builder.Store(store_root)

@@ -194,11 +194,12 @@ def pull_layer(store, client: Client, repo: str, desc: dict, parent_chain: str |
 @record(frozen=False)
 class PushResult:
     reference: str
-    digest: str
+    digest: str                     # of the manifest pushed (not the local one if twins went)
     uploaded_bytes: int = 0
     uploaded: int = 0
     present: int = 0
     mounted: int = 0
+    manifest_size: int = 0
 
 
 def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...] = (),
@@ -222,7 +223,7 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
             media = image.manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
             client.put_manifest(ref.repository, ref.tag or ref.digest or "latest", manifest,
                                 media)
-            result.digest = digest
+            result.digest, result.manifest_size = digest, len(manifest)
             return result
         finally:
             client.close()
