@@ -8,10 +8,13 @@ Tools: pybuild (this checkout), `docker build` with the classic builder
 (DOCKER_BUILDKIT=0; needs a running dockerd, DOCKER_HOST is honoured) and
 with BuildKit (DOCKER_BUILDKIT=1: the daemon's BuildKit, through a CLI that
 has the built-in client or buildx), and `buildah bud --layers
---isolation=chroot`, each used when it is installed. Named with --tools
-only: pybuild-fuse and pybuild-vfs (the other storage drivers), and
+--isolation=chroot`, each used when it is installed, and
 pybuild-uncompressed (`--compression uncompressed`: new layers kept as
 plain tars, as Docker's classic builder and Buildah keep them locally).
+Named with --tools only: pybuild-fuse and pybuild-vfs (the other storage
+drivers). Tools run one after another, so a later one's cold builds follow
+the earlier ones' deletions (bench/README.md): compare two tools with runs
+of their own after quiet minutes, or alternately.
 Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
 ~107 MB context (cold, unchanged, one file changed); a RUN that writes
 ~256 MB in 22,000 files; 140 and 1,000 RUN steps. The floor is
@@ -342,7 +345,7 @@ def main() -> None:
     global REPEAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/pybuild-bench")
-    ap.add_argument("--tools", default="pybuild,docker,docker-buildkit,buildah")
+    ap.add_argument("--tools", default="pybuild,pybuild-uncompressed,docker,docker-buildkit,buildah")
     ap.add_argument("--workloads", default="seven-step,copy-30k,run-256m,run-140,run-1000")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--repeat", type=int, default=REPEAT,
