@@ -21,6 +21,7 @@ library lets callers catch them by type.
 from __future__ import annotations
 
 import errno
+import os
 
 # OSError numbers that mean the store's disk (or quota) is full, and what to do then.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -39,7 +40,6 @@ def os_error_text(e: OSError) -> str:
 def os_error_hint(number: int | None) -> str | None:
     """What to do about an OSError of this errno met while working on the store, if we know."""
     if number in (errno.EACCES, errno.EPERM):
-        import os
         if os.geteuid() != 0:
             return "pybuild needs root for its store and for builds"
         return ("refused even to root: an immutable attribute (see `lsattr`), a read-only "

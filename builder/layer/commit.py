@@ -52,8 +52,8 @@ def commit_upper(store, upper: str, parent_chain: str | None, *, created_by: str
     try:
         with store.blobs.writer(direct=True) as blob, (
                 segments.SegmentedSink(blob, donor) if segmented
-                else compress.PlainSink(blob) if compression == "uncompressed"
-                else compress.LayerSink(blob, algorithm=compression)) as sink:
+                else compress.LayerSink(blob, compress=compression != "uncompressed",
+                                        algorithm=compression)) as sink:
             segmenter = segments.Segmenter(sink, digests, mapped) if segmented else None
             stats = splice.write_spliced(upper, sink, segmenter, base, stacked_on[2],
                                          clamp_mtime) if base is not None else None
@@ -198,7 +198,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 plain = read_ahead
             else:
                 media_type = MEDIA_LAYER if keep_plain else MEDIA_LAYER_GZIP
-                outer, diff_hash = None, sink.diff_hash
+                outer, diff_hash = None, None           # (the sink's: sink.diff_id)
                 plain = _TeeReader(buffered, [sink.write], what)
             diff_dir = os.path.join(staging, "diff")
             os.mkdir(diff_dir, 0o755)
@@ -225,7 +225,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 read_ahead.close()
             if blob_writer is not None:
                 blob_writer.stop()
-        diff_id = "sha256:" + diff_hash.hexdigest()
+        diff_id = sink.diff_id if diff_hash is None else "sha256:" + diff_hash.hexdigest()
         if expected_digest and (compressed or keep_plain):
             _check_digest(what, blob.digest, expected_digest)
         if expected_diff_id and diff_id != expected_diff_id:

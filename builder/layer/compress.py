@@ -33,13 +33,16 @@ class LayerSink:
     stage of its own because on this kind of machine (a VM, 2 cores) putting
     256 MB into the page cache costs as much as compressing it: with both in
     one thread, that thread was the slowest part of a commit by far.
+    Without `compress` (`--compression uncompressed`, a plain layer kept as it came) the
+    blob is the tar, so its digest is the diff_id: the tar is hashed once, by the blob
+    writer, in the writing thread (the caller's thread only gathers pieces).
     Use it as a context manager, or call close(); leaving early stops the threads.
     """
 
     def __init__(self, blob_writer, *, compress: bool = True, algorithm: str = "gzip"):
         self.out = blob_writer
         self.algorithm = algorithm if compress else None
-        self.diff_hash = hashlib.sha256()
+        self.diff_hash = hashlib.sha256() if compress else None
         self.tar_size = 0
         self._pieces: list[bytes] = []
         self._pending = 0
@@ -81,10 +84,16 @@ class LayerSink:
         if not self._pieces:
             return
         data = self._take()
-        self.diff_hash.update(data)
         if self._compressor is None:
-            self.out.write(data)
-        elif last and self._compress is None:
+            if self._write is None:
+                if last:                    # (a small layer: no thread for it)
+                    self.out.write(data)
+                    return
+                self._write = Stage(self.out.write, "pybuild-blob-write")
+            self._write.put(data)
+            return
+        self.diff_hash.update(data)
+        if last and self._compress is None:
             out = self._compressor.compress(data)
             if out:
                 self.out.write(out)
@@ -99,6 +108,9 @@ class LayerSink:
         self._closed = True
         self._flush(last=True)
         if self._compressor is None:
+            if self._write is not None:
+                write, self._write = self._write, None
+                write.finish()
             return
         if self._compress is None:
             self.out.write(self._compressor.flush())
@@ -127,42 +139,8 @@ class LayerSink:
 
     @property
     def diff_id(self) -> str:
-        return "sha256:" + self.diff_hash.hexdigest()
-
-
-class PlainSink(LayerSink):
-    """A LayerSink that does not compress (`--compression uncompressed`): the blob is the tar.
-
-    Its digest is then the diff_id, so the tar is hashed once, by the blob writer, in
-    the writing thread (the caller's thread only walks and gathers pieces).
-    """
-
-    def __init__(self, blob_writer):
-        super().__init__(blob_writer, compress=False)
-
-    def _flush(self, last: bool = False) -> None:
-        if not self._pieces:
-            return
-        data = self._take()
-        if self._write is None:
-            if last:                    # (a small layer: no thread for it)
-                self.out.write(data)
-                return
-            self._write = Stage(self.out.write, "pybuild-blob-write")
-        self._write.put(data)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._flush(last=True)
-        if self._write is not None:
-            write, self._write = self._write, None
-            write.finish()
-
-    @property
-    def diff_id(self) -> str:
-        return self.out.digest
+        return self.out.digest if self._compressor is None else \
+            "sha256:" + self.diff_hash.hexdigest()
 
 
 class Stage:

@@ -38,10 +38,9 @@ def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
         return list(image.layers), store.blobs.read(image.digest), image.digest
     known = _remembered(store)
     layers = [gzip_twin(store, layer, known) for layer in image.layers]
-    manifest = json.loads(store.blobs.read(image.digest))
-    manifest["layers"] = [dict(old, **new.descriptor())
-                          for old, new in zip(manifest["layers"], layers, strict=True)]
-    data = canonical_json(manifest)
+    data = canonical_json({**image.manifest, "layers": [
+        dict(old, **new.descriptor())
+        for old, new in zip(image.manifest["layers"], layers, strict=True)]})
     return layers, data, store.blobs.put_bytes(data)
 
 
