@@ -8,11 +8,10 @@ Tools: pybuild (this checkout), `docker build` with the classic builder
 (DOCKER_BUILDKIT=0; needs a running dockerd, DOCKER_HOST is honoured) and
 with BuildKit (DOCKER_BUILDKIT=1: the daemon's BuildKit, through a CLI that
 has the built-in client or buildx), and `buildah bud --layers
---isolation=chroot`, each used when it is installed, and
-pybuild-uncompressed (`--compression uncompressed`: new layers kept as
-plain tars, as Docker's classic builder and Buildah keep them locally).
-Named with --tools only: pybuild-fuse and pybuild-vfs (the other storage
-drivers). Tools run one after another, so a later one's cold builds follow
+--isolation=chroot`, each used when it is installed. Named with --tools
+only: pybuild-gzip (`--compression gzip`: new layers kept as gzip, as
+before the default became plain tars), pybuild-fuse and pybuild-vfs (the
+other storage drivers). Tools run one after another, so a later one's cold builds follow
 the earlier ones' deletions (bench/README.md): compare two tools with runs
 of their own after quiet minutes, or alternately.
 Workloads (the issue's): a 7-step Dockerfile; a COPY of a 30,000-file,
@@ -114,15 +113,13 @@ def empty_trash(work: str) -> None:
 class Pybuild(Tool):
     name = "pybuild"
 
-    def __init__(self, root: str, driver: str = "overlay", compression: str = "gzip"):
+    def __init__(self, root: str, driver: str = "overlay", compression: str | None = None):
         self.root = root
         self.cmd = [sys.executable, "-m", "builder", "--root", root, "--storage-driver", driver]
         self.compression = compression
         if driver != "overlay":
             self.name = f"pybuild-{driver}"
-        elif compression != "gzip":
-            # New layers kept as plain tars, as Docker's classic builder and Buildah keep
-            # them in their stores (they compress when pushing): not the default.
+        elif compression is not None:       # (not the default: plain tars)
             self.name = f"pybuild-{compression}"
 
     def prepare(self, base_tar: str) -> None:
@@ -134,7 +131,7 @@ class Pybuild(Tool):
         if cold and not keep_store:   # the strictest cold: a store with nothing but the base image
             self.prepare(self.base_tar)
         extra = ["--no-cache"] if cold and keep_store else []
-        if self.compression != "gzip":
+        if self.compression is not None:
             extra += ["--compression", self.compression]
         return timed(self.cmd + ["build", *extra, "-t", tag, ctx], cwd=REPO)
 
@@ -345,7 +342,7 @@ def main() -> None:
     global REPEAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/pybuild-bench")
-    ap.add_argument("--tools", default="pybuild,pybuild-uncompressed,docker,docker-buildkit,buildah")
+    ap.add_argument("--tools", default="pybuild,docker,docker-buildkit,buildah")
     ap.add_argument("--workloads", default="seven-step,copy-30k,run-256m,run-140,run-1000")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--repeat", type=int, default=REPEAT,
@@ -357,8 +354,8 @@ def main() -> None:
     tools = [t for t in (Pybuild(os.path.join(args.work, "pybuild-store")),
                          Pybuild(os.path.join(args.work, "pybuild-fuse-store"), "fuse"),
                          Pybuild(os.path.join(args.work, "pybuild-vfs-store"), "vfs"),
-                         Pybuild(os.path.join(args.work, "pybuild-plain-store"),
-                                 compression="uncompressed"),
+                         Pybuild(os.path.join(args.work, "pybuild-gzip-store"),
+                                 compression="gzip"),
                          DockerClassic(), DockerBuildKit(),
                          Buildah(os.path.join(args.work, "buildah")))
              if t.name in wanted and t.available()]

@@ -15,6 +15,7 @@ import sys
 
 from .cli_format import parse_size
 from .errors import UsageError
+from .layer import COMPRESSIONS, DEFAULT_COMPRESSION
 
 # The last Builder, left for cli.run()'s os._exit() instead of freed: a finished Builder
 # holds every entry of its context (30,000 files: 0.04 s to free one by one, each page a
@@ -75,9 +76,9 @@ def args_build(s: argparse.ArgumentParser) -> None:
                    help="also write the result: type=oci|docker,dest=FILE (archive), "
                         "type=registry (push), type=local,dest=DIR (the root filesystem), "
                         "type=tar,dest=FILE (the same as one tar; - or dest=-: on stdout)")
-    s.add_argument("--compression", choices=("gzip", "zstd", "uncompressed"), default="gzip",
-                   help="compression of new layers (default gzip; uncompressed: plain tars, as "
-                        "Docker's classic builder keeps them)")
+    s.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
+                   help="how new layers are stored (default uncompressed: plain tars, as Docker "
+                        "and Buildah keep them; a push sends them as gzip)")
     s.add_argument("--source-date-epoch", metavar="SECONDS",
                    help="reproducible images: every time in the config, history and layers is "
                         "clamped to this (default: $SOURCE_DATE_EPOCH)")

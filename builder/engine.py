@@ -38,6 +38,7 @@ from .image import (Image, canonical_json, chain_ids, digest_of, empty_config, h
                     is_host_platform)
 from .progress import (BuildDone, BuildStarted, BuildWarning, CacheMiss, Event, StepCached, StepDone,
                        StepStarted)
+from .layer import COMPRESSIONS, DEFAULT_COMPRESSION
 from .store import Store
 
 TYPE_CHECKING = False   # (the typing module costs a cached build 3 ms to import)
@@ -69,7 +70,7 @@ class BuildOptions:
     cache_to: tuple[CacheSpec, ...] = ()        # export the step cache (remote_cache.py)
     cache_from: tuple[CacheSpec, ...] = ()      # import step caches
     outputs: tuple[OutputSpec, ...] = ()        # also write the image there (outputs.py)
-    compression: str = "gzip"                   # of new layers: gzip | zstd | uncompressed
+    compression: str = DEFAULT_COMPRESSION     # of new layers: uncompressed | gzip | zstd
     source_date_epoch: int | None = None        # clamp every time in the image to this (seconds)
     labels: Mapping[str, str] = field(default_factory=dict)   # added to the image's config
     platform: str | None = None                 # must be this host's (no emulation): linux/amd64
@@ -87,7 +88,7 @@ def build(context: str = ".", *, dockerfile: str | None = None,
           target: str | None = None,
           root: str | None = None, secrets=None, pull: str = "missing",
           insecure_registries=(), push: bool = False, cache_to=(), cache_from=(), outputs=(),
-          compression: str = "gzip", source_date_epoch: int | None = None,
+          compression: str = DEFAULT_COMPRESSION, source_date_epoch: int | None = None,
           storage_driver: str | None = None, labels=None, platform: str | None = None,
           add_hosts=(), ssh=None, shm_size: int | None = None, build_contexts=None,
           ulimits=(), annotations=None,
@@ -142,9 +143,9 @@ class Builder:
             raise UsageError(f"--network {opts.network}: must be host or none")
         if opts.pull not in ("always", "missing", "never"):
             raise UsageError(f"--pull {opts.pull}: must be always, missing or never")
-        if opts.compression not in ("gzip", "zstd", "uncompressed"):
-            raise UsageError(f"--compression {opts.compression}: must be gzip, zstd or "
-                             "uncompressed")
+        if opts.compression not in COMPRESSIONS:
+            raise UsageError(f"--compression {opts.compression}: must be one of "
+                             + ", ".join(COMPRESSIONS))
         if opts.shm_size is not None and opts.shm_size < 4096:
             raise UsageError(f"--shm-size {opts.shm_size}: too small for /dev/shm",
                              hint="give a size such as 64m or 1g")

@@ -15,8 +15,12 @@ the expanded instruction and content digests, see cache.py), so a second
 machine that misses its own cache looks the key up in the imported
 entries and, on a hit, downloads the layer instead of running the step.
 The layer is verified against both its blob digest and its diff_id, and
-the compressed blob is kept as it came, so the image ID and digest are the
-ones the first machine produced.
+stored as the first machine had it, so the image ID and digest are the
+ones the first machine produced: a compressed blob as it came, a plain
+layer (the default) as its plain tar. Plain layers travel as their gzip
+twins (layer/twins.py, as a push sends them), each descriptor annotated
+with the plain tar's digest (`containerd.io/uncompressed`, containerd's
+and BuildKit's name for it), and are unpacked on the way in.
 
 `mode=min` (the default) exports the steps of the final image's stages;
 `mode=max` every step the build went through, intermediate stages too.
@@ -32,13 +36,14 @@ from .record import record
 from . import reference
 from .cache import StepResult
 from .errors import PybuildError, RegistryError, UsageError
-from .image import MEDIA_MANIFEST, canonical_json, chain_ids, digest_of
-from .layer import commit
+from .image import MEDIA_LAYER, MEDIA_MANIFEST, canonical_json, chain_ids, digest_of
+from .layer import commit, twins
 from .progress import BuildWarning
 from .store.lock import write_atomic
 
 CACHE_MEDIA = "application/vnd.pybuild.cache.v1+json"
 FORMAT = 1
+UNCOMPRESSED = "containerd.io/uncompressed"     # a twin's annotation: the plain tar's digest
 
 
 @record
@@ -99,10 +104,10 @@ class _Registry:
         from .registry.transfer import read_blob
         return read_blob(self.client, self.ref.repository, digest, limit=256 << 20)
 
-    def ingest_layer(self, store, desc, parent_chain, diff_id, emit):
+    def ingest_layer(self, store, desc, parent_chain, diff_id, emit, as_plain=False):
         from .registry.transfer import pull_layer
         return pull_layer(store, self.client, self.ref.repository, desc, parent_chain, diff_id,
-                          "cache layer", str(self.ref), emit)
+                          "cache layer", str(self.ref), emit, as_plain=as_plain)
 
     def write(self, store, blobs: list[tuple[str, int]], config: bytes, manifest: bytes, emit):
         from .registry.transfer import send_blobs
@@ -149,7 +154,7 @@ class _Directory:
             raise PybuildError(f"cache {self.path}: blob {digest[:19]} does not match its digest")
         return data
 
-    def ingest_layer(self, store, desc, parent_chain, diff_id, emit):
+    def ingest_layer(self, store, desc, parent_chain, diff_id, emit, as_plain=False):
         try:
             f = open(self._blob(desc["digest"]), "rb")
         except OSError as e:
@@ -157,7 +162,8 @@ class _Directory:
                                f"({e.strerror})") from None
         with f:
             return commit.ingest(store, f, parent_chain, what=f"cache layer {desc['digest'][:19]}",
-                                 expected_diff_id=diff_id, expected_digest=desc["digest"]).layer
+                                 expected_diff_id=diff_id, expected_digest=desc["digest"],
+                                 as_plain=as_plain).layer
 
     def write(self, store, blobs: list[tuple[str, int]], config: bytes, manifest: bytes, emit):
         os.makedirs(os.path.join(self.path, "blobs", "sha256"), exist_ok=True)
@@ -189,7 +195,8 @@ def _place(spec: CacheSpec, insecure):
 
 
 def _parse_artifact(place, manifest_bytes: bytes, where: str) -> tuple[dict, dict]:
-    """(key -> entry JSON, layer digest -> descriptor) of an artifact."""
+    """(key -> entry JSON, layer digest -> descriptor) of an artifact; a gzip twin is found
+    by its plain layer's digest as well."""
     try:
         manifest = json.loads(manifest_bytes)
         config_desc = manifest["config"]
@@ -199,6 +206,10 @@ def _parse_artifact(place, manifest_bytes: bytes, where: str) -> tuple[dict, dic
         if config.get("format") != FORMAT:
             raise ValueError(f"cache format {config.get('format')}, this pybuild reads {FORMAT}")
         layers = {d["digest"]: d for d in manifest.get("layers") or []}
+        for d in list(layers.values()):
+            plain = (d.get("annotations") or {}).get(UNCOMPRESSED)
+            if isinstance(plain, str):
+                layers.setdefault(plain, d)
         return dict(config["entries"]), layers
     except (KeyError, TypeError, ValueError) as e:
         raise PybuildError(f"--cache-from {where}: {e}") from None
@@ -256,7 +267,8 @@ class CacheImport:
                 if desc is None:
                     return None
                 got = place.ingest_layer(self.store, desc, parents[-1] if parents else None,
-                                         layer.diff_id, self.emit)
+                                         layer.diff_id, self.emit,
+                                         as_plain=desc["digest"] != layer.digest)
                 if got.digest != layer.digest:
                     return None
         return result
@@ -270,22 +282,31 @@ class CacheImport:
 
 def export(store, spec: CacheSpec, entries: dict[str, StepResult], *, insecure=(),
            emit=None) -> None:
-    """Write `entries` (key -> result) and the layers they name as a cache artifact at `spec`."""
-    layers: dict[str, dict] = {}
-    for result in entries.values():
-        if result.layer is not None:
-            layers[result.layer.digest] = {"mediaType": result.layer.media_type,
-                                           "digest": result.layer.digest,
-                                           "size": result.layer.size}
-    config = canonical_json({"format": FORMAT,
-                             "entries": {k: r.to_json() for k, r in sorted(entries.items())}})
-    manifest = canonical_json({
-        "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "artifactType": CACHE_MEDIA,
-        "config": {"mediaType": CACHE_MEDIA, "digest": digest_of(config), "size": len(config)},
-        "layers": list(layers.values())})
-    place = _place(spec, insecure)
-    try:
-        place.write(store, [(d["digest"], d["size"]) for d in layers.values()], config, manifest,
-                    emit or (lambda ev: None))
-    finally:
-        place.close()
+    """Write `entries` (key -> result) and the layers they name as a cache artifact at `spec`
+    (plain layers as their gzip twins)."""
+    # (Held so that no garbage collection removes a gzip twin before it is written.)
+    with store.in_use():
+        layers: dict[str, dict] = {}
+        known = twins.remembered(store)
+        for result in entries.values():
+            layer = result.layer
+            if layer is None or layer.digest in layers:
+                continue
+            if layer.media_type == MEDIA_LAYER:
+                twin = twins.gzip_twin(store, layer, known)
+                layers[layer.digest] = {**twin.descriptor(),
+                                        "annotations": {UNCOMPRESSED: layer.digest}}
+            else:
+                layers[layer.digest] = layer.descriptor()
+        config = canonical_json({"format": FORMAT,
+                                 "entries": {k: r.to_json() for k, r in sorted(entries.items())}})
+        manifest = canonical_json({
+            "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "artifactType": CACHE_MEDIA,
+            "config": {"mediaType": CACHE_MEDIA, "digest": digest_of(config), "size": len(config)},
+            "layers": list(layers.values())})
+        place = _place(spec, insecure)
+        try:
+            place.write(store, [(d["digest"], d["size"]) for d in layers.values()], config, manifest,
+                        emit or (lambda ev: None))
+        finally:
+            place.close()

@@ -89,10 +89,11 @@ def busybox_context(dest: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def base_image(store_root, tmp_path_factory):
-    """`busybox:test`: the base image most tests build on."""
+    """`busybox:test`: the base image most tests build on. Its layers are gzip, as those of
+    a base pulled from a registry are; the layers built on it are plain tars (the default)."""
     import builder
     ctx = busybox_context(tmp_path_factory.mktemp("busybox") / "ctx")
-    return builder.build(str(ctx), tags=[BASE], root=store_root)
+    return builder.build(str(ctx), tags=[BASE], root=store_root, compression="gzip")
 
 
 def run_pybuild(*args, root: str | None = None, input: bytes | None = None, check: bool = False,

@@ -143,14 +143,16 @@ def test_save_writes_into_a_pipe_or_a_symlink_and_never_replaces_them(demo_image
 
 
 def _docker_only(saved, out, mutate_layer=None):
-    """A plain docker-archive (no OCI files), with layers uncompressed as old Docker wrote them."""
+    """A plain docker-archive (no OCI files), laid out as old Docker wrote them."""
     import gzip
     with tarfile.open(saved) as src, tarfile.open(out, "w") as dst:
         manifest = json.load(src.extractfile("manifest.json"))
         entry = manifest[0]
         layers = []
         for i, path in enumerate(entry["Layers"]):
-            data = gzip.decompress(src.extractfile(path).read())
+            data = src.extractfile(path).read()
+            if data.startswith(b"\x1f\x8b"):      # (a layer kept as gzip)
+                data = gzip.decompress(data)
             if mutate_layer is not None and i == len(entry["Layers"]) - 1:
                 data = mutate_layer(data)
             name = f"layer{i}/layer.tar"
@@ -175,6 +177,26 @@ def test_load_legacy_docker_archive_with_plain_layers(saved, demo_image, pybuild
     assert "Loaded image: legacy:1" in p.stdout.decode()
     data = json.loads(pybuild("inspect", "legacy:1", check=True).stdout)[0]
     assert data["Id"] == demo_image.id
+
+
+def test_plain_layers_of_an_archive_are_kept_plain_as_the_store_keeps_its_own(saved, demo_image,
+                                                                             tmp_path):
+    """Loaded into an empty store, a docker-archive's plain layer tars stay plain tars (the
+    blob is the tar, its digest the diff_id), as a build keeps its new layers: no CPU spent
+    compressing what a push compresses anyway."""
+    import builder
+    from conftest import layer_files, run_pybuild
+    legacy = tmp_path / "legacy.tar"
+    _docker_only(saved, legacy)
+    root = str(tmp_path / "fresh")
+    run_pybuild("load", "-i", legacy, root=root, check=True)
+    store = builder.Store(root)
+    image = store.resolve("legacy:1")
+    assert image.id == demo_image.id
+    assert [(l.media_type, l.digest) for l in image.layers] == [
+        ("application/vnd.oci.image.layer.v1.tar", d) for d in demo_image.diff_ids]
+    assert layer_files(store, image.layers[1])["bin/busybox"].startswith(b"\x7fELF")
+    assert all(store.blobs.verify(d) for d in store.blobs.list())
 
 
 def test_tampered_layer_is_refused_and_the_store_stays_consistent(saved, tmp_path):

@@ -243,18 +243,18 @@ def test_a_stacked_layer_keeps_its_base_when_every_image_of_the_base_is_gone(
 
 def test_the_base_keeps_the_tar_a_stacked_commit_decompressed_and_the_next_one_reads_it(
         tmp_path, own_store, driver, monkeypatch):
-    """layer/basetar.py: the first layer stacked on a base writes the base's tar beside it,
-    decompressed from its blob; the next is spliced from that file (nothing decompressed,
+    """layer/basetar.py: the first layer stacked on a gzip base writes the base's tar beside
+    it, decompressed from its blob (a plain layer's blob is its tar); the next is spliced from that file (nothing decompressed,
     none of the base's files opened), and its layer is still a cold build's."""
     store = Store(own_store)
     ctx = make_context(tmp_path)
-    first = build(ctx, own_store)
+    first = build(ctx, own_store, compression="gzip")
     base, _ = copy_layer(store, first)
     base_dir = store.layers.path(base)
     assert os.path.exists(os.path.join(base_dir, splice.MAP))
     assert not os.path.exists(os.path.join(base_dir, basetar.TAR))
     (ctx / "src/d0/f0.txt").write_text("two\n")
-    build(ctx, own_store)
+    build(ctx, own_store, compression="gzip")
     with open(os.path.join(base_dir, basetar.TAR), "rb") as f:
         assert f.read() == layer_tar(store, first.layers[-1])
     assert os.listdir(store.tmp) == [] or all(n.endswith(".lock") for n in os.listdir(store.tmp))
@@ -268,7 +268,7 @@ def test_the_base_keeps_the_tar_a_stacked_commit_decompressed_and_the_next_one_r
     monkeypatch.setattr(os, "open", lambda path, *a, **k: (
         opened.append(str(path)), real_open(path, *a, **k))[1])
     (ctx / "src/d1/f4.txt").write_text("three\n")
-    third = build(ctx, own_store)
+    third = build(ctx, own_store, compression="gzip")
     monkeypatch.setattr(os, "open", real_open)
     monkeypatch.setattr(isal_zlib, "decompress", real_decompress)
     chain, _ = copy_layer(store, third)
@@ -279,7 +279,7 @@ def test_the_base_keeps_the_tar_a_stacked_commit_decompressed_and_the_next_one_r
     plain = tmp_path / "plain"
     shutil.copytree(ctx, plain)          # (times and modes kept)
     elsewhere = store_with_base(tmp_path, driver, "elsewhere")
-    alone = build(plain, elsewhere)
+    alone = build(plain, elsewhere, compression="gzip")
     # (The same entries, bytes and headers alike, but /app's time: the COPY made it.)
     assert entries(Store(elsewhere), alone.layers[-1]) == entries(store, third.layers[-1])
     assert layer_files(store, third.layers[-1])["app/d1/f4.txt"] == b"three\n"
@@ -345,9 +345,9 @@ def test_the_base_tar_counts_as_its_layers_and_goes_with_it(tmp_path, own_store)
     from builder.store import gc
     store = Store(own_store)
     ctx = make_context(tmp_path)
-    base, _ = copy_layer(store, build(ctx, own_store, tags=["packed:one"]))
+    base, _ = copy_layer(store, build(ctx, own_store, compression="gzip", tags=["packed:one"]))
     (ctx / "src/d0/f0.txt").write_text("two\n")
-    build(ctx, own_store, tags=["packed:two"])
+    build(ctx, own_store, compression="gzip", tags=["packed:two"])
     pack = os.path.join(store.layers.path(base), basetar.TAR)
     size = os.stat(pack).st_size
     assert size > sum(len(text) for text in FILES.values())
@@ -510,7 +510,9 @@ def test_a_source_that_gained_an_xattr_is_copied_and_a_new_inode_alone_is_still_
 
 # ---- the gzip members of a COPY layer's blob (builder/layer/segments.py) -----------------
 
-EPOCH = dict(source_date_epoch=1_700_000_000)     # (so that /app's own time is the same too)
+# gzip layers (the default is plain tars, which have no members); one clamp, so that /app's
+# own time is the same too.
+EPOCH = dict(source_date_epoch=1_700_000_000, compression="gzip")
 
 
 @pytest.fixture

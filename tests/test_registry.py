@@ -59,6 +59,13 @@ def skopeo(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=120)
 
 
+def remote_manifest(name: str) -> tuple[str, dict]:
+    """(digest, manifest) of what the registry holds under `name`, as skopeo reads it."""
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
+    assert raw.returncode == 0, raw.stderr
+    return "sha256:" + hashlib.sha256(raw.stdout.encode()).hexdigest(), json.loads(raw.stdout)
+
+
 def app_context(path: Path, base: str, text: str = "hello from the registry") -> Path:
     return write_context(path, {
         "Dockerfile": f"FROM {base}\n"
@@ -71,28 +78,39 @@ def app_context(path: Path, base: str, text: str = "hello from the registry") ->
 
 # ---- push, pull, run --------------------------------------------------------------------------
 
-def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_root, tmp_path):
-    name = f"{registry.host}/test/app:1"
-    image = builder.build(str(app_context(tmp_path / "ctx", BASE)), tags=[name], root=store_root)
+@pytest.mark.parametrize("compression", ["uncompressed", "gzip"])
+def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_root, tmp_path,
+                                                   compression):
+    """An image of gzip layers is pushed byte for byte (its manifest digest is the local one);
+    one of plain layers (the default) as gzip twins, so the registry's manifest is another.
+    Either way, pulled back it is the same image (ID, files), with the registry's manifest."""
+    name = f"{registry.host}/test/app-{compression}:1"
+    # (Contents of its own: a cached step keeps the layer it made, in its compression.)
+    image = builder.build(str(app_context(tmp_path / "ctx", BASE, f"hello, {compression}")),
+                          tags=[name], root=store_root, compression=compression)
     pushed = run_pybuild("push", name, root=store_root, check=True)
-    assert pushed.stdout.decode().strip() == image.digest
+    remote_digest, remote = remote_manifest(name)
+    assert pushed.stdout.decode().strip() == remote_digest
+    assert (remote_digest == image.digest) == (compression == "gzip")
+    assert remote["config"]["digest"] == image.id
 
     run_pybuild("rmi", name, root=store_root, check=True)
     assert run_pybuild("inspect", name, root=store_root).returncode == 5
     pulled = run_pybuild("pull", name, root=store_root, check=True)
     assert pulled.stdout.decode().strip() == image.id
     assert run_pybuild("run", name, root=store_root, check=True).stdout == \
-        b"hello from the registry\n"
+        f"hello, {compression}\n".encode()
 
     # Into an empty store: every layer comes over the wire, and the image is the same.
     other = fresh_store(tmp_path)
     events = []
     again = builder.pull(name, root=other, on_event=events.append)
-    assert (again.id, again.digest) == (image.id, image.digest)
+    assert (again.id, again.digest) == (image.id, remote_digest)
     done = [e for e in events if isinstance(e, Transfer) and e.done]
-    assert sorted(e.digest for e in done) == sorted(l.digest for l in image.layers)
-    assert all(e.size == l.size for e in done for l in image.layers if l.digest == e.digest)
-    assert run_pybuild("run", name, root=other, check=True).stdout == b"hello from the registry\n"
+    assert sorted((e.digest, e.size) for e in done) == sorted(
+        (l["digest"], l["size"]) for l in remote["layers"])
+    assert run_pybuild("run", name, root=other, check=True).stdout == \
+        f"hello, {compression}\n".encode()
     files = layer_files(builder.Store(other), again.layers[-1])
     assert files["built"] == b"built\n"
 
@@ -101,14 +119,14 @@ def test_skopeo_reads_what_we_push(registry, base_image, store_root, tmp_path):
     name = f"{registry.host}/test/checked:1"
     image = builder.build(str(app_context(tmp_path / "ctx", BASE, "checked")), tags=[name],
                           root=store_root)
-    run_pybuild("push", name, root=store_root, check=True)
+    pushed = builder.push(name, root=store_root)
     info = skopeo("inspect", "--tls-verify=false", f"docker://{name}")
     assert info.returncode == 0, info.stderr
     data = json.loads(info.stdout)
-    assert data["Digest"] == image.digest
-    assert data["Layers"] == [l.digest for l in image.layers]
-    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}").stdout)
-    assert raw["config"]["digest"] == image.id
+    assert data["Digest"] == pushed.digest
+    base = [l.digest for l in base_image.layers]
+    assert data["Layers"][:len(base)] == base and len(data["Layers"]) == len(image.layers)
+    assert remote_manifest(name)[1]["config"]["digest"] == image.id
 
     copied = skopeo("copy", "--src-tls-verify=false", f"docker://{name}",
                     f"oci:{tmp_path / 'oci'}:checked")
@@ -128,10 +146,11 @@ def test_skopeo_reads_what_we_push(registry, base_image, store_root, tmp_path):
 def test_a_layer_tampered_with_in_the_registry_is_refused(registry, base_image, store_root,
                                                           tmp_path):
     name = f"{registry.host}/test/tampered:1"
-    image = builder.build(str(app_context(tmp_path / "ctx", BASE, "tamper me")), tags=[name],
-                          root=store_root)
+    builder.build(str(app_context(tmp_path / "ctx", BASE, "tamper me")), tags=[name],
+                  root=store_root)
     run_pybuild("push", name, root=store_root, check=True)
-    blob = registry.blob_path(image.layers[-1].digest)
+    top = remote_manifest(name)[1]["layers"][-1]["digest"]
+    blob = registry.blob_path(top)
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF                      # same size, different bytes
     blob.write_bytes(bytes(data))
@@ -141,7 +160,7 @@ def test_a_layer_tampered_with_in_the_registry_is_refused(registry, base_image, 
     err = proc.stderr.decode()
     assert proc.returncode in (6, 7), err
     assert "does not match" in err or "cannot read the layer" in err, err
-    assert image.layers[-1].digest[:19] in err
+    assert top[:19] in err
     assert "Traceback" not in err
     assert run_pybuild("images", "-q", root=other, check=True).stdout == b""
     assert os.listdir(Path(other) / "tmp") == []          # nothing half-written left behind
@@ -240,8 +259,8 @@ def test_pushing_layers_the_registry_has_sends_no_layer_bytes(registry, base_ima
         name = f"{proxy.host}/wire/app:1"
         image = builder.build(str(app_context(tmp_path / "ctx", BASE, "x" * 300_000)),
                               tags=[name], root=store_root)
-        layer_bytes = sum(l.size for l in image.layers)
         first = builder.push(name, root=store_root)
+        layer_bytes = sum(l["size"] for l in remote_manifest(name)[1]["layers"])
         assert first.uploaded_bytes == layer_bytes + builder.Store(store_root).blobs.size(image.id)
         assert proxy.sent >= layer_bytes
 
@@ -257,7 +276,7 @@ def test_pushing_layers_the_registry_has_sends_no_layer_bytes(registry, base_ima
         assert third.mounted == len(image.layers) + 1 and third.uploaded_bytes == 0
         assert proxy.sent - before < 16_000
         info = skopeo("inspect", "--tls-verify=false", f"docker://{proxy.host}/elsewhere/app:1")
-        assert json.loads(info.stdout)["Digest"] == image.digest
+        assert json.loads(info.stdout)["Digest"] == first.digest
     finally:
         proxy.close()
 
@@ -266,9 +285,12 @@ def test_chunked_upload(registry, base_image, store_root, tmp_path):
     name = f"{registry.host}/test/chunked:1"
     image = builder.build(str(app_context(tmp_path / "ctx", BASE, "y" * 200_000)), tags=[name],
                           root=store_root)
-    run_pybuild("push", "--chunk-size", "64KiB", name, root=store_root, check=True)
+    pushed = run_pybuild("push", "--chunk-size", "64KiB", name, root=store_root, check=True)
     other = fresh_store(tmp_path)
-    assert builder.pull(name, root=other).digest == image.digest
+    pulled = builder.pull(name, root=other)
+    assert (pulled.id, pulled.digest) == (image.id, pushed.stdout.decode().strip())
+    assert layer_files(builder.Store(other), pulled.layers[-2])["greeting.txt"] == \
+        b"y" * 200_000 + b"\n"
 
 
 # ---- auth --------------------------------------------------------------------------------------
@@ -322,12 +344,27 @@ def cache_context(path: Path, base: str) -> Path:
     })
 
 
-@pytest.mark.parametrize("kind, compression", [("registry", "gzip"), ("local", "gzip"),
-                                               ("registry", "uncompressed")])
+def local_cache_manifest(path: Path) -> dict:
+    """The cache artifact's manifest in a type=local cache directory."""
+    index = json.loads((path / "index.json").read_text())
+    return json.loads((path / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+
+
+def twin_in_cache(manifest: dict, plain_digest: str) -> dict:
+    """The descriptor of a plain layer's gzip twin in a cache artifact's manifest."""
+    found = [d for d in manifest["layers"]
+             if (d.get("annotations") or {}).get("containerd.io/uncompressed") == plain_digest]
+    assert len(found) == 1, manifest
+    return found[0]
+
+
+@pytest.mark.parametrize("kind, compression", [("registry", "uncompressed"),
+                                               ("local", "uncompressed"), ("registry", "gzip")])
 def test_a_second_machine_rebuilds_from_the_exported_cache(kind, compression, registry,
                                                            remote_base, tmp_path):
-    """(Plain layers, --compression uncompressed, go into the cache as they are, and the
-    second machine keeps them so: the same image, manifest and all.)"""
+    """The cache holds gzip layers either way: plain layers (the default) travel as their
+    gzip twins, annotated with the plain digest, and the second machine stores them as the
+    plain tars they were: the same image, manifest and all."""
     ctx = cache_context(tmp_path / "ctx", remote_base)
     if kind == "registry":
         to = from_ = f"type=registry,ref={registry.host}/cache/app:buildcache,mode=max"
@@ -346,8 +383,19 @@ def test_a_second_machine_rebuilds_from_the_exported_cache(kind, compression, re
     assert not [e for e in events if isinstance(e, StepOutput)]
     assert second.id == first.id and second.digest == first.digest
     assert second.layers == first.layers
+    artifact = remote_manifest(f"{registry.host}/cache/app:buildcache")[1] if kind == "registry" \
+        else local_cache_manifest(tmp_path / "ci-cache")
+    assert {d["mediaType"] for d in artifact["layers"]} == \
+        {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    new = first.layers[-4:]                     # (the COPY, RUN, COPY and RUN steps')
     if compression == "uncompressed":
-        assert second.layers[-1].media_type == "application/vnd.oci.image.layer.v1.tar"
+        assert {l.media_type for l in second.layers[-4:]} == \
+            {"application/vnd.oci.image.layer.v1.tar"}
+        for layer in new:
+            twin = twin_in_cache(artifact, layer.digest)
+            assert twin["digest"] != layer.digest
+    else:
+        assert {l.digest for l in new} <= {d["digest"] for d in artifact["layers"]}
     assert layer_files(builder.Store(store_b), second.layers[-2])["app/tool"] == b"tool\n"
     assert run_pybuild("run", "cached:1", "cat", "/app/app.txt", root=store_b,
                        check=True).stdout == b"the app\n"
@@ -399,12 +447,15 @@ def test_a_corrupt_cache_layer_is_refused(registry, remote_base, tmp_path):
     dest = tmp_path / "ci-cache"
     store_a, store_b = fresh_store(tmp_path, "a"), fresh_store(tmp_path, "b")
     image = builder.build(str(ctx), root=store_a, cache_to=[f"type=local,dest={dest}"])
-    blob = dest / "blobs" / "sha256" / image.layers[-3].digest[7:]      # RUN echo ran-on
-    blob.write_bytes(blob.read_bytes()[:-20] + b"\0" * 20)
+    twin = twin_in_cache(local_cache_manifest(dest), image.layers[-3].digest)  # RUN echo ran-on
+    blob = dest / "blobs" / "sha256" / twin["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
     proc = run_pybuild("build", "--cache-from", f"type=local,src={dest}", ctx, root=store_b)
     err = proc.stderr.decode()
     assert proc.returncode == 6, err
-    assert image.layers[-3].digest[:19] in err and "Traceback" not in err
+    assert twin["digest"][:19] in err and "Traceback" not in err
 
 
 # ---- outputs and compression --------------------------------------------------------------------
@@ -414,7 +465,9 @@ def test_outputs_oci_docker_local_and_registry(registry, base_image, store_root,
         "Dockerfile": f"FROM {BASE}\nRUN echo out > /out && chown 123:45 /out\n",
     })
     name = f"{registry.host}/test/outputs:1"
-    proc = run_pybuild("build", "-t", name, "--output", f"type=oci,dest={tmp_path / 'img.oci'}",
+    meta = tmp_path / "meta.json"
+    proc = run_pybuild("build", "-t", name, "--metadata-file", meta,
+                       "--output", f"type=oci,dest={tmp_path / 'img.oci'}",
                        "-o", f"type=docker,dest={tmp_path / 'img.docker'}",
                        "-o", f"type=local,dest={tmp_path / 'rootfs'}", "-o", "type=registry",
                        ctx, root=store_root)
@@ -430,8 +483,9 @@ def test_outputs_oci_docker_local_and_registry(registry, base_image, store_root,
     assert (rootfs / "out").read_text() == "out\n"
     assert ((rootfs / "out").stat().st_uid, (rootfs / "out").stat().st_gid) == (123, 45)
     assert (rootfs / "bin" / "sh").is_symlink() or (rootfs / "bin" / "sh").exists()
-    remote = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{name}").stdout)
-    assert remote["Digest"] == image.digest
+    digest, remote = remote_manifest(name)
+    assert remote["config"]["digest"] == image.id
+    assert json.loads(meta.read_text())["containerimage.digest"] == digest
 
 
 def test_output_tar_is_the_root_filesystem_in_a_file_or_on_stdout(base_image, store_root, tmp_path):
@@ -482,8 +536,8 @@ def test_zstd_layers_have_the_zstd_media_type_and_round_trip(registry, base_imag
 
 def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_read(
         registry, base_image, store_root, tmp_path):
-    """`--compression uncompressed` (BuildKit's compression=uncompressed): a new layer's blob
-    is its tar, so its digest is its diff_id; skopeo and umoci read the store and the
+    """Plain layers (the default; named here as BuildKit's compression=uncompressed): a new
+    layer's blob is its tar, so its digest is its diff_id; skopeo and umoci read the store and the
     registry copy, a push sends gzip twins of the plain layers (as Docker pushes), the image
     pulls back to the same ID, and save/load round-trips. (The
     RUN's layer is over a megabyte: written by the sink's thread, the COPY's by close().)"""
@@ -518,13 +572,11 @@ def test_uncompressed_layers_are_plain_tars_that_validators_registries_and_load_
     # (made once), the rest as they are.
     pushed = builder.push(name, root=store_root)
     raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
-    assert raw.returncode == 0, raw.stderr
-    manifest = json.loads(raw.stdout)
+    remote_digest, manifest = remote_manifest(name)
     assert [d["mediaType"] for d in manifest["layers"]] == \
         ["application/vnd.oci.image.layer.v1.tar+gzip"] * len(image.layers)
     assert manifest["config"]["digest"] == image.id
-    assert pushed.digest != image.digest and pushed.digest == "sha256:" + hashlib.sha256(
-        raw.stdout.encode()).hexdigest()
+    assert pushed.digest != image.digest and pushed.digest == remote_digest
     # build --push's --metadata-file names the manifest the registry has (CI deploys by it).
     said = json.loads(meta.read_text())
     assert said["containerimage.digest"] == pushed.digest

@@ -8,9 +8,7 @@ their owners in the layers, and the image is the one root builds.
 
 from __future__ import annotations
 
-import gzip
 import importlib
-import io
 import os
 import pkgutil
 import pwd
@@ -24,7 +22,7 @@ import pytest
 
 import builder
 
-from conftest import busybox_context
+from conftest import busybox_context, layer_members
 
 USER = "pbrootless"
 RANGE = (400000, 65536)      # unless useradd gave the user one already
@@ -109,10 +107,7 @@ def context(path: Path, owner=None) -> Path:
 
 
 def members(store, layer) -> dict[str, tarfile.TarInfo]:
-    with store.blobs.open(layer.digest) as f:
-        data = gzip.decompress(f.read())
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        return {m.name: m for m in t.getmembers()}
+    return {m.name: m for m in layer_members(store, layer)}
 
 
 def test_a_user_builds_in_its_own_namespace_and_owners_are_kept(user, tmp_path):

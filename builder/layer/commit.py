@@ -150,6 +150,10 @@ def _finished(stage: compress.Stage) -> bool:
         return False
 
 
+def _digest(h) -> str:
+    return "sha256:" + h.hexdigest()
+
+
 def _check_digest(what: str, got: str, expected: str) -> None:
     if got != expected:
         raise LayerError(f"{what}: blob does not match its digest: expected {expected}, "
@@ -165,26 +169,40 @@ class Ingested:
 
 
 def ingest(store, raw, parent_chain: str | None, *, what: str,
-           expected_diff_id: str | None = None, expected_digest: str | None = None) -> Ingested:
+           expected_diff_id: str | None = None, expected_digest: str | None = None,
+           as_plain: bool = False) -> Ingested:
     """Store the layer tar read from `raw` (gzip, zstd or plain) on top of `parent_chain`.
 
-    A compressed layer is kept as it came (its digest is the registry's), and
-    so is a plain one whose expected digest is its diff_id (a registry's or a
-    cache's plain layer, `--compression uncompressed`: the image or cache
-    entry names it by that digest); other plain ones (archives) are
-    compressed on the way in.
+    Every layer is kept as it came: a compressed one (its digest is the
+    registry's), and a plain one, as the store keeps the layers it builds
+    (an archive's, a rootfs import's, or one a registry or cache names by
+    its diff_id). Only a plain tar that was expected under another digest
+    (a compressed one) is compressed on the way in. `as_plain`: a compressed
+    layer is stored as the plain tar it holds (a cache's gzip twin of a plain
+    layer: the cache entry names the plain one); `expected_digest` is then
+    the compressed bytes'.
     """
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
     compressed = compress.is_compressed(head)
-    keep_plain = not compressed and expected_digest is not None and \
-        expected_digest == expected_diff_id
+    keep_plain = not compressed and expected_digest in (None, expected_diff_id)
+    unpack = compressed and as_plain
     blob_writer = read_ahead = None     # threads of their own: compressed layers (ReadAhead)
+    fetched = hashlib.sha256()          # (the compressed bytes of a layer stored unpacked)
     with store.blobs.writer() as blob, \
             compress.LayerSink(blob, compress=not (compressed or keep_plain)) as sink, \
             store.tmpdir("ingest") as staging:
         try:
-            if compressed:
+            if unpack:
+                # Decompressed in a second thread, which hands the tar to the sink (hashed
+                # and written in a third); extracting in this one.
+                media_type = MEDIA_LAYER
+                outer, diff_hash = _TeeReader(buffered, [fetched.update]), None
+                read_ahead = compress.ReadAhead(_TeeReader(compress.open_decompressed(outer, head),
+                                                           [sink.write], what).read,
+                                                "pybuild-decompress")
+                plain = read_ahead
+            elif compressed:
                 media_type = MEDIA_LAYER_ZSTD if head.startswith(compress.ZSTD_MAGIC) \
                     else MEDIA_LAYER_GZIP
                 blob_writer = compress.Stage(blob.write, "pybuild-blob-write")
@@ -212,8 +230,9 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 # clearer error is that the blob is not the one named (read it to the end to know).
                 stopped = read_ahead is None or read_ahead.close()
                 if expected_digest and outer is not None and stopped and _drained(outer) \
-                        and _finished(blob_writer):
-                    _check_digest(what, blob.digest, expected_digest)
+                        and (unpack or _finished(blob_writer)):
+                    _check_digest(what, _digest(fetched) if unpack else blob.digest,
+                                  expected_digest)
                 if isinstance(e, LayerError):
                     raise
                 raise LayerError(f"{what}: cannot read the layer ({e})") from None
@@ -225,9 +244,9 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 read_ahead.close()
             if blob_writer is not None:
                 blob_writer.stop()
-        diff_id = sink.diff_id if diff_hash is None else "sha256:" + diff_hash.hexdigest()
+        diff_id = sink.diff_id if diff_hash is None else _digest(diff_hash)
         if expected_digest and (compressed or keep_plain):
-            _check_digest(what, blob.digest, expected_digest)
+            _check_digest(what, _digest(fetched) if unpack else blob.digest, expected_digest)
         if expected_diff_id and diff_id != expected_diff_id:
             raise LayerError(f"{what}: content does not match its diff_id: expected "
                              f"{expected_diff_id}, got {diff_id}",

@@ -33,7 +33,7 @@ class LayerSink:
     stage of its own because on this kind of machine (a VM, 2 cores) putting
     256 MB into the page cache costs as much as compressing it: with both in
     one thread, that thread was the slowest part of a commit by far.
-    Without `compress` (`--compression uncompressed`, a plain layer kept as it came) the
+    Without `compress` (new layers by default, a plain layer kept as it came) the
     blob is the tar, so its digest is the diff_id: the tar is hashed once, by the blob
     writer, in the writing thread (the caller's thread only gathers pieces).
     Use it as a context manager, or call close(); leaving early stops the threads.

@@ -1,9 +1,10 @@
-"""Gzip twins: plain-tar layers (`--compression uncompressed`) compressed when they leave the store.
+"""Gzip twins: plain-tar layers (the default) compressed when they leave the store.
 
 Docker's classic builder and Buildah keep layers uncompressed on the
-machine and compress them when they push; a build with `--compression
-uncompressed` does the same. Its plain layers stay as they are in the store
-(the image's own manifest names them), and a push sends gzip twins: each
+machine and compress them when they push; pybuild does the same unless
+built with `--compression gzip|zstd`. Plain layers stay as they are in the
+store (the image's own manifest names them), and a push (or a `--cache-to`
+export, remote_cache.py) sends gzip twins: each
 made once, from the plain blob, by the same compressor new gzip layers use
 (so the same plain layer always gives the same twin), stored beside it as a
 blob, and remembered in `cache/gzip-twins.json` (plain digest -> twin digest
@@ -36,7 +37,7 @@ def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
     without plain layers is sent as it is stored."""
     if not any(layer.media_type == MEDIA_LAYER for layer in image.layers):
         return list(image.layers), store.blobs.read(image.digest), image.digest
-    known = _remembered(store)
+    known = remembered(store)
     layers = [gzip_twin(store, layer, known) for layer in image.layers]
     data = canonical_json({**image.manifest, "layers": [
         dict(old, **new.descriptor())
@@ -46,14 +47,14 @@ def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
 
 def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
     """`layer` as it leaves the store: itself, or if it is a plain tar its gzip twin,
-    remembered or made now (and remembered). `known`: what _remembered() read, if at hand."""
+    remembered or made now (and remembered). `known`: what remembered() read, if at hand."""
     if layer.media_type != MEDIA_LAYER:
         return layer
     if known is None:
-        known = _remembered(store)
-    remembered = known.get(layer.digest)
-    if isinstance(remembered, list) and len(remembered) == 2 and store.blobs.has(remembered[0]):
-        return LayerDesc(layer.diff_id, remembered[0], remembered[1], MEDIA_LAYER_GZIP)
+        known = remembered(store)
+    twin = known.get(layer.digest)
+    if isinstance(twin, list) and len(twin) == 2 and store.blobs.has(twin[0]):
+        return LayerDesc(layer.diff_id, twin[0], twin[1], MEDIA_LAYER_GZIP)
     with store.blobs.open(layer.digest) as plain, store.blobs.writer(direct=True) as blob, \
             compress.LayerSink(blob, algorithm="gzip") as sink:
         for piece in read_range(plain.fileno(), 0, layer.size):
@@ -77,12 +78,12 @@ def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
 def of(store, digests) -> list[str]:
     """The remembered gzip twins of those of `digests` that are plain layers (garbage
     collection keeps a kept layer's twin, so that the next push need not make it again)."""
-    known = _remembered(store)
+    known = remembered(store)
     return [twin[0] for plain, twin in known.items()
             if plain in digests and isinstance(twin, list) and twin]
 
 
-def _remembered(store) -> dict:
+def remembered(store) -> dict:
     try:
         with open(os.path.join(store.cache_dir, _TWINS), encoding="utf-8") as f:
             data = json.load(f)

@@ -175,14 +175,16 @@ def _pull_layers(store, client, repo, diff_ids, descs, name, emit) -> list[Layer
 
 
 def pull_layer(store, client: Client, repo: str, desc: dict, parent_chain: str | None,
-               diff_id: str, what: str, ref: str, emit, stop=None) -> LayerDesc:
-    """Stream one layer blob into the store on top of `parent_chain`, verifying both digests."""
+               diff_id: str, what: str, ref: str, emit, stop=None,
+               as_plain: bool = False) -> LayerDesc:
+    """Stream one layer blob into the store on top of `parent_chain`, verifying both digests
+    (`as_plain`: stored as the plain tar it holds, see commit.ingest)."""
     meter = _Meter(emit, "pull", ref, desc["digest"], desc.get("size"), stop)
     response = client.blob(repo, desc["digest"])
     try:
         got = commit.ingest(store, _ResponseReader(response, meter), parent_chain,
                             what=f"{what} ({desc['digest'][:19]})", expected_diff_id=diff_id,
-                            expected_digest=desc["digest"])
+                            expected_digest=desc["digest"], as_plain=as_plain)
     finally:
         response.close()
     meter.finish()
@@ -215,7 +217,7 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
     # (Held so that no garbage collection removes a gzip twin before it is sent.)
     with store.in_use():
         try:
-            # Plain-tar layers (--compression uncompressed) go as gzip, as Docker pushes them.
+            # Plain-tar layers (the default) go as gzip, as Docker pushes them.
             layers, manifest, digest = twins.for_registry(store, image)
             blobs = [(l.digest, l.size) for l in layers] + \
                     [(image.id, store.blobs.size(image.id))]
