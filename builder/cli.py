@@ -483,9 +483,11 @@ def _cmd_inspect(args) -> int:
 
 def _image_json(store, img) -> dict:
     """`docker image inspect`'s shape, plus what pybuild adds (Digest, Manifest, Layers)."""
+    from .store import repo_digests
     cfg = img.config
     return {
-        "Id": img.id, "RepoTags": img.tags, "RepoDigests": [], "Parent": "",
+        "Id": img.id, "RepoTags": img.tags, "RepoDigests": repo_digests.of(store, img.id),
+        "Parent": "",
         "Comment": "", "Created": img.created, "Author": cfg.get("author", ""),
         "Config": img.runtime, "Architecture": cfg.get("architecture", ""),
         "Os": cfg.get("os", ""), "Size": store.content_size(img.diff_ids),

@@ -93,6 +93,17 @@ def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_r
     assert pushed.stdout.decode().strip() == remote_digest
     assert (remote_digest == image.digest) == (compression == "gzip")
     assert remote["config"]["digest"] == image.id
+    # Docker's RepoDigests: the name the registry holds it by, and by which it is found here.
+    repo = name.rpartition(":")[0]
+
+    def inspected(ref: str, root: str = store_root) -> dict:
+        return json.loads(run_pybuild("inspect", ref, root=root, check=True).stdout)[0]
+    assert inspected(name)["RepoDigests"] == [f"{repo}@{remote_digest}"]
+    assert inspected(f"{repo}@{remote_digest}")["Id"] == image.id
+    child = builder.build(str(write_context(tmp_path / "child", {
+        "Dockerfile": f"FROM {repo}@{remote_digest}\nCMD [\"true\"]\n"})),
+        root=store_root, pull="never")
+    assert child.diff_ids == image.diff_ids
 
     run_pybuild("rmi", name, root=store_root, check=True)
     assert run_pybuild("inspect", name, root=store_root).returncode == 5
@@ -113,6 +124,7 @@ def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_r
         f"hello, {compression}\n".encode()
     files = layer_files(builder.Store(other), again.layers[-1])
     assert files["built"] == b"built\n"
+    assert inspected(name, other)["RepoDigests"] == [f"{repo}@{remote_digest}"]
 
 
 def test_skopeo_reads_what_we_push(registry, base_image, store_root, tmp_path):

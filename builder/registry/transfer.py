@@ -29,6 +29,7 @@ from ..errors import Interrupted, RegistryError, UsageError
 from ..image import Image, LayerDesc, chain_ids, digest_of, host_architecture
 from ..layer import commit, twins
 from ..progress import Transfer
+from ..store import repo_digests
 from ..store.direct import read_chunks
 from ..store.lock import write_atomic
 from .client import Client
@@ -118,6 +119,7 @@ def pull(store, name: str, *, insecure: tuple[str, ...] = (), on_event=None) -> 
                                   manifest=data if all(l.digest == d["digest"]
                                                        for l, d in zip(layers, descs)) else None)
         _remember(store, [l.digest for l in layers], ref)
+        repo_digests.remember(store, image.id, ref.name, digest)
         return image
     finally:
         client.close()
@@ -226,6 +228,7 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
             client.put_manifest(ref.repository, ref.tag or ref.digest or "latest", manifest,
                                 media)
             result.digest, result.manifest_size = digest, len(manifest)
+            repo_digests.remember(store, image.id, ref.name, digest)
             return result
         finally:
             client.close()

@@ -24,6 +24,7 @@ from ..errors import ImageNotFound, StoreError, UsageError
 from ..image import (Image, LayerDesc, MEDIA_LAYER_GZIP, MEDIA_MANIFEST, canonical_json, chain_ids,
                      manifest_bytes as image_manifest_bytes)
 from .. import reference, trees
+from . import repo_digests
 from .blobs import BlobStore
 from .index import Index, REF_NAME
 from .layers import LayerStore
@@ -227,6 +228,12 @@ class Store:
             for d in entries:
                 if d["digest"] == ref.digest:
                     return self.load_manifest(d["digest"], _tags_of(entries, d["digest"]))
+            # ...or pushed: the registry's manifest digest, not the store's (repo_digests.py)
+            image_id = repo_digests.find(self, f"{ref.name}@{ref.digest}")
+            if image_id is not None:
+                for img in self.images():
+                    if img.id == image_id:
+                        return img
         for d in entries:
             if (d.get("annotations") or {}).get(REF_NAME) == wanted:
                 img = self.load_manifest(d["digest"], _tags_of(entries, d["digest"]))
