@@ -127,6 +127,48 @@ def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_r
     assert inspected(name, other)["RepoDigests"] == [f"{repo}@{remote_digest}"]
 
 
+def test_a_multi_platform_image_is_pulled_for_this_host_and_named_by_its_index(
+        registry, base_image, store_root, tmp_path):
+    """A tag naming an OCI index (one manifest per platform): the pull takes this host's
+    manifest, and RepoDigests names the index's digest, as Docker's does."""
+    from builder import reference
+    from builder.image import canonical_json, digest_of, host_architecture
+    from builder.registry import transfer
+    from builder.registry.client import Client
+    store = builder.Store(store_root)
+    ref = reference.parse(f"{registry.host}/test/multi:1")
+    manifest = store.blobs.read(base_image.digest)
+    # Another platform's image (here: a label on the same layers), pushed first.
+    builder.build(str(write_context(tmp_path / "other", {
+        "Dockerfile": f"FROM {BASE}\nLABEL platform=other\n"})), tags=[f"{ref.name}:other"],
+        root=store_root)
+    other_platform = builder.push(f"{ref.name}:other", root=store_root)
+    index = canonical_json({"schemaVersion": 2,
+                            "mediaType": "application/vnd.oci.image.index.v1+json",
+                            "manifests": [
+        {"mediaType": base_image.manifest["mediaType"], "digest": other_platform.digest,
+         "size": other_platform.manifest_size,
+         "platform": {"os": "linux", "architecture": "s390x"}},
+        {"mediaType": base_image.manifest["mediaType"], "digest": base_image.digest,
+         "size": len(manifest), "platform": {"os": "linux", "architecture": host_architecture()}},
+    ]})
+    client = Client(ref.registry)
+    try:
+        transfer.send_blobs(store, client, ref, [(l.digest, l.size) for l in base_image.layers]
+                            + [(base_image.id, store.blobs.size(base_image.id))])
+        client.put_manifest(ref.repository, base_image.digest, manifest,
+                            base_image.manifest["mediaType"])
+        client.put_manifest(ref.repository, ref.tag, index,
+                            "application/vnd.oci.image.index.v1+json")
+    finally:
+        client.close()
+    other = fresh_store(tmp_path)
+    pulled = builder.pull(str(ref), root=other)
+    assert (pulled.id, pulled.digest) == (base_image.id, base_image.digest)
+    data = json.loads(run_pybuild("inspect", str(ref), root=other, check=True).stdout)[0]
+    assert data["RepoDigests"] == [f"{ref.name}@{digest_of(index)}"]
+
+
 def test_skopeo_reads_what_we_push(registry, base_image, store_root, tmp_path):
     name = f"{registry.host}/test/checked:1"
     image = builder.build(str(app_context(tmp_path / "ctx", BASE, "checked")), tags=[name],

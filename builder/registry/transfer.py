@@ -98,6 +98,7 @@ def pull(store, name: str, *, insecure: tuple[str, ...] = (), on_event=None) -> 
     client = Client(ref.registry, insecure=insecure)
     try:
         data, media, digest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
+        named = digest          # (the index's, for a multi-platform image: Docker's RepoDigest)
         manifest = json.loads(data)
         if media in INDEX_TYPES or manifest.get("mediaType") in INDEX_TYPES:
             chosen = _platform(manifest, name)
@@ -119,7 +120,7 @@ def pull(store, name: str, *, insecure: tuple[str, ...] = (), on_event=None) -> 
                                   manifest=data if all(l.digest == d["digest"]
                                                        for l, d in zip(layers, descs)) else None)
         _remember(store, [l.digest for l in layers], ref)
-        repo_digests.remember(store, image.id, ref.name, digest)
+        repo_digests.remember(store, image.id, ref.name, named)
         return image
     finally:
         client.close()

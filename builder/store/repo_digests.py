@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import StoreError
 from .lock import locked, write_atomic
 
 _FILE = "repo-digests.json"
@@ -40,8 +41,8 @@ def remember(store, image_id: str, repository: str, digest: str) -> None:
     """Record that `repository` (a reference's name, no tag) holds `image_id` as `digest`."""
     name = f"{repository}@{digest}"
     path = os.path.join(store.cache_dir, _FILE)
-    present = {img.id for img in store.images()}
     try:
+        present = {img.id for img in store.images()}
         with locked(path + ".lock"):
             known = {k: v for k, v in _read(store).items() if k in present and isinstance(v, list)}
             for names in known.values():
@@ -51,8 +52,8 @@ def remember(store, image_id: str, repository: str, digest: str) -> None:
             names.append(name)
             del names[:-_MAX_PER_IMAGE]
             write_atomic(path, json.dumps(known, sort_keys=True).encode())
-    except OSError:
-        pass        # (what the registry holds is unchanged; only the name is not kept here)
+    except (OSError, StoreError):
+        pass        # (the push or pull is done all the same; only the name is not kept here)
 
 
 def _read(store) -> dict:
