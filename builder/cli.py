@@ -133,6 +133,9 @@ def _args_images(s: argparse.ArgumentParser) -> None:
     s.add_argument("-a", "--all", action="store_true",
                    help="accepted as Docker's (pybuild keeps no intermediate images)")
     s.add_argument("--no-trunc", action="store_true", help="full image IDs")
+    s.add_argument("--digests", action="store_true",
+                   help="a DIGEST column: the manifest digest the repository's registry holds "
+                        "(recorded by push and pull), else the store's")
     s.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="dangling=true (untagged images only) or false, reference=PATTERN "
                         "(as REPOSITORY[:TAG])")
@@ -356,6 +359,7 @@ _IMAGE_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID",
 def _cmd_images(args) -> int:
     from .image import short_id
     from .progress import human_size
+    from .store import repo_digests
     store = store_of(args)
     wanted = _image_filter(args.reference, args.filter)
     rows, ids = [], []
@@ -370,16 +374,20 @@ def _cmd_images(args) -> int:
                 ids.append(iid)
             if size is None:
                 size = human_size(store.content_size(img.diff_ids))
+                pushed = repo_digests.of(store, img.id)
+            # (As Docker's: the digest this repository's registry holds it by, when known.)
+            held = [n.rpartition("@")[2] for n in pushed if n.rpartition("@")[0] == repo]
             rows.append({"Repository": repo, "Tag": t, "ID": iid,
                          "CreatedSince": ago(img.created), "Size": size,
-                         "Digest": img.digest or "<none>",
+                         "Digest": held[-1] if held else img.digest or "<none>",
                          "CreatedAt": docker_time(img.created)})
     if args.quiet:
         for iid in ids:
             print(iid)
     else:
-        print(listing(rows, _IMAGE_HEADERS, ["Repository", "Tag", "ID", "CreatedSince", "Size"],
-                      args.format))
+        columns = ["Repository", "Tag", *(["Digest"] if args.digests else []), "ID",
+                   "CreatedSince", "Size"]
+        print(listing(rows, _IMAGE_HEADERS, columns, args.format))
     return 0
 
 

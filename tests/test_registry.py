@@ -100,6 +100,9 @@ def test_push_remove_pull_run_gives_the_same_image(registry, base_image, store_r
         return json.loads(run_pybuild("inspect", ref, root=root, check=True).stdout)[0]
     assert inspected(name)["RepoDigests"] == [f"{repo}@{remote_digest}"]
     assert inspected(f"{repo}@{remote_digest}")["Id"] == image.id
+    listed = run_pybuild("images", "--digests", name, root=store_root, check=True).stdout.decode()
+    assert listed.split()[:4] == ["REPOSITORY", "TAG", "DIGEST", "IMAGE"]
+    assert listed.splitlines()[1].split()[:3] == [repo, "1", remote_digest]
     child = builder.build(str(write_context(tmp_path / "child", {
         "Dockerfile": f"FROM {repo}@{remote_digest}\nCMD [\"true\"]\n"})),
         root=store_root, pull="never")
