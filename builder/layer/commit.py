@@ -10,6 +10,7 @@ installed, so a corrupt or tampered layer never enters the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -17,7 +18,7 @@ import os
 from ..record import record
 from ..errors import LayerError, StoreError
 from ..image import LayerDesc, MEDIA_LAYER, MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, digest_of
-from . import compress, diff, extract, segments, splice
+from . import compress, diff, extract, segments, splice, twins
 
 
 def chain_of(parent_chain: str | None, diff_id: str) -> str:
@@ -150,10 +151,6 @@ def _finished(stage: compress.Stage) -> bool:
         return False
 
 
-def _digest(h) -> str:
-    return "sha256:" + h.hexdigest()
-
-
 def _check_digest(what: str, got: str, expected: str) -> None:
     if got != expected:
         raise LayerError(f"{what}: blob does not match its digest: expected {expected}, "
@@ -180,7 +177,8 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
     (a compressed one) is compressed on the way in. `as_plain`: a compressed
     layer is stored as the plain tar it holds (a cache's gzip twin of a plain
     layer: the cache entry names the plain one); `expected_digest` is then
-    the compressed bytes'.
+    the compressed bytes', which are kept too, as the layer's gzip twin
+    (twins.py: the next push sends them, with nothing to compress).
     """
     buffered = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
     head = buffered.peek(4)[:4]
@@ -188,8 +186,9 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
     keep_plain = not compressed and expected_digest in (None, expected_diff_id)
     unpack = compressed and as_plain
     blob_writer = read_ahead = None     # threads of their own: compressed layers (ReadAhead)
-    fetched = hashlib.sha256()          # (the compressed bytes of a layer stored unpacked)
-    with store.blobs.writer() as blob, \
+    # (the compressed bytes of a layer stored unpacked: hashed, and kept if they are gzip)
+    with store.blobs.writer() if unpack else contextlib.nullcontext() as fetched, \
+            store.blobs.writer() as blob, \
             compress.LayerSink(blob, compress=not (compressed or keep_plain)) as sink, \
             store.tmpdir("ingest") as staging:
         try:
@@ -197,7 +196,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 # Decompressed in a second thread, which hands the tar to the sink (hashed
                 # and written in a third); extracting in this one.
                 media_type = MEDIA_LAYER
-                outer, diff_hash = _TeeReader(buffered, [fetched.update]), None
+                outer, diff_hash = _TeeReader(buffered, [fetched.write]), None
                 read_ahead = compress.ReadAhead(_TeeReader(compress.open_decompressed(outer, head),
                                                            [sink.write], what).read,
                                                 "pybuild-decompress")
@@ -231,7 +230,7 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 stopped = read_ahead is None or read_ahead.close()
                 if expected_digest and outer is not None and stopped and _drained(outer) \
                         and (unpack or _finished(blob_writer)):
-                    _check_digest(what, _digest(fetched) if unpack else blob.digest,
+                    _check_digest(what, fetched.digest if unpack else blob.digest,
                                   expected_digest)
                 if isinstance(e, LayerError):
                     raise
@@ -244,15 +243,17 @@ def ingest(store, raw, parent_chain: str | None, *, what: str,
                 read_ahead.close()
             if blob_writer is not None:
                 blob_writer.stop()
-        diff_id = sink.diff_id if diff_hash is None else _digest(diff_hash)
+        diff_id = sink.diff_id if diff_hash is None else "sha256:" + diff_hash.hexdigest()
         if expected_digest and (compressed or keep_plain):
-            _check_digest(what, _digest(fetched) if unpack else blob.digest, expected_digest)
+            _check_digest(what, fetched.digest if unpack else blob.digest, expected_digest)
         if expected_diff_id and diff_id != expected_diff_id:
             raise LayerError(f"{what}: content does not match its diff_id: expected "
                              f"{expected_diff_id}, got {diff_id}",
                              hint="the archive or registry copy is corrupt or was tampered with")
         digest = blob.commit()
         size = blob.size
+        if unpack and not head.startswith(compress.ZSTD_MAGIC):
+            twins.remember(store, digest, fetched.commit(), fetched.size)
         chain = chain_of(parent_chain, diff_id)
         new_layer = store.layers.install(
             chain, diff_dir, _meta(diff_id, digest, size, media_type, content, parent_chain), store.tmp)

@@ -67,12 +67,20 @@ def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
                                   "pybuild prune; a build makes the layer again")
         digest = blob.commit()
         size = blob.size
-    known[layer.digest] = [digest, size]
+    remember(store, layer.digest, digest, size, known)
+    return LayerDesc(layer.diff_id, digest, size, MEDIA_LAYER_GZIP)
+
+
+def remember(store, plain: str, digest: str, size: int, known: dict | None = None) -> None:
+    """Record the blob `digest` (`size` bytes) as the gzip twin of the plain layer `plain`:
+    one made here, or one a cache import unpacked (commit.ingest) and kept."""
+    if known is None:
+        known = remembered(store)
+    known[plain] = [digest, size]
     try:
         write_atomic(os.path.join(store.cache_dir, _TWINS), json.dumps(known).encode())
     except OSError:
         pass            # (only saves the next push a compression)
-    return LayerDesc(layer.diff_id, digest, size, MEDIA_LAYER_GZIP)
 
 
 def of(store, digests) -> list[str]:
