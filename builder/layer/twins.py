@@ -25,7 +25,7 @@ import os
 from ..errors import StoreError
 from ..image import MEDIA_LAYER, MEDIA_LAYER_GZIP, Image, LayerDesc, canonical_json
 from ..store.direct import read_range
-from ..store.lock import write_atomic
+from ..store.lock import read_json_dict, write_atomic
 from . import compress
 
 _TWINS = "gzip-twins.json"      # in the store's cache dir
@@ -92,9 +92,4 @@ def of(store, digests) -> list[str]:
 
 
 def remembered(store) -> dict:
-    try:
-        with open(os.path.join(store.cache_dir, _TWINS), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_dict(os.path.join(store.cache_dir, _TWINS))

@@ -31,7 +31,7 @@ from ..layer import commit, twins
 from ..progress import Transfer
 from ..store import repo_digests
 from ..store.direct import read_chunks
-from ..store.lock import write_atomic
+from ..store.lock import read_json_dict, write_atomic
 from .client import Client
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -303,12 +303,7 @@ def _locations_path(store) -> str:
 
 
 def _known_locations(store) -> dict[str, list[str]]:
-    try:
-        with open(_locations_path(store), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_dict(_locations_path(store))
 
 
 def _remember(store, digests: list[str], ref: reference.Reference) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 
 
@@ -51,6 +52,17 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json_dict(path: str) -> dict:
+    """The JSON object a small state file of the store holds (what write_atomic wrote), or {}
+    when it is missing, unreadable or damaged: such files only save work."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:

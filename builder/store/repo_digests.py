@@ -17,7 +17,7 @@ import json
 import os
 
 from ..errors import StoreError
-from .lock import locked, write_atomic
+from .lock import locked, read_json_dict, write_atomic
 
 _FILE = "repo-digests.json"
 _MAX_PER_IMAGE = 16
@@ -57,9 +57,4 @@ def remember(store, image_id: str, repository: str, digest: str) -> None:
 
 
 def _read(store) -> dict:
-    try:
-        with open(os.path.join(store.cache_dir, _FILE), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_dict(os.path.join(store.cache_dir, _FILE))
