@@ -640,8 +640,9 @@ class Builder:
         key (most of them hashed by the copy itself: executor.py)."""
         # (No earlier build of the step, or --no-cache: the reason needs no recipe.)
         self._missed(stage, n, *explain.explain(None, {}, no_cache=no_cache, parent_missed=None))
-        layer = self._filesystem_step(state, inst, plan, inputs, n)
-        digest_deferred(self, inputs)
+        layer = self._filesystem_step(state, inst, plan, inputs, n,
+                                      meanwhile=lambda: digest_deferred(self, inputs))
+        digest_deferred(self, inputs)         # (if the commit did not leave it to meanwhile)
         key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
         recipe = self._recipe(state, stage, plan, inputs, key)
         self._store_result(state, inst, stage, plan, layer, key, prefix, recipe, position, n, t0)
@@ -778,12 +779,12 @@ class Builder:
         return None if chain in below or base in below else chain
 
     def _filesystem_step(self, state, inst, plan: steps.Plan, inputs: StepInputs, n: int,
-                         donor: str | None = None):
+                         donor: str | None = None, meanwhile=None):
         if self.executor is None:
             from .executor import Executor    # only a cache miss pays for mounts and tars
             self.executor = Executor(self)
         try:
-            return self.executor.run_step(state, inst, plan, inputs, n, donor)
+            return self.executor.run_step(state, inst, plan, inputs, n, donor, meanwhile)
         except BuildError as e:
             if e.step:
                 raise

@@ -18,8 +18,9 @@ import marshal
 import os
 import shutil
 import threading
+from typing import Callable
 
-from . import fileops, sandbox, steps
+from . import fileops, forked, sandbox, steps
 from . import donor as donors
 from .errors import BuildError, StepFailed, StoreError
 from .image import MEDIA_LAYER_GZIP, LayerDesc, chain_ids
@@ -60,11 +61,15 @@ class Executor:
             return self._server
 
     def run_step(self, state, inst, plan: steps.Plan, inputs, n: int,
-                 donor: str | None = None) -> LayerDesc | None:
+                 donor: str | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> LayerDesc | None:
         """Run one RUN, COPY/ADD or WORKDIR and commit its layer.
 
         `donor` is the chain ID of the previous layer of this COPY, whose
-        unchanged files the new layer may share (donor.py).
+        unchanged files the new layer may share (donor.py). `meanwhile` is
+        work that does not need the layer, done while a forked child commits
+        it when the COPY hashed its sources (the step's key: engine._copy_first);
+        otherwise it is left to the caller.
         """
         diff_ids = state.diff_ids()
         stepdir = self.b.stepdir(n)
@@ -109,20 +114,33 @@ class Executor:
             snap.finish()
             parent = chain_ids(diff_ids)[-1] if diff_ids else None
             made = _CopyRecord(record, matched.donor) if record else None
-            if made is not None and inputs.deferred:
-                made.teach(self.b.ctx, inputs.deferred)
             matched = None               # (its tables: memory the commit can use)
             view = made.view() if made else None
             members = self._members_of(donor) if made and made.rows and donor else None
             try:
-                layer = commit.commit_upper(
-                    self.store, snap.upper, parent, created_by=plan.created_by,
-                    compression=self.b.opts.compression,
-                    clamp_mtime=self.b.opts.source_date_epoch,
-                    segmented=plan.kind == "copy", digests=view, donor=members,
-                    stacked_on=made.stacked_on[:2] + (view,) if made and made.stacked_on
-                    else None,
-                    beside=made.beside if made else None)
+                def commit_layer() -> LayerDesc | None:
+                    return commit.commit_upper(
+                        self.store, snap.upper, parent, created_by=plan.created_by,
+                        compression=self.b.opts.compression,
+                        clamp_mtime=self.b.opts.source_date_epoch,
+                        segmented=plan.kind == "copy", digests=view, donor=members,
+                        stacked_on=made.stacked_on[:2] + (view,) if made and made.stacked_on
+                        else None,
+                        beside=made.beside if made else None)
+                if made is not None and inputs.deferred:
+                    # The copy hashed the files for the step's key: taking its digests up and
+                    # making the key is Python work for the other core while a child commits.
+                    child = forked.start(commit_layer)
+                    try:
+                        made.teach(self.b.ctx, inputs.deferred)
+                        if meanwhile is not None:
+                            meanwhile()
+                    except BaseException:
+                        child.cancel()
+                        raise
+                    layer = child.result()
+                else:
+                    layer = commit_layer()
             finally:
                 if members is not None:
                     members.close()
