@@ -640,8 +640,12 @@ class Builder:
         key (most of them hashed by the copy itself: executor.py)."""
         # (No earlier build of the step, or --no-cache: the reason needs no recipe.)
         self._missed(stage, n, *explain.explain(None, {}, no_cache=no_cache, parent_missed=None))
-        layer = self._filesystem_step(state, inst, plan, inputs, n,
-                                      meanwhile=lambda: digest_deferred(self, inputs))
+        def meanwhile() -> None:
+            # While a child commits the layer (executor.py): the key's digests, and the
+            # stat cache written with what the copy taught it (the build's end would).
+            digest_deferred(self, inputs)
+            self.ctx.save()
+        layer = self._filesystem_step(state, inst, plan, inputs, n, meanwhile=meanwhile)
         digest_deferred(self, inputs)         # (if the commit did not leave it to meanwhile)
         key = dataclasses.replace(step_key, sources=tuple(inputs.digests)).digest()
         recipe = self._recipe(state, stage, plan, inputs, key)

@@ -154,25 +154,28 @@ class StatCache:
                 self._changed = True
 
     def save(self) -> None:
-        if self.trees_path and self._trees_changed and self._trees is not None:
-            os.makedirs(os.path.dirname(self.trees_path), exist_ok=True)
-            with contextlib.suppress(OSError):
-                write_atomic(self.trees_path, marshal.dumps(self._trees))
-            self._trees_changed = False
-        if self.runs_path and self._runs_changed and self._runs is not None:
-            os.makedirs(os.path.dirname(self.runs_path), exist_ok=True)
-            with contextlib.suppress(OSError):
-                write_atomic(self.runs_path, marshal.dumps(self._runs))
-            self._runs_changed = False
-        if not (self.path and self._changed and self._entries is not None):
-            return
-        entries = self._entries
-        if len(entries) > _MAX_ENTRIES:
-            entries = dict(list(entries.items())[-_MAX_ENTRIES:])
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with contextlib.suppress(OSError):      # (only a cache: the next build hashes again)
-            write_atomic(self.path, marshal.dumps(entries))
-        self._changed = False
+        """Write what changed since the last save. Safe beside other threads' put()s and
+        saves (a build saves once a cold COPY's files are learnt, and again at its end):
+        each file is dumped and marked clean under the lock, so a change made while
+        it is written is saved by the next save()."""
+        with self._lock:
+            out = []
+            if self.trees_path and self._trees_changed and self._trees is not None:
+                out.append((self.trees_path, marshal.dumps(self._trees)))
+                self._trees_changed = False
+            if self.runs_path and self._runs_changed and self._runs is not None:
+                out.append((self.runs_path, marshal.dumps(self._runs)))
+                self._runs_changed = False
+            if self.path and self._changed and self._entries is not None:
+                entries = self._entries
+                if len(entries) > _MAX_ENTRIES:
+                    entries = dict(list(entries.items())[-_MAX_ENTRIES:])
+                out.append((self.path, marshal.dumps(entries)))
+                self._changed = False
+        for path, data in out:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(OSError):      # (only a cache: the next build hashes again)
+                write_atomic(path, data)
 
 
 def _keep_recent(kept: dict, key: str, value) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
 import pytest
 
 import builder
-from builder import context, forked
+from builder import context, forked, progress, statcache
 from builder.errors import BuildError, StoreError
 from builder.store import Store
 
@@ -135,3 +136,24 @@ def test_a_failure_beside_the_forked_commit_stops_it_and_leaves_nothing(tmp_path
     # (the child may have installed the complete layer before it was stopped: never a part)
     for name in new:
         assert sorted(os.listdir(os.path.join(own_store, "layers", name))) >= ["diff", "layer.json"]
+
+
+def test_the_stat_cache_is_written_while_the_cold_copy_commits(tmp_path, own_store):
+    """What the cold COPY taught the stat cache is on the disk before the next step starts
+    (written beside the forked commit, not only at the build's end): a build that is
+    killed later, or another build of the same context meanwhile, reads no file again."""
+    files = {f"src/f{i}.txt": f"file {i}\n" for i in range(300)}
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n"
+                                                         "RUN cat /app/f1.txt > /seen\n",
+                                           **files})
+    time.sleep(2.1)              # (files changed within two seconds are not kept: statcache.py)
+    kept_path = context.StatCache(os.path.join(own_store, "cache", "context"), str(ctx)).path
+    seen = {}
+
+    def on_event(ev):
+        if isinstance(ev, progress.StepStarted) and ev.text.startswith("RUN"):
+            seen["kept"] = statcache.read_marshal_dict(kept_path)
+    builder.build(str(ctx), tags=["forked:kept"], root=own_store, on_event=on_event)
+    assert {p for p in seen["kept"] if p.endswith(".txt")} == set(files)
+    digest = seen["kept"]["src/f1.txt"][4]
+    assert digest == hashlib.sha256(b"file 1\n").hexdigest()
