@@ -339,6 +339,7 @@ def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> Non
         # Each file's digest goes into its row: learnt here once, not by every worker.
         learn_cached_runs()
     fds = [g.fd for g in op.groups]
+    born_right = _BornRight()
 
     def place(item, link) -> None:
         target, gi, src, perm, (uid, gid) = item
@@ -357,7 +358,8 @@ def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> Non
                 pass                    # (gone meanwhile: copied after all)
         known = known_digest_of(identity)
         exact, hashed = _copy_file(fds[gi], src, path, size, mtime, ctime, perm, (uid, gid),
-                                   op.hash_content and known is None)
+                                   op.hash_content and known is None,
+                                   born_right(path, perm, uid, gid))
         # (A source matched by its stamp alone may have no digest in this build: the row's.)
         digest = link[1] if link is not None else hashed or known
         if exact and digest is not None:
@@ -385,7 +387,32 @@ def _write_files(op: CopyOp, todo: list[tuple], stamps: dict, upper: str) -> Non
             with open(os.path.join(op.record, f"{ROWS_PREFIX}{worker}"), "wb") as f:
                 f.write(rows.encode())
 
-    _in_parallel(todo, copy_one, keep_rows, key=lambda job: job[0][0])
+    umask = os.umask(0)            # (in this forked process and its workers: _BornRight)
+    try:
+        _in_parallel(todo, copy_one, keep_rows, key=lambda job: job[0][0])
+    finally:
+        os.umask(umask)
+
+
+class _BornRight:
+    """Does creating a file at `path` with mode `perm` (and no umask) give it `perm` and the
+    owner (uid, gid), so that no fchown and fchmod are needed? For most COPYs' files:
+    this process's (root), in a directory without the set-group-ID bit (whose group
+    new files would take), and no set-ID or sticky bit (which creation may drop).
+    Only where the umask is 0 (_write_files sets it). Two system calls fewer per file."""
+
+    def __init__(self):
+        self.ids = (os.geteuid(), os.getegid())
+        self._sgid: dict[str, bool] = {}
+
+    def __call__(self, path: str, perm: int, uid: int, gid: int) -> bool:
+        if perm > 0o777 or (uid, gid) != self.ids:
+            return False
+        parent = _parent(path)
+        sgid = self._sgid.get(parent)
+        if sgid is None:
+            sgid = self._sgid[parent] = bool(os.stat(parent).st_mode & stat.S_ISGID)
+        return not sgid
 
 
 def mkdir_workdir(path: str, user: str) -> None:
@@ -691,11 +718,13 @@ class _Copier:
 
 
 def _copy_file(ctx: int, src: str, target: str, size: int, mtime_ns: int, ctime_ns: int,
-               perm: int, owner: tuple[int, int], hash_content: bool = False
-               ) -> tuple[bool, str | None]:
+               perm: int, owner: tuple[int, int], hash_content: bool = False,
+               born_right: bool = False) -> tuple[bool, str | None]:
     """Copy the regular file `src` (under the group's directory `ctx`; its walk saw `size`
     and the times) to `target` and set its owner, mode, xattrs and time (by fd).
 
+    `born_right`: creating the file gives it `owner` and `perm` already
+    (_BornRight), so they are not set again.
     (exact, digest): exact if the copy is exactly the file that was walked
     (no extended attributes, not changed since): what donor.py may share
     with a later build; with `hash_content`, the sha256 of what was copied
@@ -705,11 +734,12 @@ def _copy_file(ctx: int, src: str, target: str, size: int, mtime_ns: int, ctime_
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ctx)
     try:
         dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600)
+                      perm if born_right else 0o600)
         try:
             left = copy_data(fd, dst, size, hasher)
-            os.fchown(dst, *owner)
-            os.fchmod(dst, perm)          # after chown, which clears set-id bits
+            if not born_right:
+                os.fchown(dst, *owner)
+                os.fchmod(dst, perm)          # after chown, which clears set-id bits
             # After chown too, which drops security.capability (file capabilities).
             had_xattrs = _Copier._copy_xattrs(fd, dst)
             os.utime(dst, ns=(mtime_ns, mtime_ns))

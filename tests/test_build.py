@@ -581,6 +581,35 @@ COPY ctxfile /ctxfile
     assert owners["ctxfile"][:2] == (0, 0)
 
 
+def test_copied_context_files_keep_every_mode_bit_and_are_root_s_in_a_set_group_id_dir(
+        tmp_path, base_image, store_root, store):
+    """Context files are created with their mode and root's owner where nothing changes
+    either (fileops._BornRight); the cases where creation alone would not give them: a
+    set-group-ID directory of the image (new files take its group, here 50), set-ID and
+    sticky bits, a mode without any permission. Whatever the host's umask."""
+    files = {f"tree/f{i}": f"{i}\n" for i in range(300)}   # (enough for the copy workers)
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"""FROM {BASE}
+RUN mkdir /shared && chown 0:50 /shared && chmod 2775 /shared
+COPY tree /shared/
+COPY tree /plain/
+""", **files})
+    modes = {"f0": 0o4755, "f1": 0o2711, "f2": 0o1644, "f3": 0o000, "f4": 0o640, "f5": 0o777}
+    for name, mode in modes.items():
+        os.chmod(ctx / "tree" / name, mode)
+    old = os.umask(0o077)
+    try:
+        image = builder.build(str(ctx), root=store_root, no_cache=True)
+    finally:
+        os.umask(old)
+    for layer, top in ((image.layers[-2], "shared"), (image.layers[-1], "plain")):
+        got = {m.name: (m.uid, m.gid, m.mode) for m in layer_members(store, layer)
+               if m.name.startswith(f"{top}/")}
+        assert len(got) == 300, top
+        for name in files:
+            base = name.removeprefix("tree/")
+            assert got[f"{top}/{base}"] == (0, 0, modes.get(base, 0o644)), (top, base)
+
+
 def test_copy_chmod_takes_symbolic_modes(tmp_path, base_image, store_root, store):
     """--chmod=a+rX,go-w (Dockerfile 1.14): applied to each entry's own mode, X only to
     directories and to files someone may already execute."""
