@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import random
 import stat
 import sys
 import tarfile
@@ -14,7 +15,7 @@ import traceback
 import pytest
 
 from builder.errors import LayerError
-from builder.layer import diff, extract, whiteout
+from builder.layer import diff, extract, tarformat, whiteout
 from builder.store import direct
 
 from conftest import nested_dirs
@@ -124,6 +125,31 @@ def test_a_tree_past_path_max_archives_its_symlinks_fifos_and_devices(tmp_path):
     assert members[f"{bottom}/fifo"].isfifo()
     null = members[f"{bottom}/null"]
     assert null.ischr() and (null.devmajor, null.devminor, null.mode) == (1, 3, 0o600)
+
+
+def test_a_regular_file_s_quick_header_is_header_s_bytes_and_tarfile_reads_it():
+    """tarformat.regular() (its checksum from Adler-32) against header(), over names and
+    numbers on both sides of every limit: short and long, ASCII and not, ids, sizes and
+    times that need PAX records; and tarfile reads back what it says."""
+    rng = random.Random(5)
+    letters = "abz/_.-09é"
+    for _ in range(5000):
+        name = "".join(rng.choice(letters) for _ in range(rng.randint(1, 160)))
+        mode = rng.choice([0, 0o644, 0o4755, 0o7777])
+        uid, gid = rng.choice([0, 1000, 0o7777777, 0o10000000]), rng.choice([0, 50, 2**22])
+        size = rng.choice([0, 1, 3500, 0o77777777777, 2**33 + 1])
+        mtime = rng.choice([0, 1_700_000_000, -5, 0o77777777777, 2**34])
+        quick = tarformat.regular(name, mode, uid, gid, size, mtime)
+        assert quick == tarformat.header(name, typeflag=tarformat.REGULAR, mode=mode, uid=uid,
+                                         gid=gid, size=size, mtime=mtime), (name, mode, uid,
+                                                                            gid, size, mtime)
+    name = "app/" + "x" * 96                       # (100 bytes: the last fast-path name)
+    data = tarformat.regular(name, 0o640, 7, 8, 3, 1_700_000_000) + b"abc" + tarformat.pad(3)
+    with tarfile.open(fileobj=io.BytesIO(data + tarformat.END_OF_ARCHIVE)) as t:
+        m = t.getmembers()[0]
+        assert (m.name, m.mode, m.uid, m.gid, m.size, m.mtime) == \
+            (name, 0o640, 7, 8, 3, 1_700_000_000)
+        assert t.extractfile(m).read() == b"abc"
 
 
 def test_extract_round_trip_restores_overlay_form(tmp_path):

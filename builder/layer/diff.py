@@ -225,10 +225,9 @@ class _Walk:
             self._base_dir = (rel, os.open(os.path.join(self.base[0], rel), _O_DIR))
         size, mtime_ns, perm, uid, gid = self.base[2]("/" + name)
         seconds, ns = divmod(mtime_ns, 1_000_000_000)
-        header = tarformat.header(
-            name, typeflag=tarformat.REGULAR, mode=perm, uid=uid, gid=gid, size=size,
-            # (st_mtime's own arithmetic: a time 1 ns before a second rounds up to it)
-            mtime=min(int(seconds + ns * 1e-9), self.clamp))
+        # (st_mtime's own arithmetic: a time 1 ns before a second rounds up to it)
+        header = tarformat.regular(name, perm, uid, gid, size,
+                                   min(int(seconds + ns * 1e-9), self.clamp))
         fd = os.open(base, _O_FILE, dir_fd=self._base_dir[1])
         try:
             self._file_entry(fd, name, size, header)
@@ -245,9 +244,8 @@ class _Walk:
             if key in self.links:
                 return False             # a hard link to an earlier entry
             self.links[key] = name
-        self._file_entry(fd, name, st.st_size, tarformat.header(
-            name, typeflag=tarformat.REGULAR, mode=st.st_mode & 0o7777, uid=st.st_uid,
-            gid=st.st_gid, size=st.st_size, mtime=min(int(st.st_mtime), self.clamp)))
+        self._file_entry(fd, name, st.st_size, tarformat.regular(
+            name, st.st_mode, st.st_uid, st.st_gid, st.st_size, min(int(st.st_mtime), self.clamp)))
         return True
 
     def _file_entry(self, fd: int, name: str, size: int, header: bytes) -> None:

@@ -11,6 +11,7 @@ No user or group names, no access or change times: only what an image needs.
 from __future__ import annotations
 
 import struct
+from zlib import adler32
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -117,3 +118,24 @@ def _block(name: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: in
     numbers = _NUMBERS % (mode & 0o7777, uid, gid, size, mtime)
     checksum = sum(name) + sum(numbers) + tail[1] + _CHECKSUM_FIELD
     return name.ljust(100, b"\0")[:100] + numbers + b"%06o\0 " % checksum + tail[0]
+
+
+_REGULAR_TAIL = _block(b"", REGULAR, 0, 0, 0, 0, 0, b"", 0, 0, b"")[156:]   # (type on)
+_REGULAR_TAIL_SUM = sum(_REGULAR_TAIL)
+
+
+def regular(name: str, mode: int, uid: int, gid: int, size: int, mtime: int) -> bytes:
+    """header() of a regular file: the same bytes, made faster for the usual case (a short
+    ASCII name, small numbers), which is most entries of most layers.
+
+    The checksum of the name and numbers is the low half of their Adler-32 less one: that
+    half is 1 + the sum of the bytes modulo 65521, and 100 ASCII bytes and 48 bytes of
+    octal digits sum to less than that."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if (len(raw) <= 100 and raw.isascii() and uid <= _MAX_OCTAL_7 and gid <= _MAX_OCTAL_7
+            and size <= _MAX_OCTAL_11 and 0 <= mtime <= _MAX_OCTAL_11):
+        numbers = _NUMBERS % (mode & 0o7777, uid, gid, size, mtime)
+        checksum = (adler32(numbers, adler32(raw)) & 0xFFFF) - 1 + _REGULAR_TAIL_SUM \
+            + _CHECKSUM_FIELD
+        return raw.ljust(100, b"\0") + numbers + b"%06o\0 " % checksum + _REGULAR_TAIL
+    return header(name, typeflag=REGULAR, mode=mode, uid=uid, gid=gid, size=size, mtime=mtime)
