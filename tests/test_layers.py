@@ -641,3 +641,18 @@ def test_a_layer_path_the_disk_cannot_take_is_named_in_the_layer_and_shortened(t
     message = str(err.value)
     assert message.startswith("layer 1: cannot write /dddd"), message[:200]
     assert "characters)..." in message and str(tmp_path) not in message and len(message) < 400
+
+
+def test_gzip_twins_remembered_by_two_pushes_at_once_are_both_kept(tmp_path):
+    """A push reads the remembered twins when it starts and remembers each twin it makes;
+    another push remembering its own meanwhile must not be undone by the first's write
+    of what it had read (the file is read again under its lock)."""
+    from builder.layer import twins
+    from builder.store import Store
+    store = Store(str(tmp_path / "store"))
+    first_read = twins.remembered(store)                  # the first push starts: {}
+    twins.remember(store, "sha256:" + "b" * 64, "sha256:" + "2" * 64, 20)   # the second's
+    twins.remember(store, "sha256:" + "a" * 64, "sha256:" + "1" * 64, 10, first_read)
+    assert twins.remembered(store) == {"sha256:" + "a" * 64: ["sha256:" + "1" * 64, 10],
+                                       "sha256:" + "b" * 64: ["sha256:" + "2" * 64, 20]}
+    assert first_read == {"sha256:" + "a" * 64: ["sha256:" + "1" * 64, 10]}

@@ -25,7 +25,7 @@ import os
 from ..errors import StoreError
 from ..image import MEDIA_LAYER, MEDIA_LAYER_GZIP, Image, LayerDesc, canonical_json
 from ..store.direct import read_range
-from ..store.lock import read_json_dict, write_atomic
+from ..store.lock import locked, read_json_dict, write_atomic
 from . import compress
 
 _TWINS = "gzip-twins.json"      # in the store's cache dir
@@ -73,12 +73,18 @@ def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
 
 def remember(store, plain: str, digest: str, size: int, known: dict | None = None) -> None:
     """Record the blob `digest` (`size` bytes) as the gzip twin of the plain layer `plain`:
-    one made here, or one a cache import unpacked (commit.ingest) and kept."""
-    if known is None:
-        known = remembered(store)
-    known[plain] = [digest, size]
+    one made here, or one a cache import unpacked (commit.ingest) and kept. `known` (what
+    remembered() read, if at hand) is updated too. The file is read again and written
+    under its lock: two pushes at once each add their own twins, neither drops the
+    other's (the file's state when each started is not written back)."""
+    if known is not None:
+        known[plain] = [digest, size]
+    path = os.path.join(store.cache_dir, _TWINS)
     try:
-        write_atomic(os.path.join(store.cache_dir, _TWINS), json.dumps(known).encode())
+        with locked(path + ".lock"):
+            current = read_json_dict(path)
+            current[plain] = [digest, size]
+            write_atomic(path, json.dumps(current).encode())
     except OSError:
         pass            # (only saves the next push a compression)
 
