@@ -162,6 +162,45 @@ def test_interrupt_during_run_cleans_up(long_ctx, store_root, store, sig):
     store_is_consistent(store)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_a_cold_copy_s_forked_commit_cleans_up(tmp_path, base_image, store_root,
+                                                                 store, driver, sig):
+    """A cold COPY commits its layer in a forked child (forked.py) while pybuild makes the
+    step's key; a signal to pybuild then (only to it, not its group) stops the child too,
+    before it installs the layer: exit 130, no process left, the blob's temp file and the
+    step's dirs gone."""
+    if driver != "overlay":
+        pytest.skip("fuse and vfs commit in the build process (the overlay driver forks)")
+    marker = f"{time.time_ns() % 10_000_000}"
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY big /big-{marker}\n"})
+    with open(ctx / "big", "wb") as f:
+        chunk = bytes(range(256)) * 4096            # 1 MB
+        for _ in range(1024):
+            f.write(chunk)
+    before = tmp_entries(store_root)
+    tmp, layers = os.path.join(store_root, "tmp"), os.path.join(store_root, "layers")
+    layers_before = set(os.listdir(layers))
+
+    def committing() -> bool:
+        for name in os.listdir(tmp):
+            try:
+                if name.startswith("blob-") and os.path.getsize(os.path.join(tmp, name)) > 0:
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+    proc = start_build(ctx, store_root)
+    assert wait_until(committing, timeout=60), "the commit never started"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == 130, proc.stderr.read().decode()
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert wait_until(lambda: not processes_with(str(ctx))), "the committing child outlived pybuild"
+    assert tmp_entries(store_root) == before
+    assert set(os.listdir(layers)) == layers_before, "the stopped commit installed its layer"
+    assert our_mounts() == []
+    store_is_consistent(store)
+
+
 def test_kill_9_during_run_leaves_no_process_or_mount_and_next_build_works(long_ctx, store_root,
                                                                            store, tmp_path):
     ctx, marker, by_server = long_ctx
