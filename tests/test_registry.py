@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import builder
+from builder.image import LayerDesc
 from builder.progress import BuildDone, BuildWarning, StepOutput, Transfer
 
 from conftest import BASE, layer_files, run_pybuild, write_context
@@ -708,6 +709,61 @@ def test_a_plain_layer_whose_blob_was_damaged_is_not_pushed(registry, base_image
     assert f"error: layer {image.layers[-1].digest} is damaged: its blob is not its tar" in err
     assert "Traceback" not in err
     assert skopeo("inspect", "--tls-verify=false", f"docker://{name}").returncode != 0
+
+
+def test_a_push_makes_each_gzip_twin_in_the_thread_that_sends_it(registry, base_image,
+                                                                  store_root, tmp_path,
+                                                                  monkeypatch):
+    """Plain layers' twins are made by the transfer threads, each before its own upload
+    (one compressed while another is sent), not all before the first upload; the manifest
+    names them in the image's order, and a second push makes none."""
+    from builder.layer import twins
+    root = fresh_store(tmp_path)
+    base_tar = tmp_path / "base.tar"
+    run_pybuild("save", BASE, "-o", base_tar, root=store_root, check=True)
+    run_pybuild("load", "-i", base_tar, root=root, check=True)
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": f"FROM {BASE}\nCOPY a /a\nCOPY b /b\nCOPY c /c\n",
+        "a": os.urandom(300_000).hex(), "b": os.urandom(300_000).hex(), "c": "c\n"})
+    name = f"{registry.host}/test/threads:1"
+    image = builder.build(str(ctx), tags=[name], root=root, compression="uncompressed")
+    made: dict[str, str] = {}
+    real = twins.gzip_twin
+
+    def recording(store, layer, known=None, stop=None):
+        made[layer.digest] = threading.current_thread().name
+        return real(store, layer, known, stop)
+    monkeypatch.setattr(twins, "gzip_twin", recording)
+    builder.push(name, root=root)
+    assert set(made) == {l.digest for l in image.layers}
+    assert all(n.startswith("pybuild-transfer") for n in made.values()), made
+    _, remote = remote_manifest(name)
+    kept = twins.remembered(builder.Store(root))
+    plain = [l for l in image.layers if l.media_type.endswith(".tar")]
+    assert len(plain) == 3                             # (the base's layers are gzip)
+    assert [d["digest"] for d in remote["layers"]] == [
+        kept[l.digest][0] if l in plain else l.digest for l in image.layers]
+    monkeypatch.setattr(twins, "compress", None)       # (a twin made again would fail here)
+    builder.push(name, root=root)
+    assert remote_manifest(name)[1] == remote
+
+
+def test_a_stopped_push_gives_up_the_twin_it_was_making(tmp_path):
+    """A push given up (Ctrl-C, another upload's error) stops compressing: Interrupted,
+    no temp blob left, nothing remembered."""
+    from builder.errors import Interrupted
+    from builder.layer import twins
+    root = fresh_store(tmp_path)
+    store = builder.Store(root)
+    data = os.urandom(3 << 20)
+    digest = store.blobs.put_bytes(data)
+    layer = LayerDesc(digest, digest, len(data), "application/vnd.oci.image.layer.v1.tar")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        twins.gzip_twin(store, layer, stop=stop)
+    assert os.listdir(os.path.join(root, "tmp")) == []
+    assert twins.remembered(store) == {}
 
 
 # ---- progress ----------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ export, remote_cache.py) sends gzip twins: each
 made once, from the plain blob, by the same compressor new gzip layers use
 (so the same plain layer always gives the same twin), stored beside it as a
 blob, and remembered in `cache/gzip-twins.json` (plain digest -> twin digest
-and size) for the next push. The pushed manifest is the image's with those
+and size) for the next push. A push makes each twin in the thread that then
+uploads it (registry/transfer.py): one layer is compressed while another
+is sent. The pushed manifest is the image's with those
 layers' descriptors replaced: the image ID (its config) is the same, its
 manifest digest in the registry is not the local one, as with Docker.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import StoreError
+from ..errors import Interrupted, StoreError
 from ..image import MEDIA_LAYER, MEDIA_LAYER_GZIP, Image, LayerDesc, canonical_json
 from ..store.direct import read_range
 from ..store.lock import locked, read_json_dict, write_atomic
@@ -31,23 +33,22 @@ from . import compress
 _TWINS = "gzip-twins.json"      # in the store's cache dir
 
 
-def for_registry(store, image: Image) -> tuple[list[LayerDesc], bytes, str]:
-    """What a push sends for `image`: its layers with plain ones replaced by their gzip twins,
-    and the manifest naming them (bytes, digest; stored as a blob of the store). An image
-    without plain layers is sent as it is stored."""
+def manifest_for(store, image: Image, layers: list[LayerDesc]) -> tuple[bytes, str]:
+    """The manifest a push sends for `image` whose `layers` are as they leave the store
+    (gzip_twin's): bytes and digest, stored as a blob of the store. An image without
+    plain layers is sent with its own manifest, byte for byte."""
     if not any(layer.media_type == MEDIA_LAYER for layer in image.layers):
-        return list(image.layers), store.blobs.read(image.digest), image.digest
-    known = remembered(store)
-    layers = [gzip_twin(store, layer, known) for layer in image.layers]
+        return store.blobs.read(image.digest), image.digest
     data = canonical_json({**image.manifest, "layers": [
         dict(old, **new.descriptor())
         for old, new in zip(image.manifest["layers"], layers, strict=True)]})
-    return layers, data, store.blobs.put_bytes(data)
+    return data, store.blobs.put_bytes(data)
 
 
-def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
+def gzip_twin(store, layer: LayerDesc, known: dict | None = None, stop=None) -> LayerDesc:
     """`layer` as it leaves the store: itself, or if it is a plain tar its gzip twin,
-    remembered or made now (and remembered). `known`: what remembered() read, if at hand."""
+    remembered or made now (and remembered). `known`: what remembered() read, if at hand.
+    `stop` (a threading.Event): set, the twin being made is given up (Interrupted)."""
     if layer.media_type != MEDIA_LAYER:
         return layer
     if known is None:
@@ -58,6 +59,8 @@ def gzip_twin(store, layer: LayerDesc, known: dict | None = None) -> LayerDesc:
     with store.blobs.open(layer.digest) as plain, store.blobs.writer(direct=True) as blob, \
             compress.LayerSink(blob, algorithm="gzip") as sink:
         for piece in read_range(plain.fileno(), 0, layer.size):
+            if stop is not None and stop.is_set():
+                raise Interrupted("push stopped")
             sink.write(bytes(piece))        # (pieces may share a buffer; the sink keeps them)
         sink.close()
         if sink.diff_id != layer.diff_id:

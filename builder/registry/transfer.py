@@ -220,11 +220,22 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
     # (Held so that no garbage collection removes a gzip twin before it is sent.)
     with store.in_use():
         try:
-            # Plain-tar layers (the default) go as gzip, as Docker pushes them.
-            layers, manifest, digest = twins.for_registry(store, image)
-            blobs = [(l.digest, l.size) for l in layers] + \
-                    [(image.id, store.blobs.size(image.id))]
+            # Plain-tar layers (the default) go as gzip, as Docker pushes them: each twin is
+            # made (or found) by the thread that sends it, beside the other uploads.
+            known = twins.remembered(store)
+            leaving: dict[str, LayerDesc] = {}
+
+            def as_sent(layer: LayerDesc):
+                def make(stop) -> tuple[str, int]:
+                    twin = leaving[layer.digest] = twins.gzip_twin(store, layer, known, stop)
+                    return twin.digest, twin.size
+                return make
+            unique = {layer.digest: layer for layer in image.layers}.values()
+            blobs = [as_sent(layer) for layer in unique] + \
+                [(image.id, store.blobs.size(image.id))]
             result = send_blobs(store, client, ref, blobs, on_event, chunk_size)
+            manifest, digest = twins.manifest_for(
+                store, image, [leaving[layer.digest] for layer in image.layers])
             media = image.manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
             client.put_manifest(ref.repository, ref.tag or ref.digest or "latest", manifest,
                                 media)
@@ -235,16 +246,21 @@ def push(store, name: str, dest: str | None = None, *, insecure: tuple[str, ...]
             client.close()
 
 
-def send_blobs(store, client: Client, ref: reference.Reference, blobs: list[tuple[str, int]],
+def send_blobs(store, client: Client, ref: reference.Reference, blobs: list,
                on_event=None, chunk_size: int = 0) -> PushResult:
-    """Make the registry have `blobs` (digest, size) of the store in `ref`'s repository."""
+    """Make the registry have `blobs` of the store in `ref`'s repository: each a (digest,
+    size), or a function that makes the blob in the sending thread and gives its (digest,
+    size) (`stop`, a threading.Event, is set when the push is given up)."""
     emit = on_event or (lambda ev: None)
     result = PushResult(str(ref), "")
     lock = threading.Lock()
     known = _known_locations(store)
+    sent: list[str] = []
 
     def send(item, stop) -> None:
-        digest, size = item
+        digest, size = item(stop) if callable(item) else item
+        with lock:
+            sent.append(digest)
         if client.has_blob(ref.repository, digest):
             with lock:
                 result.present += 1
@@ -271,7 +287,7 @@ def send_blobs(store, client: Client, ref: reference.Reference, blobs: list[tupl
         meter.finish()
 
     _in_parallel(list(dict.fromkeys(blobs)), send)
-    _remember(store, [d for d, _ in blobs], ref)
+    _remember(store, sent, ref)
     return result
 
 
