@@ -78,19 +78,24 @@ def own_store(tmp_path, driver) -> str:
     return store_with_base(tmp_path, driver, "store")
 
 
-def test_a_cold_copy_commits_in_a_child_while_the_key_is_made(tmp_path, own_store,
-                                                               monkeypatch):
-    """A cold COPY of context files (nothing cached, so the copy hashes them) commits its
-    layer in a forked child; the layer holds the files and the step's key made meanwhile
-    is the one the next build hits."""
-    started = []
+@pytest.fixture
+def started(monkeypatch) -> list[int]:
+    """The pids of the children forked.start() forks during the test, in order."""
+    pids: list[int] = []
     real = forked.start
 
     def recording(func):
         child = real(func)
-        started.append(child.pid)
+        pids.append(child.pid)
         return child
     monkeypatch.setattr(forked, "start", recording)
+    return pids
+
+
+def test_a_cold_copy_commits_in_a_child_while_the_key_is_made(tmp_path, own_store, started):
+    """A cold COPY of context files (nothing cached, so the copy hashes them) commits its
+    layer in a forked child; the layer holds the files and the step's key made meanwhile
+    is the one the next build hits."""
     files = {f"src/d{i % 7}/f{i}.txt": f"file {i}\n" for i in range(300)}
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n",
                                            **files})
@@ -105,21 +110,12 @@ def test_a_cold_copy_commits_in_a_child_while_the_key_is_made(tmp_path, own_stor
 
 
 def test_a_failure_beside_the_forked_commit_stops_it_and_leaves_nothing(tmp_path, own_store,
-                                                                         monkeypatch):
+                                                                         started, monkeypatch):
     """The build process's side fails (here: the source's digest) while the child commits:
     the child is stopped before the error goes on, and it leaves no temp files, no layer
     dir of its own and no process."""
-    started = []
-    real = forked.start
-
-    def recording(func):
-        child = real(func)
-        started.append(child.pid)
-        return child
-
     def broken(self, source):
         raise BuildError("cannot read the source")
-    monkeypatch.setattr(forked, "start", recording)
     monkeypatch.setattr(context.BuildContext, "digest", broken)
     files = {f"src/f{i}.txt": f"file {i}\n" for i in range(300)}
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {BASE}\nCOPY src/ /app/\n",
